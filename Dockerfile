@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# One image for the API, the worker, MLflow, Flower and migrations (docker-compose.yml
+# picks the command). Build: `docker compose build`.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# torch first, in a layer of its own: gigabytes that change far less often than
+# our code. The wheel index picks the CUDA build (bundled CUDA runtime; the host
+# needs only the NVIDIA driver and container toolkit). If pyproject.toml pins a
+# torch this index lacks, the next step replaces it with the one from PyPI.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch
+
+WORKDIR /app
+COPY pyproject.toml ./
+COPY api/ api/
+COPY worker/ worker/
+COPY trainer/ trainer/
+COPY jobs/ jobs/
+COPY launcher/ launcher/
+COPY migrations/ migrations/
+COPY alembic.ini ./
+RUN pip install ".[worker]" && rm -rf build *.egg-info
+
+# Runs as an unprivileged user. Directories that named volumes mount over are
+# created here with that owner, so Docker initialises the volumes writable.
+RUN useradd --create-home --uid 10001 --user-group descent \
+    && mkdir -p /mlartifacts /var/lib/descent \
+    && chown descent:descent /mlartifacts /var/lib/descent
+USER descent
+
+# The copies under /app are what runs (alembic needs alembic.ini and migrations/ there).
+ENV PYTHONPATH=/app
+EXPOSE 8000 5000 5555
+CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000"]

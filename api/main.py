@@ -1,0 +1,30 @@
+"""The Descent API: `uvicorn api.main:app`. Never imports torch."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api.errors import database_unavailable_handler, http_error_handler, validation_error_handler
+from api.routes import jobs, meta
+from jobs.settings import settings
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+app = FastAPI(
+    title="Descent",
+    version="0.1.0",
+    description="Train classifiers with the optimizer and schedule you choose; compare runs in MLflow.",
+    max_body_size=settings.max_request_bytes,  # larger bodies: 413 before anything is parsed
+)
+app.add_exception_handler(RequestValidationError, validation_error_handler)
+app.add_exception_handler(StarletteHTTPException, http_error_handler)
+# The database unreachable: a 503 that says so (the pool reconnects by itself when it returns).
+app.add_exception_handler(OperationalError, database_unavailable_handler)
+app.add_exception_handler(InterfaceError, database_unavailable_handler)
+app.include_router(jobs.router)
+app.include_router(meta.router)

@@ -1,0 +1,147 @@
+"""/v1/jobs: submit, read, list, cancel, metrics. Routes only coordinate."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+
+from api.deps import SessionDep
+from api.errors import problem, unprocessable
+from api.schemas import JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
+from jobs import repository
+from jobs.limits import limit_breaches
+from jobs.models import Job
+from jobs.queue import enqueue_job
+from jobs.settings import settings
+from jobs.spec import JobSpec
+from jobs.states import JobStatus
+from jobs.tracking import read_metric_histories
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+NOT_FOUND = {404: {"model": Problem, "description": "No job with this id."}}
+
+
+def _job_or_404(session: SessionDep, job_id: str) -> Job:
+    parsed = repository.parse_job_id(job_id)
+    job = repository.get_job(session=session, job_id=parsed) if parsed else None
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return job
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=200,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Retrying with the same key and spec returns the same job (200) instead of a new one.",
+    ),
+]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobPublic,
+    responses={
+        200: {"model": JobPublic, "description": "The job an earlier request with this Idempotency-Key created."},
+        400: {"model": Problem, "description": "The body could not be read as JSON."},
+        409: {"model": Problem, "description": "The Idempotency-Key was used with a different spec."},
+        413: {"model": Problem, "description": "The body is larger than MAX_REQUEST_BYTES."},
+    },
+)
+def submit_job(
+    spec: JobSpec, session: SessionDep, response: Response, idempotency_key: IdempotencyKey = None
+) -> JobPublic | JSONResponse:
+    # The row is committed before the message is sent: a worker never sees an id
+    # that is not in the database yet. PostgreSQL is the truth: if the broker is
+    # down, the job stays queued and the reaper sends it once the broker is back.
+    if breaches := limit_breaches(spec, settings):
+        return unprocessable([problem("body", b.field, b.message, "limit_exceeded") for b in breaches])
+    try:
+        try:
+            job, created = repository.create_job(session=session, spec=spec, idempotency_key=idempotency_key)
+            session.commit()
+        except IntegrityError:  # a concurrent request with the same key won the race: answer as a retry
+            session.rollback()
+            job, created = repository.create_job(session=session, spec=spec, idempotency_key=idempotency_key)
+    except repository.IdempotencyConflict as exc:
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        return JobPublic.from_row(job)
+    try:
+        enqueue_job(job.id)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("job %s recorded but not yet enqueued (broker unreachable: %s); the reaper will send it", job.id, exc)
+    return JobPublic.from_row(job)
+
+
+@router.get("", response_model=JobsPublic, responses={422: {"description": "Bad status, limit or cursor."}})
+def list_jobs(
+    session: SessionDep,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobsPublic | JSONResponse:
+    try:
+        items, next_cursor = repository.list_jobs(session=session, status=status_filter, limit=limit, cursor=cursor)
+    except repository.InvalidCursor as exc:
+        return unprocessable([problem("query", "cursor", str(exc), "cursor")])
+    return JobsPublic(items=[JobPublic.from_row(j) for j in items], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
+def get_job(job_id: str, session: SessionDep) -> JobPublic:
+    return JobPublic.from_row(_job_or_404(session, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobPublic,
+    responses={**NOT_FOUND, 409: {"model": Problem, "description": "The job has already ended."}},
+)
+def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
+    parsed = repository.parse_job_id(job_id)
+    outcome = repository.request_cancel(session=session, job_id=parsed) if parsed else None
+    session.commit()
+    if outcome is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    if not outcome.accepted:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"job {job_id} has already ended ({outcome.status}); only active jobs can be cancelled"
+        )
+    return JobPublic.from_row(_job_or_404(session, job_id))
+
+
+@router.get(
+    "/{job_id}/metrics",
+    response_model=dict[str, list[MetricPoint]],
+    responses={**NOT_FOUND, 503: {"model": Problem, "description": "MLflow is unreachable."}},
+)
+def job_metrics(job_id: str, session: SessionDep) -> dict[str, list[MetricPoint]] | JSONResponse:
+    """Every metric's history, read back from the job's MLflow run ({} before the run exists)."""
+    job = _job_or_404(session, job_id)
+    if not job.mlflow_run_id:
+        return {}
+    try:
+        histories = read_metric_histories(job.mlflow_run_id)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("reading metrics of job %s from MLflow failed: %s", job_id, exc)
+        return JSONResponse(
+            status_code=503, headers={"Retry-After": "5"}, content={"detail": "MLflow is unreachable; try again shortly"}
+        )
+    return {
+        key: [MetricPoint(step=p["step"], value=finite_or_none(p["value"])) for p in points]
+        for key, points in histories.items()
+    }

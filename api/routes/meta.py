@@ -1,0 +1,47 @@
+"""Catalog and health probes."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.schemas import Catalog, Readiness
+from jobs.catalog import build_catalog
+from jobs.db import ping_database
+from jobs.queue import ping_broker
+
+router = APIRouter()
+
+
+@lru_cache(maxsize=1)
+def _catalog() -> Catalog:
+    return build_catalog()
+
+
+@router.get("/v1/catalog", tags=["catalog"])
+def catalog() -> Catalog:
+    """Every dataset, model, optimizer, schedule and loss with its fields, defaults and bounds."""
+    return _catalog()
+
+
+@router.get("/healthz", tags=["health"])
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["health"], response_model=Readiness, responses={503: {"model": Readiness}})
+def readyz() -> Readiness | JSONResponse:
+    """The database and the broker are reachable."""
+    checks = {}
+    for name, ping in (("database", ping_database), ("broker", ping_broker)):
+        try:
+            ping()
+            checks[name] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks[name] = f"unreachable: {type(exc).__name__}"
+    if all(v == "ok" for v in checks.values()):
+        return Readiness(**checks)
+    return JSONResponse(status_code=503, headers={"Retry-After": "5"}, content=checks)

@@ -1,0 +1,113 @@
+"""Response models for the v1 API."""
+
+from __future__ import annotations
+
+import math
+import sys
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from jobs.models import Job
+from jobs.spec import JobSpec
+from jobs.states import JobStatus
+from jobs.tracking import run_url
+
+
+class JobProgress(BaseModel):
+    epoch: int
+    step: int
+    total_steps: int
+    fraction: float
+
+
+class JobMetrics(BaseModel):
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+
+
+class JobMlflow(BaseModel):
+    experiment_id: str | None
+    run_id: str | None
+    run_url: str | None
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    id: uuid.UUID
+    name: str
+    status: JobStatus
+    spec: JobSpec
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    progress: JobProgress
+    metrics: JobMetrics
+    mlflow: JobMlflow
+    error: JobError | None
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobPublic:
+        return cls(
+            id=job.id,
+            name=job.name,
+            status=JobStatus(job.status),
+            spec=JobSpec.model_validate(job.spec),
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            attempts=job.attempts,
+            progress=JobProgress(
+                epoch=job.epoch,
+                step=job.step,
+                total_steps=job.total_steps,
+                fraction=round(min(1.0, job.step / job.total_steps), 4) if job.total_steps else 0.0,
+            ),
+            metrics=JobMetrics(
+                **{k: finite_or_none(v) for k, v in (job.latest_metrics or {}).items() if k in JobMetrics.model_fields}
+            ),
+            mlflow=JobMlflow(
+                experiment_id=job.mlflow_experiment_id,
+                run_id=job.mlflow_run_id,
+                run_url=run_url(job.mlflow_experiment_id, job.mlflow_run_id),
+            ),
+            error=JobError(type=job.error_type, message=job.error_message or "") if job.error_type else None,
+        )
+
+
+class JobsPublic(BaseModel):
+    items: list[JobPublic]
+    next_cursor: str | None
+
+
+class MetricPoint(BaseModel):
+    step: int
+    value: float | None  # None where the value was NaN or infinite (JSON has no such numbers)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    # MLflow's SQL stores keep +-inf as +-sys.float_info.max: that is infinite too.
+    if value is None or not math.isfinite(value) or abs(value) >= sys.float_info.max:
+        return None
+    return value
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+class Readiness(BaseModel):
+    database: str
+    broker: str
+
+
+Catalog = dict[str, Any]

@@ -1,0 +1,40 @@
+"""What can be asked for, generated from the spec's registries (never a hand-kept list)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobs.spec import LOSS_DESCRIPTIONS, TAGGED_FIELDS, JobSpec, SpecModel
+
+
+def _fields(model: type[SpecModel], skip: set[str]) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    defs = schema.get("$defs", {})
+    fields = {}
+    for name, prop in schema.get("properties", {}).items():
+        if name in skip:
+            continue
+        prop = dict(prop)
+        prop.pop("title", None)
+        if "$ref" in prop:  # an enum or nested model: show it inline
+            prop |= defs[prop.pop("$ref").rsplit("/", 1)[-1]]
+            prop.pop("title", None)
+        fields[name] = prop
+    return fields
+
+
+def build_catalog() -> dict[str, Any]:
+    catalog: dict[str, Any] = {}
+    plural = {"dataset": "datasets", "model": "models", "optimizer": "optimizers", "schedule": "schedules"}
+    for field, (tag, registry) in TAGGED_FIELDS.items():
+        catalog[plural[field]] = [
+            {"name": name, "description": (cls.__doc__ or "").strip(), "fields": _fields(cls, {tag})}
+            for name, cls in registry.items()
+        ]
+    catalog["losses"] = [{"name": str(name), "description": text} for name, text in LOSS_DESCRIPTIONS.items()]
+    catalog["job"] = {
+        "description": (JobSpec.__doc__ or "").strip(),
+        "fields": _fields(JobSpec, set(TAGGED_FIELDS) | {"loss"}),
+        "example": JobSpec().model_dump(mode="json"),
+    }
+    return catalog

@@ -1,0 +1,64 @@
+"""The Celery side that both the API and the worker share: configuration and enqueueing.
+
+The queue only delivers job ids; PostgreSQL decides who runs a job (the claim is
+a guarded UPDATE), so a lost or duplicated message cannot run a job twice.
+"""
+
+from __future__ import annotations
+
+import uuid
+from functools import lru_cache
+
+from celery import Celery
+
+from jobs.settings import settings
+
+RUN_JOB_TASK = "descent.run_job"
+
+# Long GPU jobs: far above any run, so Redis never hands a running task to a second
+# worker (celery docs, Redis caveats). The guarded claim makes redelivery harmless anyway.
+VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+
+
+def make_celery(name: str = "descent") -> Celery:
+    settings.ensure_home()
+    app = Celery(name, broker=settings.broker_url)
+    app.conf.update(
+        task_default_queue=settings.queue_name,
+        task_ignore_result=True,  # PostgreSQL is the job store, not a result backend
+        task_acks_late=True,  # a job whose worker dies before the end is delivered again
+        task_reject_on_worker_lost=True,  # ... also when the process was killed (SIGKILL, OOM)
+        worker_prefetch_multiplier=1,  # never reserve a job this worker cannot start yet
+        worker_max_tasks_per_child=1,  # a fresh process (and fresh GPU memory) per job
+        broker_connection_retry_on_startup=True,
+        # (The SQLAlchemy transport of the embedded default hands these to create_engine.)
+        broker_transport_options=(
+            {"visibility_timeout": VISIBILITY_TIMEOUT_S} if settings.broker_url.startswith("redis") else {}
+        ),
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+        broker_connection_timeout=3,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+@lru_cache(maxsize=1)
+def producer() -> Celery:
+    return make_celery("descent-producer")
+
+
+def enqueue_job(job_id: uuid.UUID) -> None:
+    producer().send_task(RUN_JOB_TASK, args=[str(job_id)], queue=settings.queue_name)
+
+
+def ping_broker(timeout_s: float = 2.0) -> None:
+    with producer().connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=timeout_s)
+
+
+def queue_depth() -> int:
+    """Messages waiting in the job queue (not those a worker has reserved)."""
+    with producer().connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)
+        # Declaring is idempotent; a passive declare fails on Redis before any worker declared it.
+        return connection.default_channel.queue_declare(queue=settings.queue_name).message_count

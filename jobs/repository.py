@@ -1,0 +1,327 @@
+"""Every read and write of job rows. State changes are guarded updates:
+`UPDATE jobs SET status=:to WHERE id=:id AND status IN (:expected)`; a
+transition that finds the row in another state changes nothing and says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select, tuple_, update
+from sqlalchemy.orm import Session
+
+from jobs.models import Job, JobCheckpoint, JobEvent, utcnow
+from jobs.settings import settings
+from jobs.spec import JobSpec
+from jobs.states import ACTIVE, ALLOWED, TERMINAL, JobStatus
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+def parse_job_id(raw: str) -> uuid.UUID | None:
+    """A job id from a URL; None when it is not a UUID (the API answers 404, not 500)."""
+    try:
+        return uuid.UUID(raw)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def spec_digest(spec: JobSpec) -> str:
+    """The spec with defaults filled, canonical JSON, hashed: key order and defaults
+    written out or left implicit do not make two submissions different."""
+    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class IdempotencyConflict(ValueError):
+    pass
+
+
+def create_job(*, session: Session, spec: JobSpec, idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """(job, created). With an idempotency key already used for the same spec, the
+    earlier job and False; for another spec, IdempotencyConflict."""
+    digest = spec_digest(spec)
+    if idempotency_key is not None:
+        earlier = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        if earlier is not None:
+            if earlier.spec_sha256 != digest:
+                raise IdempotencyConflict(
+                    f"Idempotency-Key {idempotency_key!r} was used for job {earlier.id} with a different spec"
+                )
+            return earlier, False
+    job = Job(
+        name=spec.name,
+        status=JobStatus.queued,
+        spec=spec.model_dump(mode="json"),
+        total_steps=spec.total_steps,
+        latest_metrics={},
+        enqueued_at=utcnow(),
+        idempotency_key=idempotency_key,
+        spec_sha256=digest,
+    )
+    session.add(job)
+    session.flush()  # a concurrent twin with the same key fails here, on the unique index
+    session.add(JobEvent(job_id=job.id, from_status=None, to_status=JobStatus.queued, at=job.created_at))
+    return job, True
+
+
+def get_job(*, session: Session, job_id: uuid.UUID) -> Job | None:
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created_at, job_id = raw.split("|")
+        return datetime.fromisoformat(created_at), uuid.UUID(job_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidCursor("cursor is not one this API returned") from exc
+
+
+def list_jobs(
+    *, session: Session, status: JobStatus | None = None, limit: int = 20, cursor: str | None = None
+) -> tuple[list[Job], str | None]:
+    """Newest first, keyset-paginated on (created_at, id)."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if cursor:
+        created_at, job_id = _decode_cursor(cursor)
+        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(created_at, job_id))
+    rows = list(session.scalars(query))
+    more = len(rows) > limit
+    items = rows[:limit]
+    return items, (_encode_cursor(items[-1]) if more and items else None)
+
+
+def transition(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    expected: Iterable[JobStatus],
+    to: JobStatus,
+    detail: str | None = None,
+    values: dict[str, Any] | None = None,
+    attempt: int | None = None,
+) -> JobStatus | None:
+    """Move a job from one of `expected` to `to`, recording the event.
+
+    Returns the status it moved from, or None when the row was in no expected
+    state (a duplicate delivery, a race with cancel): nothing is written then.
+    With `attempt`, only that attempt's worker may move it: a worker that lost
+    its lease (and whose job runs elsewhere now) changes nothing.
+    """
+    expected = [s for s in expected if to in ALLOWED.get(s, ())]
+    now = utcnow()
+    changes: dict[str, Any] = {"status": to, **(values or {})}
+    if to in TERMINAL:
+        changes.setdefault("finished_at", now)
+    for from_status in expected:
+        guard = [Job.id == job_id, Job.status == from_status]
+        if attempt is not None:
+            guard.append(Job.attempts == attempt)
+        result = session.execute(
+            update(Job)
+            .where(*guard)
+            .values(**changes)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            session.add(JobEvent(job_id=job_id, from_status=from_status, to_status=to, at=now, detail=detail))
+            session.flush()
+            return from_status
+    return None
+
+
+def _lease_until(lease_s: float | None) -> datetime:
+    return utcnow() + timedelta(seconds=lease_s if lease_s is not None else settings.lease_s)
+
+
+def claim_job(
+    *, session: Session, job_id: uuid.UUID, worker: str | None = None, lease_s: float | None = None
+) -> int | None:
+    """queued -> running for exactly one worker; returns the attempt number, None for a duplicate."""
+    now = utcnow()
+    moved = transition(
+        session=session,
+        job_id=job_id,
+        expected=[JobStatus.queued],
+        to=JobStatus.running,
+        values={
+            "attempts": Job.attempts + 1,
+            "started_at": func.coalesce(Job.started_at, now),  # the first attempt's start: timeouts count from it
+            "lease_until": _lease_until(lease_s),
+            "worker": worker,
+        },
+    )
+    if moved is None:
+        return None
+    return session.scalar(select(Job.attempts).where(Job.id == job_id))
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    accepted: bool
+    status: JobStatus
+
+
+def request_cancel(*, session: Session, job_id: uuid.UUID) -> CancelOutcome | None:
+    """Cancel a queued job now, ask a running one to stop; None when the job does not exist."""
+    for _ in range(3):  # the job may change state under us (claimed, finished); look again
+        job = get_job(session=session, job_id=job_id)
+        if job is None:
+            return None
+        status = JobStatus(job.status)
+        if status in TERMINAL:
+            return CancelOutcome(accepted=False, status=status)
+        if status == JobStatus.cancelling:
+            return CancelOutcome(accepted=True, status=status)
+        to = JobStatus.cancelled if status == JobStatus.queued else JobStatus.cancelling
+        detail = "cancelled before it started" if to == JobStatus.cancelled else "cancel requested"
+        if transition(session=session, job_id=job_id, expected=[status], to=to, detail=detail):
+            return CancelOutcome(accepted=True, status=to)
+    job = get_job(session=session, job_id=job_id)
+    assert job is not None
+    return CancelOutcome(accepted=JobStatus(job.status) not in TERMINAL, status=JobStatus(job.status))
+
+
+def record_progress(
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    epoch: int,
+    step: int,
+    metrics: dict[str, float],
+    attempt: int | None = None,
+    lease_s: float | None = None,
+) -> JobStatus | None:
+    """Write a running job's progress (and renew its lease); returns its status: the
+    worker stops on `cancelling`, and on None, which with `attempt` means the job is
+    no longer this attempt's (its lease ran out and the reaper gave it to another)."""
+    guard = [Job.id == job_id, Job.status.in_(list(ACTIVE))]
+    values: dict[str, Any] = {"epoch": epoch, "step": step, "latest_metrics": metrics}
+    if attempt is not None:
+        guard.append(Job.attempts == attempt)
+        values["lease_until"] = _lease_until(lease_s)
+    written = session.execute(update(Job).where(*guard).values(**values).execution_options(synchronize_session=False))
+    if attempt is not None and written.rowcount == 0:
+        return None
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return JobStatus(status) if status else None
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    *, session: Session, job_id: uuid.UUID, attempt: int, step: int, epoch: int, data: bytes
+) -> bool:
+    """Replace the job's checkpoint, if this attempt still owns the job."""
+    owns = session.scalar(
+        select(Job.id).where(Job.id == job_id, Job.attempts == attempt, Job.status.in_(list(ACTIVE)))
+    )
+    if owns is None:
+        return False
+    session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
+    session.add(JobCheckpoint(job_id=job_id, step=step, epoch=epoch, attempt=attempt, data=data))
+    session.flush()
+    return True
+
+
+def load_checkpoint(*, session: Session, job_id: uuid.UUID) -> JobCheckpoint | None:
+    return session.get(JobCheckpoint, job_id)
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+@dataclass(frozen=True)
+class ReapedJob:
+    job_id: uuid.UUID
+    status: JobStatus  # what the reaper made of it: queued (to run again), failed or cancelled
+    mlflow_run_id: str | None
+
+
+def reap_lost_jobs(*, session: Session, now: datetime | None = None) -> list[ReapedJob]:
+    """Active jobs whose lease ran out: their worker died. Requeue while attempts remain
+    (the next attempt resumes from the checkpoint), else fail them; a job being
+    cancelled is simply cancelled. Rows another reaper holds are skipped."""
+    now = now or utcnow()
+    lost = session.scalars(
+        select(Job)
+        .where(Job.status.in_(list(ACTIVE)), Job.lease_until < now)
+        .with_for_update(skip_locked=True)
+    ).all()
+    reaped = []
+    for job in lost:
+        max_attempts = JobSpec.model_validate(job.spec).max_attempts
+        where = f"worker {job.worker or '?'} stopped renewing its lease (attempt {job.attempts} of {max_attempts})"
+        if job.status == JobStatus.cancelling:
+            to, values = JobStatus.cancelled, {}
+        elif job.attempts < max_attempts:
+            to, values = JobStatus.queued, {"enqueued_at": now}
+        else:
+            to = JobStatus.failed
+            values = {"error_type": "WorkerLost", "error_message": f"worker lost: {where}; no attempts left"}
+        values |= {"lease_until": None, "worker": None}
+        if transition(session=session, job_id=job.id, expected=[JobStatus(job.status)], to=to,
+                      detail=f"worker lost: {where}", values=values):  # fmt: skip
+            reaped.append(ReapedJob(job.id, to, job.mlflow_run_id))
+    return reaped
+
+
+def count_queued(*, session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.queued)) or 0
+
+
+def claim_unclaimed(
+    *, session: Session, older_than_s: float, limit: int, now: datetime | None = None
+) -> list[uuid.UUID]:
+    """Up to `limit` queued jobs, oldest first, that waited `older_than_s` since they
+    were last sent (the broker lost their message): their enqueue time is bumped and
+    the ids returned, to be enqueued again."""
+    now = now or utcnow()
+    if limit <= 0:
+        return []
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.status == JobStatus.queued, Job.enqueued_at < now - timedelta(seconds=older_than_s))
+            .order_by(Job.enqueued_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if ids:
+        session.execute(
+            update(Job).where(Job.id.in_(ids)).values(enqueued_at=now).execution_options(synchronize_session=False)
+        )
+    return ids
+
+
+def set_mlflow_run(*, session: Session, job_id: uuid.UUID, experiment_id: str, run_id: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(mlflow_experiment_id=experiment_id, mlflow_run_id=run_id)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def list_events(*, session: Session, job_id: uuid.UUID) -> list[JobEvent]:
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)))

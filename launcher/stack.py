@@ -1,0 +1,63 @@
+"""The whole stack as child processes: MLflow server, API, worker(s)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jobs.settings import Settings
+from launcher.processes import (
+    ProcessGroup,
+    api_command,
+    mlflow_command,
+    reaper_command,
+    run_migrations,
+    wait_http,
+    wait_worker_ready,
+    worker_command,
+)
+
+
+def stack_env(s: Settings) -> dict[str, str]:
+    """The environment every child gets: the resolved settings, so that all agree."""
+    return os.environ | {
+        "DESCENT_HOME": str(s.descent_home.resolve()),
+        "DATABASE_URL": s.database_url,
+        "BROKER_URL": s.broker_url,
+        "QUEUE_NAME": s.queue_name,
+        "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri,
+        "MLFLOW_UI_URL": s.mlflow_ui_url,
+        "MLFLOW_BACKEND_STORE_URI": s.mlflow_backend_store_uri,
+        "MLFLOW_ARTIFACTS_DESTINATION": s.mlflow_artifacts_destination,
+        "API_PORT": str(s.api_port),
+        "MLFLOW_PORT": str(s.mlflow_port),
+        "LEASE_S": str(s.lease_s),
+        "REAPER_INTERVAL_S": str(s.reaper_interval_s),
+        "UNCLAIMED_REQUEUE_S": str(s.unclaimed_requeue_s),
+        "CHECKPOINT_MIN_INTERVAL_S": str(s.checkpoint_min_interval_s),
+        "PROGRESS_INTERVAL_S": str(s.progress_interval_s),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def start_stack(s: Settings, log_dir: Path, workers: int = 1, concurrency: int = 1,
+                start_mlflow: bool = True) -> ProcessGroup:  # fmt: skip
+    """Migrate, then start MLflow, the API, `workers` workers and the reaper; wait until each is ready."""
+    s.ensure_home()
+    env = stack_env(s)
+    run_migrations(env)
+    group = ProcessGroup(log_dir=log_dir, env=env)
+    try:
+        if start_mlflow:
+            mlflow = group.start("mlflow", mlflow_command(s))
+            wait_http(f"{s.mlflow_tracking_uri}/health", mlflow, timeout_s=120)
+        api = group.start("api", api_command(s))
+        wait_http(f"http://127.0.0.1:{s.api_port}/healthz", api)
+        for i in range(workers):
+            worker = group.start(f"worker-{i}", worker_command(s, concurrency, name=f"worker-{i}"))
+            wait_worker_ready(worker)
+        group.start("reaper", reaper_command())
+    except BaseException:
+        group.stop_all()
+        raise
+    return group

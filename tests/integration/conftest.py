@@ -1,0 +1,127 @@
+"""The real stack for integration tests: fresh PostgreSQL databases, the machine's
+Redis with a private queue, an `mlflow server` subprocess with a PostgreSQL store,
+the API and real Celery worker processes, all started by launcher.stack exactly as
+`make up` starts them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from celery import Celery
+from mlflow.tracking import MlflowClient
+
+from jobs.queue import RUN_JOB_TASK
+from jobs.settings import Settings
+from launcher.processes import ProcessGroup
+from launcher.stack import start_stack
+
+PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("TEST_PG_USER", "postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg_url(database: str) -> str:
+    return f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"
+
+
+def _admin(sql: str) -> None:
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as conn:
+        conn.execute(sql)
+
+
+@pytest.fixture(scope="session")
+def make_database() -> Iterator:
+    """Creates throwaway PostgreSQL databases, dropped at the end of the session."""
+    created: list[str] = []
+
+    def make(prefix: str) -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        _admin(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return name
+
+    yield make
+    for name in created:
+        _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    group: ProcessGroup
+    api: httpx.Client
+    mlflow: MlflowClient
+    producer: Celery
+
+    def submit(self, spec: dict) -> dict:
+        response = self.api.post("/v1/jobs", json=spec)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def get(self, job_id: str) -> dict:
+        response = self.api.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait(self, job_id: str, until: set[str] = TERMINAL, timeout_s: float = 180) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.get(job_id)
+            if job["status"] in until:
+                return job
+            if time.monotonic() > deadline:
+                self.group.check_alive()
+                raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s} s: {job}")
+            time.sleep(0.2)
+
+    def enqueue_raw(self, job_id: str) -> None:
+        """Send a run message directly, as a duplicating broker would."""
+        self.producer.send_task(RUN_JOB_TASK, args=[job_id], queue=self.settings.queue_name)
+
+
+@pytest.fixture(scope="session")
+def stack(make_database, tmp_path_factory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("descent-home")
+    settings = Settings(
+        descent_home=home,
+        database_url=pg_url(make_database("descent_it")),
+        broker_url=REDIS_URL,
+        queue_name=f"descent-it-{uuid.uuid4().hex[:8]}",
+        mlflow_port=free_port(),
+        api_port=free_port(),
+        mlflow_backend_store_uri=pg_url(make_database("descent_it_mlflow")),
+        mlflow_artifacts_destination=str(home / "mlartifacts"),
+        # Short leases and frequent recovery passes, so a killed worker is noticed in seconds.
+        lease_s=3.0,
+        reaper_interval_s=1.0,
+        unclaimed_requeue_s=5.0,
+        checkpoint_min_interval_s=0.0,
+    )
+    # Two job slots, so a long job being cancelled does not hold up the others.
+    group = start_stack(settings, Path(home) / "logs", workers=1, concurrency=2)
+    producer = Celery("it-producer", broker=settings.broker_url)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30) as api:
+            yield Stack(settings, group, api, MlflowClient(settings.mlflow_tracking_uri), producer)
+    finally:
+        group.stop_all()
+        logs = sorted((Path(home) / "logs").glob("*.log"))
+        print("integration stack logs:", *logs)

@@ -1,0 +1,134 @@
+"""A job's whole life through the real stack: REST -> PostgreSQL -> Redis -> Celery
+worker -> PyTorch -> MLflow server, and back out through the API."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.integration.conftest import Stack
+
+DIGITS_ADAM = {
+    "name": "it-adam-digits",
+    "experiment": "integration",
+    "dataset": {"name": "digits", "val_fraction": 0.2},
+    "model": {"arch": "mlp", "hidden": [128, 64]},
+    "optimizer": {"name": "adam", "lr": 0.001},
+    "schedule": {"name": "warmup_cosine", "warmup_steps": 50},
+    "epochs": 15,
+    "batch_size": 64,
+    "seed": 0,
+    "log_every_steps": 1,
+}
+
+
+def events(stack: Stack, job_id: str) -> list[tuple[str | None, str]]:
+    engine = create_engine(stack.settings.database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT from_status, to_status FROM job_events WHERE job_id = :id ORDER BY id"),
+                {"id": job_id},
+            ).all()
+    finally:
+        engine.dispose()
+    return [tuple(r) for r in rows]
+
+
+def test_job_trains_to_success_and_metrics_reach_mlflow(stack: Stack) -> None:
+    submitted = stack.submit(DIGITS_ADAM)
+    assert submitted["status"] == "queued"
+    assert submitted["progress"]["total_steps"] == 15 * 23
+
+    job = stack.wait(submitted["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempts"] == 1
+    assert job["metrics"]["val_accuracy"] > 0.9
+    assert job["progress"] == {"epoch": 15, "step": 345, "total_steps": 345, "fraction": 1.0}
+    assert job["started_at"] and job["finished_at"] and job["error"] is None
+    assert events(stack, job["id"]) == [(None, "queued"), ("queued", "running"), ("running", "succeeded")]
+
+    # Every step's metrics were flushed to MLflow before the job said it was done.
+    metrics = stack.api.get(f"/v1/jobs/{job['id']}/metrics").json()
+    assert [p["step"] for p in metrics["train_loss"]] == list(range(345))
+    assert [p["step"] for p in metrics["lr"]] == list(range(345))
+    assert len(metrics["grad_norm"]) == 345
+    assert len(metrics["val_accuracy"]) == 15
+    assert metrics["val_accuracy"][-1]["value"] == pytest.approx(job["metrics"]["val_accuracy"])
+    # Warm-up is visible in the recorded learning rate: from ~0 to lr at step 49.
+    lrs = [p["value"] for p in metrics["lr"]]
+    assert lrs[0] == pytest.approx(0.001 / 50) and lrs[49] == pytest.approx(0.001)
+
+    run = stack.mlflow.get_run(job["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.experiment_id == job["mlflow"]["experiment_id"]
+    assert stack.mlflow.get_experiment(run.info.experiment_id).name == "integration"
+    assert run.data.params["optimizer.name"] == "adam"
+    assert run.data.params["optimizer.lr"] == "0.001"
+    assert run.data.params["schedule.warmup_steps"] == "50"
+    assert run.data.tags["optimizer"] == "adam" and run.data.tags["dataset"] == "digits"
+    assert run.data.tags["descent.job_id"] == job["id"]
+    artifacts = {a.path for a in stack.mlflow.list_artifacts(run.info.run_id)}
+    assert {"spec.yaml", "confusion_matrix.json", "confusion_matrix.png"} <= artifacts
+    assert job["mlflow"]["run_url"].endswith(f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+    logged_models = stack.mlflow.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert any(m.source_run_id == run.info.run_id for m in logged_models)
+
+
+def test_running_job_stops_within_seconds_of_cancel(stack: Stack) -> None:
+    long_job = DIGITS_ADAM | {"name": "it-cancel-me", "epochs": 5000, "schedule": {"name": "constant"}}
+    job = stack.submit(long_job)
+    stack.wait(job["id"], until={"running"})
+    deadline = time.monotonic() + 60
+    while stack.get(job["id"])["progress"]["step"] == 0:  # it is really training
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    response = stack.api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert response.status_code == 202
+    assert response.json()["status"] in {"cancelling", "cancelled"}
+    asked = time.monotonic()
+    done = stack.wait(job["id"], timeout_s=30)
+    stopped_after = time.monotonic() - asked
+
+    assert done["status"] == "cancelled"
+    assert stopped_after < 5, f"took {stopped_after:.1f} s to stop"
+    assert 0 < done["progress"]["step"] < done["progress"]["total_steps"]
+    assert stack.mlflow.get_run(done["mlflow"]["run_id"]).info.status == "KILLED"
+    assert events(stack, job["id"])[-2:] == [("running", "cancelling"), ("cancelling", "cancelled")]
+    # A finished job cannot be cancelled.
+    again = stack.api.post(f"/v1/jobs/{job['id']}/cancel")
+    assert again.status_code == 409 and "already ended" in again.json()["detail"]
+
+
+def test_diverging_job_fails_with_the_reason(stack: Stack) -> None:
+    job = stack.submit(DIGITS_ADAM | {"name": "it-diverge", "optimizer": {"name": "sgd", "lr": 1e3},
+                                      "schedule": {"name": "constant"}})  # fmt: skip
+    done = stack.wait(job["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["type"] == "TrainingDiverged"
+    assert "diverged at step" in done["error"]["message"]
+    assert stack.mlflow.get_run(done["mlflow"]["run_id"]).info.status == "FAILED"
+
+
+def test_duplicate_delivery_runs_the_job_once(stack: Stack) -> None:
+    job = stack.submit(DIGITS_ADAM | {"name": "it-duplicate", "epochs": 2, "schedule": {"name": "constant"}})
+    stack.enqueue_raw(job["id"])  # the same message a second time
+    stack.enqueue_raw(job["id"])  # and a third
+    done = stack.wait(job["id"])
+    time.sleep(2)  # let the extra deliveries reach the worker
+    assert done["status"] == "succeeded"
+    assert stack.get(job["id"])["attempts"] == 1
+    assert [e for e in events(stack, job["id"]) if e[1] == "running"] == [("queued", "running")]
+    runs = stack.mlflow.search_runs(
+        [done["mlflow"]["experiment_id"]], filter_string=f"tags.`descent.job_id` = '{job['id']}'"
+    )
+    assert len(runs) == 1
+
+
+def test_readyz_reports_database_and_broker(stack: Stack) -> None:
+    response = stack.api.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"database": "ok", "broker": "ok"}

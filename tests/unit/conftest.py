@@ -1,0 +1,63 @@
+"""Unit-test environment: a throw-away SQLite database and SQLite Celery broker.
+
+`jobs.settings` builds its `settings` singleton at import and `jobs.db` /
+`jobs.queue` cache their engine and Celery app, so the environment is set here,
+at conftest import, before any test module imports `jobs`, `api` or `worker`.
+The schema is created the way production creates it: by running Alembic.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+UNIT_HOME = Path(tempfile.mkdtemp(prefix="descent-unit-"))
+UNIT_ENV = {
+    "DESCENT_HOME": str(UNIT_HOME),
+    "DATABASE_URL": f"sqlite:///{UNIT_HOME}/t.db",
+    "BROKER_URL": f"sqla+sqlite:///{UNIT_HOME}/broker.db",
+    "QUEUE_NAME": "unit-test",
+}
+os.environ.update(UNIT_ENV)
+
+import pytest  # noqa: E402
+
+
+def _migrate() -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    # No ini file: alembic.ini's logging section would reconfigure pytest's loggers.
+    config = Config()
+    config.set_main_option("script_location", str(REPO_ROOT / "migrations"))
+    config.attributes["database_url"] = UNIT_ENV["DATABASE_URL"]
+    command.upgrade(config, "head")
+
+
+@pytest.fixture(scope="session")
+def unit_env() -> dict[str, str]:
+    """The environment variables the unit suite runs under (for subprocesses)."""
+    return dict(UNIT_ENV)
+
+
+@pytest.fixture(scope="session")
+def migrated_db() -> str:
+    """The unit database, migrated to head once per session; returns its URL."""
+    from jobs.settings import settings
+
+    # Guard against a module imported before this conftest: the singleton must point here.
+    assert settings.database_url == UNIT_ENV["DATABASE_URL"], settings.database_url
+    assert settings.broker_url == UNIT_ENV["BROKER_URL"], settings.broker_url
+    _migrate()
+    return UNIT_ENV["DATABASE_URL"]
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001
+    shutil.rmtree(UNIT_HOME, ignore_errors=True)

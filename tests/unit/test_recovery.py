@@ -1,0 +1,124 @@
+"""The recovery rules on the job rows (SQLite here; PostgreSQL in tests/integration):
+who may write a job, what the reaper makes of a lost one, how many lost messages
+are sent again."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import delete, update
+
+from jobs import repository
+from jobs.db import session_scope
+from jobs.models import Job, JobEvent, utcnow
+from jobs.spec import JobSpec
+from jobs.states import JobStatus
+
+SMALL = {"dataset": {"name": "iris"}, "epochs": 2}
+
+
+def new_job(**spec) -> uuid.UUID:  # noqa: ANN003
+    with session_scope() as session:
+        job, _ = repository.create_job(session=session, spec=JobSpec.model_validate(SMALL | spec))
+        return job.id
+
+
+def claim(job_id: uuid.UUID, lease_s: float = 30) -> int:
+    with session_scope() as session:
+        attempt = repository.claim_job(session=session, job_id=job_id, worker="host:1", lease_s=lease_s)
+    assert attempt is not None
+    return attempt
+
+
+def expire_lease(job_id: uuid.UUID) -> None:
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1)))
+
+
+def reap() -> dict[uuid.UUID, JobStatus]:
+    with session_scope() as session:
+        return {r.job_id: r.status for r in repository.reap_lost_jobs(session=session)}
+
+
+def row(job_id: uuid.UUID) -> Job:
+    with session_scope() as session:
+        return repository.get_job(session=session, job_id=job_id)
+
+
+@pytest.fixture(autouse=True)
+def only_these_jobs(migrated_db: str) -> None:
+    with session_scope() as session:  # each test sees only its own jobs
+        session.execute(delete(JobEvent))
+        session.execute(delete(Job))
+
+
+def test_a_live_lease_is_left_alone_and_a_lost_one_requeued() -> None:
+    job_id = new_job()
+    claim(job_id)
+    assert reap() == {}
+    expire_lease(job_id)
+    assert reap() == {job_id: JobStatus.queued}
+    job = row(job_id)
+    assert (job.status, job.attempts, job.lease_until, job.worker) == ("queued", 1, None, None)
+    assert claim(job_id) == 2  # the next attempt
+
+
+def test_out_of_attempts_fails_with_worker_lost() -> None:
+    job_id = new_job(max_attempts=2)
+    for attempt in (1, 2):
+        assert claim(job_id) == attempt
+        expire_lease(job_id)
+        outcome = reap()
+    assert outcome == {job_id: JobStatus.failed}
+    job = row(job_id)
+    assert job.error_type == "WorkerLost" and "no attempts left" in job.error_message
+    assert job.finished_at is not None
+
+
+def test_a_lost_job_being_cancelled_ends_cancelled() -> None:
+    job_id = new_job()
+    claim(job_id)
+    with session_scope() as session:
+        repository.request_cancel(session=session, job_id=job_id)
+    expire_lease(job_id)
+    assert reap() == {job_id: JobStatus.cancelled}
+
+
+def test_a_stale_attempt_can_no_longer_write() -> None:
+    job_id = new_job()
+    first = claim(job_id)
+    expire_lease(job_id)
+    reap()
+    second = claim(job_id)
+    with session_scope() as session:
+        # The first attempt's worker wakes up: its progress, checkpoint and ending are refused.
+        assert repository.record_progress(session=session, job_id=job_id, epoch=1, step=5, metrics={},
+                                          attempt=first) is None  # fmt: skip
+        assert not repository.save_checkpoint(session=session, job_id=job_id, attempt=first, step=5, epoch=1,
+                                              data=b"x")  # fmt: skip
+        assert repository.transition(session=session, job_id=job_id, expected=[JobStatus.running],
+                                     to=JobStatus.succeeded, attempt=first) is None  # fmt: skip
+        # The current attempt's are taken.
+        assert repository.record_progress(session=session, job_id=job_id, epoch=1, step=5, metrics={},
+                                          attempt=second) == JobStatus.running  # fmt: skip
+        assert repository.save_checkpoint(session=session, job_id=job_id, attempt=second, step=5, epoch=1,
+                                          data=b"y")  # fmt: skip
+    with session_scope() as session:
+        assert repository.load_checkpoint(session=session, job_id=job_id).data == b"y"
+
+
+def test_only_as_many_unclaimed_jobs_as_were_lost_are_sent_again() -> None:
+    ids = [new_job() for _ in range(5)]
+    with session_scope() as session:
+        session.execute(update(Job).values(enqueued_at=utcnow() - timedelta(minutes=5)))
+    with session_scope() as session:
+        assert repository.count_queued(session=session) == 5
+        again = repository.claim_unclaimed(session=session, older_than_s=60, limit=2)
+    assert again == ids[:2]  # the oldest first, no more than were lost
+    with session_scope() as session:
+        # Just sent: not again until they have waited once more.
+        assert repository.claim_unclaimed(session=session, older_than_s=60, limit=5) == ids[2:]
+        assert repository.claim_unclaimed(session=session, older_than_s=60, limit=5) == []
+        assert repository.claim_unclaimed(session=session, older_than_s=60, limit=0) == []

@@ -1,0 +1,282 @@
+"""The training recipe: spec -> data, model, optimizer, schedule -> loop.
+
+Read top to bottom: `Trainer(spec)` rejects what cannot run before touching data,
+`setup()` builds everything in a fixed order (the order fixes the random streams,
+so the same seed gives the same initial weights and data order whatever the
+optimizer), `train()` runs the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.spec import JobSpec
+from trainer.data import SplitData, load_split
+from trainer.losses import LOSS_FUNCTIONS
+from trainer.models import MODEL_BUILDERS
+from trainer.optim import build_optimizer
+from trainer.reporting import NullReporter, Reporter, TrainingDiverged, TrainingResult
+from trainer.schedules import build_schedule
+
+# Per-step values stay on the device and are read back in windows of this many
+# steps: one host sync per window instead of one per step.
+SYNC_WINDOW_STEPS = 32
+CHECKPOINT_FORMAT = 1
+EVAL_CHUNK = 8192
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{requested}' was requested but this worker has no CUDA device")
+    return torch.device(requested)
+
+
+class Trainer:
+    def __init__(
+        self, spec: JobSpec, reporter: Reporter | None = None, checkpoint_every_steps: int | None = None
+    ) -> None:
+        self.spec = spec
+        self.reporter = reporter or NullReporter()
+        self.device = resolve_device(spec.device)
+        self.loss_fn = LOSS_FUNCTIONS[spec.loss]
+        self.checkpoint_every = checkpoint_every_steps
+        self.position = TrainingPosition()
+
+    def setup(self) -> None:
+        spec = self.spec
+        random.seed(spec.seed)
+        np.random.seed(spec.seed % 2**32)
+        torch.manual_seed(spec.seed)  # initial weights and dropout masks
+        self.data: SplitData = load_split(spec, self.device)
+        self.model = MODEL_BUILDERS[spec.model.arch](spec.model, self.data.n_features, self.data.n_classes)
+        self.model.to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, spec.optimizer)
+        self.schedule = build_schedule(self.optimizer, spec.schedule, spec.total_steps)
+        # Data order has its own generator: changing the model or optimizer never changes it.
+        self.order_generator = torch.Generator().manual_seed(spec.seed)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+        """(mean loss, accuracy, predictions) over a whole split, in eval mode."""
+        self.model.eval()
+        total_loss = torch.zeros((), device=self.device)
+        predictions = []
+        for start in range(0, len(x), EVAL_CHUNK):
+            logits = self.model(x[start : start + EVAL_CHUNK])
+            total_loss += self.loss_fn(logits, y[start : start + EVAL_CHUNK]) * len(logits)
+            predictions.append(logits.argmax(dim=1))
+        self.model.train()
+        predicted = torch.cat(predictions)
+        accuracy = (predicted == y).float().mean()
+        return (total_loss / len(x)).item(), accuracy.item(), predicted
+
+    def train(self) -> TrainingResult:
+        spec, data, model, pos = self.spec, self.data, self.model, self.position
+        n_train = len(data.x_train)
+        log_every = spec.log_every_steps
+        clip = spec.clip_grad_norm
+        window = StepWindow(self.reporter)
+        stopped = False
+        model.train()
+        while not stopped and (pos.order is not None or pos.epoch < spec.epochs):
+            if pos.order is None:  # a new epoch
+                pos.epoch += 1
+                pos.order = torch.randperm(n_train, generator=self.order_generator).to(self.device)
+                pos.batch_start = 0
+                pos.predictions = []  # for the epoch's running train accuracy
+            while pos.batch_start < n_train:
+                step = pos.step
+                batch = pos.order[pos.batch_start : pos.batch_start + spec.batch_size]
+                logits = model(data.x_train[batch])
+                loss = self.loss_fn(logits, data.y_train[batch])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                logged = step % log_every == 0
+                norm_parts = None
+                if clip is not None:  # clip_grad_norm_ returns the norm from before clipping
+                    norm_parts = [torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)]
+                elif logged:
+                    norm_parts = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.optimizer.step()
+                self.schedule.step()
+                window.add(step, lr, loss.detach(), norm_parts if logged else None)
+                pos.predictions.append(logits.argmax(dim=1))  # argmax carries no autograd graph
+                pos.batch_start += spec.batch_size
+                pos.step = step + 1
+                if len(window) >= SYNC_WINDOW_STEPS:
+                    window.drain()
+                if self.checkpoint_every and pos.step % self.checkpoint_every == 0 and pos.batch_start < n_train:
+                    self._checkpoint(window)  # (an epoch's last step is checkpointed at the epoch's end)
+                self.reporter.progress(pos.epoch, pos.step)
+                if self.reporter.should_stop() and pos.step < spec.total_steps:  # after the last step: no stop
+                    stopped = True
+                    break
+            window.drain()
+            predicted = torch.cat(pos.predictions)
+            train_acc = (predicted == data.y_train[pos.order[: len(predicted)]]).float().mean().item()
+            val_loss, val_acc, _ = self.evaluate(data.x_val, data.y_val)
+            self.reporter.log_metrics(
+                pos.step,
+                {"epoch": pos.epoch, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc},
+            )
+            if not stopped:
+                pos.order = None
+                if self.checkpoint_every:
+                    self._checkpoint(window)
+
+        val_loss, val_acc, predicted = self.evaluate(data.x_val, data.y_val)
+        train_loss, train_acc, _ = self.evaluate(data.x_train, data.y_train)
+        return TrainingResult(
+            model=model,
+            steps=pos.step,
+            epochs=pos.epoch,
+            stopped_early=stopped,
+            final_metrics={
+                "train_loss": train_loss,
+                "train_accuracy": train_acc,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+            },
+            confusion_matrix=confusion_matrix(data.y_val, predicted, data.n_classes),
+            class_names=data.class_names,
+        )
+
+    # -- exact resume
+
+    def _checkpoint(self, window: StepWindow) -> None:
+        window.drain()  # every metric up to this step is reported before the state that follows it
+        self.reporter.save_checkpoint(self.position.step, self.state_dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly from here (between two steps).
+
+        The tensors are the live ones: serialise the dict before training goes on.
+        numpy's and Python's generators are not used by the loop; they are kept so
+        that code added later which draws from them resumes exactly too.
+        """
+        pos = self.position
+        numpy_state = np.random.get_state()
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "position": {
+                "step": pos.step,
+                "epoch": pos.epoch,
+                "batch_start": pos.batch_start,
+                "order": None if pos.order is None else pos.order.cpu(),
+                "predictions": torch.cat(pos.predictions).cpu() if pos.predictions else None,
+            },
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "order": self.order_generator.get_state(),
+                "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict()`; call after `setup()`."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.order_generator.set_state(rng["order"])
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+        random.setstate(tuple(rng["python"][:1]) + (tuple(rng["python"][1]),) + tuple(rng["python"][2:]))
+        saved = state["position"]
+        self.position = TrainingPosition(
+            step=saved["step"],
+            epoch=saved["epoch"],
+            batch_start=saved["batch_start"],
+            order=None if saved["order"] is None else saved["order"].to(self.device),
+            predictions=[] if saved["predictions"] is None else [saved["predictions"].to(self.device)],
+        )
+
+
+@dataclass
+class TrainingPosition:
+    """Where the loop is: the step to run next, and the epoch it belongs to."""
+
+    step: int = 0
+    epoch: int = 0  # the current epoch (1-based) once started
+    batch_start: int = 0  # first sample of the next batch in `order`
+    order: torch.Tensor | None = None  # this epoch's data order; None between epochs
+    predictions: list[torch.Tensor] = field(default_factory=list)
+
+
+class StepWindow:
+    """Per-step values left on the device, read back every SYNC_WINDOW_STEPS steps.
+
+    Each tensor op costs microseconds even on tiny tensors, so the step does as few
+    as it can: it keeps the loss and (on logged steps) the per-parameter gradient
+    norms; reducing them to one global norm per step and copying them to the host
+    happen once per window, in a couple of ops.
+    """
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+        self.steps: list[int] = []
+        self.lrs: list[float] = []
+        self.losses: list[torch.Tensor] = []
+        self.logged: list[int] = []  # positions of the steps whose metrics are logged
+        self.norm_parts: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def add(self, step: int, lr: float, loss: torch.Tensor, norm_parts: list[torch.Tensor] | None) -> None:
+        if norm_parts is not None:
+            self.logged.append(len(self.steps))
+            self.norm_parts.extend(norm_parts)
+        self.steps.append(step)
+        self.lrs.append(lr)
+        self.losses.append(loss)
+
+    def drain(self) -> None:
+        """Report the window's metrics; fail on its first non-finite loss."""
+        if not self.steps:
+            return
+        losses = torch.stack(self.losses).tolist()
+        norms: list[float] = []
+        if self.logged:  # every logged step has the same number of parts
+            parts = torch.stack(self.norm_parts).reshape(len(self.logged), -1)
+            norms = torch.linalg.vector_norm(parts, dim=1).tolist()
+        first_bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        for i, norm in zip(self.logged, norms):
+            if first_bad is not None and i >= first_bad:
+                break  # the steps up to the divergence are logged: the charts show it coming
+            self.reporter.log_metrics(self.steps[i], {"train_loss": losses[i], "lr": self.lrs[i], "grad_norm": norm})
+        if first_bad is not None:
+            raise TrainingDiverged(self.steps[first_bad], losses[first_bad], self.lrs[first_bad])
+        self.steps, self.lrs, self.losses, self.logged, self.norm_parts = [], [], [], [], []
+
+
+def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, n_classes: int) -> list[list[int]]:
+    """Rows are true classes, columns predicted ones."""
+    counts = torch.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes).cpu().tolist()
+
+
+def run_training(spec: JobSpec, reporter: Reporter | None = None) -> TrainingResult:
+    trainer = Trainer(spec, reporter)
+    trainer.setup()
+    return trainer.train()

@@ -1,0 +1,69 @@
+"""Learning-rate schedules, stepped once per optimizer step.
+
+Step s (0-based) trains with lr(s); T is the run's total steps, W the warm-up.
+The closed forms, which the unit tests check the schedulers against:
+
+  constant       lr
+  step           lr * gamma ** (s // step_size)
+  exponential    lr * gamma ** s
+  cosine         min_lr + (lr - min_lr) * (1 + cos(pi * s / (T - 1))) / 2
+  warmup_linear  lr * (s + 1) / W for s < W (lr at s = W - 1), then with p = (s - W + 1) / (T - W):
+                 min_lr + (lr - min_lr) * (1 - p)                 (min_lr at s = T - 1)
+  warmup_cosine  as warmup_linear, with min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2
+  inverse_sqrt   lr * min((s + 1) / W, sqrt(W / (s + 1)))
+
+torch's own schedulers where one exists; LambdaLR with the closed form for the warm-up ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR, LambdaLR, LRScheduler, StepLR
+
+
+def _decay_fraction(step: int, warmup: int, total: int) -> float:
+    """0 at the warm-up's peak (step W - 1), 1 at the last step (T - 1)."""
+    return min(1.0, max(0.0, (step - warmup + 1) / max(1, total - warmup)))
+
+
+def warmup_multiplier(warmup: int, total: int, floor: float, decay: str) -> Callable[[int], float]:
+    """lr(s) / lr for a linear warm-up followed by a linear or cosine decay to `floor` (= min_lr / lr)."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = _decay_fraction(step, warmup, total)
+        shape = 1.0 - p if decay == "linear" else (1.0 + math.cos(math.pi * p)) / 2.0
+        return floor + (1.0 - floor) * shape
+
+    return multiplier
+
+
+def inverse_sqrt_multiplier(warmup: int) -> Callable[[int], float]:
+    return lambda step: min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+
+
+def _base_lr(optimizer: torch.optim.Optimizer) -> float:
+    return optimizer.param_groups[0]["lr"]
+
+
+SCHEDULE_BUILDERS: dict[str, Callable[[torch.optim.Optimizer, object, int], LRScheduler]] = {
+    "constant": lambda opt, s, total: LambdaLR(opt, lambda step: 1.0),
+    "step": lambda opt, s, total: StepLR(opt, step_size=s.step_size, gamma=s.gamma),
+    "exponential": lambda opt, s, total: ExponentialLR(opt, gamma=s.gamma),
+    "cosine": lambda opt, s, total: CosineAnnealingLR(opt, T_max=max(1, total - 1), eta_min=s.min_lr),
+    "warmup_linear": lambda opt, s, total: LambdaLR(
+        opt, warmup_multiplier(s.warmup_steps, total, s.min_lr / _base_lr(opt), "linear")
+    ),
+    "warmup_cosine": lambda opt, s, total: LambdaLR(
+        opt, warmup_multiplier(s.warmup_steps, total, s.min_lr / _base_lr(opt), "cosine")
+    ),
+    "inverse_sqrt": lambda opt, s, total: LambdaLR(opt, inverse_sqrt_multiplier(s.warmup_steps)),
+}
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, spec, total_steps: int) -> LRScheduler:  # noqa: ANN001
+    return SCHEDULE_BUILDERS[spec.name](optimizer, spec, total_steps)

@@ -1,0 +1,157 @@
+"""Running one job, start to end: claim, open (or reopen) the MLflow run, train,
+record the outcome. A later attempt of a job whose worker died resumes from its
+checkpoint into the same MLflow run.
+
+Celery-free so that tests and tools can run a job in-process; worker/tasks.py
+is the thin Celery entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from datetime import timedelta
+from enum import StrEnum
+
+from mlflow.tracking import MlflowClient
+
+from jobs.db import session_scope
+from jobs.models import Job, JobCheckpoint
+from jobs.repository import claim_job, get_job, load_checkpoint, parse_job_id, set_mlflow_run, transition
+from jobs.settings import settings
+from jobs.spec import JobSpec
+from jobs.states import ACTIVE, JobStatus
+from jobs.tracking import end_run, tracking_client
+from trainer.checkpoint import checkpoint_from_bytes
+from trainer.recipe import Trainer, resolve_device
+from trainer.reporting import TrainingResult
+from worker.metrics_sink import MlflowMetricSink
+from worker.mlflow_run import latest_steps, log_results, open_run, reopen_run
+from worker.monitor import JobMonitor, JobReporter, StopReason
+
+log = logging.getLogger(__name__)
+
+
+class Outcome(StrEnum):
+    skipped = "skipped"  # not ours to run: a duplicate delivery, or cancelled while queued
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    lost = "lost"  # this attempt lost its lease; another attempt carries the job on
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str]:
+    return type(exc).__name__, str(exc) or repr(exc)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _conclude(
+    client: MlflowClient,
+    run_id: str | None,
+    job_id: uuid.UUID,
+    attempt: int,
+    outcome: Outcome,
+    reporter: JobReporter,
+    **values: object,
+) -> None:
+    """End the MLflow run, then the job: when the job says it is done, so is its run."""
+    status = JobStatus(outcome)
+    if run_id is not None:
+        try:
+            end_run(client, run_id, status)
+        except Exception:  # noqa: BLE001 - the job's outcome is recorded all the same
+            log.exception("could not end MLflow run %s of job %s", run_id, job_id)
+    values |= {"epoch": reporter.epoch, "step": reporter.step, "latest_metrics": dict(reporter.latest)}
+    values |= {"lease_until": None}
+    with session_scope() as session:
+        moved = transition(
+            session=session, job_id=job_id, expected=ACTIVE, to=status, values=values, attempt=attempt
+        )
+    if moved is None:
+        log.warning("job %s (attempt %d) was no longer this worker's when it ended %s", job_id, attempt, outcome)
+
+
+def execute_job(raw_job_id: str) -> Outcome:
+    job_id = parse_job_id(raw_job_id)
+    if job_id is None:
+        log.error("ignoring a message with a malformed job id %r", raw_job_id)
+        return Outcome.skipped
+    with session_scope() as session:
+        attempt = claim_job(session=session, job_id=job_id, worker=worker_name(), lease_s=settings.lease_s)
+        job = get_job(session=session, job_id=job_id) if attempt else None
+        checkpoint = load_checkpoint(session=session, job_id=job_id) if attempt and attempt > 1 else None
+    if attempt is None or job is None:
+        log.info("job %s is not queued (duplicate delivery or cancelled); nothing to do", job_id)
+        return Outcome.skipped
+    reporter = JobReporter(None, settings.checkpoint_min_interval_s)
+    # The heartbeat covers the whole attempt, to the final transition: waiting for MLflow
+    # to take the last metrics must not look like a dead worker.
+    with JobMonitor(job_id, reporter, settings.progress_interval_s, attempt, settings.lease_s) as monitor:
+        return _run_attempt(job, attempt, checkpoint, reporter, monitor)
+
+
+def _run_attempt(
+    job: Job, attempt: int, checkpoint: JobCheckpoint | None, reporter: JobReporter, monitor: JobMonitor
+) -> Outcome:
+    job_id = job.id
+    client = tracking_client()
+    sink: MlflowMetricSink | None = None
+    try:
+        spec = JobSpec.model_validate(job.spec)
+        resolve_device(spec.device)  # a job this worker cannot run fails before any run is opened
+        if spec.timeout_s:
+            monitor.deadline = job.started_at + timedelta(seconds=spec.timeout_s)
+        earlier_run = job.mlflow_run_id
+
+        def connect() -> tuple[str, dict[str, int]]:
+            """Open the job's MLflow run, or continue an earlier attempt's without repeating its steps."""
+            if earlier_run is not None:
+                reopen_run(client, earlier_run, attempt)
+                return earlier_run, latest_steps(client, earlier_run)
+            experiment_id, new_run = open_run(client, spec, job_id, attempt)
+            with session_scope() as session:
+                set_mlflow_run(session=session, job_id=job_id, experiment_id=experiment_id, run_id=new_run)
+            return new_run, {}
+
+        # MLflow down now: the job trains anyway; the sink opens the run when MLflow is back.
+        sink = reporter.sink = MlflowMetricSink(
+            client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit
+        )
+        trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps)
+        trainer.setup()
+        if checkpoint is not None:
+            log.info("job %s attempt %d resumes from step %d", job_id, attempt, checkpoint.step)
+            trainer.load_state_dict(checkpoint_from_bytes(checkpoint.data, trainer.device))
+        result: TrainingResult = trainer.train()
+
+        if reporter.stop_reason == StopReason.lease_lost:
+            sink.discard()  # the attempt that owns the job now reports these steps
+            return Outcome.lost  # and ends the MLflow run: this attempt touches nothing more
+        reporter.keep_latest(result.final_metrics)
+        if result.stopped_early and reporter.stop_reason == StopReason.timeout:
+            raise TimeoutError(f"timed out after {spec.timeout_s:g} s (timeout_s), at step {result.steps}")
+        # Every metric is in MLflow before the job says it is done (MLflow down: waits a while).
+        sink.close(timeout_s=settings.mlflow_wait_at_end_s)
+        if result.stopped_early:
+            outcome = Outcome.cancelled
+        elif sink.run_id is None:
+            log.error("job %s trained, but MLflow stayed unreachable: no run, metrics or model recorded", job_id)
+            outcome = Outcome.succeeded
+        else:
+            log_results(client, sink.run_id, spec, result)
+            outcome = Outcome.succeeded
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
+        log.exception("job %s failed", job_id)
+        if sink is not None:
+            sink.close(timeout_s=10)
+        error_type, message = describe_failure(exc)
+        run_id = sink.run_id if sink is not None else job.mlflow_run_id
+        _conclude(client, run_id, job_id, attempt, Outcome.failed, reporter, error_type=error_type, error_message=message)
+        return Outcome.failed
+    _conclude(client, sink.run_id, job_id, attempt, outcome, reporter)
+    return outcome

@@ -1,0 +1,126 @@
+"""One MLflow run per job, always addressed by explicit id (never the fluent
+active-run stack, which outlives a crashed task in the same process)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on a worker
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from mlflow.entities import Param, RunStatus  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from jobs.settings import settings  # noqa: E402
+from jobs.spec import JobSpec  # noqa: E402
+from trainer.reporting import TrainingResult  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MAX_PARAMS_PER_BATCH = 100
+
+
+def experiment_id_for(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another worker created it a moment ago
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def open_run(client: MlflowClient, spec: JobSpec, job_id: uuid.UUID, attempt: int) -> tuple[str, str]:
+    """Create the job's run with the spec as dotted params and searchable tags; (experiment_id, run_id)."""
+    experiment_id = experiment_id_for(client, spec.experiment or settings.default_experiment)
+    tags = {
+        "descent.job_id": str(job_id),
+        "descent.attempt": str(attempt),
+        "optimizer": spec.optimizer.name,
+        "schedule": spec.schedule.name,
+        "dataset": spec.dataset.name,
+        "model": spec.model.arch,
+        "loss": str(spec.loss),
+    }
+    run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
+    params = [Param(key, value[:6000]) for key, value in spec.flat_params().items()]
+    for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run.info.run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
+    return experiment_id, run.info.run_id
+
+
+def reopen_run(client: MlflowClient, run_id: str, attempt: int) -> None:
+    """A later attempt continues the job's run (the reaper may have ended it FAILED)."""
+    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    client.set_tag(run_id, "descent.attempt", str(attempt))
+
+
+def latest_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """{metric: highest step MLflow has}. Points of one metric are sent in step order,
+    so every step up to it is there: a resumed attempt skips those."""
+    return {m.key: m.step for m in client.get_run(run_id).data.to_proto().metrics}
+
+
+def confusion_figure(matrix: list[list[int]], class_names: list[str]) -> plt.Figure:
+    counts = np.array(matrix)
+    size = max(4.0, 0.45 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("validation confusion matrix")
+    for (i, j), count in np.ndenumerate(counts):
+        color = "white" if count > counts.max() / 2 else "black"
+        ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def log_results(client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult) -> None:
+    """The spec, the confusion matrix and (optionally) the model, at the end of a job."""
+    client.log_text(run_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec.yaml")
+    client.log_dict(
+        run_id, {"labels": result.class_names, "matrix": result.confusion_matrix}, "confusion_matrix.json"
+    )
+    fig = confusion_figure(result.confusion_matrix, result.class_names)
+    try:
+        client.log_figure(run_id, fig, "confusion_matrix.png")
+    finally:
+        plt.close(fig)
+    if settings.log_model:
+        log_model(run_id, result)
+
+
+def log_model(run_id: str, result: TrainingResult) -> None:
+    # log_model needs the fluent API's active run; it is ended right here, in this thread
+    # (the job's final status is set afterwards by end_run, whatever happens next).
+    # pickle: the model is an nn.Sequential of stock layers, so torch alone loads it,
+    # and it skips the slow torch.export path of the default 'pt2' format.
+    import mlflow.pytorch
+    import torch
+
+    model = result.model.to("cpu").eval()
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.start_run(run_id=run_id)
+    try:
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            serialization_format="pickle",
+            # Stated, not inferred: inference runs the model in a subprocess (~4 s a job).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+    finally:
+        mlflow.end_run(status=RunStatus.to_string(RunStatus.FINISHED))
+

@@ -1,0 +1,165 @@
+"""The job's side of the training loop: a reporter the trainer calls, and a thread
+that writes progress to PostgreSQL and notices cancel requests.
+
+The trainer only touches memory (a deque, two ints, an Event); the thread does
+the database round-trips every `interval_s`, so a step never waits on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Any
+
+from jobs.db import session_scope
+from jobs.repository import record_progress, save_checkpoint
+from jobs.states import JobStatus
+from trainer.checkpoint import checkpoint_to_bytes
+from worker.metrics_sink import MlflowMetricSink
+
+log = logging.getLogger(__name__)
+
+# The latest value of these is kept on the job row for GET /v1/jobs/{id}.
+SUMMARY_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+class StopReason(StrEnum):
+    cancel = "cancel"
+    timeout = "timeout"
+    lease_lost = "lease_lost"  # the reaper gave the job to another attempt
+
+
+@dataclass(frozen=True)
+class PendingCheckpoint:
+    step: int
+    epoch: int
+    data: bytes
+    metrics_needed: int  # sink.sent must reach this before the checkpoint may be stored
+
+
+class JobReporter:
+    def __init__(self, sink: MlflowMetricSink | None, checkpoint_min_interval_s: float = 0.0) -> None:
+        self.sink = sink
+        self.epoch = 0
+        self.step = 0
+        self.latest: dict[str, float | None] = {}
+        self.stop_requested = threading.Event()
+        self.stop_reason: StopReason | None = None
+        self.checkpoint_min_interval_s = checkpoint_min_interval_s
+        self.pending_checkpoint: PendingCheckpoint | None = None
+        self._last_checkpoint_at = -math.inf
+
+    def request_stop(self, reason: StopReason) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop_requested.set()
+
+    def save_checkpoint(self, step: int, make_state: Callable[[], dict[str, Any]]) -> None:
+        # Serialised here, in the training thread (local work only); the monitor
+        # thread stores it once MLflow has every metric logged before it.
+        now = time.monotonic()
+        if now - self._last_checkpoint_at < self.checkpoint_min_interval_s:
+            return
+        self._last_checkpoint_at = now
+        data = checkpoint_to_bytes(make_state())
+        needed = self.sink.added if self.sink is not None else 0
+        self.pending_checkpoint = PendingCheckpoint(step, self.epoch, data, needed)
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.sink is not None:
+            self.sink.add(step, metrics)
+        self.keep_latest(metrics)
+
+    def keep_latest(self, metrics: Mapping[str, float]) -> None:
+        for key in SUMMARY_METRICS:
+            if key in metrics:  # JSON (and PostgreSQL's JSONB) has no NaN or infinity
+                self.latest[key] = metrics[key] if math.isfinite(metrics[key]) else None
+
+    def progress(self, epoch: int, step: int) -> None:
+        self.epoch, self.step = epoch, step
+
+    def should_stop(self) -> bool:
+        return self.stop_requested.is_set()
+
+
+class JobMonitor:
+    """Every `interval_s`: write progress and renew the lease (guarded by the attempt),
+    stop the loop on cancel, timeout or a lost lease, store a ready checkpoint."""
+
+    def __init__(
+        self,
+        job_id: uuid.UUID,
+        reporter: JobReporter,
+        interval_s: float,
+        attempt: int | None = None,
+        lease_s: float | None = None,
+        deadline: datetime | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.reporter = reporter
+        self.interval_s = interval_s
+        self.attempt = attempt
+        self.lease_s = lease_s
+        self.deadline = deadline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"job-monitor-{str(job_id)[:8]}", daemon=True)
+
+    def __enter__(self) -> JobMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.write_progress()
+
+    def write_progress(self) -> JobStatus | None | bool:
+        """The job's status; None when this attempt no longer owns it; False when the write failed."""
+        r = self.reporter
+        try:
+            with session_scope() as session:
+                return record_progress(
+                    session=session, job_id=self.job_id, epoch=r.epoch, step=r.step, metrics=dict(r.latest),
+                    attempt=self.attempt, lease_s=self.lease_s,
+                )  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - a missed progress write must not end the job
+            log.warning("could not write progress of job %s: %s", self.job_id, exc)
+            return False
+
+    def store_ready_checkpoint(self) -> None:
+        pending, sink = self.reporter.pending_checkpoint, self.reporter.sink
+        if pending is None or self.attempt is None:
+            return
+        if sink is not None and sink.sent + sink.dropped < pending.metrics_needed:
+            return  # not yet: a resume from it would miss the metrics still buffered (dropped ones never come)
+        try:
+            with session_scope() as session:
+                save_checkpoint(session=session, job_id=self.job_id, attempt=self.attempt, step=pending.step,
+                                epoch=pending.epoch, data=pending.data)  # fmt: skip
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            log.warning("could not store the checkpoint of job %s: %s", self.job_id, exc)
+            return
+        if self.reporter.pending_checkpoint is pending:
+            self.reporter.pending_checkpoint = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            status = self.write_progress()
+            if status is None:
+                log.error("job %s: this worker lost its lease; stopping without reporting", self.job_id)
+                if self.reporter.sink is not None:
+                    self.reporter.sink.revoke()  # before anything else reaches the job's run
+                self.reporter.request_stop(StopReason.lease_lost)
+                return
+            if status == JobStatus.cancelling:
+                self.reporter.request_stop(StopReason.cancel)
+            if self.deadline is not None and datetime.now(timezone.utc) >= self.deadline:
+                self.reporter.request_stop(StopReason.timeout)
+            self.store_ready_checkpoint()

@@ -1,0 +1,82 @@
+"""The recovery loop: `python -m worker.reaper`.
+
+PostgreSQL, not the broker, decides what runs. Every `reaper_interval_s` this
+process (one or several: rows are taken with SKIP LOCKED):
+- requeues active jobs whose worker stopped renewing its lease (killed, OOM,
+  machine gone): the next attempt resumes from the checkpoint; after
+  `max_attempts` the job fails with "worker lost" and its MLflow run is ended;
+- enqueues again queued jobs nobody claimed for `unclaimed_requeue_s` (the
+  broker lost the message, or was down when the job was submitted), as many as
+  PostgreSQL has queued jobs beyond the messages the broker holds.
+
+A process of its own, not a thread in the Celery parent: that parent forks a
+child per job, and a fork while another thread holds a lock can hang the child.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from jobs.db import session_scope
+from jobs.queue import enqueue_job, queue_depth
+from jobs.repository import claim_unclaimed, count_queued, reap_lost_jobs
+from jobs.settings import settings
+from jobs.states import JobStatus
+from jobs.tracking import end_run, tracking_client
+
+log = logging.getLogger("worker.reaper")
+
+def recover_once() -> tuple[int, int]:
+    """One pass; (jobs reaped, jobs enqueued again)."""
+    with session_scope() as session:
+        reaped = reap_lost_jobs(session=session)
+    for job in reaped:
+        log.warning("job %s: worker lost -> %s", job.job_id, job.status)
+        if job.status == JobStatus.queued:
+            try:
+                enqueue_job(job.job_id)
+            except Exception as exc:  # noqa: BLE001 - still queued: the unclaimed sweep sends it later
+                log.warning("could not enqueue job %s: %s", job.job_id, exc)
+        elif job.mlflow_run_id:  # the run must not stay RUNNING
+            try:
+                end_run(tracking_client(), job.mlflow_run_id, job.status)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not end MLflow run %s: %s", job.mlflow_run_id, exc)
+    # Messages lost = queued jobs in PostgreSQL - messages in the broker. Re-sending only
+    # that many keeps a long, healthy backlog from filling the broker with duplicates.
+    try:
+        depth = queue_depth()
+    except Exception as exc:  # noqa: BLE001 - broker down: nothing can be sent this pass anyway
+        log.info("broker unreachable (%s); queued jobs wait for it", exc)
+        return len(reaped), 0
+    with session_scope() as session:
+        lost = count_queued(session=session) - depth
+        unclaimed = claim_unclaimed(session=session, older_than_s=settings.unclaimed_requeue_s, limit=lost)
+    sent = 0
+    for job_id in unclaimed:
+        try:
+            enqueue_job(job_id)
+            sent += 1
+        except Exception as exc:  # noqa: BLE001 - the broker is down: the next pass tries again
+            log.warning("could not enqueue unclaimed job %s: %s", job_id, exc)
+            break
+    return len(reaped), sent
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log.info("reaper ready: every %.1f s, lease %.1f s", settings.reaper_interval_s, settings.lease_s)
+    while not stop.wait(settings.reaper_interval_s):
+        try:
+            recover_once()
+        except Exception:  # noqa: BLE001 - a database outage must not end the loop
+            log.exception("recovery pass failed; trying again in %.1f s", settings.reaper_interval_s)
+
+
+if __name__ == "__main__":
+    main()
