@@ -1,4 +1,4 @@
-"""FastAPI dependencies."""
+"""FastAPI dependencies: a database session per request, and the caller behind its API key."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import logging
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from jobs.access import Caller, authenticate
 from jobs.db import session_factory
 
 log = logging.getLogger(__name__)
@@ -29,3 +31,37 @@ def get_session() -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+# --------------------------------------------------------------------------- API keys
+
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dsk_...`.")
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def current_caller(
+    request: Request, session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Caller:
+    """The caller behind the request's API key; 401 without a valid one. The key itself
+    is never logged: only where the request came from and what was wrong."""
+    where = request.client.host if request.client else "?"
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        log.info("refused %s %s from %s: no API key", request.method, request.url.path, where)
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "an API key is required: send 'Authorization: Bearer <key>'", CHALLENGE
+        )
+    caller = authenticate(session=session, presented=credentials.credentials)
+    if caller is None:
+        log.warning("refused %s %s from %s: unknown or revoked API key", request.method, request.url.path, where)
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "the API key is not valid (unknown or revoked)", CHALLENGE)
+    return caller
+
+
+def admin_caller(caller: Annotated[Caller, Depends(current_caller)]) -> Caller:
+    if not caller.admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs an admin API key")
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(current_caller)]
+AdminDep = Annotated[Caller, Depends(admin_caller)]

@@ -1,4 +1,4 @@
-"""Response models for the v1 API."""
+"""Request and response models of the v1 API (the job spec itself is jobs.spec.JobSpec)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.models import Job
+from jobs.access import PROJECT_NAME, PROJECT_NAME_RULE
+from jobs.models import ApiKey, Job
 from jobs.spec import JobSpec
 from jobs.states import JobStatus
 from jobs.tracking import run_url
@@ -43,6 +44,7 @@ class JobError(BaseModel):
 
 class JobPublic(BaseModel):
     id: uuid.UUID
+    project: str
     name: str
     status: JobStatus
     spec: JobSpec
@@ -59,6 +61,7 @@ class JobPublic(BaseModel):
     def from_row(cls, job: Job) -> JobPublic:
         return cls(
             id=job.id,
+            project=job.project,
             name=job.name,
             status=JobStatus(job.status),
             spec=JobSpec.model_validate(job.spec),
@@ -103,6 +106,60 @@ def finite_or_none(value: float | None) -> float | None:
 
 class Problem(BaseModel):
     detail: str
+
+
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No API key, or one that is unknown or revoked."}
+}
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **AUTH_RESPONSES,
+    403: {"model": Problem, "description": "The API key is not an admin key."},
+}
+
+# Every route that reads a body: unreadable JSON, and bodies over MAX_REQUEST_BYTES.
+BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "The body could not be read as JSON."},
+    413: {"model": Problem, "description": "The body is larger than MAX_REQUEST_BYTES."},
+}
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(pattern=PROJECT_NAME.pattern, max_length=64, description=PROJECT_NAME_RULE)
+
+
+class ProjectPublic(BaseModel):
+    name: str
+    created_at: datetime
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    admin: bool = Field(False, description="An admin key also creates projects and keys and revokes keys.")
+    label: str | None = Field(None, max_length=200, description="What the key is for, shown in listings.")
+
+
+class KeyPublic(BaseModel):
+    """A key as listings show it: never the key itself."""
+
+    id: uuid.UUID
+    project: str
+    prefix: str
+    label: str | None
+    admin: bool
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: ApiKey) -> KeyPublic:
+        return cls(id=row.id, project=row.project, prefix=row.prefix, label=row.label, admin=row.admin,
+                   created_at=row.created_at, revoked_at=row.revoked_at)  # fmt: skip
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="The API key. Shown this once: only its hash is kept.")
 
 
 class Readiness(BaseModel):

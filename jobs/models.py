@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text, TypeDecorator, Uuid
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text, TypeDecorator, Uuid, false, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -42,10 +42,40 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+DEFAULT_PROJECT = "default"
+
+
+class Project(Base):
+    """Who owns jobs: a key of one project never sees another project's objects."""
+
+    __tablename__ = "projects"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key, kept as its SHA-256 only: the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    project: Mapped[str] = mapped_column(String(64), ForeignKey("projects.name"), index=True)
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # enough to tell keys apart in a listing
+    label: Mapped[str | None] = mapped_column(String(200))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    project: Mapped[str] = mapped_column(
+        String(64), ForeignKey("projects.name"), default=DEFAULT_PROJECT, server_default=DEFAULT_PROJECT
+    )
     name: Mapped[str] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(20), index=True)
     spec: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
@@ -61,6 +91,9 @@ class Job(Base):
 
     mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64))
+    # A finished job whose MLflow run is still RUNNING (MLflow was down when the job
+    # ended, or the job was cancelled while queued): the reaper ends the run later.
+    mlflow_run_to_end: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -73,11 +106,22 @@ class Job(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     # A client's Idempotency-Key: a retried submission returns this job instead of a new one.
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True, index=True)
+    # Unique per project: two projects may well pick the same key.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     spec_sha256: Mapped[str | None] = mapped_column(String(64))
 
     # Keyset pagination walks (created_at, id) newest first.
-    __table_args__ = (Index("ix_jobs_created_at_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_project_created_at_id", "project", "created_at", "id"),
+        Index("uq_jobs_project_idempotency_key", "project", "idempotency_key", unique=True),
+        Index(
+            "ix_jobs_mlflow_run_to_end",
+            "mlflow_run_to_end",
+            postgresql_where=text("mlflow_run_to_end"),
+            sqlite_where=text("mlflow_run_to_end"),
+        ),
+    )
 
 
 class JobEvent(Base):

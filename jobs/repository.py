@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from jobs.models import Job, JobCheckpoint, JobEvent, utcnow
+from jobs.models import DEFAULT_PROJECT, Job, JobCheckpoint, JobEvent, utcnow
 from jobs.settings import settings
 from jobs.spec import JobSpec
 from jobs.states import ACTIVE, ALLOWED, TERMINAL, JobStatus
@@ -47,12 +47,16 @@ class IdempotencyConflict(ValueError):
     pass
 
 
-def create_job(*, session: Session, spec: JobSpec, idempotency_key: str | None = None) -> tuple[Job, bool]:
-    """(job, created). With an idempotency key already used for the same spec, the
-    earlier job and False; for another spec, IdempotencyConflict."""
+def create_job(
+    *, session: Session, spec: JobSpec, idempotency_key: str | None = None, project: str = DEFAULT_PROJECT
+) -> tuple[Job, bool]:
+    """(job, created). With an idempotency key the project already used for the same
+    spec, the earlier job and False; for another spec, IdempotencyConflict."""
     digest = spec_digest(spec)
     if idempotency_key is not None:
-        earlier = session.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+        earlier = session.scalar(
+            select(Job).where(Job.project == project, Job.idempotency_key == idempotency_key)
+        )
         if earlier is not None:
             if earlier.spec_sha256 != digest:
                 raise IdempotencyConflict(
@@ -60,6 +64,7 @@ def create_job(*, session: Session, spec: JobSpec, idempotency_key: str | None =
                 )
             return earlier, False
     job = Job(
+        project=project,
         name=spec.name,
         status=JobStatus.queued,
         spec=spec.model_dump(mode="json"),
@@ -75,8 +80,13 @@ def create_job(*, session: Session, spec: JobSpec, idempotency_key: str | None =
     return job, True
 
 
-def get_job(*, session: Session, job_id: uuid.UUID) -> Job | None:
-    return session.get(Job, job_id, populate_existing=True)
+def get_job(*, session: Session, job_id: uuid.UUID, project: str | None = None) -> Job | None:
+    """The job; with `project`, only if it belongs to that project (the API's view:
+    another project's job does not exist for the caller)."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or (project is not None and job.project != project):
+        return None
+    return job
 
 
 def _encode_cursor(job: Job) -> str:
@@ -94,10 +104,17 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
 
 
 def list_jobs(
-    *, session: Session, status: JobStatus | None = None, limit: int = 20, cursor: str | None = None
+    *,
+    session: Session,
+    project: str,
+    status: JobStatus | None = None,
+    limit: int = 20,
+    cursor: str | None = None,
 ) -> tuple[list[Job], str | None]:
-    """Newest first, keyset-paginated on (created_at, id)."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    """The project's jobs, newest first, keyset-paginated on (created_at, id)."""
+    query = (
+        select(Job).where(Job.project == project).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    )
     if status is not None:
         query = query.where(Job.status == status)
     if cursor:
@@ -131,6 +148,8 @@ def transition(
     changes: dict[str, Any] = {"status": to, **(values or {})}
     if to in TERMINAL:
         changes.setdefault("finished_at", now)
+        # A run is open until someone says it was ended: callers that ended it pass False.
+        changes.setdefault("mlflow_run_to_end", Job.mlflow_run_id.is_not(None))
     for from_status in expected:
         guard = [Job.id == job_id, Job.status == from_status]
         if attempt is not None:
@@ -180,10 +199,13 @@ class CancelOutcome:
     status: JobStatus
 
 
-def request_cancel(*, session: Session, job_id: uuid.UUID) -> CancelOutcome | None:
-    """Cancel a queued job now, ask a running one to stop; None when the job does not exist."""
+def request_cancel(
+    *, session: Session, job_id: uuid.UUID, project: str | None = None
+) -> CancelOutcome | None:
+    """Cancel a queued job now, ask a running one to stop; None when the job does not
+    exist (in `project`, when given)."""
     for _ in range(3):  # the job may change state under us (claimed, finished); look again
-        job = get_job(session=session, job_id=job_id)
+        job = get_job(session=session, job_id=job_id, project=project)
         if job is None:
             return None
         status = JobStatus(job.status)
@@ -283,6 +305,24 @@ def reap_lost_jobs(*, session: Session, now: datetime | None = None) -> list[Rea
                       detail=f"worker lost: {where}", values=values):  # fmt: skip
             reaped.append(ReapedJob(job.id, to, job.mlflow_run_id))
     return reaped
+
+
+def runs_to_end(*, session: Session, limit: int = 100) -> list[tuple[uuid.UUID, str, JobStatus]]:
+    """(job id, run id, job status) of finished jobs whose MLflow run may still be RUNNING,
+    locked until the session ends (other reapers skip them)."""
+    rows = session.execute(
+        select(Job.id, Job.mlflow_run_id, Job.status)
+        .where(Job.mlflow_run_to_end.is_(True), Job.status.in_(list(TERMINAL)), Job.mlflow_run_id.is_not(None))
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    return [(job_id, run_id, JobStatus(status)) for job_id, run_id, status in rows]
+
+
+def mark_run_ended(*, session: Session, job_id: uuid.UUID) -> None:
+    session.execute(
+        update(Job).where(Job.id == job_id).values(mlflow_run_to_end=False).execution_options(synchronize_session=False)
+    )
 
 
 def count_queued(*, session: Session) -> int:

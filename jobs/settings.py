@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     mlflow_artifacts_destination: str = ""
     mlflow_ui_url: str = Field("", description="Base of the run links shown to people.")
     default_experiment: str = "descent"
+    # Operator access: when set, this value is an admin API key of the `default` project
+    # (how the first key reaches a fresh deployment). Never logged.
+    bootstrap_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("DESCENT_BOOTSTRAP_KEY", "bootstrap_key"), repr=False
+    )
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused with 413.")
 
     # What this server agrees to run; a submission over a limit is a 422 naming it.

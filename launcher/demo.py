@@ -9,7 +9,7 @@ import time
 import httpx
 
 from jobs.settings import settings
-from launcher.stack import start_stack
+from launcher.stack import local_api_key, start_stack
 
 DEMO_JOBS = [
     {"name": "demo-sgd", "optimizer": {"name": "sgd", "lr": 0.05}},
@@ -55,7 +55,10 @@ def main() -> int:
     print(f"Starting the embedded stack (logs in {log_dir}/)...", flush=True)
     group = start_stack(settings, log_dir)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30) as client:
+        key = local_api_key(settings)
+        print(f"  API key (admin, project 'default'): {key}")
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30, headers=headers) as client:
             ids = []
             for job in DEMO_JOBS:
                 response = client.post("/v1/jobs", json=COMMON | job)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sqlalchemy.orm import Session
+
+from jobs import access
+from jobs.db import get_engine
+from jobs.models import DEFAULT_PROJECT
 from jobs.settings import Settings
 from launcher.processes import (
     ProcessGroup,
@@ -20,7 +25,7 @@ from launcher.processes import (
 
 def stack_env(s: Settings) -> dict[str, str]:
     """The environment every child gets: the resolved settings, so that all agree."""
-    return os.environ | {
+    env = os.environ | {
         "DESCENT_HOME": str(s.descent_home.resolve()),
         "DATABASE_URL": s.database_url,
         "BROKER_URL": s.broker_url,
@@ -37,7 +42,13 @@ def stack_env(s: Settings) -> dict[str, str]:
         "CHECKPOINT_MIN_INTERVAL_S": str(s.checkpoint_min_interval_s),
         "PROGRESS_INTERVAL_S": str(s.progress_interval_s),
         "PYTHONUNBUFFERED": "1",
+        # MLflow's server-side job runner (GenAI evaluation, trace roll-ups) is not used
+        # by Descent and would start eight more processes beside the server.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
+    if s.bootstrap_key is not None:
+        env["DESCENT_BOOTSTRAP_KEY"] = s.bootstrap_key.get_secret_value()
+    return env
 
 
 def start_stack(s: Settings, log_dir: Path, workers: int = 1, concurrency: int = 1,
@@ -61,3 +72,20 @@ def start_stack(s: Settings, log_dir: Path, workers: int = 1, concurrency: int =
         group.stop_all()
         raise
     return group
+
+
+def local_api_key(s: Settings) -> str:
+    """The embedded stack's one key: an admin key of the default project, kept in
+    DESCENT_HOME/api-key (readable by its owner only) and reused while it is valid."""
+    path = s.descent_home.resolve() / "api-key"
+    with Session(get_engine(s.database_url)) as session, session.begin():
+        if path.exists():
+            key = path.read_text().strip()
+            if access.authenticate(session=session, presented=key):
+                return key
+        access.ensure_project(session=session, name=DEFAULT_PROJECT)
+        _, key = access.create_key(session=session, project=DEFAULT_PROJECT, admin=True, label="local (make up)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key

@@ -6,7 +6,7 @@ import signal
 import time
 
 from jobs.settings import settings
-from launcher.stack import start_stack
+from launcher.stack import local_api_key, start_stack
 
 
 def main() -> None:
@@ -14,7 +14,10 @@ def main() -> None:
     print("Starting Descent (MLflow server, API, worker)...", flush=True)
     group = start_stack(settings, log_dir)
     api = f"http://127.0.0.1:{settings.api_port}"
+    key = local_api_key(settings)
     print(f"\n  API        {api}   (docs: {api}/docs)")
+    print(f"  API key    {key}   (admin, project 'default'; also in {settings.descent_home.resolve() / 'api-key'})")
+    print(f"             curl -H 'Authorization: Bearer {key}' {api}/v1/jobs")
     print(f"  MLflow UI  {settings.mlflow_ui_url}")
     print(f"  logs       {log_dir}/\n\nCtrl-C stops everything.", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -64,8 +64,9 @@ def _conclude(
     if run_id is not None:
         try:
             end_run(client, run_id, status)
-        except Exception:  # noqa: BLE001 - the job's outcome is recorded all the same
-            log.exception("could not end MLflow run %s of job %s", run_id, job_id)
+            values["mlflow_run_to_end"] = False
+        except Exception:  # noqa: BLE001 - the job's outcome is recorded all the same; the reaper ends the run
+            log.exception("could not end MLflow run %s of job %s; the reaper will", run_id, job_id)
     values |= {"epoch": reporter.epoch, "step": reporter.step, "latest_metrics": dict(reporter.latest)}
     values |= {"lease_until": None}
     with session_scope() as session:
@@ -113,7 +114,7 @@ def _run_attempt(
             if earlier_run is not None:
                 reopen_run(client, earlier_run, attempt)
                 return earlier_run, latest_steps(client, earlier_run)
-            experiment_id, new_run = open_run(client, spec, job_id, attempt)
+            experiment_id, new_run = open_run(client, spec, job_id, attempt, job.project)
             with session_scope() as session:
                 set_mlflow_run(session=session, job_id=job_id, experiment_id=experiment_id, run_id=new_run)
             return new_run, {}

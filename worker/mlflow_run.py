@@ -17,6 +17,7 @@ from mlflow.entities import Param, RunStatus  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from jobs.models import DEFAULT_PROJECT  # noqa: E402
 from jobs.settings import settings  # noqa: E402
 from jobs.spec import JobSpec  # noqa: E402
 from trainer.reporting import TrainingResult  # noqa: E402
@@ -39,11 +40,14 @@ def experiment_id_for(client: MlflowClient, name: str) -> str:
         return experiment.experiment_id
 
 
-def open_run(client: MlflowClient, spec: JobSpec, job_id: uuid.UUID, attempt: int) -> tuple[str, str]:
+def open_run(
+    client: MlflowClient, spec: JobSpec, job_id: uuid.UUID, attempt: int, project: str = DEFAULT_PROJECT
+) -> tuple[str, str]:
     """Create the job's run with the spec as dotted params and searchable tags; (experiment_id, run_id)."""
     experiment_id = experiment_id_for(client, spec.experiment or settings.default_experiment)
     tags = {
         "descent.job_id": str(job_id),
+        "descent.project": project,
         "descent.attempt": str(attempt),
         "optimizer": spec.optimizer.name,
         "schedule": spec.schedule.name,

@@ -4,7 +4,9 @@ PostgreSQL, not the broker, decides what runs. Every `reaper_interval_s` this
 process (one or several: rows are taken with SKIP LOCKED):
 - requeues active jobs whose worker stopped renewing its lease (killed, OOM,
   machine gone): the next attempt resumes from the checkpoint; after
-  `max_attempts` the job fails with "worker lost" and its MLflow run is ended;
+  `max_attempts` the job fails with "worker lost";
+- ends the MLflow runs that finished jobs left RUNNING (the job failed above,
+  was cancelled while queued, or ended while MLflow was down);
 - enqueues again queued jobs nobody claimed for `unclaimed_requeue_s` (the
   broker lost the message, or was down when the job was submitted), as many as
   PostgreSQL has queued jobs beyond the messages the broker holds.
@@ -19,19 +21,25 @@ import logging
 import signal
 import threading
 
+from sqlalchemy.orm import Session
+
 from jobs.db import session_scope
 from jobs.queue import enqueue_job, queue_depth
-from jobs.repository import claim_unclaimed, count_queued, reap_lost_jobs
+from jobs.repository import claim_unclaimed, count_queued, mark_run_ended, reap_lost_jobs, runs_to_end
 from jobs.settings import settings
 from jobs.states import JobStatus
 from jobs.tracking import end_run, tracking_client
 
 log = logging.getLogger("worker.reaper")
 
+
 def recover_once() -> tuple[int, int]:
     """One pass; (jobs reaped, jobs enqueued again)."""
     with session_scope() as session:
         reaped = reap_lost_jobs(session=session)
+        # Runs end before the jobs' new states are committed: whoever sees a job failed
+        # sees its run FAILED (unless MLflow is down; then a later pass ends it).
+        end_open_runs(session)
     for job in reaped:
         log.warning("job %s: worker lost -> %s", job.job_id, job.status)
         if job.status == JobStatus.queued:
@@ -39,11 +47,6 @@ def recover_once() -> tuple[int, int]:
                 enqueue_job(job.job_id)
             except Exception as exc:  # noqa: BLE001 - still queued: the unclaimed sweep sends it later
                 log.warning("could not enqueue job %s: %s", job.job_id, exc)
-        elif job.mlflow_run_id:  # the run must not stay RUNNING
-            try:
-                end_run(tracking_client(), job.mlflow_run_id, job.status)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("could not end MLflow run %s: %s", job.mlflow_run_id, exc)
     # Messages lost = queued jobs in PostgreSQL - messages in the broker. Re-sending only
     # that many keeps a long, healthy backlog from filling the broker with duplicates.
     try:
@@ -63,6 +66,23 @@ def recover_once() -> tuple[int, int]:
             log.warning("could not enqueue unclaimed job %s: %s", job_id, exc)
             break
     return len(reaped), sent
+
+
+def end_open_runs(session: Session) -> int:
+    """End the MLflow runs of finished jobs that are still RUNNING: jobs this pass
+    failed, jobs cancelled while queued, jobs that ended while MLflow was down.
+    Rows stay locked while their run is ended, so that a second reaper does not
+    end it twice; a run MLflow cannot end now keeps its flag for the next pass."""
+    ended = 0
+    for job_id, run_id, status in runs_to_end(session=session):
+        try:
+            end_run(tracking_client(), run_id, status)
+        except Exception as exc:  # noqa: BLE001 - MLflow down: the next pass tries again
+            log.info("could not end MLflow run %s of job %s yet: %s", run_id, job_id, exc)
+            break  # the others would fail the same way
+        mark_run_ended(session=session, job_id=job_id)
+        ended += 1
+    return ended
 
 
 def main() -> None:

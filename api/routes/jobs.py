@@ -9,9 +9,9 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import SessionDep
+from api.deps import CallerDep, SessionDep
 from api.errors import problem, unprocessable
-from api.schemas import JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
+from api.schemas import AUTH_RESPONSES, JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
 from jobs import repository
 from jobs.limits import limit_breaches
 from jobs.models import Job
@@ -22,14 +22,15 @@ from jobs.states import JobStatus
 from jobs.tracking import read_metric_histories
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTH_RESPONSES)
 
-NOT_FOUND = {404: {"model": Problem, "description": "No job with this id."}}
+# Another project's job answers 404 like a job that does not exist: ids do not leak.
+NOT_FOUND = {404: {"model": Problem, "description": "No job with this id in the caller's project."}}
 
 
-def _job_or_404(session: SessionDep, job_id: str) -> Job:
+def _job_or_404(session: SessionDep, caller: CallerDep, job_id: str) -> Job:
     parsed = repository.parse_job_id(job_id)
-    job = repository.get_job(session=session, job_id=parsed) if parsed else None
+    job = repository.get_job(session=session, job_id=parsed, project=caller.project) if parsed else None
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
     return job
@@ -59,20 +60,25 @@ IdempotencyKey = Annotated[
     },
 )
 def submit_job(
-    spec: JobSpec, session: SessionDep, response: Response, idempotency_key: IdempotencyKey = None
+    spec: JobSpec, session: SessionDep, caller: CallerDep, response: Response, idempotency_key: IdempotencyKey = None
 ) -> JobPublic | JSONResponse:
     # The row is committed before the message is sent: a worker never sees an id
     # that is not in the database yet. PostgreSQL is the truth: if the broker is
     # down, the job stays queued and the reaper sends it once the broker is back.
     if breaches := limit_breaches(spec, settings):
         return unprocessable([problem("body", b.field, b.message, "limit_exceeded") for b in breaches])
+    def create() -> tuple[Job, bool]:
+        return repository.create_job(
+            session=session, spec=spec, idempotency_key=idempotency_key, project=caller.project
+        )
+
     try:
         try:
-            job, created = repository.create_job(session=session, spec=spec, idempotency_key=idempotency_key)
+            job, created = create()
             session.commit()
         except IntegrityError:  # a concurrent request with the same key won the race: answer as a retry
             session.rollback()
-            job, created = repository.create_job(session=session, spec=spec, idempotency_key=idempotency_key)
+            job, created = create()
     except repository.IdempotencyConflict as exc:
         session.rollback()
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
@@ -89,20 +95,23 @@ def submit_job(
 @router.get("", response_model=JobsPublic, responses={422: {"description": "Bad status, limit or cursor."}})
 def list_jobs(
     session: SessionDep,
+    caller: CallerDep,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JobsPublic | JSONResponse:
     try:
-        items, next_cursor = repository.list_jobs(session=session, status=status_filter, limit=limit, cursor=cursor)
+        items, next_cursor = repository.list_jobs(
+            session=session, project=caller.project, status=status_filter, limit=limit, cursor=cursor
+        )
     except repository.InvalidCursor as exc:
         return unprocessable([problem("query", "cursor", str(exc), "cursor")])
     return JobsPublic(items=[JobPublic.from_row(j) for j in items], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
-def get_job(job_id: str, session: SessionDep) -> JobPublic:
-    return JobPublic.from_row(_job_or_404(session, job_id))
+def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobPublic:
+    return JobPublic.from_row(_job_or_404(session, caller, job_id))
 
 
 @router.post(
@@ -111,9 +120,9 @@ def get_job(job_id: str, session: SessionDep) -> JobPublic:
     response_model=JobPublic,
     responses={**NOT_FOUND, 409: {"model": Problem, "description": "The job has already ended."}},
 )
-def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobPublic:
     parsed = repository.parse_job_id(job_id)
-    outcome = repository.request_cancel(session=session, job_id=parsed) if parsed else None
+    outcome = repository.request_cancel(session=session, job_id=parsed, project=caller.project) if parsed else None
     session.commit()
     if outcome is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
@@ -121,7 +130,7 @@ def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"job {job_id} has already ended ({outcome.status}); only active jobs can be cancelled"
         )
-    return JobPublic.from_row(_job_or_404(session, job_id))
+    return JobPublic.from_row(_job_or_404(session, caller, job_id))
 
 
 @router.get(
@@ -129,9 +138,9 @@ def cancel_job(job_id: str, session: SessionDep) -> JobPublic:
     response_model=dict[str, list[MetricPoint]],
     responses={**NOT_FOUND, 503: {"model": Problem, "description": "MLflow is unreachable."}},
 )
-def job_metrics(job_id: str, session: SessionDep) -> dict[str, list[MetricPoint]] | JSONResponse:
+def job_metrics(job_id: str, session: SessionDep, caller: CallerDep) -> dict[str, list[MetricPoint]] | JSONResponse:
     """Every metric's history, read back from the job's MLflow run ({} before the run exists)."""
-    job = _job_or_404(session, job_id)
+    job = _job_or_404(session, caller, job_id)
     if not job.mlflow_run_id:
         return {}
     try:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from api.schemas import Catalog, Readiness
+from api.deps import current_caller
+from api.schemas import AUTH_RESPONSES, Catalog, Readiness
 from jobs.catalog import build_catalog
 from jobs.db import ping_database
 from jobs.queue import ping_broker
@@ -20,7 +21,7 @@ def _catalog() -> Catalog:
     return build_catalog()
 
 
-@router.get("/v1/catalog", tags=["catalog"])
+@router.get("/v1/catalog", tags=["catalog"], dependencies=[Depends(current_caller)], responses=AUTH_RESPONSES)
 def catalog() -> Catalog:
     """Every dataset, model, optimizer, schedule and loss with its fields, defaults and bounds."""
     return _catalog()

@@ -30,6 +30,7 @@ PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("TEST_PG_USER", "postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TERMINAL = {"succeeded", "failed", "cancelled"}
+ADMIN_KEY = "it-admin-" + uuid.uuid4().hex  # the stack's DESCENT_BOOTSTRAP_KEY
 
 
 def free_port() -> int:
@@ -114,12 +115,14 @@ def stack(make_database, tmp_path_factory) -> Iterator[Stack]:
         reaper_interval_s=1.0,
         unclaimed_requeue_s=5.0,
         checkpoint_min_interval_s=0.0,
+        bootstrap_key=ADMIN_KEY,
     )
     # Two job slots, so a long job being cancelled does not hold up the others.
     group = start_stack(settings, Path(home) / "logs", workers=1, concurrency=2)
     producer = Celery("it-producer", broker=settings.broker_url)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30) as api:
+        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30,
+                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as api:  # fmt: skip
             yield Stack(settings, group, api, MlflowClient(settings.mlflow_tracking_uri), producer)
     finally:
         group.stop_all()

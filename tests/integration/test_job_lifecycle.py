@@ -70,6 +70,7 @@ def test_job_trains_to_success_and_metrics_reach_mlflow(stack: Stack) -> None:
     assert run.data.params["schedule.warmup_steps"] == "50"
     assert run.data.tags["optimizer"] == "adam" and run.data.tags["dataset"] == "digits"
     assert run.data.tags["descent.job_id"] == job["id"]
+    assert run.data.tags["descent.project"] == job["project"] == "default"
     artifacts = {a.path for a in stack.mlflow.list_artifacts(run.info.run_id)}
     assert {"spec.yaml", "confusion_matrix.json", "confusion_matrix.png"} <= artifacts
     assert job["mlflow"]["run_url"].endswith(f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")

@@ -27,7 +27,9 @@ def test_job_submitted_while_the_broker_is_down_runs_once_it_is_back(stack: Stac
     api = group.start("api-no-broker", api_command(settings))
     try:
         wait_http(f"http://127.0.0.1:{settings.api_port}/healthz", api)
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30, headers=stack.api.headers
+        ) as client:
             ready = client.get("/readyz")
             assert ready.status_code == 503
             assert ready.json()["database"] == "ok"
@@ -110,7 +112,9 @@ def test_database_down_is_a_503_with_retry_after_and_the_api_recovers_by_itself(
     api = group.start("api-via-proxy", api_command(settings))
     try:
         wait_http(f"http://127.0.0.1:{settings.api_port}/healthz", api)
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30, headers=stack.api.headers
+        ) as client:
             assert client.get("/v1/jobs").status_code == 200
 
             proxy.stop()

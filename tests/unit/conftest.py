@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +25,9 @@ UNIT_ENV = {
     "DATABASE_URL": f"sqlite:///{UNIT_HOME}/t.db",
     "BROKER_URL": f"sqla+sqlite:///{UNIT_HOME}/broker.db",
     "QUEUE_NAME": "unit-test",
+    "DESCENT_BOOTSTRAP_KEY": "unit-admin-key",  # an admin key of the default project
 }
+ADMIN_HEADERS = {"Authorization": "Bearer unit-admin-key"}
 os.environ.update(UNIT_ENV)
 
 import pytest  # noqa: E402
@@ -61,3 +64,14 @@ def migrated_db() -> str:
 
 def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001
     shutil.rmtree(UNIT_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def client(migrated_db: str) -> Iterator:
+    """The API in-process, called with the bootstrap admin key (a key of the default project)."""
+    from fastapi.testclient import TestClient
+
+    from api.main import app
+
+    with TestClient(app, raise_server_exceptions=False, headers=ADMIN_HEADERS) as test_client:
+        yield test_client

@@ -37,11 +37,6 @@ SMALL_JOB = {
 }
 
 
-@pytest.fixture(scope="module")
-def client(migrated_db: str) -> TestClient:
-    with TestClient(app, raise_server_exceptions=False) as test_client:
-        yield test_client
-
 
 @pytest.fixture()
 def no_jobs(migrated_db: str) -> None:
@@ -78,7 +73,7 @@ def test_submit_returns_the_job_with_every_default_filled(client: TestClient) ->
     body = response.json()
 
     assert set(body) == {
-        "id", "name", "status", "spec", "created_at", "started_at", "finished_at",
+        "id", "project", "name", "status", "spec", "created_at", "started_at", "finished_at",
         "attempts", "progress", "metrics", "mlflow", "error",
     }  # fmt: skip
     uuid.UUID(body["id"])
@@ -591,7 +586,7 @@ from fastapi.testclient import TestClient
 from api.main import app
 from jobs import repository
 from jobs.db import session_scope
-client = TestClient(app, raise_server_exceptions=False)
+client = TestClient(app, raise_server_exceptions=False, headers={"Authorization": "Bearer unit-admin-key"})
 """
 
 

@@ -10,6 +10,19 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from api.main import app
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+ADMIN_KEY = "unit-admin-key"  # DESCENT_BOOTSTRAP_KEY in conftest.py: every route is reachable
+
+
+@schema.auth()
+class AdminKey:
+    """Schemathesis sets the key on every case, except those that test a request
+    without it (which must be refused)."""
+
+    def get(self, case, context) -> str:  # noqa: ANN001
+        return ADMIN_KEY
+
+    def set(self, case, data: str, context) -> None:  # noqa: ANN001
+        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {data}"}
 
 
 @schema.parametrize()

@@ -228,6 +228,31 @@ def test_volumes_and_networks_used_are_declared(compose: dict, services: dict) -
     assert expected <= named_used, f"named volumes in use: {sorted(named_used)}, expected at least {sorted(expected)}"
 
 
+def test_only_the_api_and_the_mlflow_ui_are_published_beyond_the_host(services: dict) -> None:
+    published = {}
+    for name, svc in services.items():
+        for port in svc.get("ports") or []:
+            spec = port if isinstance(port, str) else f"{port.get('host_ip', '')}:{port.get('published')}"
+            if not spec.startswith("127.0.0.1:"):  # a loopback port is for the operator's own ssh tunnel
+                published.setdefault(name, []).append(spec)
+    assert set(published) == {"api", "mlflow"}, f"published beyond loopback: {published}"
+
+
+def test_the_mlflow_ui_asks_for_a_login_and_descent_logs_in(services: dict) -> None:
+    mlflow = services["mlflow"]
+    assert "--app-name=basic-auth" in command_of(mlflow), "MLflow must run its basic-auth app"
+    env = environment_of(mlflow)
+    config = REPO_ROOT / env["MLFLOW_AUTH_CONFIG_PATH"].removeprefix("/app/")
+    assert config.is_file(), f"{config} is missing"
+    assert "admin_password" not in config.read_text().replace("# ", "")  # the password comes from .env only
+    for variable in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", env[variable]), f"{variable} must be required from .env"
+    for name in ("api", "worker", "reaper", "migrate", "flower"):
+        client_env = environment_of(services[name])
+        assert client_env["MLFLOW_TRACKING_PASSWORD"] == env["MLFLOW_AUTH_ADMIN_PASSWORD"], name
+        assert client_env["MLFLOW_TRACKING_USERNAME"] == env["MLFLOW_AUTH_ADMIN_USERNAME"], name
+
+
 def test_no_secret_is_committed(services: dict) -> None:
     password = environment_of(services["postgres"])["POSTGRES_PASSWORD"]
     assert re.fullmatch(r"\$\{POSTGRES_PASSWORD:\?[^}]+\}", password), (

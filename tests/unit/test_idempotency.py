@@ -12,11 +12,6 @@ from api.main import app
 SPEC = {"name": "retry-me", "dataset": {"name": "iris"}, "epochs": 2}
 
 
-@pytest.fixture(scope="module")
-def client(migrated_db: str) -> TestClient:
-    with TestClient(app, raise_server_exceptions=False) as test_client:
-        yield test_client
-
 
 def post(client: TestClient, spec: dict, key: str | None) -> object:
     headers = {"Idempotency-Key": key} if key is not None else {}

@@ -12,11 +12,6 @@ from trainer.data import DATASET_LOADERS
 from trainer.models import build_mlp
 
 
-@pytest.fixture(scope="module")
-def client(migrated_db: str) -> TestClient:
-    with TestClient(app, raise_server_exceptions=False) as test_client:
-        yield test_client
-
 
 @pytest.mark.parametrize("hidden", [[], [7], [128, 64], [3, 5, 9]])
 def test_the_parameter_count_is_the_one_torch_builds(hidden: list[int]) -> None:

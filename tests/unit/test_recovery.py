@@ -8,6 +8,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from mlflow.tracking import MlflowClient
 from sqlalchemy import delete, update
 
 from jobs import repository
@@ -122,3 +123,90 @@ def test_only_as_many_unclaimed_jobs_as_were_lost_are_sent_again() -> None:
         assert repository.claim_unclaimed(session=session, older_than_s=60, limit=5) == ids[2:]
         assert repository.claim_unclaimed(session=session, older_than_s=60, limit=5) == []
         assert repository.claim_unclaimed(session=session, older_than_s=60, limit=0) == []
+
+
+# --------------------------------------------------------------------------- MLflow runs end with their jobs
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> MlflowClient:
+    """A real MLflow tracking store (SQLite-backed), no server needed."""
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
+
+
+def job_with_run(client: MlflowClient, **spec) -> tuple[uuid.UUID, str]:  # noqa: ANN003
+    job_id = new_job(**spec)
+    claim(job_id)
+    experiment = client.get_experiment_by_name("unit") or client.get_experiment(client.create_experiment("unit"))
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    with session_scope() as session:
+        repository.set_mlflow_run(session=session, job_id=job_id, experiment_id=experiment.experiment_id,
+                                  run_id=run_id)  # fmt: skip
+    return job_id, run_id
+
+
+def test_the_reaper_ends_the_run_of_a_job_it_fails_before_the_job_reads_failed(
+    mlflow_store: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import reaper
+
+    job_id, run_id = job_with_run(mlflow_store, max_attempts=1)
+    expire_lease(job_id)
+    seen_when_run_ended = []
+    real_end_run = reaper.end_run
+
+    def end_run(client: MlflowClient, run: str, status: JobStatus) -> None:
+        with session_scope() as other:  # another reader, while the reaper's transaction is open
+            seen_when_run_ended.append(repository.get_job(session=other, job_id=job_id).status)
+        real_end_run(client, run, status)
+
+    monkeypatch.setattr(reaper, "tracking_client", lambda: mlflow_store)
+    monkeypatch.setattr(reaper, "end_run", end_run)
+    reaper.recover_once()
+    assert row(job_id).status == "failed" and not row(job_id).mlflow_run_to_end
+    assert mlflow_store.get_run(run_id).info.status == "FAILED"
+    assert seen_when_run_ended == ["running"]  # nobody saw the job failed with its run still RUNNING
+
+
+def test_a_run_mlflow_could_not_end_is_ended_by_a_later_pass(
+    mlflow_store: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import reaper
+
+    job_id, run_id = job_with_run(mlflow_store)
+    with session_scope() as session:  # the worker ends the job while MLflow is down: it says so
+        repository.transition(session=session, job_id=job_id, expected=[JobStatus.running], to=JobStatus.succeeded)
+    assert row(job_id).mlflow_run_to_end
+
+    def mlflow_down() -> MlflowClient:
+        raise ConnectionError("MLflow is down")
+
+    monkeypatch.setattr(reaper, "tracking_client", mlflow_down)
+    reaper.recover_once()
+    assert row(job_id).mlflow_run_to_end and mlflow_store.get_run(run_id).info.status == "RUNNING"
+    monkeypatch.setattr(reaper, "tracking_client", lambda: mlflow_store)
+    reaper.recover_once()
+    assert not row(job_id).mlflow_run_to_end and mlflow_store.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_job_cancelled_while_queued_has_its_earlier_attempts_run_killed(
+    mlflow_store: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import reaper
+
+    job_id, run_id = job_with_run(mlflow_store)
+    expire_lease(job_id)
+    monkeypatch.setattr(reaper, "tracking_client", lambda: mlflow_store)
+    reaper.recover_once()  # requeued for a second attempt: the run stays open for it
+    assert row(job_id).status == "queued" and mlflow_store.get_run(run_id).info.status == "RUNNING"
+    with session_scope() as session:
+        repository.request_cancel(session=session, job_id=job_id)
+    reaper.recover_once()
+    assert row(job_id).status == "cancelled" and mlflow_store.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_job_without_a_run_has_nothing_to_end() -> None:
+    job_id = new_job()
+    with session_scope() as session:
+        repository.request_cancel(session=session, job_id=job_id)
+    assert not row(job_id).mlflow_run_to_end

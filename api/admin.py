@@ -1,0 +1,88 @@
+"""Key administration from a shell on the server, for when there is no admin key yet
+(or it was lost): `python -m api.admin create-key --project default --admin`.
+
+Talks to the database the settings point at (DATABASE_URL), like the API does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+
+from jobs import access
+from jobs.db import session_scope
+
+
+def create_project(args: argparse.Namespace) -> int:
+    with session_scope() as session:
+        access.create_project(session=session, name=args.name)
+    print(f"project {args.name} created")
+    return 0
+
+
+def create_key(args: argparse.Namespace) -> int:
+    with session_scope() as session:
+        if args.create_project:
+            access.ensure_project(session=session, name=args.project)
+        row, key = access.create_key(session=session, project=args.project, admin=args.admin, label=args.label)
+        key_id = row.id
+    kind = "admin key" if args.admin else "key"
+    print(f"{kind} {key_id} of project {args.project} (shown once; only its hash is kept):", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def list_keys(args: argparse.Namespace) -> int:
+    with session_scope() as session:
+        rows = access.list_keys(session=session, project=args.project)
+        print(f"{'id':<36}  {'project':<16} {'prefix':<12} {'admin':<5}  {'created':<20} {'revoked':<20} label")
+        for row in rows:
+            revoked = f"{row.revoked_at:%Y-%m-%d %H:%M:%S}" if row.revoked_at else "-"
+            print(f"{row.id!s:<36}  {row.project:<16} {row.prefix:<12} {'yes' if row.admin else 'no':<5}  "
+                  f"{row.created_at:%Y-%m-%d %H:%M:%S}  {revoked:<20} {row.label or ''}")  # fmt: skip
+    return 0
+
+
+def revoke_key(args: argparse.Namespace) -> int:
+    with session_scope() as session:
+        row = access.revoke_key(session=session, key_id=args.key_id)
+    if row is None:
+        print(f"no key {args.key_id}", file=sys.stderr)
+        return 1
+    print(f"key {row.id} of project {row.project} revoked")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m api.admin", description="Descent projects and API keys.")
+    commands = p.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("create-project", help="create a project")
+    c.add_argument("name")
+    c.set_defaults(run=create_project)
+    c = commands.add_parser("create-key", help="create a key; prints it once, on stdout")
+    c.add_argument("--project", default="default")
+    c.add_argument("--admin", action="store_true", help="the key can create projects and keys and revoke keys")
+    c.add_argument("--label", default=None, help="what the key is for")
+    c.add_argument("--create-project", action="store_true", help="create the project if it does not exist")
+    c.set_defaults(run=create_key)
+    c = commands.add_parser("list-keys", help="list keys (never the keys themselves)")
+    c.add_argument("--project", default=None)
+    c.set_defaults(run=list_keys)
+    c = commands.add_parser("revoke-key", help="revoke a key by its id")
+    c.add_argument("key_id", type=uuid.UUID)
+    c.set_defaults(run=revoke_key)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, LookupError) as exc:  # a bad project name, an unknown project, an existing one
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Projects and API keys: who may call the API, and whose objects they see.
+
+A key is `dsk_` + 32 random bytes (URL-safe base64). Only its SHA-256 is stored:
+a key that random needs no slow hash, and a fast one lets every request find its
+key by an index lookup. The presented key's digest is compared in constant time.
+DESCENT_BOOTSTRAP_KEY, when set, is an admin key of the default project that
+lives only in the environment: the way the first key reaches a fresh deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from jobs.models import DEFAULT_PROJECT, ApiKey, Project, utcnow
+from jobs.settings import settings
+
+KEY_PREFIX = "dsk_"
+PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+PROJECT_NAME_RULE = "1-64 characters: lower-case letters, digits, '-' and '_', starting with a letter or digit"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who made a request: the project whose objects they may see, and whether they administer keys."""
+
+    project: str
+    admin: bool
+    key_id: uuid.UUID | None  # None for the bootstrap key
+
+
+class ProjectExists(ValueError):
+    pass
+
+
+class UnknownProject(LookupError):
+    pass
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def authenticate(*, session: Session, presented: str) -> Caller | None:
+    """The caller a presented key stands for; None for an unknown or revoked key."""
+    digest = key_digest(presented)
+    bootstrap = settings.bootstrap_key.get_secret_value() if settings.bootstrap_key else ""
+    if bootstrap and hmac.compare_digest(digest, key_digest(bootstrap)):
+        return Caller(project=DEFAULT_PROJECT, admin=True, key_id=None)
+    row = session.scalar(select(ApiKey).where(ApiKey.key_sha256 == digest))
+    # The index found the row by its digest; compare again in constant time, so that
+    # no timing difference depends on how much of a guessed key was right.
+    if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_sha256, digest):
+        return None
+    return Caller(project=row.project, admin=row.admin, key_id=row.id)
+
+
+def create_project(*, session: Session, name: str) -> Project:
+    if not PROJECT_NAME.fullmatch(name):
+        raise ValueError(f"project name {name!r}: {PROJECT_NAME_RULE}")
+    if session.get(Project, name) is not None:
+        raise ProjectExists(f"project {name!r} already exists")
+    project = Project(name=name, created_at=utcnow())
+    session.add(project)
+    session.flush()
+    return project
+
+
+def project_exists(*, session: Session, name: str) -> bool:
+    return session.get(Project, name) is not None
+
+
+def ensure_project(*, session: Session, name: str) -> Project:
+    return session.get(Project, name) or create_project(session=session, name=name)
+
+
+def create_key(*, session: Session, project: str, admin: bool = False, label: str | None = None) -> tuple[ApiKey, str]:
+    """(row, the key itself): the caller shows the key once; only its digest is kept."""
+    if session.get(Project, project) is None:
+        raise UnknownProject(f"project {project!r} does not exist")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(
+        project=project, key_sha256=key_digest(key), prefix=key[:12], label=label, admin=admin, created_at=utcnow()
+    )
+    session.add(row)
+    session.flush()
+    return row, key
+
+
+def revoke_key(*, session: Session, key_id: uuid.UUID) -> ApiKey | None:
+    """Revoke a key (at once: the next request with it is refused); None if there is no such key."""
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        return None
+    if row.revoked_at is None:
+        session.execute(update(ApiKey).where(ApiKey.id == key_id).values(revoked_at=utcnow()))
+        session.refresh(row)
+    return row
+
+
+def list_keys(*, session: Session, project: str | None = None) -> list[ApiKey]:
+    query = select(ApiKey).order_by(ApiKey.created_at)
+    if project is not None:
+        query = query.where(ApiKey.project == project)
+    return list(session.scalars(query))
