@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
+from jobs.events import stage as stage_event
 from jobs.models import DEFAULT_PROJECT, Job, JobCheckpoint, JobEvent, utcnow
 from jobs.settings import settings
 from jobs.spec import JobSpec
@@ -77,6 +78,7 @@ def create_job(
     session.add(job)
     session.flush()  # a concurrent twin with the same key fails here, on the unique index
     session.add(JobEvent(job_id=job.id, from_status=None, to_status=JobStatus.queued, at=job.created_at))
+    stage_event(session, job.id, "state", {"status": JobStatus.queued, "from": None, "detail": None, "at": job.created_at})
     return job, True
 
 
@@ -163,6 +165,8 @@ def transition(
         if result.rowcount == 1:
             session.add(JobEvent(job_id=job_id, from_status=from_status, to_status=to, at=now, detail=detail))
             session.flush()
+            stage_event(session, job_id, "state", {"status": to, "from": from_status, "detail": detail, "at": now},
+                        final=to in TERMINAL)  # fmt: skip
             return from_status
     return None
 
@@ -243,8 +247,23 @@ def record_progress(
     written = session.execute(update(Job).where(*guard).values(**values).execution_options(synchronize_session=False))
     if attempt is not None and written.rowcount == 0:
         return None
-    status = session.scalar(select(Job.status).where(Job.id == job_id))
-    return JobStatus(status) if status else None
+    row = session.execute(select(Job.status, Job.total_steps, Job.started_at).where(Job.id == job_id)).first()
+    if row is None:
+        return None
+    status, total_steps, started_at = row
+    if attempt is not None:  # the running attempt's heartbeat: what a live view shows
+        stage_event(session, job_id, "progress", progress_of(epoch, step, total_steps, started_at) | {"metrics": metrics})
+    return JobStatus(status)
+
+
+def progress_of(epoch: int, step: int, total_steps: int, started_at: datetime | None) -> dict[str, Any]:
+    """Where a job is, and when it should end at its pace so far (from its first start)."""
+    fraction = round(min(1.0, step / total_steps), 4) if total_steps else 0.0
+    eta_s = None
+    if started_at is not None and 0 < step < total_steps:
+        elapsed = (utcnow() - started_at).total_seconds()
+        eta_s = round(elapsed * (total_steps - step) / step, 1)
+    return {"epoch": epoch, "step": step, "total_steps": total_steps, "fraction": fraction, "eta_s": eta_s}
 
 
 # --------------------------------------------------------------------------- checkpoints

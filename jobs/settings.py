@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     mlflow_artifacts_destination: str = ""
     mlflow_ui_url: str = Field("", description="Base of the run links shown to people.")
     default_experiment: str = "descent"
+    events_url: str = Field(
+        "", description="Redis for live job events (SSE); default: the broker when it is Redis, else none."
+    )
     # Operator access: when set, this value is an admin API key of the `default` project
     # (how the first key reaches a fresh deployment). Never logged.
     bootstrap_key: SecretStr | None = Field(
@@ -66,6 +69,8 @@ class Settings(BaseSettings):
         self.mlflow_tracking_uri = self.mlflow_tracking_uri or f"http://127.0.0.1:{self.mlflow_port}"
         self.mlflow_backend_store_uri = self.mlflow_backend_store_uri or f"sqlite:///{home}/mlflow.db"
         self.mlflow_artifacts_destination = self.mlflow_artifacts_destination or str(home / "mlartifacts")
+        if not self.events_url and self.broker_url.startswith(("redis://", "rediss://")):
+            self.events_url = self.broker_url
         if not self.mlflow_ui_url and self.mlflow_tracking_uri.startswith(("http://", "https://")):
             self.mlflow_ui_url = self.mlflow_tracking_uri
         return self
