@@ -22,6 +22,7 @@ COPY worker/ worker/
 COPY trainer/ trainer/
 COPY jobs/ jobs/
 COPY launcher/ launcher/
+COPY descent/ descent/
 COPY migrations/ migrations/
 COPY alembic.ini ./
 COPY deploy/mlflow-auth.ini deploy/

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.deps import CallerDep, SessionDep
 from api.errors import problem, unprocessable
+from api.routes.operator import SUBMISSION_SECONDS
 from api.schemas import AUTH_RESPONSES, JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
 from jobs import repository
 from jobs.limits import limit_breaches
@@ -61,6 +62,13 @@ IdempotencyKey = Annotated[
 )
 def submit_job(
     spec: JobSpec, session: SessionDep, caller: CallerDep, response: Response, idempotency_key: IdempotencyKey = None
+) -> JobPublic | JSONResponse:
+    with SUBMISSION_SECONDS.time():
+        return _submit(spec, session, caller, response, idempotency_key)
+
+
+def _submit(
+    spec: JobSpec, session: SessionDep, caller: CallerDep, response: Response, idempotency_key: str | None
 ) -> JobPublic | JSONResponse:
     # The row is committed before the message is sent: a worker never sees an id
     # that is not in the database yet. PostgreSQL is the truth: if the broker is

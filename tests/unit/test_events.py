@@ -82,3 +82,4 @@ def test_unknown_jobs_are_404_and_foreign_resume_ids_start_over(client: TestClie
     assert restarted.status_code == 200 and parse(restarted.text)[0][0] == "snapshot"
     too_long = client.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "1" * 101})
     assert too_long.status_code == 422 and too_long.json()["detail"][0]["field"] == "Last-Event-ID"
+
