@@ -37,6 +37,10 @@ def make_celery(name: str = "descent") -> Celery:
         ),
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
         broker_connection_timeout=3,
+        # A pool child that started a job while the parent was busy reconnecting to the
+        # broker must not be killed for being slow to say it is up (default 4 s): that
+        # cost the job an attempt in the fault suite.
+        worker_proc_alive_timeout=60,
         worker_hijack_root_logger=False,
     )
     return app

@@ -237,20 +237,25 @@ def record_progress(
     lease_s: float | None = None,
 ) -> JobStatus | None:
     """Write a running job's progress (and renew its lease); returns its status: the
-    worker stops on `cancelling`, and on None, which with `attempt` means the job is
-    no longer this attempt's (its lease ran out and the reaper gave it to another)."""
+    worker stops on `cancelling` and on a final status, and on None, which with
+    `attempt` means the job is no longer this attempt's (its lease ran out and the
+    reaper gave it to another)."""
     guard = [Job.id == job_id, Job.status.in_(list(ACTIVE))]
     values: dict[str, Any] = {"epoch": epoch, "step": step, "latest_metrics": metrics}
     if attempt is not None:
         guard.append(Job.attempts == attempt)
         values["lease_until"] = _lease_until(lease_s)
     written = session.execute(update(Job).where(*guard).values(**values).execution_options(synchronize_session=False))
-    if attempt is not None and written.rowcount == 0:
-        return None
-    row = session.execute(select(Job.status, Job.total_steps, Job.started_at).where(Job.id == job_id)).first()
+    row = session.execute(
+        select(Job.status, Job.total_steps, Job.started_at, Job.attempts).where(Job.id == job_id)
+    ).first()
     if row is None:
         return None
-    status, total_steps, started_at = row
+    status, total_steps, started_at, attempts = row
+    if attempt is not None and written.rowcount == 0:
+        # Not written: another attempt owns the job (None), or this attempt already ended
+        # it (its final status, so that the worker stops without crying "lease lost").
+        return JobStatus(status) if attempts == attempt and status in TERMINAL else None
     if attempt is not None:  # the running attempt's heartbeat: what a live view shows
         stage_event(session, job_id, "progress", progress_of(epoch, step, total_steps, started_at) | {"metrics": metrics})
     return JobStatus(status)

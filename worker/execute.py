@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from datetime import timedelta
 from enum import StrEnum
 
+import requests
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from jobs.db import session_scope
@@ -77,6 +80,37 @@ def _conclude(
         log.warning("job %s (attempt %d) was no longer this worker's when it ended %s", job_id, attempt, outcome)
 
 
+def mlflow_unreachable(exc: BaseException) -> bool:
+    """A failure of the connection to MLflow (down, restarting, overloaded), as opposed
+    to a request MLflow refused or a bug: only the first is worth waiting out."""
+    if isinstance(exc, requests.exceptions.RequestException):
+        return True
+    text = str(exc)
+    transport = ("failed with exception", "Max retries exceeded", "Connection refused", "status code 50")
+    return isinstance(exc, MlflowException) and any(marker in text for marker in transport)
+
+
+def _log_results_while_mlflow_returns(
+    client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, job_id: uuid.UUID, until: float
+) -> None:
+    """The end-of-job artifacts. MLflow going down now delays the job, it does not fail
+    it: the training is done and its metrics are in. Past `until` the job succeeds
+    without them (the reaper ends the run once MLflow is back)."""
+    while True:
+        try:
+            log_results(client, run_id, spec, result)
+            return
+        except Exception as exc:
+            if not mlflow_unreachable(exc):
+                raise
+            if time.monotonic() > until:
+                log.error("job %s: MLflow unreachable, the spec, confusion matrix and model were not logged: %s",
+                          job_id, exc)  # fmt: skip
+                return
+            log.warning("job %s: MLflow unreachable while logging results, trying again: %s", job_id, exc)
+            time.sleep(2.0)
+
+
 def execute_job(raw_job_id: str) -> Outcome:
     job_id = parse_job_id(raw_job_id)
     if job_id is None:
@@ -137,6 +171,7 @@ def _run_attempt(
         if result.stopped_early and reporter.stop_reason == StopReason.timeout:
             raise TimeoutError(f"timed out after {spec.timeout_s:g} s (timeout_s), at step {result.steps}")
         # Every metric is in MLflow before the job says it is done (MLflow down: waits a while).
+        wait_until = time.monotonic() + settings.mlflow_wait_at_end_s
         sink.close(timeout_s=settings.mlflow_wait_at_end_s)
         if result.stopped_early:
             outcome = Outcome.cancelled
@@ -144,7 +179,7 @@ def _run_attempt(
             log.error("job %s trained, but MLflow stayed unreachable: no run, metrics or model recorded", job_id)
             outcome = Outcome.succeeded
         else:
-            log_results(client, sink.run_id, spec, result)
+            _log_results_while_mlflow_returns(client, sink.run_id, spec, result, job_id, wait_until)
             outcome = Outcome.succeeded
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
         log.exception("job %s failed", job_id)

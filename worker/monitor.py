@@ -20,7 +20,7 @@ from typing import Any
 
 from jobs.db import session_scope
 from jobs.repository import record_progress, save_checkpoint
-from jobs.states import JobStatus
+from jobs.states import TERMINAL, JobStatus
 from trainer.checkpoint import checkpoint_to_bytes
 from worker.metrics_sink import MlflowMetricSink
 
@@ -152,6 +152,8 @@ class JobMonitor:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             status = self.write_progress()
+            if status in TERMINAL:
+                return  # this attempt ended the job itself; the thread is being stopped
             if status is None:
                 log.error("job %s: this worker lost its lease; stopping without reporting", self.job_id)
                 if self.reporter.sink is not None:

@@ -4,6 +4,7 @@ are sent again."""
 
 from __future__ import annotations
 
+import socket
 import uuid
 from datetime import timedelta
 
@@ -210,3 +211,36 @@ def test_a_job_without_a_run_has_nothing_to_end() -> None:
     with session_scope() as session:
         repository.request_cancel(session=session, job_id=job_id)
     assert not row(job_id).mlflow_run_to_end
+
+
+def test_a_worker_that_ended_its_own_job_is_told_so_not_that_it_lost_it() -> None:
+    job_id = new_job()
+    attempt = claim(job_id)
+    with session_scope() as session:
+        repository.transition(session=session, job_id=job_id, expected=[JobStatus.running], to=JobStatus.succeeded,
+                              attempt=attempt)  # fmt: skip
+    with session_scope() as session:  # the monitor's last heartbeat, racing the end
+        assert repository.record_progress(session=session, job_id=job_id, epoch=1, step=5, metrics={},
+                                          attempt=attempt) == JobStatus.succeeded  # fmt: skip
+        assert repository.record_progress(session=session, job_id=job_id, epoch=1, step=5, metrics={},
+                                          attempt=attempt + 1) is None  # fmt: skip
+
+
+def test_only_a_connection_failure_counts_as_mlflow_unreachable(
+    mlflow_store: MlflowClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused is refused: no need to ask 3 times
+    from worker.execute import mlflow_unreachable
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+    with pytest.raises(Exception) as refused:
+        down.get_experiment("0")
+    assert mlflow_unreachable(refused.value)
+    with pytest.raises(MlflowException) as missing:
+        mlflow_store.get_run("0" * 32)  # MLflow answered: no such run; waiting would not help
+    assert not mlflow_unreachable(missing.value)
