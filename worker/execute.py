@@ -155,8 +155,9 @@ def _run_attempt(
 
         # MLflow down now: the job trains anyway; the sink opens the run when MLflow is back.
         sink = reporter.sink = MlflowMetricSink(
-            client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit
-        )
+            client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
+            may_send=monitor.lease_is_fresh,
+        )  # fmt: skip
         trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps)
         trainer.setup()
         if checkpoint is not None:

@@ -89,8 +89,14 @@ class MlflowMetricSink:
         connect: RunConnector,
         flush_interval_s: float,
         buffer_limit: int,
+        may_send: Callable[[], bool] | None = None,
     ) -> None:
         self.client = client
+        # False while this attempt cannot be sure it still owns the job (its lease was
+        # not renewed lately: the process was frozen, or PostgreSQL is unreachable).
+        # Points wait then: sent after a lost lease, they would duplicate the steps
+        # that the attempt now owning the job reports.
+        self._may_send = may_send
         self._connect = connect
         self.run_id: str | None = None
         self.skip_through: dict[str, int] = {}
@@ -148,6 +154,8 @@ class MlflowMetricSink:
     def flush_once(self) -> bool:
         """Send what is buffered; False when MLflow refused (the points stay buffered)."""
         while not self._revoked.is_set():  # checked before every request
+            if self._may_send is not None and not self._may_send():
+                return False
             if not self.connected():
                 return False
             if not self._pending:

@@ -110,6 +110,7 @@ class JobMonitor:
         self.deadline = deadline
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"job-monitor-{str(job_id)[:8]}", daemon=True)
+        self.last_renewed = time.monotonic()  # the claim has just taken the lease
 
     def __enter__(self) -> JobMonitor:
         self._thread.start()
@@ -125,13 +126,24 @@ class JobMonitor:
         r = self.reporter
         try:
             with session_scope() as session:
-                return record_progress(
+                status = record_progress(
                     session=session, job_id=self.job_id, epoch=r.epoch, step=r.step, metrics=dict(r.latest),
                     attempt=self.attempt, lease_s=self.lease_s,
                 )  # fmt: skip
+            if status is not None:  # written: the lease is renewed (or the job already ended)
+                self.last_renewed = time.monotonic()
+            return status
         except Exception as exc:  # noqa: BLE001 - a missed progress write must not end the job
             log.warning("could not write progress of job %s: %s", self.job_id, exc)
             return False
+
+    def lease_is_fresh(self) -> bool:
+        """Renewed within half a lease: no reaper can have given the job to another
+        attempt yet. False after the process was frozen (SIGSTOP, a stalled VM) until
+        the next renewal says whether the job is still this attempt's."""
+        if self.attempt is None or self.lease_s is None:
+            return True
+        return time.monotonic() - self.last_renewed < self.lease_s / 2
 
     def store_ready_checkpoint(self) -> None:
         pending, sink = self.reporter.pending_checkpoint, self.reporter.sink

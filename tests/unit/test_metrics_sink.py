@@ -1,0 +1,45 @@
+"""The worker's metric sink against a real (SQLite-backed) MLflow store: a worker that
+cannot be sure it still owns its job (its lease not renewed lately, e.g. the process
+was frozen) holds its points instead of sending steps another attempt now reports."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from worker.metrics_sink import MlflowMetricSink
+from worker.monitor import JobMonitor, JobReporter
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
+
+
+def test_points_wait_while_the_lease_is_not_known_to_be_ours(store: MlflowClient) -> None:
+    run_id = store.create_run(store.create_experiment(f"sink-{uuid.uuid4().hex[:6]}")).info.run_id
+    lease_ours = True
+    sink = MlflowMetricSink(store, lambda: (run_id, {}), flush_interval_s=3600, buffer_limit=10_000,
+                            may_send=lambda: lease_ours)  # fmt: skip
+    try:
+        for step in range(5):
+            sink.add(step, {"train_loss": 1.0 / (step + 1)})
+        lease_ours = False  # frozen past half a lease: the reaper may have moved the job
+        assert sink.flush_once() is False
+        assert store.get_metric_history(run_id, "train_loss") == []
+        lease_ours = True  # renewed: still ours
+        assert sink.flush_once() is True
+        assert [m.step for m in store.get_metric_history(run_id, "train_loss")] == list(range(5))
+    finally:
+        sink.discard()
+
+
+def test_the_monitor_says_a_lease_is_fresh_only_within_half_of_it() -> None:
+    monitor = JobMonitor(uuid.uuid4(), JobReporter(None), interval_s=0.5, attempt=1, lease_s=4.0)
+    assert monitor.lease_is_fresh()
+    monitor.last_renewed = time.monotonic() - 2.5  # the process slept through 2.5 s of a 4 s lease
+    assert not monitor.lease_is_fresh()
+    assert JobMonitor(uuid.uuid4(), JobReporter(None), interval_s=0.5).lease_is_fresh()  # no lease: in-process runs
