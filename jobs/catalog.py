@@ -23,12 +23,22 @@ def _fields(model: type[SpecModel], skip: set[str]) -> dict[str, Any]:
     return fields
 
 
+def _shapes(cls: type[SpecModel], name: str, tag: str) -> dict[str, Any]:
+    """Which data a model takes, and which shapes a dataset (with its defaults) can be read as."""
+    if hasattr(cls, "TAKES"):
+        return {"takes": [str(kind) for kind in cls.TAKES]}
+    if hasattr(cls, "views"):
+        return {"shapes": [str(view) for view in cls(**{tag: name}).views]}
+    return {}
+
+
 def build_catalog() -> dict[str, Any]:
     catalog: dict[str, Any] = {}
     plural = {"dataset": "datasets", "model": "models", "optimizer": "optimizers", "schedule": "schedules"}
     for field, (tag, registry) in TAGGED_FIELDS.items():
         catalog[plural[field]] = [
             {"name": name, "description": (cls.__doc__ or "").strip(), "fields": _fields(cls, {tag})}
+            | _shapes(cls, name, tag)
             for name, cls in registry.items()
         ]
     catalog["losses"] = [{"name": str(name), "description": text} for name, text in LOSS_DESCRIPTIONS.items()]

@@ -19,6 +19,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from jobs.shapes import DataShape, ImageShape, SequenceShape, ShapeKind, TabularShape, either
+
 
 class SpecModel(BaseModel):
     # Unknown keys are an error, never silently dropped; inf/NaN are never a valid setting;
@@ -58,12 +60,22 @@ class BundledDataset(SpecModel):
     def n_features(self) -> int:
         return self.FEATURES
 
+    @property
+    def views(self) -> tuple[DataShape, ...]:
+        return (TabularShape(self.FEATURES),)
+
 
 class DigitsDataset(BundledDataset):
-    """8x8 images of handwritten digits, 64 features, 10 classes, 1797 samples (scikit-learn)."""
+    """8x8 images of handwritten digits, 64 features, 10 classes, 1797 samples (scikit-learn).
+    Read as 64 features (mlp), a 1x8x8 image (cnn) or a sequence of 8 rows of 8 pixels."""
 
     SIZE, FEATURES, CLASSES = 1797, 64, 10
     name: Literal["digits"]
+
+    @property
+    def views(self) -> tuple[DataShape, ...]:
+        # Tabular first: the mlp keeps reading the flat 64 pixels, standardised per pixel.
+        return (TabularShape(64), ImageShape(1, 8, 8), SequenceShape(8, features=8))
 
 
 class IrisDataset(BundledDataset):
@@ -97,6 +109,10 @@ class SyntheticDataset(SpecModel):
     @property
     def n_features(self) -> int:
         return 2  # moons and spirals are planar; blobs says how many
+
+    @property
+    def views(self) -> tuple[DataShape, ...]:
+        return (TabularShape(self.n_features),)
 
 
 class MoonsDataset(SyntheticDataset):
@@ -138,6 +154,59 @@ class SpiralsDataset(SyntheticDataset):
         return self.arms
 
 
+class TokenSequenceDataset(SpecModel):
+    """A generated sequence of token ids; the job's seed makes it reproducible."""
+
+    n_samples: int = Field(2000, ge=20, le=1_000_000, description="Number of sequences generated.")
+    length: int = Field(30, ge=2, le=10_000, description="Steps per sequence (T).")
+    val_fraction: ValFraction = 0.2
+
+    @property
+    def vocab(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def n_features(self) -> int:
+        return self.length  # one token id per step, before any model reads it one-hot
+
+    @property
+    def views(self) -> tuple[DataShape, ...]:
+        return (SequenceShape(self.length, vocab=self.vocab),)
+
+
+class SequenceMemoryDataset(TokenSequenceDataset):
+    """Remember the first token: a class token (0..classes-1) first, then length-1 random
+    distractor tokens (ids from classes on). A test of memory: the class must survive every
+    later step, which gated cells (lstm, gru) are built for and a plain rnn has to learn."""
+
+    name: Literal["sequence_memory"]
+    classes: int = Field(4, ge=2, le=100, description="Number of class tokens (classes).")
+    distractors: int = Field(4, ge=1, le=1000, description="Number of distinct distractor tokens.")
+
+    @property
+    def n_classes(self) -> int:
+        return self.classes
+
+    @property
+    def vocab(self) -> int:
+        return self.classes + self.distractors  # class tokens first, distractor tokens after
+
+
+class SequenceParityDataset(TokenSequenceDataset):
+    """Parity of a random bit sequence: class 1 when it holds an odd number of 1s (tokens 0 and 1)."""
+
+    name: Literal["sequence_parity"]
+    length: int = Field(20, ge=2, le=10_000, description="Bits per sequence (T).")
+
+    @property
+    def n_classes(self) -> int:
+        return 2
+
+    @property
+    def vocab(self) -> int:
+        return 2
+
+
 DatasetSpec = Annotated[
     Union[
         DigitsDataset,
@@ -147,6 +216,8 @@ DatasetSpec = Annotated[
         MoonsDataset,
         BlobsDataset,
         SpiralsDataset,
+        SequenceMemoryDataset,
+        SequenceParityDataset,
     ],
     Field(discriminator="name"),
 ]
@@ -154,9 +225,28 @@ DatasetSpec = Annotated[
 # --------------------------------------------------------------------------- models
 
 
-class MLPModel(SpecModel):
-    """Multi-layer perceptron: Linear layers with an activation and dropout between them."""
+class ArchModel(SpecModel):
+    """What every model spec says besides its fields: the data it takes and its size."""
 
+    TAKES: ClassVar[tuple[ShapeKind, ...]]
+
+    def check_input(self, shape: DataShape) -> None:
+        """Raise a spec_error when this configuration cannot read data of this shape."""
+
+    def n_parameters(self, shape: DataShape, n_classes: int) -> int:
+        """Exactly sum(p.numel()) of the module trainer/models.py builds for this input."""
+        raise NotImplementedError
+
+
+def _dense_parameters(widths: list[int]) -> int:
+    return sum(w_in * w_out + w_out for w_in, w_out in zip(widths, widths[1:]))
+
+
+class MLPModel(ArchModel):
+    """Multi-layer perceptron: Linear layers with an activation and dropout between them.
+    Reads any data flat; token ids one-hot."""
+
+    TAKES = (ShapeKind.tabular, ShapeKind.image, ShapeKind.sequence)
     arch: Literal["mlp"]
     hidden: list[Annotated[int, Field(ge=1, le=8192)]] = Field(
         [128, 64], min_length=0, max_length=16, description="Width of each hidden layer."
@@ -164,13 +254,141 @@ class MLPModel(SpecModel):
     activation: Literal["relu", "tanh", "gelu", "sigmoid", "leaky_relu", "elu"] = "relu"
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability after each hidden layer.")
 
-    def n_parameters(self, n_features: int, n_classes: int) -> int:
-        """Weights and biases of the Linear layers, as trainer/models.py builds them."""
-        widths = [n_features, *self.hidden, n_classes]
-        return sum(w_in * w_out + w_out for w_in, w_out in zip(widths, widths[1:]))
+    def n_parameters(self, shape: DataShape | int, n_classes: int) -> int:
+        """Weights and biases of the Linear layers; an int is a count of flat features."""
+        n_inputs = shape if isinstance(shape, int) else shape.flat_size
+        return _dense_parameters([n_inputs, *self.hidden, n_classes])
 
 
-ModelSpec = Annotated[Union[MLPModel], Field(discriminator="arch")]
+class CNNModel(ArchModel):
+    """Convolutional network: blocks of conv (same padding) -> batch norm -> ReLU -> 2x2 max pool,
+    then dense layers on the flattened maps."""
+
+    TAKES = (ShapeKind.image,)
+    arch: Literal["cnn"]
+    channels: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        [16, 32], min_length=1, max_length=8, description="Output channels of each conv block (each halves H and W)."
+    )
+    kernel_size: int = Field(3, ge=1, le=11, description="Side of the square kernels; odd, so padding keeps the size.")
+    hidden: list[Annotated[int, Field(ge=1, le=8192)]] = Field(
+        [64], min_length=0, max_length=8, description="Width of each dense layer after the conv blocks."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability before each dense layer.")
+
+    @model_validator(mode="after")
+    def _odd_kernel(self) -> CNNModel:
+        if self.kernel_size % 2 == 0:
+            raise spec_error("model.kernel_size", f"kernel_size must be odd (got {self.kernel_size})")
+        return self
+
+    def check_input(self, shape: DataShape) -> None:
+        assert isinstance(shape, ImageShape)
+        blocks = len(self.channels)
+        if min(shape.height, shape.width) < 2**blocks:
+            raise spec_error(
+                "model.channels",
+                f"{blocks} conv blocks halve the image {blocks} times: they need images of at least "
+                f"{2**blocks}x{2**blocks}; the data is {shape}",
+            )
+
+    def n_parameters(self, shape: DataShape, n_classes: int) -> int:
+        assert isinstance(shape, ImageShape)
+        total, c_in = 0, shape.channels
+        for c_out in self.channels:  # conv without bias (batch norm's shift replaces it), BN weight and bias
+            total += c_in * c_out * self.kernel_size**2 + 2 * c_out
+            c_in = c_out
+        shrink = 2 ** len(self.channels)
+        flat = c_in * (shape.height // shrink) * (shape.width // shrink)
+        return total + _dense_parameters([flat, *self.hidden, n_classes])
+
+
+class RecurrentModel(ArchModel):
+    """Fields shared by rnn, lstm and gru."""
+
+    TAKES = (ShapeKind.sequence,)
+    GATES: ClassVar[int]  # weight blocks per layer and direction, as torch stacks them
+    hidden_size: int = Field(64, ge=1, le=4096, description="Width of the hidden state.")
+    num_layers: int = Field(1, ge=1, le=16, description="Stacked recurrent layers.")
+    bidirectional: bool = Field(False, description="Also read the sequence backwards; states concatenated.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability between layers and before the head.")
+    pooling: Literal["last", "mean"] = Field(
+        "last", description="Classify from the final hidden state ('last') or the mean of all states ('mean')."
+    )
+
+    def n_parameters(self, shape: DataShape, n_classes: int) -> int:
+        assert isinstance(shape, SequenceShape)
+        directions = 2 if self.bidirectional else 1
+        h, total, n_in = self.hidden_size, 0, shape.step_size
+        for _ in range(self.num_layers):
+            # weight_ih, weight_hh, bias_ih, bias_hh per direction
+            total += directions * self.GATES * h * (n_in + h + 2)
+            n_in = h * directions
+        return total + _dense_parameters([h * directions, n_classes])
+
+
+class RNNModel(RecurrentModel):
+    """Plain (Elman) RNN with tanh, classifying from the last or the mean-pooled hidden state.
+    Token ids are read one-hot; dropout is applied between layers and before the dense head."""
+
+    GATES = 1
+    arch: Literal["rnn"]
+
+
+class LSTMModel(RecurrentModel):
+    """LSTM: gated cell state that carries information over long sequences.
+    Token ids are read one-hot; dropout is applied between layers and before the dense head;
+    the forget and input gates start with chrono initialisation over the sequence's length."""
+
+    GATES = 4
+    arch: Literal["lstm"]
+
+
+class GRUModel(RecurrentModel):
+    """GRU: gated recurrent unit, an LSTM with fewer gates and no separate cell state.
+    Token ids are read one-hot; dropout is applied between layers and before the dense head;
+    the update gate starts with chrono initialisation over the sequence's length."""
+
+    GATES = 3
+    arch: Literal["gru"]
+
+
+class TransformerModel(ArchModel):
+    """BERT-style encoder: token (or linear feature) embedding plus learned positions, a [CLS]
+    token, pre-norm blocks of multi-head self-attention and a GELU MLP with residuals, the
+    [CLS] token's final state into a dense head."""
+
+    TAKES = (ShapeKind.sequence,)
+    arch: Literal["transformer"]
+    d_model: int = Field(64, ge=1, le=4096, description="Width of the token states.")
+    num_heads: int = Field(4, ge=1, le=64, description="Attention heads; must divide d_model.")
+    num_layers: int = Field(2, ge=1, le=48, description="Encoder blocks.")
+    ff_dim: int = Field(128, ge=1, le=16384, description="Hidden width of each block's MLP.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout probability on the embeddings, attention weights and in each block."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerModel:
+        if self.d_model % self.num_heads != 0:
+            raise spec_error(
+                "model.num_heads", f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})"
+            )
+        return self
+
+    def n_parameters(self, shape: DataShape, n_classes: int) -> int:
+        assert isinstance(shape, SequenceShape)
+        d, ff = self.d_model, self.ff_dim
+        embedding = shape.vocab * d if shape.tokens else shape.features * d + d  # type: ignore[operator]
+        cls_and_positions = d + (shape.length + 1) * d
+        attention = 3 * d * d + 3 * d + d * d + d  # in-projection (q, k, v) and out-projection
+        mlp = d * ff + ff + ff * d + d
+        block = attention + mlp + 2 * (2 * d)  # two LayerNorms
+        return embedding + cls_and_positions + self.num_layers * block + 2 * d + d * n_classes + n_classes
+
+
+ModelSpec = Annotated[
+    Union[MLPModel, CNNModel, RNNModel, LSTMModel, GRUModel, TransformerModel], Field(discriminator="arch")
+]
 
 # --------------------------------------------------------------------------- optimizers
 
@@ -378,8 +596,21 @@ class JobSpec(SpecModel):
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
+    @property
+    def input_shape(self) -> DataShape:
+        """The view of the dataset the model reads: the dataset's first view of a kind the model takes."""
+        return next(v for v in self.dataset.views if v.kind in self.model.TAKES)
+
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
+        if not any(v.kind in self.model.TAKES for v in self.dataset.views):
+            views = either([str(v) for v in self.dataset.views])
+            raise spec_error(
+                "model.arch",
+                f"{self.model.arch} takes {either([str(k) for k in self.model.TAKES])} data; "
+                f"dataset '{self.dataset.name}' is {views}",
+            )
+        self.model.check_input(self.input_shape)
         n_train, n_val = self.split_sizes
         classes = self.dataset.n_classes
         if min(n_train, n_val) < classes:

@@ -1,4 +1,5 @@
-"""Datasets: name -> loader. Every loader returns raw features and integer labels;
+"""Datasets: name -> loader. Every loader returns raw features (one row of columns per
+sample) and integer labels; reading them as the model's view (jobs/shapes.py),
 splitting and standardisation happen once, here, the same way for all of them."""
 
 from __future__ import annotations
@@ -11,9 +12,19 @@ import torch
 from sklearn import datasets as sk_datasets
 from sklearn.model_selection import train_test_split
 
+from jobs.shapes import DataShape, ShapeKind
 from jobs.spec import JobSpec
 
-RawData = tuple[np.ndarray, np.ndarray, list[str]]  # features, labels 0..C-1, class names
+# features (float32, or int64 token ids), labels 0..C-1, class names
+RawData = tuple[np.ndarray, np.ndarray, list[str]]
+
+# Standardisation reduces over every axis but the feature one: per feature for tabular
+# data, per channel for images, per step feature (over samples and time) for sequences.
+STANDARDISED_AXES: dict[ShapeKind, tuple[int, ...]] = {
+    ShapeKind.tabular: (0,),
+    ShapeKind.image: (0, 2, 3),
+    ShapeKind.sequence: (0, 1),
+}
 
 
 def _bundled(loader: Callable) -> Callable[[object, int], RawData]:
@@ -53,6 +64,31 @@ def _spirals(spec, seed: int) -> RawData:  # noqa: ANN001
     return x.astype(np.float32), labels.astype(np.int64), [str(c) for c in range(spec.arms)]
 
 
+def _balanced_labels(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:
+    # Equal class counts (to within one): the stratified split always finds every class.
+    return rng.permutation(np.arange(n) % classes)
+
+
+def _sequence_memory(spec, seed: int) -> RawData:  # noqa: ANN001
+    """Step 0 holds the class token (id < classes); every later step a random distractor token."""
+    rng = np.random.default_rng(seed)
+    labels = _balanced_labels(rng, spec.n_samples, spec.classes)
+    tokens = rng.integers(spec.classes, spec.vocab, size=(spec.n_samples, spec.length))
+    tokens[:, 0] = labels
+    return tokens.astype(np.int64), labels.astype(np.int64), [str(c) for c in range(spec.classes)]
+
+
+def _sequence_parity(spec, seed: int) -> RawData:  # noqa: ANN001
+    rng = np.random.default_rng(seed)
+    labels = _balanced_labels(rng, spec.n_samples, 2)
+    bits = rng.integers(0, 2, size=(spec.n_samples, spec.length))
+    # Flipping one random bit of each sequence with the wrong parity balances the classes
+    # and leaves each class uniform over all the sequences of its parity.
+    wrong = np.flatnonzero(bits.sum(axis=1) % 2 != labels)
+    bits[wrong, rng.integers(0, spec.length, len(wrong))] ^= 1
+    return bits.astype(np.int64), labels.astype(np.int64), ["even", "odd"]
+
+
 DATASET_LOADERS: dict[str, Callable[[object, int], RawData]] = {
     "digits": _bundled(sk_datasets.load_digits),
     "iris": _bundled(sk_datasets.load_iris),
@@ -61,22 +97,27 @@ DATASET_LOADERS: dict[str, Callable[[object, int], RawData]] = {
     "moons": _moons,
     "blobs": _blobs,
     "spirals": _spirals,
+    "sequence_memory": _sequence_memory,
+    "sequence_parity": _sequence_parity,
 }
 
 
 @dataclass
 class SplitData:
-    """Both splits as tensors already on the training device (small data stays there)."""
+    """Both splits as tensors already on the training device (small data stays there),
+    each sample shaped as `shape` (the view the model reads)."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
     y_val: torch.Tensor
     class_names: list[str]
+    shape: DataShape
 
     @property
     def n_features(self) -> int:
-        return self.x_train.shape[1]
+        """Values per sample, flat."""
+        return self.x_train[0].numel()
 
     @property
     def n_classes(self) -> int:
@@ -85,18 +126,24 @@ class SplitData:
 
 def load_split(spec: JobSpec, device: torch.device) -> SplitData:
     x, y, class_names = DATASET_LOADERS[spec.dataset.name](spec.dataset, spec.seed)
+    shape = spec.input_shape
+    x = x.reshape(len(x), *shape.dims)  # row-major: digits' 64 pixels become 8 rows of 8
     n_train, n_val = spec.split_sizes
     x_train, x_val, y_train, y_val = train_test_split(
         x, y, test_size=n_val, stratify=y, random_state=spec.seed
     )
-    # Statistics from the training split only: the validation split stays unseen.
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std[std == 0] = 1.0  # constant features (digits' blank border pixels) stay at 0
-    x_train = (x_train - mean) / std
-    x_val = (x_val - mean) / std
+    if not shape.tokens:  # token ids are names, not quantities: never scaled
+        # Statistics from the training split only: the validation split stays unseen.
+        axes = STANDARDISED_AXES[shape.kind]
+        mean = x_train.mean(axis=axes, keepdims=True)
+        std = x_train.std(axis=axes, keepdims=True)
+        std[std == 0] = 1.0  # constant features (digits' blank border pixels) stay at 0
+        x_train = (x_train - mean) / std
+        x_val = (x_val - mean) / std
 
     def to_device(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
-    return SplitData(to_device(x_train), to_device(y_train), to_device(x_val), to_device(y_val), class_names)
+    return SplitData(
+        to_device(x_train), to_device(y_train), to_device(x_val), to_device(y_val), class_names, shape
+    )

@@ -56,7 +56,7 @@ class Trainer:
         np.random.seed(spec.seed % 2**32)
         torch.manual_seed(spec.seed)  # initial weights and dropout masks
         self.data: SplitData = load_split(spec, self.device)
-        self.model = MODEL_BUILDERS[spec.model.arch](spec.model, self.data.n_features, self.data.n_classes)
+        self.model = MODEL_BUILDERS[spec.model.arch](spec.model, self.data.shape, self.data.n_classes)
         self.model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, spec.optimizer)

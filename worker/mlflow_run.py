@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from pathlib import Path
 
 import matplotlib
 
@@ -109,10 +110,12 @@ def log_results(client: MlflowClient, run_id: str, spec: JobSpec, result: Traini
 def log_model(run_id: str, result: TrainingResult) -> None:
     # log_model needs the fluent API's active run; it is ended right here, in this thread
     # (the job's final status is set afterwards by end_run, whatever happens next).
-    # pickle: the model is an nn.Sequential of stock layers, so torch alone loads it,
-    # and it skips the slow torch.export path of the default 'pt2' format.
+    # pickle: it skips the slow torch.export path of the default 'pt2' format; the
+    # trainer package goes with the model for the classes that are not stock layers.
     import mlflow.pytorch
     import torch
+
+    import trainer
 
     model = result.model.to("cpu").eval()
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
@@ -124,6 +127,9 @@ def log_model(run_id: str, result: TrainingResult) -> None:
             serialization_format="pickle",
             # Stated, not inferred: inference runs the model in a subprocess (~4 s a job).
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            # Sequence and transformer models are classes of trainer/models.py: the pickle
+            # needs that package wherever the model is loaded, so it travels with it.
+            code_paths=[str(Path(trainer.__file__).parent)],
         )
     finally:
         mlflow.end_run(status=RunStatus.to_string(RunStatus.FINISHED))

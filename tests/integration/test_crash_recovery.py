@@ -100,3 +100,29 @@ def test_a_job_past_its_timeout_fails_saying_so(stack: Stack) -> None:
     assert done["error"]["type"] == "TimeoutError"
     assert done["error"]["message"].startswith("timed out after 3 s")
     assert stack.mlflow.get_run(done["mlflow"]["run_id"]).info.status == "FAILED"
+
+
+def test_a_frozen_worker_that_wakes_after_losing_its_lease_adds_nothing(stack: Stack) -> None:
+    # SIGSTOP, not SIGKILL: the process comes back (a stalled VM, a debugger, swapping)
+    # with metric points still buffered, after the job went to another attempt.
+    job = stack.submit(DIGITS_ADAM | {"name": "it-frozen", "epochs": 60, "checkpoint_every_steps": 50})
+    deadline = time.monotonic() + 120
+    while stack.get(job["id"])["progress"]["step"] < 300:
+        assert time.monotonic() < deadline, "the job never got going"
+        time.sleep(0.1)
+    frozen = worker_pid(stack, job["id"])
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 60
+        while (current := stack.get(job["id"]))["attempts"] < 2:  # the reaper gave it to a second attempt
+            assert time.monotonic() < deadline, current
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    done = stack.wait(job["id"], timeout_s=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2
+    got = stack.api.get(f"/v1/jobs/{job['id']}/metrics").json()
+    for key in ("train_loss", "lr", "grad_norm"):
+        assert [p["step"] for p in got[key]] == list(range(done["progress"]["total_steps"])), key

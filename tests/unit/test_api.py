@@ -21,7 +21,7 @@ from jobs import repository
 from jobs.db import session_scope
 from jobs.models import Job, JobEvent
 from jobs.settings import settings
-from jobs.spec import DATASETS, OPTIMIZERS, SCHEDULES, JobSpec, LossName
+from jobs.spec import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, JobSpec, LossName
 from jobs.states import JobStatus
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -412,7 +412,7 @@ def test_catalog_lists_every_registered_name(client: TestClient) -> None:
     assert [o["name"] for o in catalog["optimizers"]] == list(OPTIMIZERS)
     assert [s["name"] for s in catalog["schedules"]] == list(SCHEDULES)
     assert [loss["name"] for loss in catalog["losses"]] == [str(n) for n in LossName]
-    assert [m["name"] for m in catalog["models"]] == ["mlp"]
+    assert [m["name"] for m in catalog["models"]] == list(MODELS)
     assert JobSpec.model_validate(catalog["job"]["example"]) == JobSpec()
 
 

@@ -4,6 +4,7 @@ catalog (what GET /v1/catalog serves) shows every name with its fields, defaults
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -50,10 +51,11 @@ def test_every_spec_name_has_exactly_one_trainer_factory_and_vice_versa(concept:
     assert all(callable(f) for f in factories.values())
 
 
-def test_model_registry_holds_the_mlp() -> None:
+def test_model_registry_holds_every_model() -> None:
     # MODELS is derived from the `ModelSpec` union; an arch JobSpec accepts must be in it.
     assert JobSpec.model_validate({"model": {"arch": "mlp"}}).model.arch == "mlp"
-    assert MODELS == {"mlp": MLPModel}
+    assert MODELS["mlp"] is MLPModel
+    assert list(MODELS) == ["mlp", "cnn", "rnn", "lstm", "gru", "transformer"]
 
 
 def test_tagged_fields_point_at_the_spec_registries() -> None:
@@ -89,7 +91,7 @@ def test_catalog_is_json(catalog: dict) -> None:
 @pytest.mark.parametrize("field", sorted(TAGGED_FIELDS))
 def test_catalog_lists_every_registered_name_with_its_fields(catalog: dict, field: str) -> None:
     tag, registry = TAGGED_FIELDS[field]
-    spec_names = {"dataset": DATASETS, "model": {"mlp": None}, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}[field]
+    spec_names = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES}[field]
     entries = catalog[PLURAL[field]]
     # Every name JobSpec accepts (not just what the registry happens to hold) is listed once.
     assert [e["name"] for e in entries] == list(spec_names)
@@ -136,11 +138,24 @@ def test_catalog_shows_bounds(catalog: dict) -> None:
 
 def test_catalog_shows_model_fields(catalog: dict) -> None:
     models = {e["name"]: e["fields"] for e in catalog["models"]}
-    assert set(models) == {"mlp"}
+    assert set(models) == set(MODELS)
     assert models["mlp"]["hidden"].get("default") == [128, 64]
     assert models["mlp"]["hidden"]["items"] == {"minimum": 1, "maximum": 8192, "type": "integer"}
     assert set(models["mlp"]["activation"]["enum"]) == {"relu", "tanh", "gelu", "sigmoid", "leaky_relu", "elu"}
     assert models["mlp"]["dropout"]["exclusiveMaximum"] == 1
+    assert models["cnn"]["channels"]["default"] == [16, 32]
+    assert models["lstm"]["pooling"]["enum"] == ["last", "mean"]
+    assert models["transformer"]["num_heads"]["default"] == 4
+
+
+def test_catalog_says_which_data_each_model_takes_and_each_dataset_is(catalog: dict) -> None:
+    takes = {e["name"]: e["takes"] for e in catalog["models"]}
+    assert takes["cnn"] == ["image"] and takes["gru"] == ["sequence"] and takes["transformer"] == ["sequence"]
+    assert takes["mlp"] == ["tabular", "image", "sequence"]  # read flat
+    shapes = {e["name"]: e["shapes"] for e in catalog["datasets"]}
+    assert shapes["iris"] == ["tabular (4 features)"]
+    assert shapes["digits"] == ["tabular (64 features)", "image (1x8x8)", "sequence (8 steps x 8 features)"]
+    assert shapes["sequence_memory"] == ["sequence (30 token ids, vocabulary 8)"]
 
 
 def test_catalog_losses_and_job(catalog: dict) -> None:
@@ -168,6 +183,7 @@ def dataset_specs() -> list:
         DATASETS["blobs"](name="blobs", classes=5, features=7, n_samples=250),
         DATASETS["spirals"](name="spirals", arms=4, n_samples=200),
         DATASETS["moons"](name="moons", n_samples=60),
+        DATASETS["sequence_memory"](name="sequence_memory", length=5, classes=7, n_samples=70),
     ]
     return specs
 
@@ -176,7 +192,9 @@ def dataset_specs() -> list:
 def test_loader_output_matches_the_spec(dataset) -> None:  # noqa: ANN001
     x, y, class_names = DATASET_LOADERS[dataset.name](dataset, 7)
 
-    assert x.dtype == np.float32 and y.dtype == np.int64
+    # Every view of the dataset is a reshape of the loader's columns.
+    assert {math.prod(view.dims) for view in dataset.views} == {x.shape[1]}
+    assert x.dtype == (np.int64 if dataset.views[0].tokens else np.float32) and y.dtype == np.int64
     assert x.ndim == 2 and y.shape == (len(x),)
     assert len(x) == dataset.n_samples
     assert sorted(set(y.tolist())) == list(range(dataset.n_classes))
@@ -187,6 +205,8 @@ def test_loader_output_matches_the_spec(dataset) -> None:  # noqa: ANN001
         assert dataset.n_classes == dataset.CLASSES
     elif dataset.name == "blobs":
         assert x.shape[1] == dataset.features
+    elif dataset.views[0].tokens:
+        assert x.shape[1] == dataset.length and 0 <= x.min() and x.max() < dataset.vocab
     else:
         assert x.shape[1] == 2
 

@@ -48,7 +48,39 @@ def run(job: JobSpec, every: int | None, reporter=None, resume: bytes | None = N
     return trainer, trainer.train()
 
 
-@pytest.mark.parametrize("job", [spec(), spec(optimizer={"name": "adam", "lr": 0.01}, schedule={"name": "step", "step_size": 4, "gamma": 0.5})])
+# One per kind of state a model carries: batch norm's running statistics (cnn), a
+# recurrent cell with dropout between layers (lstm), attention with dropout (transformer).
+OTHER_MODELS = {
+    "cnn": spec(
+        dataset={"name": "digits", "val_fraction": 0.5},
+        model={"arch": "cnn", "channels": [4, 8], "hidden": [16], "dropout": 0.2},
+        batch_size=225,  # 4 steps an epoch: checkpoints mid-epoch (3, 6) and at epoch ends (4, 8)
+        epochs=2,
+    ),
+    "lstm": spec(
+        dataset={"name": "sequence_memory", "n_samples": 150, "length": 10},
+        model={"arch": "lstm", "hidden_size": 8, "num_layers": 2, "dropout": 0.2},
+        batch_size=30,
+        epochs=2,
+    ),
+    "transformer": spec(
+        dataset={"name": "sequence_parity", "n_samples": 150, "length": 8},
+        model={"arch": "transformer", "d_model": 8, "num_heads": 2, "num_layers": 1, "ff_dim": 16, "dropout": 0.1},
+        batch_size=30,
+        epochs=2,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        spec(),
+        spec(optimizer={"name": "adam", "lr": 0.01}, schedule={"name": "step", "step_size": 4, "gamma": 0.5}),
+        *OTHER_MODELS.values(),
+    ],
+    ids=["mlp-sgd", "mlp-adam", *OTHER_MODELS],
+)
 def test_resume_from_any_checkpoint_equals_never_stopping(job: JobSpec) -> None:
     straight_reporter = CheckpointingReporter()
     straight, result = run(job, every=3, reporter=straight_reporter)

@@ -1,0 +1,276 @@
+"""Models and data shapes: every model trains through the recipe on the views it takes,
+states its exact size, and a model that cannot read a dataset is a 422 saying why.
+
+Tiny models and few steps throughout: the file runs in seconds on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from torch import nn
+
+from jobs.settings import settings
+from jobs.shapes import DataShape, ImageShape, SequenceShape, TabularShape
+from jobs.spec import DATASETS, MODELS, JobSpec
+from trainer.data import DATASET_LOADERS, load_split
+from trainer.models import MODEL_BUILDERS
+from trainer.recipe import Trainer
+from trainer.reporting import RecordingReporter
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny models on a CPU shared with other test runs: a second thread mostly waits on the first.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def job(**overrides) -> JobSpec:  # noqa: ANN003
+    base = {"optimizer": {"name": "adam", "lr": 0.01}, "epochs": 1, "batch_size": 64, "seed": 0, "device": "cpu"}
+    return JobSpec.model_validate(base | overrides)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+SIZE_CASES = [
+    ({"arch": "mlp", "hidden": [16]}, TabularShape(13)),
+    ({"arch": "mlp", "hidden": [16, 8]}, ImageShape(1, 8, 8)),
+    ({"arch": "mlp", "hidden": []}, SequenceShape(7, vocab=5)),
+    ({"arch": "mlp", "hidden": [4]}, SequenceShape(8, features=8)),
+    ({"arch": "cnn"}, ImageShape(1, 8, 8)),
+    ({"arch": "cnn", "channels": [8], "kernel_size": 5, "hidden": []}, ImageShape(3, 16, 12)),
+    ({"arch": "cnn", "channels": [4, 6, 5], "kernel_size": 1, "hidden": [10, 7]}, ImageShape(2, 9, 17)),
+    ({"arch": "rnn", "hidden_size": 9}, SequenceShape(30, vocab=8)),
+    ({"arch": "rnn", "hidden_size": 5, "num_layers": 3, "bidirectional": True}, SequenceShape(8, features=8)),
+    ({"arch": "lstm", "hidden_size": 7, "num_layers": 2}, SequenceShape(12, vocab=3)),
+    ({"arch": "lstm", "hidden_size": 4, "bidirectional": True, "pooling": "mean"}, SequenceShape(8, features=6)),
+    ({"arch": "gru", "hidden_size": 6, "num_layers": 2, "bidirectional": True}, SequenceShape(5, vocab=11)),
+    ({"arch": "gru"}, SequenceShape(8, features=8)),
+    ({"arch": "transformer"}, SequenceShape(30, vocab=8)),
+    (
+        {"arch": "transformer", "d_model": 12, "num_heads": 3, "num_layers": 3, "ff_dim": 20},
+        SequenceShape(8, features=8),
+    ),
+    ({"arch": "transformer", "d_model": 8, "num_heads": 8, "num_layers": 1, "ff_dim": 1}, SequenceShape(2, vocab=2)),
+]
+
+
+@pytest.mark.parametrize(("fields", "shape"), SIZE_CASES, ids=lambda v: str(v))
+def test_the_parameter_count_is_the_one_torch_builds(fields: dict, shape: DataShape) -> None:
+    spec = MODELS[fields["arch"]].model_validate(fields)
+    model = MODEL_BUILDERS[spec.arch](spec, shape, 4)
+    assert spec.n_parameters(shape, 4) == sum(p.numel() for p in model.parameters())
+
+
+def test_every_model_has_a_size_case() -> None:
+    assert {fields["arch"] for fields, _ in SIZE_CASES} == set(MODELS)
+
+
+@pytest.mark.parametrize(("fields", "shape"), SIZE_CASES, ids=lambda v: str(v))
+def test_every_model_gives_one_logit_per_class(fields: dict, shape: DataShape) -> None:
+    spec = MODELS[fields["arch"]].model_validate(fields)
+    model = MODEL_BUILDERS[spec.arch](spec, shape, 4).eval()
+    if isinstance(shape, SequenceShape) and shape.tokens:
+        x = torch.randint(0, shape.vocab, (3, *shape.dims))  # type: ignore[arg-type]
+    else:
+        x = torch.randn(3, *shape.dims)
+    assert model(x).shape == (3, 4)
+
+
+# --------------------------------------------------------------------------- views of the data
+
+
+def test_digits_is_read_as_the_view_each_model_takes() -> None:
+    views = {arch: job(model={"arch": arch}).input_shape for arch in MODELS}
+    assert views == {
+        "mlp": TabularShape(64),  # the flat 64 pixels, as before
+        "cnn": ImageShape(1, 8, 8),
+        "rnn": SequenceShape(8, features=8),
+        "lstm": SequenceShape(8, features=8),
+        "gru": SequenceShape(8, features=8),
+        "transformer": SequenceShape(8, features=8),
+    }
+
+
+def test_load_split_reshapes_to_the_view_and_standardises_per_feature_axis() -> None:
+    flat = load_split(job(model={"arch": "mlp"}), CPU)
+    image = load_split(job(model={"arch": "cnn"}), CPU)
+    rows = load_split(job(model={"arch": "gru"}), CPU)
+    n = len(flat.x_train)
+    assert image.x_train.shape == (n, 1, 8, 8) and rows.x_train.shape == (n, 8, 8)
+    assert torch.equal(image.y_train, flat.y_train) and torch.equal(rows.y_val, flat.y_val)  # same split
+    # Images: one mean and std per channel; sequences: per step feature, over samples and time.
+    assert abs(image.x_train.mean().item()) < 1e-4 and abs(image.x_train.std(unbiased=False).item() - 1) < 1e-3
+    assert torch.allclose(rows.x_train.mean(dim=(0, 1)), torch.zeros(8), atol=1e-4)
+    assert torch.allclose(rows.x_train.std(dim=(0, 1), unbiased=False), torch.ones(8), atol=1e-3)
+
+
+def test_token_ids_are_not_standardised() -> None:
+    spec = job(dataset={"name": "sequence_memory", "n_samples": 200, "length": 9}, model={"arch": "lstm"})
+    data = load_split(spec, CPU)
+    assert data.shape == SequenceShape(9, vocab=8)
+    assert data.x_train.dtype == torch.int64 and data.x_train.shape == (160, 9)
+    raw, _, _ = DATASET_LOADERS["sequence_memory"](spec.dataset, spec.seed)
+    assert {tuple(row) for row in data.x_val.tolist()} <= {tuple(row) for row in raw.tolist()}
+
+
+def test_sequence_memory_is_the_first_token_among_distractors() -> None:
+    dataset = DATASETS["sequence_memory"](name="sequence_memory", n_samples=101, length=12, classes=3, distractors=5)
+    x, y, names = DATASET_LOADERS["sequence_memory"](dataset, 4)
+    assert x.shape == (101, 12) and x.dtype == np.int64
+    assert np.array_equal(x[:, 0], y)
+    assert x[:, 1:].min() >= 3 and x[:, 1:].max() == 7  # distractors never look like a class token
+    assert np.bincount(y).tolist() == [34, 34, 33] and names == ["0", "1", "2"]
+
+
+def test_sequence_parity_is_the_parity_of_the_ones() -> None:
+    dataset = DATASETS["sequence_parity"](name="sequence_parity", n_samples=300, length=15)
+    x, y, names = DATASET_LOADERS["sequence_parity"](dataset, 4)
+    assert x.shape == (300, 15) and set(np.unique(x).tolist()) == {0, 1}
+    assert np.array_equal(x.sum(axis=1) % 2, y)
+    assert np.bincount(y).tolist() == [150, 150] and names == ["even", "odd"]
+
+
+@pytest.mark.parametrize("name", ["sequence_memory", "sequence_parity"])
+def test_sequence_data_follows_the_seed(name: str) -> None:
+    dataset = DATASETS[name](name=name, n_samples=50)
+    first, again, other = (DATASET_LOADERS[name](dataset, seed)[0] for seed in (3, 3, 4))
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+# --------------------------------------------------------------------------- training
+
+
+MEMORY = {"name": "sequence_memory", "n_samples": 320, "length": 8}
+TRAINING_CASES = [
+    ({"arch": "cnn", "channels": [4, 8], "hidden": [16]}, {"name": "digits"}),
+    ({"arch": "rnn", "hidden_size": 16, "pooling": "mean"}, {"name": "digits"}),
+    ({"arch": "lstm", "hidden_size": 16}, MEMORY),
+    ({"arch": "gru", "hidden_size": 16, "bidirectional": True}, {"name": "digits"}),
+    ({"arch": "transformer", "d_model": 16, "num_heads": 2, "num_layers": 1, "ff_dim": 32}, MEMORY),
+    ({"arch": "transformer", "d_model": 16, "num_heads": 4, "num_layers": 1, "ff_dim": 32}, {"name": "digits"}),
+    ({"arch": "mlp", "hidden": [16]}, MEMORY),
+]
+
+
+@pytest.mark.parametrize(("model", "dataset"), TRAINING_CASES, ids=lambda v: str(v))
+def test_each_model_trains_through_the_recipe(model: dict, dataset: dict) -> None:
+    epochs = 1 if dataset["name"] == "digits" else 10  # 23 steps on digits, 40 on the small memory task
+    trainer = Trainer(job(model=model, dataset=dataset, epochs=epochs), RecordingReporter())
+    trainer.setup()
+    initial_loss, _, _ = trainer.evaluate(trainer.data.x_train, trainer.data.y_train)
+    result = trainer.train()
+    assert result.steps == trainer.spec.total_steps
+    assert result.final_metrics["train_loss"] < 0.9 * initial_loss
+
+
+def test_last_pooling_reads_the_final_state_of_each_direction() -> None:
+    spec = MODELS["gru"](arch="gru", hidden_size=5, num_layers=2, bidirectional=True)
+    model = MODEL_BUILDERS["gru"](spec, SequenceShape(6, features=3), 2)
+    model.head = nn.Identity()  # the classifier's input, exposed
+    x = torch.randn(4, 6, 3)
+    outputs, _ = model.rnn(x)
+    expected = torch.cat([outputs[:, -1, :5], outputs[:, 0, 5:]], dim=1)  # forward ends last, backward first
+    assert torch.allclose(model(x), expected)
+
+
+def memory_accuracy(arch: str, seed: int) -> float:
+    spec = job(
+        dataset={"name": "sequence_memory", "length": 30, "n_samples": 1000},
+        model={"arch": arch, "hidden_size": 32},
+        optimizer={"name": "adam", "lr": 0.003},
+        batch_size=32,
+        epochs=4,  # 100 steps
+        seed=seed,
+    )
+    trainer = Trainer(spec)
+    trainer.setup()
+    return trainer.train().final_metrics["val_accuracy"]
+
+
+def test_an_lstm_remembers_the_first_of_30_tokens_sooner_than_a_plain_rnn() -> None:
+    # The course's point, at the issue's T = 30. Measured (seeds 0..5, this budget): rnn
+    # 0.24 0.24 0.50 0.26 0.28 0.23, lstm 0.94 0.50 1.00 0.50 0.50 1.00, gru 0.73 0.65 1.00
+    # 0.71 1.00 0.50 (chance is 0.25). With more steps the rnn often gets there too
+    # (bench/sequence_memory.py): it is slower and less reliable, not unable, at this length.
+    seeds = (0, 1, 2)
+    rnn = [memory_accuracy("rnn", seed) for seed in seeds]
+    lstm = [memory_accuracy("lstm", seed) for seed in seeds]
+    assert sum(lstm) / len(seeds) >= sum(rnn) / len(seeds) + 0.2, (rnn, lstm)
+
+
+@pytest.mark.parametrize(("arch", "gates"), [("lstm", 4), ("gru", 3)])
+def test_gated_cells_start_keeping_their_state_over_the_sequence_length(arch: str, gates: int) -> None:
+    spec = MODELS[arch](arch=arch, hidden_size=50, num_layers=2, bidirectional=True)
+    model = MODEL_BUILDERS[arch](spec, SequenceShape(30, vocab=2), 2)
+    for name, bias in model.rnn.named_parameters():
+        if name.startswith("bias_ih"):
+            blocks = bias.detach().reshape(gates, 50)
+            keep = blocks[1]  # LSTM forget gate, GRU update gate
+            assert 0 <= keep.min() and keep.max() <= np.log(29) and keep.std() > 0.3, name
+            if arch == "lstm":
+                assert torch.equal(blocks[0], -keep)  # the input gate starts as closed as the forget gate is open
+        if name.startswith("bias_hh"):
+            assert torch.all(bias.detach().reshape(gates, 50)[1] == 0), name
+
+
+# --------------------------------------------------------------------------- 422s at submission
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "words"),
+    [
+        ({"dataset": {"name": "iris"}, "model": {"arch": "cnn"}}, "model.arch",
+         "cnn takes image data; dataset 'iris' is tabular"),
+        ({"dataset": {"name": "wine"}, "model": {"arch": "lstm"}}, "model.arch",
+         "lstm takes sequence data; dataset 'wine' is tabular"),
+        ({"dataset": {"name": "sequence_parity"}, "model": {"arch": "cnn"}}, "model.arch",
+         "cnn takes image data; dataset 'sequence_parity' is sequence (20 token ids, vocabulary 2)"),
+        ({"model": {"arch": "transformer", "d_model": 64, "num_heads": 3}}, "model.num_heads",
+         "num_heads (3) must divide d_model (64)"),
+        ({"model": {"arch": "cnn", "channels": [4, 4, 4, 4]}}, "model.channels", "at least 16x16"),
+        ({"model": {"arch": "cnn", "kernel_size": 4}}, "model.kernel_size", "odd"),
+        ({"model": {"arch": "gru", "hidden": [16]}}, "model.hidden", "Extra inputs are not permitted"),
+        ({"model": {"arch": "rnn", "pooling": "max"}}, "model.pooling", "'last' or 'mean'"),
+    ],
+)
+def test_a_model_that_cannot_read_the_data_is_a_422_saying_why(
+    client: TestClient, payload: dict, field: str, words: str
+) -> None:
+    response = client.post("/v1/jobs", json={"epochs": 1} | payload)
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["detail"]
+    assert detail["field"] == field
+    assert words in detail["msg"]
+
+
+def test_the_parameter_limit_counts_the_new_models(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = {"epochs": 1, "dataset": {"name": "sequence_memory"}, "model": {"arch": "transformer"}}
+    size = JobSpec.model_validate(payload).model.n_parameters(SequenceShape(30, vocab=8), 4)
+    monkeypatch.setattr(settings, "max_model_parameters", size - 1)
+    response = client.post("/v1/jobs", json=payload)
+    assert response.status_code == 422 and "MAX_MODEL_PARAMETERS" in response.text
+    assert f"({size:,})" in response.json()["detail"][0]["msg"]
+
+
+# --------------------------------------------------------------------------- examples
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_a_valid_job(path: Path) -> None:
+    spec = JobSpec.model_validate(json.loads(path.read_text()))
+    assert spec.name == path.stem
