@@ -29,6 +29,8 @@ def limit_breaches(spec: JobSpec, limits: Settings) -> list[LimitBreach]:
     check("epochs", spec.epochs, limits.max_epochs, "epochs", "MAX_EPOCHS")
     check("epochs", spec.total_steps, limits.max_total_steps, "the run's total steps", "MAX_TOTAL_STEPS")
     check("dataset", dataset.n_samples, limits.max_dataset_samples, "the dataset's samples", "MAX_DATASET_SAMPLES")
+    values = dataset.n_samples * dataset.n_features
+    check("dataset", values, limits.max_dataset_values, "the dataset's values (samples x features)", "MAX_DATASET_VALUES")
     parameters = spec.model.n_parameters(spec.input_shape, dataset.n_classes)
     check("model", parameters, limits.max_model_parameters, "the model's parameters", "MAX_MODEL_PARAMETERS")
     return breaches

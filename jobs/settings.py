@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     max_total_steps: int = Field(10_000_000, ge=1)
     max_model_parameters: int = Field(50_000_000, ge=1)
     max_dataset_samples: int = Field(1_000_000, ge=1)
+    # Samples x values per sample: the dataset lives on the device as one tensor
+    # (200 M float32 values = 800 MB), and long sequences multiply it.
+    max_dataset_values: int = Field(200_000_000, ge=1)
 
     # Worker behaviour.
     progress_interval_s: float = Field(0.5, gt=0, description="How often a running job writes progress and checks for cancel.")

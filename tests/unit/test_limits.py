@@ -32,6 +32,8 @@ def test_every_dataset_states_its_feature_count(name: str) -> None:
         ("max_epochs", 5, {"epochs": 6}, "epochs", "MAX_EPOCHS"),
         ("max_total_steps", 100, {"epochs": 5}, "epochs", "MAX_TOTAL_STEPS"),  # digits: 5 x 23 steps
         ("max_dataset_samples", 1000, {"dataset": {"name": "digits"}}, "dataset", "MAX_DATASET_SAMPLES"),
+        ("max_dataset_values", 1_000_000, {"dataset": {"name": "sequence_memory", "n_samples": 1000, "length": 2000}},
+         "dataset", "MAX_DATASET_VALUES"),  # fmt: skip
         ("max_model_parameters", 10_000, {"model": {"arch": "mlp", "hidden": [128, 64]}}, "model", "MAX_MODEL_PARAMETERS"),
     ],
 )
