@@ -61,7 +61,7 @@ def _error_from(response: httpx.Response) -> DescentError:
     return DescentError(response.status_code, message, details)
 
 
-def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
     """Server-Sent Events -> {"event", "id", "data"}; keep-alive comments are skipped."""
     current: dict[str, Any] = {}
     data_lines: list[str] = []
@@ -188,7 +188,7 @@ class Client:
                     if response.status_code >= 400:
                         response.read()
                         raise _error_from(response)
-                    for event in _parse_sse(self._lines_until(response, deadline)):
+                    for event in parse_sse(self._lines_until(response, deadline)):
                         failures = 0
                         if event["id"]:
                             last_event_id = event["id"]

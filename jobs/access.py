@@ -15,6 +15,7 @@ import re
 import secrets
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -48,11 +49,17 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+@lru_cache(maxsize=1)
+def _bootstrap_digest(bootstrap_key: str) -> str:
+    """Hashed once, not on every request; "" when there is no bootstrap key."""
+    return key_digest(bootstrap_key) if bootstrap_key else ""
+
+
 def authenticate(*, session: Session, presented: str) -> Caller | None:
     """The caller a presented key stands for; None for an unknown or revoked key."""
     digest = key_digest(presented)
-    bootstrap = settings.bootstrap_key.get_secret_value() if settings.bootstrap_key else ""
-    if bootstrap and hmac.compare_digest(digest, key_digest(bootstrap)):
+    bootstrap = _bootstrap_digest(settings.bootstrap_key.get_secret_value() if settings.bootstrap_key else "")
+    if bootstrap and hmac.compare_digest(digest, bootstrap):
         return Caller(project=DEFAULT_PROJECT, admin=True, key_id=None)
     row = session.scalar(select(ApiKey).where(ApiKey.key_sha256 == digest))
     # The index found the row by its digest; compare again in constant time, so that

@@ -300,7 +300,6 @@ def load_checkpoint(*, session: Session, job_id: uuid.UUID) -> JobCheckpoint | N
 class ReapedJob:
     job_id: uuid.UUID
     status: JobStatus  # what the reaper made of it: queued (to run again), failed or cancelled
-    mlflow_run_id: str | None
 
 
 def reap_lost_jobs(*, session: Session, now: datetime | None = None) -> list[ReapedJob]:
@@ -327,7 +326,7 @@ def reap_lost_jobs(*, session: Session, now: datetime | None = None) -> list[Rea
         values |= {"lease_until": None, "worker": None}
         if transition(session=session, job_id=job.id, expected=[JobStatus(job.status)], to=to,
                       detail=f"worker lost: {where}", values=values):  # fmt: skip
-            reaped.append(ReapedJob(job.id, to, job.mlflow_run_id))
+            reaped.append(ReapedJob(job.id, to))  # its run is ended by runs_to_end's pass
     return reaped
 
 

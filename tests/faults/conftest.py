@@ -22,15 +22,14 @@ from mlflow.tracking import MlflowClient
 from jobs.settings import Settings
 from launcher.processes import ChildProcess, ProcessGroup, mlflow_command, wait_http, wait_worker_ready, worker_command
 from launcher.stack import start_stack
-from tests.integration.conftest import ADMIN_KEY, TERMINAL, free_port, make_database, pg_url  # noqa: F401
+from tests.integration.conftest import ADMIN_KEY, TERMINAL, JobCalls, free_port, make_database, pg_url  # noqa: F401
 
 WORKERS = 3
 CONCURRENCY = 1  # one job per worker process: a SIGKILL takes down exactly the jobs of one worker
 
 
-def process_group_members(pgid: int) -> set[int]:
-    """The pids of a process group, from /proc (Linux)."""
-    members = set()
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, [state, ppid, pgrp, ...]) of every process, from /proc/<pid>/stat (Linux)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -39,9 +38,12 @@ def process_group_members(pgid: int) -> set[int]:
         except OSError:
             continue  # gone meanwhile
         # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses
-        if int(stat[stat.rindex(")") + 2 :].split()[2]) == pgid:
-            members.add(int(entry))
-    return members
+        yield int(entry), stat[stat.rindex(")") + 2 :].split()
+
+
+def process_group_members(pgid: int) -> set[int]:
+    """The pids of a process group."""
+    return {pid for pid, fields in process_stats() if int(fields[2]) == pgid}
 
 
 class ProcessWatch(threading.Thread):
@@ -57,15 +59,9 @@ class ProcessWatch(threading.Thread):
 
     def sample(self) -> None:
         now = time.time()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if stat[stat.rindex(")") + 2] not in "ZX":
-                self.last_alive[int(entry)] = now
+        for pid, fields in process_stats():
+            if fields[0] not in ("Z", "X"):
+                self.last_alive[pid] = now
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
@@ -120,7 +116,7 @@ class RedisServer:
 
 
 @dataclass
-class ChaosStack:
+class ChaosStack(JobCalls):
     settings: Settings
     group: ProcessGroup
     redis: RedisServer
@@ -134,16 +130,6 @@ class ChaosStack:
     _next_worker: int = 1  # start_stack names its worker worker-0
 
     # ------------------------------------------------------------------ reading
-
-    def submit(self, spec: dict) -> dict:
-        response = self.api.post("/v1/jobs", json=spec)
-        assert response.status_code == 201, response.text
-        return response.json()
-
-    def get(self, job_id: str) -> dict:
-        response = self.api.get(f"/v1/jobs/{job_id}")
-        assert response.status_code == 200, response.text
-        return response.json()
 
     def workers(self) -> list[ChildProcess]:
         return [c for c in self.group.children if c.name.startswith("worker-")]

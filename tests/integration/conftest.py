@@ -64,13 +64,10 @@ def make_database() -> Iterator:
         _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@dataclass
-class Stack:
-    settings: Settings
-    group: ProcessGroup
+class JobCalls:
+    """submit and get through the stack's API client, asserting they worked."""
+
     api: httpx.Client
-    mlflow: MlflowClient
-    producer: Celery
 
     def submit(self, spec: dict) -> dict:
         response = self.api.post("/v1/jobs", json=spec)
@@ -81,6 +78,15 @@ class Stack:
         response = self.api.get(f"/v1/jobs/{job_id}")
         assert response.status_code == 200, response.text
         return response.json()
+
+
+@dataclass
+class Stack(JobCalls):
+    settings: Settings
+    group: ProcessGroup
+    api: httpx.Client
+    mlflow: MlflowClient
+    producer: Celery
 
     def wait(self, job_id: str, until: set[str] = TERMINAL, timeout_s: float = 180) -> dict:
         deadline = time.monotonic() + timeout_s

@@ -4,7 +4,6 @@ connection and comes back with Last-Event-ID misses nothing."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -12,25 +11,15 @@ from datetime import datetime
 import httpx
 import redis
 
+from descent.client import parse_sse
 from jobs.events import stream_key
 from tests.integration.conftest import Stack
 from tests.integration.test_job_lifecycle import DIGITS_ADAM
 
 
 def read_events(response: httpx.Response) -> Iterator[dict]:
-    """Parse an SSE body into {"event", "id", "data"} dicts, as a browser's EventSource would."""
-    current: dict = {}
-    for line in response.iter_lines():
-        if not line:
-            if "data" in current:
-                yield current
-            current = {}
-        elif line.startswith(":"):
-            continue  # a keep-alive comment
-        else:
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            current[field] = json.loads(value) if field == "data" else value
+    """{"event", "id", "data"} dicts, parsed by the descent client's SSE reader."""
+    return parse_sse(response.iter_lines())
 
 
 def as_tuple(stream_id: str) -> tuple[int, int]:

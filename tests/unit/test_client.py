@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from descent.client import Client, DescentError, _error_from, _parse_sse
+from descent.client import Client, DescentError, _error_from, parse_sse
 from descent.config import DEFAULT_URL, ConfigError, resolve_connection
 from descent.specfile import SpecFileError, load_spec
 
@@ -102,7 +102,7 @@ def test_error_bodies_become_the_api_message() -> None:
 def test_server_sent_events_are_parsed_as_the_stream_writes_them() -> None:
     lines = ["event: snapshot", "id: 1-0", 'data: {"status":"queued"}', "", ": keep-alive", "",
              "event: state", 'data: {"status":"succeeded","final":true}', ""]  # fmt: skip
-    assert list(_parse_sse(iter(lines))) == [
+    assert list(parse_sse(iter(lines))) == [
         {"event": "snapshot", "id": "1-0", "data": {"status": "queued"}},
         {"event": "state", "id": None, "data": {"status": "succeeded", "final": True}},
     ]

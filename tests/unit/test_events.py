@@ -4,13 +4,13 @@ The Redis-stream path, with Last-Event-ID resume, is tested in tests/integration
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
 
 from fastapi.testclient import TestClient
 
+from descent.client import parse_sse
 from jobs import repository
 from jobs.db import session_scope
 from jobs.events import events_enabled
@@ -18,11 +18,7 @@ from jobs.states import JobStatus
 
 
 def parse(body: str) -> list[tuple[str, dict]]:
-    events = []
-    for block in body.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
-        events.append((fields["event"], json.loads(fields["data"])))
-    return events
+    return [(event["event"], event["data"]) for event in parse_sse(iter(body.splitlines()))]
 
 
 def run_job_in_background(job_id: uuid.UUID) -> threading.Thread:
