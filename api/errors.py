@@ -14,6 +14,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from jobs.spec import TAGGED_FIELDS
+from jobs.study_spec import SEARCHES
+
+# Fields holding a discriminated union, and the members' names (which pydantic puts in
+# an error's location, but are not fields people wrote).
+UNION_MEMBERS: dict[str, set[str]] = {field: set(members) for field, (_, members) in TAGGED_FIELDS.items()}
+UNION_MEMBERS["search"] = set(SEARCHES)
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +32,7 @@ def field_path(loc: tuple[Any, ...]) -> str:
     cleaned: list[str] = []
     for i, part in enumerate(parts):
         previous = parts[i - 1] if i else None
-        if previous in TAGGED_FIELDS and part in TAGGED_FIELDS[previous][1]:
+        if previous in UNION_MEMBERS and part in UNION_MEMBERS[previous]:
             continue
         cleaned.append(str(part))
     return ".".join(cleaned)
@@ -35,7 +41,7 @@ def field_path(loc: tuple[Any, ...]) -> str:
 def describe(error: dict[str, Any]) -> dict[str, Any]:
     ctx = error.get("ctx") or {}
     field = ctx.get("field") if isinstance(ctx.get("field"), str) else field_path(tuple(error["loc"]))
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "union_tag_invalid":
         message = f"unknown {field or 'value'} '{ctx.get('tag')}'; valid names: {ctx.get('expected_tags')}"
     elif error["type"] == "union_tag_not_found":

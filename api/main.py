@@ -10,7 +10,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import database_unavailable_handler, http_error_handler, validation_error_handler
-from api.routes import events, jobs, meta, operator, projects
+from api.routes import events, jobs, meta, operator, projects, studies
 from jobs.settings import settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -31,3 +31,4 @@ app.include_router(events.router)
 app.include_router(meta.router)
 app.include_router(projects.router)
 app.include_router(operator.router)
+app.include_router(studies.router)

@@ -11,9 +11,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.access import PROJECT_NAME, PROJECT_NAME_RULE
-from jobs.models import ApiKey, Job
+from jobs.models import ApiKey, Job, Study
 from jobs.spec import JobSpec
-from jobs.states import JobStatus
+from jobs.states import JobStatus, StudyStatus
+from jobs.study_spec import StudySpec
 from jobs.tracking import run_url
 
 
@@ -42,12 +43,21 @@ class JobError(BaseModel):
     message: str
 
 
+class JobTrial(BaseModel):
+    """Where a study's trial stands in its study."""
+
+    study_id: uuid.UUID
+    config_id: str | None
+    trial_number: int | None
+
+
 class JobPublic(BaseModel):
     id: uuid.UUID
     project: str
     name: str
     status: JobStatus
     spec: JobSpec
+    study: JobTrial | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -84,6 +94,9 @@ class JobPublic(BaseModel):
                 run_url=run_url(job.mlflow_experiment_id, job.mlflow_run_id),
             ),
             error=JobError(type=job.error_type, message=job.error_message or "") if job.error_type else None,
+            study=JobTrial(study_id=job.study_id, config_id=job.config_id, trial_number=job.trial_number)
+            if job.study_id
+            else None,
         )
 
 
@@ -168,3 +181,54 @@ class Readiness(BaseModel):
 
 
 Catalog = dict[str, Any]
+
+
+class StudyPublic(BaseModel):
+    """A study as people read it: where it stands, and the leaderboard so far."""
+
+    id: uuid.UUID
+    project: str
+    name: str
+    status: StudyStatus
+    spec: StudySpec
+    created_at: datetime
+    finished_at: datetime | None
+    configurations: int = Field(description="Configurations the study runs (each once per seed).")
+    configurations_started: int
+    trials: dict[str, int] = Field(description="Trial jobs by status.")
+    leaderboard: dict[str, Any] = Field(description="Per configuration: mean and std of the objective over seeds, "
+                                                    "steps to target; best vs runner-up: Welch t-test, bootstrap CI.")  # fmt: skip
+    lr_range_test: dict[str, Any] | None = None
+    invalid_configurations: list[dict[str, Any]] = []
+    registered_model: dict[str, Any] | None = None
+    mlflow: JobMlflow
+
+    @classmethod
+    def from_row(cls, study: Study, trials: dict[str, int], leaderboard: dict[str, Any]) -> StudyPublic:
+        spec = StudySpec.model_validate(study.spec)
+        result = study.result or {}
+        return cls(
+            id=study.id, project=study.project, name=study.name, status=StudyStatus(study.status), spec=spec,
+            created_at=study.created_at, finished_at=study.finished_at, configurations=spec.n_configurations,
+            configurations_started=study.configs_created, trials=trials, leaderboard=_json_safe(leaderboard),
+            lr_range_test=_json_safe(result.get("lr_range_test")),
+            invalid_configurations=result.get("invalid_configurations", []),
+            registered_model=result.get("registered_model"),
+            mlflow=JobMlflow(experiment_id=study.mlflow_experiment_id, run_id=study.mlflow_run_id,
+                             run_url=run_url(study.mlflow_experiment_id, study.mlflow_run_id)),
+        )  # fmt: skip
+
+
+class StudiesPublic(BaseModel):
+    items: list[StudyPublic]
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities (a diverged trial) become null: JSON has no such numbers."""
+    if isinstance(value, float):
+        return finite_or_none(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value

@@ -43,6 +43,11 @@ def stream_key(job_id: uuid.UUID | str) -> str:
     return f"descent:job:{job_id}:events"
 
 
+def study_stream_key(study_id: uuid.UUID | str) -> str:
+    """A study's stream: its own state changes and every state change of its trials."""
+    return f"descent:study:{study_id}:events"
+
+
 def events_enabled() -> bool:
     return bool(settings.events_url)
 
@@ -56,12 +61,12 @@ def _client() -> redis.Redis:
 _paused_until = 0.0
 
 
-def publish(job_id: uuid.UUID | str, kind: str, data: dict[str, Any], final: bool = False) -> str | None:
-    """Append one event to the job's stream now; its id, or None when it could not be sent."""
+def publish(key: str, kind: str, data: dict[str, Any], final: bool = False) -> str | None:
+    """Append one event to a stream now (`stream_key(job_id)`, `study_stream_key(id)`);
+    its id, or None when it could not be sent."""
     global _paused_until
     if not events_enabled() or time.monotonic() < _paused_until:
         return None
-    key = stream_key(job_id)
     try:
         pipe = _client().pipeline(transaction=False)
         pipe.xadd(key, {"kind": kind, "data": json.dumps(data, default=str)}, maxlen=STREAM_MAXLEN, approximate=True)
@@ -69,22 +74,27 @@ def publish(job_id: uuid.UUID | str, kind: str, data: dict[str, Any], final: boo
         entry_id, _ = pipe.execute()
     except redis.RedisError as exc:
         _paused_until = time.monotonic() + PAUSE_AFTER_FAILURE_S
-        log.warning("could not publish a %s event of job %s (%s); pausing events for %.0f s",
-                    kind, job_id, type(exc).__name__, PAUSE_AFTER_FAILURE_S)  # fmt: skip
+        log.warning("could not publish a %s event to %s (%s); pausing events for %.0f s",
+                    kind, key, type(exc).__name__, PAUSE_AFTER_FAILURE_S)  # fmt: skip
         return None
     return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
 
 def stage(session: Session, job_id: uuid.UUID, kind: str, data: dict[str, Any], final: bool = False) -> None:
-    """Publish this event once the session's transaction commits."""
+    """Publish this event of a job once the session's transaction commits."""
+    stage_to(session, stream_key(job_id), kind, data, final)
+
+
+def stage_to(session: Session, key: str, kind: str, data: dict[str, Any], final: bool = False) -> None:
+    """Publish this event to stream `key` once the session's transaction commits."""
     if events_enabled():
-        session.info.setdefault(_STAGED, []).append((job_id, kind, data, final))
+        session.info.setdefault(_STAGED, []).append((key, kind, data, final))
 
 
 @event.listens_for(Session, "after_commit")
 def _publish_staged(session: Session) -> None:
-    for job_id, kind, data, final in session.info.pop(_STAGED, []):
-        publish(job_id, kind, data, final)
+    for key, kind, data, final in session.info.pop(_STAGED, []):
+        publish(key, kind, data, final)
 
 
 @event.listens_for(Session, "after_rollback")

@@ -69,6 +69,27 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class Study(Base):
+    """A comparison: trial jobs sampled from a search space over a base spec (jobs/study_spec.py)."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    project: Mapped[str] = mapped_column(String(64), ForeignKey("projects.name"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONDocument)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    configs_created: Mapped[int] = mapped_column(Integer, default=0)  # configurations sampled so far
+    mlflow_experiment_id: Mapped[str | None] = mapped_column(String(64))
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64))  # the parent of the trials' runs
+    # The study ended but its MLflow report (leaderboard, plots, registered model) is not
+    # written yet: MLflow was down, or the worker that ended it died. The reaper retries.
+    report_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    result: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)  # the final leaderboard and report
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -109,6 +130,14 @@ class Job(Base):
     # Unique per project: two projects may well pick the same key.
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     spec_sha256: Mapped[str | None] = mapped_column(String(64))
+
+    # A study's trial: which configuration (a hash of its sampled values) and which
+    # Optuna trial it is; the objective after each epoch; whether Optuna was told the end.
+    study_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("studies.id"), index=True)
+    config_id: Mapped[str | None] = mapped_column(String(16))
+    trial_number: Mapped[int | None] = mapped_column(Integer)
+    objective_curve: Mapped[list[list[float]]] = mapped_column(JSONDocument, default=list)
+    trial_told: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     # Keyset pagination walks (created_at, id) newest first.
     __table_args__ = (

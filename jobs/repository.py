@@ -19,6 +19,7 @@ from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from jobs.events import stage as stage_event
+from jobs.events import stage_to, study_stream_key
 from jobs.models import DEFAULT_PROJECT, Job, JobCheckpoint, JobEvent, utcnow
 from jobs.settings import settings
 from jobs.spec import JobSpec
@@ -112,13 +113,16 @@ def list_jobs(
     status: JobStatus | None = None,
     limit: int = 20,
     cursor: str | None = None,
+    study_id: uuid.UUID | None = None,
 ) -> tuple[list[Job], str | None]:
-    """The project's jobs, newest first, keyset-paginated on (created_at, id)."""
+    """The project's jobs (of one study, when given), newest first, keyset-paginated on (created_at, id)."""
     query = (
         select(Job).where(Job.project == project).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     )
     if status is not None:
         query = query.where(Job.status == status)
+    if study_id is not None:
+        query = query.where(Job.study_id == study_id)
     if cursor:
         created_at, job_id = _decode_cursor(cursor)
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(created_at, job_id))
@@ -165,8 +169,11 @@ def transition(
         if result.rowcount == 1:
             session.add(JobEvent(job_id=job_id, from_status=from_status, to_status=to, at=now, detail=detail))
             session.flush()
-            stage_event(session, job_id, "state", {"status": to, "from": from_status, "detail": detail, "at": now},
-                        final=to in TERMINAL)  # fmt: skip
+            event = {"status": to, "from": from_status, "detail": detail, "at": now}
+            stage_event(session, job_id, "state", event, final=to in TERMINAL)
+            study_id = session.scalar(select(Job.study_id).where(Job.id == job_id))
+            if study_id is not None:  # a study's stream follows its trials too
+                stage_to(session, study_stream_key(study_id), "trial", event | {"job_id": str(job_id)})
             return from_status
     return None
 

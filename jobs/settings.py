@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     mlflow_artifacts_destination: str = ""
     mlflow_ui_url: str = Field("", description="Base of the run links shown to people.")
     default_experiment: str = "descent"
+    optuna_storage_url: str = Field(
+        "", description="Optuna's storage for studies; default: the database (PostgreSQL: schema `optuna`)."
+    )
     events_url: str = Field(
         "", description="Redis for live job events (SSE); default: the broker when it is Redis, else none."
     )
@@ -46,6 +49,7 @@ class Settings(BaseSettings):
     # Samples x values per sample: the dataset lives on the device as one tensor
     # (200 M float32 values = 800 MB), and long sequences multiply it.
     max_dataset_values: int = Field(200_000_000, ge=1)
+    max_study_jobs: int = Field(1000, ge=1, description="Trial jobs one study may run (configurations x repeats).")
 
     # Worker behaviour.
     progress_interval_s: float = Field(0.5, gt=0, description="How often a running job writes progress and checks for cancel.")
@@ -72,6 +76,12 @@ class Settings(BaseSettings):
         self.mlflow_tracking_uri = self.mlflow_tracking_uri or f"http://127.0.0.1:{self.mlflow_port}"
         self.mlflow_backend_store_uri = self.mlflow_backend_store_uri or f"sqlite:///{home}/mlflow.db"
         self.mlflow_artifacts_destination = self.mlflow_artifacts_destination or str(home / "mlartifacts")
+        if not self.optuna_storage_url:
+            # Optuna names a table `studies` as Descent does: its own file, or its own schema.
+            if self.database_url.startswith("sqlite"):
+                self.optuna_storage_url = f"sqlite:///{home}/optuna.db"
+            else:
+                self.optuna_storage_url = self.database_url
         if not self.events_url and self.broker_url.startswith(("redis://", "rediss://")):
             self.events_url = self.broker_url
         if not self.mlflow_ui_url and self.mlflow_tracking_uri.startswith(("http://", "https://")):

@@ -520,6 +520,16 @@ class InverseSqrtSchedule(SpecModel):
     warmup_steps: WarmupSteps = 100
 
 
+class LRRangeSchedule(SpecModel):
+    """The learning-rate range test's ramp: lr grows exponentially from min_lr to optimizer.lr,
+    one step at a time; training stops once the (smoothed) loss exceeds stop_factor times
+    its best, and a loss that explodes ends the run instead of failing it."""
+
+    name: Literal["lr_range"]
+    min_lr: float = Field(1e-6, gt=0, description="Learning rate at the first step.")
+    stop_factor: float = Field(4.0, gt=1, le=1000, description="Stop once the loss exceeds this many times its best.")
+
+
 ScheduleSpec = Annotated[
     Union[
         ConstantSchedule,
@@ -529,6 +539,7 @@ ScheduleSpec = Annotated[
         WarmupLinearSchedule,
         WarmupCosineSchedule,
         InverseSqrtSchedule,
+        LRRangeSchedule,
     ],
     Field(discriminator="name"),
 ]

@@ -49,6 +49,7 @@ RUN_STATUS_OF_JOB = {
     JobStatus.succeeded: RunStatus.FINISHED,
     JobStatus.failed: RunStatus.FAILED,
     JobStatus.cancelled: RunStatus.KILLED,
+    JobStatus.pruned: RunStatus.KILLED,  # stopped on purpose; the tag descent.pruned says why
 }
 
 

@@ -84,7 +84,8 @@ class Trainer:
         n_train = len(data.x_train)
         log_every = spec.log_every_steps
         clip = spec.clip_grad_norm
-        window = StepWindow(self.reporter)
+        stop_factor = getattr(spec.schedule, "stop_factor", None)  # the lr range test's ramp
+        window = StepWindow(self.reporter, LossExplosionWatch(stop_factor) if stop_factor else None)
         stopped = False
         model.train()
         while not stopped and (pos.order is not None or pos.epoch < spec.epochs):
@@ -118,10 +119,11 @@ class Trainer:
                 if self.checkpoint_every and pos.step % self.checkpoint_every == 0 and pos.batch_start < n_train:
                     self._checkpoint(window)  # (an epoch's last step is checkpointed at the epoch's end)
                 self.reporter.progress(pos.epoch, pos.step)
-                if self.reporter.should_stop() and pos.step < spec.total_steps:  # after the last step: no stop
-                    stopped = True
+                if (self.reporter.should_stop() or window.exploded_at) and pos.step < spec.total_steps:
+                    stopped = True  # (after the last step there is nothing left to stop)
                     break
             window.drain()
+            stopped = stopped or window.exploded_at is not None
             predicted = torch.cat(pos.predictions)
             train_acc = (predicted == data.y_train[pos.order[: len(predicted)]]).float().mean().item()
             val_loss, val_acc, _ = self.evaluate(data.x_val, data.y_val)
@@ -140,7 +142,8 @@ class Trainer:
             model=model,
             steps=pos.step,
             epochs=pos.epoch,
-            stopped_early=stopped,
+            stopped_early=stopped and window.exploded_at is None,
+            stopped_by=None if window.exploded_at is None else "loss exploded at step {} (lr {:g})".format(*window.exploded_at),
             final_metrics={
                 "train_loss": train_loss,
                 "train_accuracy": train_acc,
@@ -232,8 +235,10 @@ class StepWindow:
     happen once per window, in a couple of ops.
     """
 
-    def __init__(self, reporter: Reporter) -> None:
+    def __init__(self, reporter: Reporter, explosion: LossExplosionWatch | None = None) -> None:
         self.reporter = reporter
+        self.explosion = explosion
+        self.exploded_at: tuple[int, float] | None = None  # (step, lr) where the range test's loss blew up
         self.steps: list[int] = []
         self.lrs: list[float] = []
         self.losses: list[torch.Tensor] = []
@@ -261,13 +266,40 @@ class StepWindow:
             parts = torch.stack(self.norm_parts).reshape(len(self.logged), -1)
             norms = torch.linalg.vector_norm(parts, dim=1).tolist()
         first_bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        if self.explosion is not None:  # the range test: a loss that blows up is its end, not a failure
+            first_bad = next((i for i, loss in enumerate(losses) if self.explosion.exploded(loss)), None)
         for i, norm in zip(self.logged, norms):
             if first_bad is not None and i >= first_bad:
                 break  # the steps up to the divergence are logged: the charts show it coming
             self.reporter.log_metrics(self.steps[i], {"train_loss": losses[i], "lr": self.lrs[i], "grad_norm": norm})
-        if first_bad is not None:
+        if first_bad is not None and self.explosion is not None:
+            self.exploded_at = self.exploded_at or (self.steps[first_bad], self.lrs[first_bad])
+        elif first_bad is not None:
             raise TrainingDiverged(self.steps[first_bad], losses[first_bad], self.lrs[first_bad])
         self.steps, self.lrs, self.losses, self.logged, self.norm_parts = [], [], [], [], []
+
+
+class LossExplosionWatch:
+    """The range test's stopping rule (Smith, 2017; fastai's lr_find): the loss, smoothed
+    with a bias-corrected exponential moving average, above `factor` times the best
+    smoothed loss so far, or NaN/infinite."""
+
+    BETA = 0.98
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.average = 0.0
+        self.count = 0
+        self.best = math.inf
+
+    def exploded(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        self.count += 1
+        self.average = self.BETA * self.average + (1 - self.BETA) * loss
+        smoothed = self.average / (1 - self.BETA**self.count)
+        self.best = min(self.best, smoothed)
+        return smoothed > self.factor * self.best
 
 
 def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, n_classes: int) -> list[list[int]]:

@@ -69,7 +69,8 @@ class TrainingResult:
     model: nn.Module
     steps: int
     epochs: int
-    stopped_early: bool  # asked to stop (cancel) before the last step
+    stopped_early: bool  # asked to stop (cancel, timeout, pruning) before the last step
     final_metrics: dict[str, float]
     confusion_matrix: list[list[int]]
     class_names: list[str]
+    stopped_by: str | None = None  # why a run ended early by its own rule (the range test's explosion)

@@ -11,6 +11,7 @@ The closed forms, which the unit tests check the schedulers against:
                  min_lr + (lr - min_lr) * (1 - p)                 (min_lr at s = T - 1)
   warmup_cosine  as warmup_linear, with min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2
   inverse_sqrt   lr * min((s + 1) / W, sqrt(W / (s + 1)))
+  lr_range       min_lr * (lr / min_lr) ** (s / (T - 1))   (min_lr at s = 0, lr at s = T - 1)
 
 torch's own schedulers where one exists; LambdaLR with the closed form for the warm-up ones.
 """
@@ -46,6 +47,11 @@ def inverse_sqrt_multiplier(warmup: int) -> Callable[[int], float]:
     return lambda step: min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
 
 
+def range_test_multiplier(floor: float, total: int) -> Callable[[int], float]:
+    """lr(s) / lr of the range test: exponential from `floor` (= min_lr / lr) to 1."""
+    return lambda step: floor ** (1.0 - min(step, total - 1) / max(1, total - 1))
+
+
 def _base_lr(optimizer: torch.optim.Optimizer) -> float:
     return optimizer.param_groups[0]["lr"]
 
@@ -62,6 +68,7 @@ SCHEDULE_BUILDERS: dict[str, Callable[[torch.optim.Optimizer, object, int], LRSc
         opt, warmup_multiplier(s.warmup_steps, total, s.min_lr / _base_lr(opt), "cosine")
     ),
     "inverse_sqrt": lambda opt, s, total: LambdaLR(opt, inverse_sqrt_multiplier(s.warmup_steps)),
+    "lr_range": lambda opt, s, total: LambdaLR(opt, range_test_multiplier(s.min_lr / _base_lr(opt), total)),
 }
 
 

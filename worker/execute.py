@@ -20,6 +20,7 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from jobs import studies
 from jobs.db import session_scope
 from jobs.models import Job, JobCheckpoint
 from jobs.repository import claim_job, get_job, load_checkpoint, parse_job_id, set_mlflow_run, transition
@@ -32,7 +33,9 @@ from trainer.recipe import Trainer, resolve_device
 from trainer.reporting import TrainingResult
 from worker.metrics_sink import MlflowMetricSink
 from worker.mlflow_run import latest_steps, log_results, open_run, reopen_run
+from worker import study_runs
 from worker.monitor import JobMonitor, JobReporter, StopReason
+from worker.trial_pruning import TrialPruning
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class Outcome(StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+    pruned = "pruned"  # a study's pruner stopped it
     lost = "lost"  # this attempt lost its lease; another attempt carries the job on
 
 
@@ -66,11 +70,15 @@ def _conclude(
     status = JobStatus(outcome)
     if run_id is not None:
         try:
+            if outcome == Outcome.pruned:
+                client.set_tag(run_id, "descent.pruned", "true")
             end_run(client, run_id, status)
             values["mlflow_run_to_end"] = False
         except Exception:  # noqa: BLE001 - the job's outcome is recorded all the same; the reaper ends the run
             log.exception("could not end MLflow run %s of job %s; the reaper will", run_id, job_id)
     values |= {"epoch": reporter.epoch, "step": reporter.step, "latest_metrics": dict(reporter.latest)}
+    if reporter.objective_curve:
+        values["objective_curve"] = list(reporter.objective_curve)
     values |= {"lease_until": None}
     with session_scope() as session:
         moved = transition(
@@ -127,7 +135,25 @@ def execute_job(raw_job_id: str) -> Outcome:
     # The heartbeat covers the whole attempt, to the final transition: waiting for MLflow
     # to take the last metrics must not look like a dead worker.
     with JobMonitor(job_id, reporter, settings.progress_interval_s, attempt, settings.lease_s) as monitor:
-        return _run_attempt(job, attempt, checkpoint, reporter, monitor)
+        outcome = _run_attempt(job, attempt, checkpoint, reporter, monitor)
+    if job.study_id is not None and outcome not in (Outcome.lost, Outcome.skipped):
+        try:  # the next trials start now, not at the reaper's next pass
+            study_runs.advance(job.study_id)
+        except Exception:  # noqa: BLE001 - the job's outcome stands; the reaper moves the study on
+            log.exception("job %s ended, but its study %s could not be moved on; the reaper will", job_id, job.study_id)
+    return outcome
+
+
+def _follow_trial(job: Job, spec: JobSpec, reporter: JobReporter, monitor: JobMonitor) -> None:
+    """A study's trial reports its objective after every epoch, for pruning and the leaderboard."""
+    with session_scope() as session:
+        row = studies.get_study(session=session, study_id=job.study_id)
+        study = studies.parse_study(row)
+    reporter.objective, reporter.total_steps = study.objective.metric, spec.total_steps
+    try:
+        monitor.pruning = TrialPruning(job.study_id, study, spec, job.trial_number or 0)
+    except Exception as exc:  # noqa: BLE001 - Optuna's storage unreachable: the trial runs unpruned
+        log.warning("job %s: pruning unavailable (%s); the trial runs to its end", job.id, exc)
 
 
 def _run_attempt(
@@ -141,6 +167,8 @@ def _run_attempt(
         resolve_device(spec.device)  # a job this worker cannot run fails before any run is opened
         if spec.timeout_s:
             monitor.deadline = job.started_at + timedelta(seconds=spec.timeout_s)
+        if job.study_id is not None:
+            _follow_trial(job, spec, reporter, monitor)
         earlier_run = job.mlflow_run_id
 
         def connect() -> tuple[str, dict[str, int]]:
@@ -148,7 +176,8 @@ def _run_attempt(
             if earlier_run is not None:
                 reopen_run(client, earlier_run, attempt)
                 return earlier_run, latest_steps(client, earlier_run)
-            experiment_id, new_run = open_run(client, spec, job_id, attempt, job.project)
+            tags = study_runs.trial_tags(job, study_runs.ensure_parent_run(client, job.study_id)) if job.study_id else {}
+            experiment_id, new_run = open_run(client, spec, job_id, attempt, job.project, tags)
             with session_scope() as session:
                 set_mlflow_run(session=session, job_id=job_id, experiment_id=experiment_id, run_id=new_run)
             return new_run, {}
@@ -175,7 +204,7 @@ def _run_attempt(
         wait_until = time.monotonic() + settings.mlflow_wait_at_end_s
         sink.close(timeout_s=settings.mlflow_wait_at_end_s)
         if result.stopped_early:
-            outcome = Outcome.cancelled
+            outcome = Outcome.pruned if reporter.stop_reason == StopReason.pruned else Outcome.cancelled
         elif sink.run_id is None:
             log.error("job %s trained, but MLflow stayed unreachable: no run, metrics or model recorded", job_id)
             outcome = Outcome.succeeded

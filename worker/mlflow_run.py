@@ -42,7 +42,12 @@ def experiment_id_for(client: MlflowClient, name: str) -> str:
 
 
 def open_run(
-    client: MlflowClient, spec: JobSpec, job_id: uuid.UUID, attempt: int, project: str = DEFAULT_PROJECT
+    client: MlflowClient,
+    spec: JobSpec,
+    job_id: uuid.UUID,
+    attempt: int,
+    project: str = DEFAULT_PROJECT,
+    extra_tags: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """Create the job's run with the spec as dotted params and searchable tags; (experiment_id, run_id)."""
     experiment_id = experiment_id_for(client, spec.experiment or settings.default_experiment)
@@ -55,7 +60,7 @@ def open_run(
         "dataset": spec.dataset.name,
         "model": spec.model.arch,
         "loss": str(spec.loss),
-    }
+    } | (extra_tags or {})  # a study's trial: its parent run, study, configuration and seed
     run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
     params = [Param(key, value[:6000]) for key, value in spec.flat_params().items()]
     for start in range(0, len(params), MAX_PARAMS_PER_BATCH):

@@ -21,8 +21,10 @@ from typing import Any
 from jobs.db import session_scope
 from jobs.repository import record_progress, save_checkpoint
 from jobs.states import TERMINAL, JobStatus
+from jobs.studies import curve_point
 from trainer.checkpoint import checkpoint_to_bytes
 from worker.metrics_sink import MlflowMetricSink
+from worker.trial_pruning import TrialPruning
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ class StopReason(StrEnum):
     cancel = "cancel"
     timeout = "timeout"
     lease_lost = "lease_lost"  # the reaper gave the job to another attempt
+    pruned = "pruned"  # a study's pruner stopped this trial
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class JobReporter:
         self.checkpoint_min_interval_s = checkpoint_min_interval_s
         self.pending_checkpoint: PendingCheckpoint | None = None
         self._last_checkpoint_at = -math.inf
+        # A study's trial: the objective after each epoch, [step, percent of schedule, value].
+        self.objective: str | None = None
+        self.total_steps = 0
+        self.objective_curve: list[list[float]] = []
 
     def request_stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
@@ -76,6 +83,8 @@ class JobReporter:
         if self.sink is not None:
             self.sink.add(step, metrics)
         self.keep_latest(metrics)
+        if self.objective is not None and "epoch" in metrics and self.objective in metrics:
+            self.objective_curve.append(curve_point(step, self.total_steps, metrics[self.objective]))
 
     def keep_latest(self, metrics: Mapping[str, float]) -> None:
         for key in SUMMARY_METRICS:
@@ -110,6 +119,7 @@ class JobMonitor:
         self.deadline = deadline
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"job-monitor-{str(job_id)[:8]}", daemon=True)
+        self.pruning: TrialPruning | None = None  # set for a study's trial
         self.last_renewed = time.monotonic()  # the claim has just taken the lease
 
     def __enter__(self) -> JobMonitor:
@@ -177,3 +187,15 @@ class JobMonitor:
             if self.deadline is not None and datetime.now(timezone.utc) >= self.deadline:
                 self.reporter.request_stop(StopReason.timeout)
             self.store_ready_checkpoint()
+            self.check_pruning()
+
+    def check_pruning(self) -> None:
+        if self.pruning is None:
+            return
+        try:
+            if self.pruning.should_prune(self.reporter.objective_curve):
+                log.info("job %s: pruned by its study (objective behind the others at this point of its schedule)",
+                         self.job_id)  # fmt: skip
+                self.reporter.request_stop(StopReason.pruned)
+        except Exception as exc:  # noqa: BLE001 - a pruning check that fails lets the trial run on
+            log.warning("job %s: pruning check failed: %s", self.job_id, exc)

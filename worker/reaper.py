@@ -7,6 +7,8 @@ process (one or several: rows are taken with SKIP LOCKED):
   `max_attempts` the job fails with "worker lost";
 - ends the MLflow runs that finished jobs left RUNNING (the job failed above,
   was cancelled while queued, or ended while MLflow was down);
+- moves running studies on (a worker that died between ending a trial and starting
+  the next) and writes the MLflow report of ended studies that still lack one;
 - enqueues again queued jobs nobody claimed for `unclaimed_requeue_s` (the
   broker lost the message, or was down when the job was submitted), as many as
   PostgreSQL has queued jobs beyond the messages the broker holds.
@@ -28,6 +30,8 @@ from jobs.queue import enqueue_job, queue_depth
 from jobs.repository import claim_unclaimed, count_queued, mark_run_ended, reap_lost_jobs, runs_to_end
 from jobs.settings import settings
 from jobs.states import JobStatus
+from jobs.studies import running_study_ids, studies_to_report
+from worker import study_runs
 from jobs.tracking import end_run, tracking_client
 
 log = logging.getLogger("worker.reaper")
@@ -47,6 +51,7 @@ def recover_once() -> tuple[int, int]:
                 enqueue_job(job.job_id)
             except Exception as exc:  # noqa: BLE001 - still queued: the unclaimed sweep sends it later
                 log.warning("could not enqueue job %s: %s", job.job_id, exc)
+    move_studies_on()
     # Messages lost = queued jobs in PostgreSQL - messages in the broker. Re-sending only
     # that many keeps a long, healthy backlog from filling the broker with duplicates.
     try:
@@ -66,6 +71,23 @@ def recover_once() -> tuple[int, int]:
             log.warning("could not enqueue unclaimed job %s: %s", job_id, exc)
             break
     return len(reaped), sent
+
+
+def move_studies_on() -> None:
+    """Each running study advanced once (a no-op unless a trial ended unseen), then the
+    reports that are due. A failure here never stops the job recovery above."""
+    try:
+        with session_scope() as session:
+            running = running_study_ids(session=session)
+        for study_id in running:
+            study_runs.advance(study_id)
+        with session_scope() as session:
+            due = studies_to_report(session=session)
+        for study_id in due:
+            if not study_runs.write_report(study_id):
+                break  # MLflow down: the others would fail the same way
+    except Exception:  # noqa: BLE001
+        log.exception("moving studies on failed; the next pass tries again")
 
 
 def end_open_runs(session: Session) -> int:

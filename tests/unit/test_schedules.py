@@ -17,6 +17,7 @@ from jobs.spec import (
     CosineSchedule,
     ExponentialSchedule,
     InverseSqrtSchedule,
+    LRRangeSchedule,
     JobSpec,
     StepSchedule,
     WarmupCosineSchedule,
@@ -55,6 +56,8 @@ def closed_form(spec, lr: float, total: int):  # noqa: ANN001, ANN201
             return floor + (lr - floor) * (1 + math.cos(math.pi * p)) / 2
 
         return lr_at
+    if name == "lr_range":
+        return lambda s: spec.min_lr * (lr / spec.min_lr) ** (s / (total - 1))
     raise AssertionError(f"no closed form written for {name}")
 
 
@@ -88,6 +91,7 @@ SPECS = [
     WarmupCosineSchedule(name="warmup_cosine", warmup_steps=W, min_lr=0.0),
     WarmupCosineSchedule(name="warmup_cosine", warmup_steps=W, min_lr=0.005),
     InverseSqrtSchedule(name="inverse_sqrt", warmup_steps=W),
+    LRRangeSchedule(name="lr_range", min_lr=1e-5),
 ]
 
 

@@ -1,0 +1,135 @@
+"""/v1/studies: submit a comparison, follow it, read its leaderboard, cancel it.
+
+A bad study is a 422 before any trial exists: the spec's own rules, then every
+configuration the space can produce (ranges at both ends) validated as a job.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, status
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from api.deps import CallerDep, SessionDep
+from api.errors import describe, problem, unprocessable
+from api.schemas import AUTH_RESPONSES, BODY_RESPONSES, Problem, StudiesPublic, StudyPublic
+from jobs import studies
+from jobs.limits import limit_breaches
+from jobs.models import Study
+from jobs.queue import enqueue_job
+from jobs.settings import settings
+from jobs.study_spec import StudySpec, configurations_to_check, describe_values, first_invalid_configuration
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=AUTH_RESPONSES)
+NOT_FOUND = {404: {"model": Problem, "description": "No study with this id in the caller's project."}}
+
+
+def _parse_id(raw: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        return None
+
+
+def _study_or_404(session: SessionDep, caller: CallerDep, study_id: str) -> Study:
+    parsed = _parse_id(study_id)
+    study = studies.get_study(session=session, study_id=parsed, project=caller.project) if parsed else None
+    if study is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_id} not found")
+    return study
+
+
+def _public(session: SessionDep, study: Study) -> StudyPublic:
+    jobs = studies.trial_jobs(session=session, study_id=study.id)
+    spec = studies.parse_study(study)
+    board = studies.build_leaderboard(spec, studies.trial_records(spec, jobs))
+    return StudyPublic.from_row(study, studies.counts_by_status(jobs), board)
+
+
+def _problems(spec: StudySpec) -> list[dict]:
+    """Why this study cannot run, in the API's 422 items; [] when it can."""
+    if spec.n_jobs > settings.max_study_jobs:
+        field = "repeats" if spec.repeats > 1 else "search.max_trials"
+        return [problem("body", field, f"the study would run {spec.n_configurations} configurations x "
+                        f"{spec.repeats} seeds = {spec.n_jobs} jobs; this server runs at most "
+                        f"{settings.max_study_jobs} per study (MAX_STUDY_JOBS)", "limit_exceeded")]  # fmt: skip
+    bad = first_invalid_configuration(spec)
+    if bad is not None:
+        values, exc = bad
+        where = f"with {describe_values(values)}"
+        if isinstance(exc, ValidationError):
+            items = []
+            for error in exc.errors():
+                item = describe(error)
+                in_space = item["field"] in spec.space or any(p.startswith(item["field"] + ".") for p in spec.space)
+                field = f"space.{item['field']}" if in_space else f"base.{item['field']}"
+                items.append(problem("body", field, f"{item['msg']} ({where})", item["type"]))
+            return items
+        field = getattr(exc, "context", None) or {}
+        return [problem("body", field.get("field", "space"), f"{exc} ({where})", "spec_inconsistent")]
+    for values in configurations_to_check(spec):
+        job = studies.trial_spec(spec, values, spec.seeds[0], 0)
+        if breaches := limit_breaches(job, settings):
+            where = f"with {describe_values(values)}"
+            return [problem("body", f"base.{b.field}", f"{b.message} ({where})", "limit_exceeded") for b in breaches]
+    return []
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=StudyPublic,
+    responses=BODY_RESPONSES,
+)
+def submit_study(spec: StudySpec, session: SessionDep, caller: CallerDep) -> StudyPublic | JSONResponse:
+    """A base job spec, a search space over its fields, a search method, seeds, an
+    objective and a pruning rule; trials are ordinary jobs that belong to the study."""
+    if problems := _problems(spec):
+        return unprocessable(problems)
+    study, job_ids = studies.create_study(session=session, spec=spec, project=caller.project)
+    session.commit()
+    for job_id in job_ids:  # committed first: a worker never sees an id the database lacks
+        try:
+            enqueue_job(job_id)
+        except Exception as exc:  # noqa: BLE001 - still queued in PostgreSQL: the reaper sends it
+            log.warning("trial %s of study %s not yet enqueued (%s); the reaper will send it", job_id, study.id, exc)
+            break
+    return _public(session, study)
+
+
+@router.get("", response_model=StudiesPublic)
+def list_studies(
+    session: SessionDep, caller: CallerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> StudiesPublic:
+    """The caller's studies, newest first."""
+    rows = studies.list_studies(session=session, project=caller.project, limit=limit)
+    return StudiesPublic(items=[_public(session, s) for s in rows])
+
+
+@router.get("/{study_id}", response_model=StudyPublic, responses=NOT_FOUND)
+def get_study(study_id: str, session: SessionDep, caller: CallerDep) -> StudyPublic:
+    """Status, trials by status, and the leaderboard so far (final once the study ended)."""
+    return _public(session, _study_or_404(session, caller, study_id))
+
+
+@router.post(
+    "/{study_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=StudyPublic,
+    responses={**NOT_FOUND, 409: {"model": Problem, "description": "The study has already ended."}},
+)
+def cancel_study(study_id: str, session: SessionDep, caller: CallerDep) -> StudyPublic:
+    """Cancel the study and every trial still queued or running."""
+    study = _study_or_404(session, caller, study_id)
+    outcome = studies.cancel_study(session=session, study_id=study.id, project=caller.project)
+    session.commit()
+    if outcome is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_id} not found")
+    if not outcome.accepted:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"study {study_id} has already ended ({outcome.status})")
+    return _public(session, _study_or_404(session, caller, study_id))

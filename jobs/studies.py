@@ -1,0 +1,246 @@
+"""Every read and write of studies, and the step that moves a study on.
+
+`advance_study` is the one place a study changes: it tells Optuna how ended trials
+went, creates the next trial jobs while the study has room (`search.parallelism`)
+and budget (its configurations), and ends the study once every trial has ended. It
+runs when the study is created (API), whenever one of its trials ends (the worker
+that ran it), and on every reaper pass (a worker that died between the two), under
+a lock on the study's row, so that concurrent callers never create a trial twice.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from jobs import study_search
+from jobs.events import stage_to, study_stream_key
+from jobs.leaderboard import TrialRecord, build_leaderboard
+from jobs.models import Job, Study, utcnow
+from jobs.repository import create_job, request_cancel
+from jobs.spec import JobSpec
+from jobs.states import STUDY_TERMINAL, TERMINAL, JobStatus, StudyStatus
+from jobs.study_spec import LRRangeTest, StudySpec, config_id, describe_values, sampled_spec
+
+log = logging.getLogger(__name__)
+
+
+def parse_study(study: Study) -> StudySpec:
+    return StudySpec.model_validate(study.spec)
+
+
+def range_test_spec(spec: StudySpec, seed: int) -> JobSpec:
+    """The range test's one job: the base spec with the exponential ramp from min_lr to
+    max_lr over (at least) `steps` steps, every step logged."""
+    search = spec.search
+    assert isinstance(search, LRRangeTest)
+    base = sampled_spec(spec, {}, seed)
+    epochs = max(1, math.ceil(search.steps / base.steps_per_epoch))
+    optimizer = base.optimizer.model_dump(mode="json") | {"lr": search.max_lr}
+    schedule = {"name": "lr_range", "min_lr": search.min_lr, "stop_factor": search.stop_factor}
+    raw = base.model_dump(mode="json") | {"optimizer": optimizer, "schedule": schedule, "epochs": epochs,
+                                          "log_every_steps": 1}  # fmt: skip
+    return JobSpec.model_validate(raw)
+
+
+def trial_spec(spec: StudySpec, values: dict[str, Any], seed: int, number: int) -> JobSpec:
+    job_spec = range_test_spec(spec, seed) if isinstance(spec.search, LRRangeTest) else sampled_spec(spec, values, seed)
+    name = f"{spec.name}-{number}-seed{seed}"[:100]
+    return job_spec.model_copy(update={"name": name})
+
+
+def _stage_state(session: Session, study: Study, detail: str | None = None) -> None:
+    data = {"status": study.status, "detail": detail, "at": utcnow()}
+    stage_to(session, study_stream_key(study.id), "state", data, final=study.status in STUDY_TERMINAL)
+
+
+def create_study(*, session: Session, spec: StudySpec, project: str) -> tuple[Study, list[uuid.UUID]]:
+    """The study and its first trial jobs (ids to enqueue once committed)."""
+    study = Study(project=project, name=spec.name, status=StudyStatus.running,
+                  spec=spec.model_dump(mode="json", by_alias=True), configs_created=0, result={})  # fmt: skip
+    session.add(study)
+    session.flush()
+    study_search.load(study.id, spec, seed=spec.seeds[0], create=True)
+    _stage_state(session, study, "created")
+    return study, advance_study(session=session, study_id=study.id).new_jobs
+
+
+def get_study(*, session: Session, study_id: uuid.UUID, project: str | None = None) -> Study | None:
+    study = session.get(Study, study_id, populate_existing=True)
+    if study is None or (project is not None and study.project != project):
+        return None
+    return study
+
+
+def list_studies(*, session: Session, project: str, limit: int = 50) -> list[Study]:
+    query = select(Study).where(Study.project == project).order_by(Study.created_at.desc(), Study.id.desc())
+    return list(session.scalars(query.limit(limit)))
+
+
+def trial_jobs(*, session: Session, study_id: uuid.UUID) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.study_id == study_id).order_by(Job.created_at, Job.id)))
+
+
+def _value_at(document: dict[str, Any], path: str) -> Any:
+    node: Any = document
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+def trial_records(spec: StudySpec, jobs: list[Job]) -> list[TrialRecord]:
+    metric = spec.objective.metric
+    return [
+        TrialRecord(
+            job_id=str(job.id),
+            config_id=job.config_id or "",
+            values={path: _value_at(job.spec, path) for path in spec.space},
+            seed=int(job.spec.get("seed", 0)),
+            status=job.status,
+            objective=(job.latest_metrics or {}).get(metric) if job.status == JobStatus.succeeded else None,
+            curve=list(job.objective_curve or []),
+        )
+        for job in jobs
+    ]
+
+
+def leaderboard(*, session: Session, study: Study) -> dict[str, Any]:
+    spec = parse_study(study)
+    return build_leaderboard(spec, trial_records(spec, trial_jobs(session=session, study_id=study.id)))
+
+
+def counts_by_status(jobs: list[Job]) -> dict[str, int]:
+    counts = {str(s): 0 for s in JobStatus}
+    for job in jobs:
+        counts[job.status] += 1
+    return counts
+
+
+@dataclass
+class Advance:
+    new_jobs: list[uuid.UUID] = field(default_factory=list)  # to enqueue once committed
+    ended: bool = False  # the study ended in this step: its MLflow report is due
+
+
+def lock_study(session: Session, study_id: uuid.UUID) -> Study | None:
+    # A write first: the row lock on PostgreSQL, the database's write lock on SQLite.
+    session.execute(
+        update(Study).where(Study.id == study_id).values(configs_created=Study.configs_created)
+        .execution_options(synchronize_session=False)
+    )  # fmt: skip
+    return session.get(Study, study_id, populate_existing=True)
+
+
+def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
+    """Tell, ask, create, end: see the module's docstring. The caller commits, then enqueues."""
+    advance = Advance()
+    study = lock_study(session, study_id)
+    if study is None or study.status in STUDY_TERMINAL:
+        return advance
+    spec = parse_study(study)
+    optuna_study = study_search.load(study.id, spec, seed=spec.seeds[0])
+    jobs = trial_jobs(session=session, study_id=study.id)
+    metric = spec.objective.metric
+    for job in jobs:
+        if job.status in TERMINAL and not job.trial_told and job.trial_number is not None:
+            value = (job.latest_metrics or {}).get(metric) if job.status == JobStatus.succeeded else None
+            study_search.tell(optuna_study, job.trial_number, value, pruned=job.status == JobStatus.pruned)
+            job.trial_told = True
+    active = sum(job.status not in TERMINAL for job in jobs)
+    seeds = spec.seeds[:1] if isinstance(spec.search, LRRangeTest) else spec.seeds
+    room = spec.search.parallelism - active if hasattr(spec.search, "parallelism") else 1 - active
+    result = dict(study.result or {})
+    while room > 0 and study.configs_created < spec.n_configurations:
+        (planned,) = study_search.next_configurations(spec, study.configs_created, 1)
+        number, values = study_search.ask(optuna_study, spec, planned)
+        study.configs_created += 1
+        numbers = [number] + [study_search.ask(optuna_study, spec, values)[0] for _ in seeds[1:]]
+        try:
+            specs = [trial_spec(spec, values, seed, study.configs_created) for seed in seeds]
+        except (ValidationError, ValueError) as exc:  # a sampled point the corner checks did not catch
+            for n in numbers:
+                study_search.tell(optuna_study, n, None, pruned=False)
+            message = str(exc).splitlines()[0] if isinstance(exc, ValueError) else str(exc)
+            result.setdefault("invalid_configurations", []).append(
+                {"values": values, "error": f"{describe_values(values)}: {message}"[:1000]}
+            )
+            continue
+        cid = config_id(values)
+        for job_spec, n in zip(specs, numbers):
+            job, _ = create_job(session=session, spec=job_spec, project=study.project)
+            job.study_id, job.config_id, job.trial_number = study.id, cid, n
+            advance.new_jobs.append(job.id)
+        room -= len(seeds)
+    study.result = result
+    if not advance.new_jobs and active == 0 and study.configs_created >= spec.n_configurations:
+        finished = [job for job in jobs if job.status == JobStatus.succeeded]
+        _end(session, study, StudyStatus.succeeded if finished else StudyStatus.failed)
+        advance.ended = True
+    session.flush()
+    return advance
+
+
+def _end(session: Session, study: Study, status: StudyStatus, detail: str | None = None) -> None:
+    study.status = status
+    study.finished_at = utcnow()
+    study.report_pending = True
+    study.result = dict(study.result or {}) | {"leaderboard": leaderboard(session=session, study=study)}
+    _stage_state(session, study, detail)
+
+
+@dataclass(frozen=True)
+class StudyCancel:
+    accepted: bool
+    status: StudyStatus
+
+
+def cancel_study(*, session: Session, study_id: uuid.UUID, project: str | None = None) -> StudyCancel | None:
+    """Cancel the study and every trial still queued or running; None when it does not exist."""
+    study = get_study(session=session, study_id=study_id, project=project)
+    if study is None:
+        return None
+    study = lock_study(session, study_id)
+    assert study is not None
+    if study.status in STUDY_TERMINAL:
+        return StudyCancel(accepted=False, status=StudyStatus(study.status))
+    for job in trial_jobs(session=session, study_id=study_id):
+        if job.status not in TERMINAL:
+            request_cancel(session=session, job_id=job.id)
+    _end(session, study, StudyStatus.cancelled, "cancel requested")
+    return StudyCancel(accepted=True, status=StudyStatus.cancelled)
+
+
+def running_study_ids(*, session: Session) -> list[uuid.UUID]:
+    return list(session.scalars(select(Study.id).where(Study.status == StudyStatus.running)))
+
+
+def studies_to_report(*, session: Session, limit: int = 10) -> list[uuid.UUID]:
+    return list(session.scalars(select(Study.id).where(Study.report_pending.is_(True)).limit(limit)))
+
+
+def set_parent_run(*, session: Session, study_id: uuid.UUID, experiment_id: str, run_id: str) -> None:
+    session.execute(
+        update(Study).where(Study.id == study_id)
+        .values(mlflow_experiment_id=experiment_id, mlflow_run_id=run_id).execution_options(synchronize_session=False)
+    )  # fmt: skip
+
+
+def record_report(*, session: Session, study_id: uuid.UUID, report: dict[str, Any]) -> None:
+    study = session.get(Study, study_id, populate_existing=True)
+    if study is None:
+        return
+    study.result = dict(study.result or {}) | report
+    study.report_pending = False
+
+
+def curve_point(job_step: int, total_steps: int, value: float) -> list[float]:
+    """One row of a trial's objective curve: [step, percent of its schedule, value]."""
+    return [job_step, round(100.0 * job_step / total_steps, 4) if total_steps else 100.0, value]

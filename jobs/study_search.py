@@ -1,0 +1,180 @@
+"""The search and pruning side of a study, done by Optuna (its samplers, pruners and
+ask-and-tell interface, with its own tables as storage so that the API, every worker
+and the reaper share one view). One Optuna trial per trial job: a configuration run
+with three seeds is three Optuna trials with the same values.
+
+Pruning that is fair to schedules: a trial reports its objective at tenths of its OWN
+schedule (10 %, 20 %, ... of its total steps), never at raw steps, so a warm-up or
+a cosine run is compared with others at the same point of their plans, and a run of
+3 epochs with one of 5. The value reported at each tenth is the objective as last
+measured (at an epoch's end) at or before it. No trial is pruned before `min_epochs`
+or while its learning rate is still warming up (the worker checks both).
+
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from jobs.settings import settings
+from jobs.study_spec import (
+    GridDimension,
+    GridSearch,
+    IntDimension,
+    LogUniformDimension,
+    RandomSearch,
+    StudySpec,
+    TPESearch,
+    UniformDimension,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SCHEDULE_POINTS = tuple(range(10, 101, 10))  # percent of a trial's own schedule
+
+
+@lru_cache(maxsize=4)
+def storage(url: str | None = None) -> optuna.storages.RDBStorage:
+    url = url or settings.optuna_storage_url
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("postgresql"):
+        # Optuna has a table named `studies` too: its tables live in their own schema.
+        engine_kwargs = {"connect_args": {"options": "-csearch_path=optuna"}, "pool_pre_ping": True}
+    elif url.startswith("sqlite"):
+        settings.ensure_home()
+        engine_kwargs = {"connect_args": {"timeout": 30}}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def optuna_name(study_id: object) -> str:
+    return f"descent-{study_id}"
+
+
+def sampler_for(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
+    if isinstance(spec.search, TPESearch):
+        # constant_liar: with several trials running, TPE does not propose the same point to each.
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.search.n_startup_trials, constant_liar=True)
+    # grid: every configuration is enqueued with its values, the sampler only fills them in.
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def pruner_for(spec: StudySpec) -> optuna.pruners.BasePruner:
+    if spec.pruning.method == "median":
+        # Once as many trials ended as one configuration has seeds, and one more.
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.repeats + 1, n_warmup_steps=0, interval_steps=1)
+    if spec.pruning.method == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=SCHEDULE_POINTS[0], reduction_factor=spec.pruning.reduction_factor
+        )
+    return optuna.pruners.NopPruner()
+
+
+def load(study_id: object, spec: StudySpec, seed: int = 0, create: bool = False) -> optuna.Study:
+    direction = "maximize" if spec.objective.direction == "max" else "minimize"
+    name = optuna_name(study_id)
+    if create:
+        return optuna.create_study(study_name=name, storage=storage(), direction=direction,
+                                   sampler=sampler_for(spec, seed), pruner=pruner_for(spec), load_if_exists=True)  # fmt: skip
+    return optuna.load_study(study_name=name, storage=storage(), sampler=sampler_for(spec, seed),
+                             pruner=pruner_for(spec))  # fmt: skip
+
+
+# --------------------------------------------------------------------------- values <-> Optuna params
+
+
+def distributions(spec: StudySpec) -> dict[str, BaseDistribution]:
+    """One Optuna distribution per path. Grid values travel as their JSON text, so that any
+    JSON value (a list of layer widths, an object) can be a choice."""
+    out: dict[str, BaseDistribution] = {}
+    for path, dim in spec.space.items():
+        if isinstance(dim, GridDimension):
+            out[path] = CategoricalDistribution([json.dumps(v, sort_keys=True) for v in dim.grid])
+        elif isinstance(dim, UniformDimension):
+            out[path] = FloatDistribution(*dim.uniform)
+        elif isinstance(dim, LogUniformDimension):
+            out[path] = FloatDistribution(*dim.log_uniform, log=True)
+        elif isinstance(dim, IntDimension):
+            out[path] = IntDistribution(*dim.int_range)
+    return out
+
+
+def to_params(spec: StudySpec, values: dict[str, Any]) -> dict[str, Any]:
+    return {p: json.dumps(v, sort_keys=True) if isinstance(spec.space[p], GridDimension) else v for p, v in values.items()}
+
+
+def from_params(spec: StudySpec, params: dict[str, Any]) -> dict[str, Any]:
+    """Values in the space's order."""
+    return {p: json.loads(params[p]) if isinstance(dim, GridDimension) else params[p] for p, dim in spec.space.items()}
+
+
+def ask(study: optuna.Study, spec: StudySpec, values: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """A new trial: with `values` (a grid point, another seed of a configuration) exactly
+    those, else what the sampler proposes. (trial number, values)"""
+    if values is not None:
+        study.enqueue_trial(to_params(spec, values), skip_if_exists=False)
+    trial = study.ask(distributions(spec))
+    return trial.number, from_params(spec, trial.params)
+
+
+def next_configurations(spec: StudySpec, created: int, wanted: int) -> list[dict[str, Any] | None]:
+    """The next `wanted` configurations after the first `created`: grid points for a grid
+    (None = let the sampler propose, for random and tpe)."""
+    remaining = max(0, spec.n_configurations - created)
+    count = min(wanted, remaining)
+    if isinstance(spec.search, GridSearch):
+        return list(spec.grid_configurations()[created : created + count])
+    if isinstance(spec.search, (RandomSearch, TPESearch)):
+        return [None] * count
+    return [{}] * count  # the range test: the base spec itself
+
+
+# --------------------------------------------------------------------------- reports and outcomes
+
+
+def schedule_points(curve: list[list[float]]) -> dict[int, float]:
+    """{percent: objective} at each tenth of the schedule that the curve has reached:
+    the objective as last measured at or before it. `curve` rows are [step, percent, value]."""
+    if not curve:
+        return {}
+    reached = curve[-1][1]
+    points = {}
+    for point in SCHEDULE_POINTS:
+        if point > reached + 1e-9:
+            break
+        measured = [row[2] for row in curve if row[1] <= point + 1e-9]
+        if measured and math.isfinite(measured[-1]):
+            points[point] = measured[-1]
+    return points
+
+
+def report_and_check(study: optuna.Study, trial_number: int, points: dict[int, float], may_prune: bool) -> bool:
+    """Report the trial's new schedule points; True when the pruner says stop."""
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+    trial = optuna.trial.Trial(study, trial_id)
+    known = study._storage.get_trial(trial_id).intermediate_values
+    for point, value in sorted(points.items()):
+        if point not in known:
+            trial.report(value, point)
+    return may_prune and bool(points) and trial.should_prune()
+
+
+def tell(study: optuna.Study, trial_number: int, value: float | None, pruned: bool) -> None:
+    """The trial's end: its final objective, pruned, or failed (no value)."""
+    try:
+        if pruned:
+            study.tell(trial_number, state=TrialState.PRUNED)
+        elif value is not None and math.isfinite(value):
+            study.tell(trial_number, value)
+        else:
+            study.tell(trial_number, state=TrialState.FAIL)
+    except (ValueError, RuntimeError) as exc:  # already told (a retried advance): nothing to do
+        if "finished" not in str(exc).lower() and "already" not in str(exc).lower():
+            raise

@@ -1,0 +1,222 @@
+"""A study's side of the worker: its MLflow parent run (the trials' runs nest under it),
+moving the study on when one of its trials ends, and its final report.
+
+The report (written once the study ended, by the worker that ran its last trial or
+else by the reaper) puts on the parent run: the leaderboard as a table, the plots
+people would otherwise make by hand, the range test's reading, and registers the
+best trial's model under the study's name. MLflow down: the study has ended all the
+same (the leaderboard is in PostgreSQL) and the report waits for a later pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import uuid
+from typing import Any
+
+import matplotlib.pyplot as plt
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from jobs import studies
+from jobs.db import session_scope
+from jobs.lr_range import analyse
+from jobs.models import Job, Study, utcnow
+from jobs.queue import enqueue_job
+from jobs.settings import settings
+from jobs.states import JobStatus, StudyStatus
+from jobs.study_spec import LRRangeTest, StudySpec, describe_values
+from jobs.tracking import tracking_client
+from worker import study_plots
+from worker.mlflow_run import experiment_id_for
+
+log = logging.getLogger(__name__)
+
+REPORT_ATTEMPTS = 5  # a report that fails this often (not an outage: a bug) is given up
+RUN_STATUS_OF_STUDY = {StudyStatus.succeeded: RunStatus.FINISHED, StudyStatus.failed: RunStatus.FAILED,
+                       StudyStatus.cancelled: RunStatus.KILLED}  # fmt: skip
+
+
+def ensure_parent_run(client: MlflowClient, study_id: uuid.UUID) -> str:
+    """The study's parent run, created by the first trial that needs it (the row lock
+    makes concurrent first trials agree on one)."""
+    with session_scope() as session:
+        study = studies.lock_study(session, study_id)
+        assert study is not None
+        if study.mlflow_run_id:
+            return study.mlflow_run_id
+        spec = studies.parse_study(study)
+        experiment_id = experiment_id_for(client, spec.base.get("experiment") or settings.default_experiment)
+        tags = {"descent.study_id": str(study.id), "descent.kind": "study", "descent.project": study.project}
+        run = client.create_run(experiment_id, run_name=f"study {spec.name}", tags=tags)
+        params = {
+            "search.method": spec.search.method, "repeats": str(spec.repeats),
+            "objective.metric": spec.objective.metric, "objective.direction": spec.objective.direction,
+            "pruning.method": spec.pruning.method, "space": json.dumps(spec.model_dump(mode="json", by_alias=True)["space"]),
+        }  # fmt: skip
+        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        studies.set_parent_run(session=session, study_id=study.id, experiment_id=experiment_id, run_id=run.info.run_id)
+        return run.info.run_id
+
+
+def trial_tags(job: Job, parent_run_id: str) -> dict[str, str]:
+    return {
+        "mlflow.parentRunId": parent_run_id,  # nests the trial's run under the study's in the UI
+        "descent.study_id": str(job.study_id),
+        "descent.config_id": job.config_id or "",
+        "descent.seed": str(job.spec.get("seed", 0)),
+        "descent.trial_number": str(job.trial_number),
+    }
+
+
+def advance(study_id: uuid.UUID) -> None:
+    """Move the study on (a trial of it ended); write its report when it ended."""
+    with session_scope() as session:
+        step = studies.advance_study(session=session, study_id=study_id)
+    for job_id in step.new_jobs:
+        try:
+            enqueue_job(job_id)
+        except Exception as exc:  # noqa: BLE001 - queued in PostgreSQL: the reaper sends it
+            log.warning("trial %s of study %s not yet enqueued (%s); the reaper will send it", job_id, study_id, exc)
+            break
+    if step.ended:
+        write_report(study_id)
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [(p.step, p.value) for p in points]
+
+
+def _log_figure(client: MlflowClient, run_id: str, fig: plt.Figure, name: str) -> None:
+    try:
+        client.log_figure(run_id, fig, name)
+    finally:
+        plt.close(fig)
+
+
+def _leaderboard_csv(board: dict[str, Any]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["rank", "config_id", "values", "n", "mean", "std", "steps_to_target", "statuses"])
+    for row in board["configurations"]:
+        writer.writerow([row["rank"], row["config_id"], describe_values(row["values"]), row["n"], row["mean"],
+                         row["std"], row["steps_to_target"], json.dumps(row["statuses"])])  # fmt: skip
+    return out.getvalue()
+
+
+def write_report(study_id: uuid.UUID) -> bool:
+    """The ended study's MLflow report; False when it must be tried again later."""
+    with session_scope() as session:
+        study = studies.get_study(session=session, study_id=study_id)
+        if study is None or not study.report_pending:
+            return True
+        spec = studies.parse_study(study)
+        trials = [(j.id, j.status, j.mlflow_run_id, j.config_id, j.spec) for j in studies.trial_jobs(session=session, study_id=study_id)]
+        board = studies.leaderboard(session=session, study=study)
+        attempts = int((study.result or {}).get("report_attempts", 0)) + 1
+        status = StudyStatus(study.status)
+    client = tracking_client()
+    try:
+        parent = ensure_parent_run(client, study_id)
+        report = _report(client, parent, spec, board, trials, study_name=spec.name)
+        client.set_terminated(parent, status=RunStatus.to_string(RUN_STATUS_OF_STUDY[status]))
+    except Exception as exc:  # noqa: BLE001 - MLflow down (or a bug): the reaper tries again
+        log.warning("study %s: report not written (attempt %d): %s", study_id, attempts, exc)
+        with session_scope() as session:
+            row = session.get(Study, study_id)
+            if row is not None:
+                given_up = attempts >= REPORT_ATTEMPTS
+                row.result = dict(row.result or {}) | {"report_attempts": attempts,
+                                                       "report_error": f"{type(exc).__name__}: {exc}"[:500]}  # fmt: skip
+                row.report_pending = not given_up
+        return False
+    with session_scope() as session:
+        studies.record_report(session=session, study_id=study_id, report=report | {"leaderboard": board,
+                                                                                    "reported_at": utcnow().isoformat()})  # fmt: skip
+    log.info("study %s: report written to MLflow run %s", study_id, parent)
+    return True
+
+
+def _report(
+    client: MlflowClient, parent: str, spec: StudySpec, board: dict[str, Any], trials: list[tuple], study_name: str
+) -> dict[str, Any]:
+    client.log_dict(parent, board, "leaderboard.json")
+    client.log_text(parent, _leaderboard_csv(board), "leaderboard.csv")
+    labels = {row["config_id"]: describe_values(row["values"]) for row in board["configurations"]}
+    ran = [t for t in trials if t[2] and t[1] in (JobStatus.succeeded, JobStatus.pruned)]
+    histories: dict[uuid.UUID, dict[str, list[tuple[int, float]]]] = {
+        job_id: {key: _history(client, run_id, key) for key in ("train_loss", "val_accuracy", "lr")}
+        for job_id, _status, run_id, _cid, _spec in ran
+    }
+    report: dict[str, Any] = {}
+    for metric in ("train_loss", "val_accuracy"):
+        groups: dict[str, list] = {}
+        for job_id, _status, _run, cid, _spec in ran:
+            groups.setdefault(labels.get(cid, cid), []).append(histories[job_id][metric])
+        _log_figure(client, parent, study_plots.curves_figure(metric, groups), f"plots/{metric}.png")
+    by_optimizer: dict[str, list[tuple[float, float]]] = {}
+    metric = spec.objective.metric
+    with session_scope() as session:
+        for job_id, status, _run, _cid, job_spec in trials:
+            job = session.get(Job, job_id)
+            value = (job.latest_metrics or {}).get(metric) if job is not None and status == JobStatus.succeeded else None
+            if value is not None:
+                by_optimizer.setdefault(job_spec["optimizer"]["name"], []).append((job_spec["optimizer"]["lr"], value))
+    _log_figure(client, parent, study_plots.objective_vs_lr_figure(metric, by_optimizer), "plots/objective_vs_lr.png")
+    schedules = {}
+    for job_id, _status, _run, cid, _spec in ran:
+        schedules.setdefault(labels.get(cid, cid), histories[job_id]["lr"])
+    _log_figure(client, parent, study_plots.schedules_figure(schedules), "plots/lr_schedules.png")
+
+    metrics = []
+    best = next((row for row in board["configurations"] if row["rank"] == 1), None)
+    now = int(utcnow().timestamp() * 1000)
+    if best is not None:
+        metrics.append(Metric(f"best_{metric}_mean", best["mean"], now, 0))
+    comparison = board.get("comparison") or {}
+    if comparison.get("p_value") is not None:
+        metrics.append(Metric("lead_p_value", comparison["p_value"], now, 0))
+    if metrics:
+        client.log_batch(parent, metrics=metrics)
+    if best is not None:
+        client.set_tag(parent, "descent.best_config", labels.get(best["config_id"], best["config_id"]))
+
+    if isinstance(spec.search, LRRangeTest) and ran:
+        job_id = ran[0][0]
+        lrs = [v for _, v in histories[job_id]["lr"]]
+        losses = [v for _, v in histories[job_id]["train_loss"]]
+        reading = analyse(lrs, losses, spec.search.stop_factor)
+        report["lr_range_test"] = reading
+        client.log_dict(parent, reading, "lr_range_test.json")
+        _log_figure(client, parent, study_plots.range_test_figure(lrs, losses, reading["suggested_lr"]),
+                    "plots/lr_range_test.png")  # fmt: skip
+        if reading["suggested_lr"]:
+            client.log_batch(parent, metrics=[Metric("suggested_lr", reading["suggested_lr"], now, 0)])
+    if best is not None and best.get("best_job_id") and not isinstance(spec.search, LRRangeTest):
+        report["registered_model"] = _register_best(client, trials, best["best_job_id"], study_name)
+    return report
+
+
+def _register_best(client: MlflowClient, trials: list[tuple], job_id: str, name: str) -> dict[str, Any] | None:
+    """The best trial's model in the Model Registry under the study's name (a new version
+    each time a study of that name ends)."""
+    run_id = next((t[2] for t in trials if str(t[0]) == job_id), None)
+    if run_id is None or not settings.log_model:
+        return None
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    try:
+        version = mlflow.register_model(f"runs:/{run_id}/model", name, await_registration_for=60)
+    except MlflowException as exc:
+        log.warning("could not register the best model of study %s: %s", name, exc)
+        return {"name": name, "version": None, "error": str(exc)[:300]}
+    client.set_registered_model_alias(name, "best", version.version)
+    return {"name": name, "version": version.version, "run_id": run_id, "job_id": job_id, "alias": "best"}
