@@ -3,7 +3,7 @@
 Exit codes, for scripts:
   0  done (for `watch` and `submit --watch`: the job succeeded)
   1  the job failed
-  2  the job was cancelled
+  2  the job was cancelled (or pruned by its study)
   3  usage or validation error: bad arguments, a spec file that is not a YAML/JSON
      mapping, or the API refused the request (4xx; its message names the field)
   4  no answer from the server, the API key refused (401/403), or the server unavailable (5xx)
@@ -37,7 +37,7 @@ from descent.config import ConfigError
 from descent.specfile import SpecFileError, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
-EXIT_BY_STATUS = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+EXIT_BY_STATUS = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED, "pruned": EXIT_CANCELLED}
 SHOWN_METRICS = ("train_loss", "val_accuracy")  # what a live view and the job list show
 
 
@@ -363,6 +363,149 @@ def catalog(ctx: typer.Context, output: OutputOption = Output.table) -> None:
     for entry in data.get("losses", []):
         losses.add_row(entry["name"], entry.get("description") or "")
     out.print(losses)
+
+
+# --------------------------------------------------------------------------- studies
+
+study_app = typer.Typer(help="Studies: compare optimizers and schedules over seeds, with search and pruning.",
+                        no_args_is_help=True)  # fmt: skip
+app.add_typer(study_app, name="study")
+StudyId = Annotated[str, typer.Argument(help="The study's id.")]
+
+
+def _values_label(values: dict[str, Any]) -> str:
+    return ", ".join(f"{path}={json.dumps(v)}" for path, v in values.items()) or "(base spec)"
+
+
+def _print_study(study: dict[str, Any]) -> None:
+    board = study["leaderboard"]
+    trials = ", ".join(f"{n} {status}" for status, n in study["trials"].items() if n)
+    out.print(f"study {study['id']} ({escape(study['name'])}): [bold]{study['status']}[/bold]  "
+              f"{study['configurations_started']}/{study['configurations']} configurations, trials: {trials or 'none'}")  # fmt: skip
+    arrow = "higher" if board["direction"] == "max" else "lower"
+    target = study["spec"]["objective"].get("target")
+    table = Table("rank", "configuration", "seeds", f"{board['metric']} mean", "std",
+                  f"steps to {target}" if target is not None else "steps to target", "trials",
+                  title=f"leaderboard ({board['metric']}, {arrow} is better)", title_justify="left")  # fmt: skip
+    for row in board["configurations"]:
+        statuses = " ".join(f"{n} {s}" for s, n in row["statuses"].items())
+        table.add_row(str(row["rank"] or "-"), escape(_values_label(row["values"])), str(row["n"]),
+                      _number(row["mean"]), _number(row["std"]),
+                      "-" if row["steps_to_target"] is None else f"{row['steps_to_target']:.0f} ({row['reached_target']})",
+                      statuses)  # fmt: skip
+    out.print(table)
+    comparison = board.get("comparison")
+    if comparison:
+        verdict = {True: "[green]larger than the seed-to-seed noise[/green]",
+                   False: "[yellow]within the seed-to-seed noise[/yellow]", None: "not testable"}[comparison["lead_exceeds_noise"]]  # fmt: skip
+        ci = comparison.get("ci95")
+        numbers = (f"Welch t-test p = {comparison['p_value']:.3g}, bootstrap 95% CI [{ci[0]:.4f}, {ci[1]:.4f}]"
+                   if comparison["p_value"] is not None and ci else comparison.get("reason") or "")  # fmt: skip
+        out.print(f"best vs runner-up: difference {comparison['difference']:+.4f}: {verdict} ({numbers})")
+    if study.get("lr_range_test"):
+        reading = study["lr_range_test"]
+        if reading.get("suggested_lr"):
+            low, high = reading["bounds"]
+            out.print(f"lr range test: suggested lr {reading['suggested_lr']:.3g} (lowest loss at {reading['min_loss_lr']:.3g}); "
+                      f"a search could use [{low:.3g}, {high:.3g}]")  # fmt: skip
+        else:
+            out.print(f"lr range test: {reading.get('reason')}")
+    if study.get("registered_model") and study["registered_model"].get("version"):
+        model = study["registered_model"]
+        out.print(f"best model: registered as {model['name']} version {model['version']} (alias @{model['alias']})")
+    if study["mlflow"].get("run_url"):
+        out.print(f"MLflow: {study['mlflow']['run_url']}")
+
+
+STUDY_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+
+
+def _watch_study(client: Client, study_id: str, output: Output) -> int:
+    if output is Output.json:
+        study = client.wait_study(study_id)
+        _print_json(study)
+        return STUDY_EXIT.get(study["status"], EXIT_FAILED)
+    for event in client.study_events(study_id):
+        kind, data = event["event"], event["data"]
+        if kind == "snapshot":
+            out.print(f"study {data['id']} ({escape(data['name'])}): {data['status']}, {data['configurations']} configurations")
+        elif kind == "trial":
+            out.print(f"{time.strftime('%H:%M:%S')} trial {data['job_id'][:8]}: {data.get('from') or '-'} -> {data['status']}",
+                      markup=False)  # fmt: skip
+        elif kind == "trials":
+            out.print(" ".join(f"{n} {s}" for s, n in data["trials"].items() if n), markup=False)
+        elif kind == "state" and data.get("final"):
+            break
+    study = client.study(study_id)
+    _print_study(study)
+    return STUDY_EXIT.get(study["status"], EXIT_FAILED)
+
+
+@study_app.command("submit")
+def study_submit(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="A study spec, YAML or JSON (see examples/studies/).")],
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Follow the study until it ends.")] = False,
+    output: OutputOption = Output.table,
+) -> None:
+    """Submit a study from a spec file."""
+    spec = load_spec(file)
+    client = _client(ctx)
+    study = client.submit_study(spec)
+    if output is Output.json and not watch:
+        _print_json(study)
+        return
+    if output is Output.table:
+        out.print(f"submitted study {study['id']} ({escape(study['name'])}): {study['configurations']} configurations "
+                  f"x {study['spec']['repeats']} seeds")  # fmt: skip
+    if watch:
+        raise typer.Exit(_watch_study(client, study["id"], output))
+
+
+@study_app.command("show")
+def study_show(ctx: typer.Context, study_id: StudyId, output: OutputOption = Output.table) -> None:
+    """A study's state and leaderboard: mean and std over seeds, and whether the lead is real."""
+    study = _client(ctx).study(study_id)
+    if output is Output.json:
+        _print_json(study)
+        return
+    _print_study(study)
+
+
+@study_app.command("watch")
+def study_watch(ctx: typer.Context, study_id: StudyId, output: OutputOption = Output.table) -> None:
+    """Follow a study's trials until it ends, then show its leaderboard. Exit code 0 succeeded, 1 failed, 2 cancelled."""
+    raise typer.Exit(_watch_study(_client(ctx), study_id, output))
+
+
+@study_app.command("list")
+def study_list(
+    ctx: typer.Context, limit: Annotated[int, typer.Option(min=1, max=100)] = 20, output: OutputOption = Output.table
+) -> None:
+    """Studies, newest first."""
+    items = _client(ctx).studies(limit=limit)
+    if output is Output.json:
+        _print_json(items)
+        return
+    table = Table("id", "name", "status", "method", "configurations", "trials", "best", "created")
+    for study in items:
+        best = next((r for r in study["leaderboard"]["configurations"] if r["rank"] == 1), None)
+        trials = " ".join(f"{n} {s}" for s, n in study["trials"].items() if n)
+        table.add_row(study["id"], escape(study["name"]), study["status"], study["spec"]["search"]["method"],
+                      f"{study['configurations_started']}/{study['configurations']}", trials,
+                      escape(_values_label(best["values"])) + f" {_number(best['mean'])}" if best else "-",
+                      str(study["created_at"])[:19].replace("T", " "))  # fmt: skip
+    out.print(table)
+
+
+@study_app.command("cancel")
+def study_cancel(ctx: typer.Context, study_id: StudyId, output: OutputOption = Output.table) -> None:
+    """Cancel a study and every trial still queued or running."""
+    study = _client(ctx).cancel_study(study_id)
+    if output is Output.json:
+        _print_json(study)
+        return
+    out.print(f"study {study['id']}: {study['status']}")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -18,7 +18,7 @@ import httpx
 
 from descent.config import resolve_connection
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "pruned"})
 RECONNECT_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # then give up: the server is gone, not blinking
 # The events stream sends a keep-alive comment every 15 s: a read that waits longer
 # than this means the connection is dead.
@@ -164,16 +164,51 @@ class Client:
         """The job's live events ({"event", "id", "data"}): a `snapshot`, then `state` and
         `progress`, ending with the `state` whose data["final"] is true. A dropped
         connection is resumed with Last-Event-ID, so nothing is missed."""
-        return self._events(job_id, last_event_id, deadline=None)
+        return self._events(f"/v1/jobs/{job_id}/events", f"job {job_id}", last_event_id, deadline=None)
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
         """Block until the job has ended and return it; TimeoutError after `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for _event in self._events(job_id, None, deadline):
+        for _event in self._events(f"/v1/jobs/{job_id}/events", f"job {job_id}", None, deadline):
             pass
         return self.get(job_id)
 
-    def _events(self, job_id: str, last_event_id: str | None, deadline: float | None) -> Iterator[dict[str, Any]]:
+    # ------------------------------------------------------------------ studies
+
+    def submit_study(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Submit a study: a base job spec, a search space, a search method, seeds, an objective."""
+        return self._request("POST", "/v1/studies", json=spec)
+
+    def study(self, study_id: str) -> dict[str, Any]:
+        """A study with its trials by status and its leaderboard."""
+        return self._request("GET", f"/v1/studies/{study_id}")
+
+    def studies(self, limit: int = 20) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/studies", params={"limit": limit})["items"]
+
+    def cancel_study(self, study_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/studies/{study_id}/cancel")
+
+    def study_events(self, study_id: str, last_event_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """A `snapshot`, then `trial` (a trial's state change) and `state` events, ending
+        with the final `state` (which carries the leaderboard)."""
+        return self._events(f"/v1/studies/{study_id}/events", f"study {study_id}", last_event_id, deadline=None)
+
+    def wait_study(self, study_id: str, timeout: float | None = None) -> dict[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for _event in self._events(f"/v1/studies/{study_id}/events", f"study {study_id}", None, deadline):
+            pass
+        return self.study(study_id)
+
+    def trials(self, study_id: str) -> list[dict[str, Any]]:
+        """The study's trial jobs, newest first."""
+        return self._request("GET", "/v1/jobs", params={"study_id": study_id, "limit": 100})["items"]
+
+    # ------------------------------------------------------------------ event streams
+
+    def _events(
+        self, path: str, what: str, last_event_id: str | None, deadline: float | None
+    ) -> Iterator[dict[str, Any]]:
         failures = 0
         while True:
             headers = {"Accept": "text/event-stream"}
@@ -184,7 +219,7 @@ class Client:
                 read_timeout = max(0.1, min(read_timeout, deadline - time.monotonic()))
             timeout = httpx.Timeout(self.timeout, read=read_timeout)
             try:
-                with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response:
+                with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
                     if response.status_code >= 400:
                         response.read()
                         raise _error_from(response)
@@ -197,17 +232,17 @@ class Client:
                             return
             except httpx.TransportError as exc:
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"job {job_id} had not ended when the wait ran out") from exc
+                    raise TimeoutError(f"{what} had not ended when the wait ran out") from exc
                 if failures >= len(RECONNECT_DELAYS_S):
-                    raise DescentError(None, f"lost the event stream of job {job_id} at {self.url}: {exc}") from exc
+                    raise DescentError(None, f"lost the event stream of {what} at {self.url}: {exc}") from exc
                 time.sleep(RECONNECT_DELAYS_S[failures])
                 failures += 1
                 continue
             # The server closed the stream before the final state: come back where we were.
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} had not ended when the wait ran out")
+                raise TimeoutError(f"{what} had not ended when the wait ran out")
             if failures >= len(RECONNECT_DELAYS_S):
-                raise DescentError(None, f"the event stream of job {job_id} keeps closing before the job ends")
+                raise DescentError(None, f"the event stream of {what} keeps closing before it ends")
             time.sleep(RECONNECT_DELAYS_S[failures])
             failures += 1
 

@@ -58,7 +58,7 @@ def trial_spec(spec: StudySpec, values: dict[str, Any], seed: int, number: int) 
 
 
 def _stage_state(session: Session, study: Study, detail: str | None = None) -> None:
-    data = {"status": study.status, "detail": detail, "at": utcnow()}
+    data = {"status": study.status, "detail": detail, "at": utcnow(), "final": study.status in STUDY_TERMINAL}
     stage_to(session, study_stream_key(study.id), "state", data, final=study.status in STUDY_TERMINAL)
 
 

@@ -31,6 +31,7 @@ def stack_env(s: Settings) -> dict[str, str]:
         "BROKER_URL": s.broker_url,
         "QUEUE_NAME": s.queue_name,
         "EVENTS_URL": s.events_url,
+        "OPTUNA_STORAGE_URL": s.optuna_storage_url,
         "MLFLOW_TRACKING_URI": s.mlflow_tracking_uri,
         "MLFLOW_UI_URL": s.mlflow_ui_url,
         "MLFLOW_BACKEND_STORE_URI": s.mlflow_backend_store_uri,

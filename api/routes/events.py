@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
@@ -66,19 +68,32 @@ def _final_state(job: JobPublic) -> dict[str, Any]:
             "progress": job.progress.model_dump(), "finished_at": job.finished_at}  # fmt: skip
 
 
-async def _from_stream(caller: Caller, job: JobPublic, last_event_id: str | None) -> AsyncIterator[bytes]:
+@dataclass(frozen=True)
+class Followed:
+    """What a stream follows (a job, a study): its Redis stream, how to read it now, when
+    it has ended, and what its final `state` event says."""
+
+    key: str
+    read: Callable[[], Any]  # (sync) the object as GET shows it, or None when gone
+    ended: Callable[[Any], bool]
+    final_state: Callable[[Any], dict[str, Any]]
+
+
+async def follow_stream(followed: Followed, last_event_id: str | None) -> AsyncIterator[bytes]:
     client = aioredis.Redis.from_url(settings.events_url, socket_connect_timeout=3)
-    key = stream_key(job.id)
+    key = followed.key
     try:
         if last_event_id is None:
             # The stream's position first, then the snapshot: whatever happens after the
             # snapshot was read is at a later id, so nothing falls between the two.
             latest = await client.xrevrange(key, count=1)
             position = latest[0][0].decode() if latest else "0-0"
-            job = await run_in_threadpool(_read_job, caller, str(job.id)) or job
-            yield sse("snapshot", job.model_dump(mode="json"), position)
-            if job.status in TERMINAL:
-                yield sse("state", _final_state(job), position)
+            current = await run_in_threadpool(followed.read)
+            if current is None:
+                return
+            yield sse("snapshot", current.model_dump(mode="json"), position)
+            if followed.ended(current):
+                yield sse("state", followed.final_state(current), position)
                 return
         else:
             position = last_event_id
@@ -86,19 +101,19 @@ async def _from_stream(caller: Caller, job: JobPublic, last_event_id: str | None
             entries = await client.xread({key: position}, block=int(KEEPALIVE_S * 1000), count=100)
             if not entries:
                 yield b": keep-alive\n\n"
-                current = await run_in_threadpool(_read_job, caller, str(job.id))
-                if current is None or current.status in TERMINAL:  # its final event never came
+                current = await run_in_threadpool(followed.read)
+                if current is None or followed.ended(current):  # its final event never came
                     if current is not None:
-                        yield sse("state", _final_state(current), position)
+                        yield sse("state", followed.final_state(current), position)
                     return
                 continue
             for entry_id, fields in entries[0][1]:
                 position = entry_id.decode()
                 kind = fields[b"kind"].decode()
                 data = json.loads(fields[b"data"])
-                if kind == "state" and data.get("status") in TERMINAL:
-                    current = await run_in_threadpool(_read_job, caller, str(job.id))
-                    yield sse("state", _final_state(current) if current else data | {"final": True}, position)
+                if kind == "state" and data.get("final", data.get("status") in TERMINAL):
+                    current = await run_in_threadpool(followed.read)
+                    yield sse("state", followed.final_state(current) if current else data | {"final": True}, position)
                     return
                 yield sse(kind, data, position)
     finally:
@@ -148,7 +163,9 @@ async def job_events(
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
     if last_event_id is not None and not STREAM_ID.fullmatch(last_event_id):
         last_event_id = None  # not an id this stream gave out (or from the no-Redis mode): start over
-    stream = _from_stream(caller, job, last_event_id) if events_enabled() else _from_database(caller, job)
+    followed = Followed(stream_key(job.id), partial(_read_job, caller, str(job.id)),
+                        lambda j: j.status in TERMINAL, _final_state)  # fmt: skip
+    stream = follow_stream(followed, last_event_id) if events_enabled() else _from_database(caller, job)
     return StreamingResponse(
         stream,
         media_type="text/event-stream",

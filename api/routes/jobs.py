@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
@@ -107,11 +108,13 @@ def list_jobs(
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
+    study_id: Annotated[uuid.UUID | None, Query(description="Only the trials of this study.")] = None,
 ) -> JobsPublic | JSONResponse:
     try:
         items, next_cursor = repository.list_jobs(
-            session=session, project=caller.project, status=status_filter, limit=limit, cursor=cursor
-        )
+            session=session, project=caller.project, status=status_filter, limit=limit, cursor=cursor,
+            study_id=study_id,
+        )  # fmt: skip
     except repository.InvalidCursor as exc:
         return unprocessable([problem("query", "cursor", str(exc), "cursor")])
     return JobsPublic(items=[JobPublic.from_row(j) for j in items], next_cursor=next_cursor)

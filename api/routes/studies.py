@@ -6,18 +6,27 @@ configuration the space can produce (ranges at both ends) validated as a job.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from typing import Annotated
+from collections.abc import AsyncIterator
+from functools import partial
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, status
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, HTTPException, Query, status
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from api.deps import CallerDep, SessionDep
 from api.errors import describe, problem, unprocessable
+from api.routes.events import POLL_WITHOUT_REDIS_S, STREAM_ID, Followed, follow_stream, sse
 from api.schemas import AUTH_RESPONSES, BODY_RESPONSES, Problem, StudiesPublic, StudyPublic
 from jobs import studies
+from jobs.access import Caller
+from jobs.db import session_factory
+from jobs.events import events_enabled, study_stream_key
+from jobs.states import STUDY_TERMINAL
 from jobs.limits import limit_breaches
 from jobs.models import Study
 from jobs.queue import enqueue_job
@@ -133,3 +142,65 @@ def cancel_study(study_id: str, session: SessionDep, caller: CallerDep) -> Study
     if not outcome.accepted:
         raise HTTPException(status.HTTP_409_CONFLICT, f"study {study_id} has already ended ({outcome.status})")
     return _public(session, _study_or_404(session, caller, study_id))
+
+
+# --------------------------------------------------------------------------- live events
+
+
+def _read_study(caller: Caller, study_id: str) -> StudyPublic | None:
+    parsed = _parse_id(study_id)
+    if parsed is None:
+        return None
+    with session_factory()() as session:
+        study = studies.get_study(session=session, study_id=parsed, project=caller.project)
+        return _public(session, study) if study is not None else None
+
+
+def _final_study_state(study: StudyPublic) -> dict[str, Any]:
+    return {"status": study.status, "final": True, "trials": study.trials, "leaderboard": study.leaderboard,
+            "finished_at": study.finished_at}  # fmt: skip
+
+
+async def _study_from_database(caller: Caller, study: StudyPublic) -> AsyncIterator[bytes]:
+    """No Redis: the study read once a second; a `trials` event whenever the counts changed."""
+    yield sse("snapshot", study.model_dump(mode="json"))
+    last = study.trials
+    while study.status not in STUDY_TERMINAL:
+        await asyncio.sleep(POLL_WITHOUT_REDIS_S)
+        current = await run_in_threadpool(_read_study, caller, str(study.id))
+        if current is None:
+            return
+        study = current
+        if study.trials != last and study.status not in STUDY_TERMINAL:
+            yield sse("trials", {"trials": study.trials})
+        last = study.trials
+    yield sse("state", _final_study_state(study))
+
+
+@router.get(
+    "/{study_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "snapshot, then trial and state events"},
+               **NOT_FOUND},
+)  # fmt: skip
+async def study_events(
+    study_id: str,
+    caller: CallerDep,
+    last_event_id: Annotated[
+        str,
+        Header(alias="Last-Event-ID", max_length=100, description="Resume after this event (its `id:` line)."),
+    ] = None,  # type: ignore[assignment]
+) -> StreamingResponse:
+    """The study's life as Server-Sent Events: a snapshot (as GET shows it), then each of
+    its trials' state changes (`trial`, with the job id) and the study's own (`state`);
+    closes after the study's final state, which carries the leaderboard."""
+    study = await run_in_threadpool(_read_study, caller, study_id)
+    if study is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_id} not found")
+    if last_event_id is not None and not STREAM_ID.fullmatch(last_event_id):
+        last_event_id = None
+    followed = Followed(study_stream_key(study.id), partial(_read_study, caller, str(study.id)),
+                        lambda s: s.status in STUDY_TERMINAL, _final_study_state)  # fmt: skip
+    stream = follow_stream(followed, last_event_id) if events_enabled() else _study_from_database(caller, study)
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
