@@ -75,8 +75,10 @@ def _problems(spec: StudySpec) -> list[dict]:
             items = []
             for error in exc.errors():
                 item = describe(error)
-                in_space = item["field"] in spec.space or any(p.startswith(item["field"] + ".") for p in spec.space)
-                field = f"space.{item['field']}" if in_space else f"base.{item['field']}"
+                # The space's path when the error is about one (`optimizer` for a bad
+                # optimizer.name), else the base's field.
+                paths = [p for p in spec.space if p == item["field"] or p.startswith(item["field"] + ".")]
+                field = f"space.{paths[0] if len(paths) == 1 else item['field']}" if paths else f"base.{item['field']}"
                 items.append(problem("body", field, f"{item['msg']} ({where})", item["type"]))
             return items
         field = getattr(exc, "context", None) or {}
