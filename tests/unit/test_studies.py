@@ -6,6 +6,7 @@ with its trials; the statistics and the schedule-fair pruning points."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from scipy import stats
 
+from descent.specfile import load_spec
 from jobs import repository, studies, study_search
 from jobs.db import session_scope
 from jobs.leaderboard import TrialRecord, build_leaderboard
@@ -23,6 +25,7 @@ from jobs.study_spec import StudySpec, sampled_spec
 from trainer.recipe import Trainer
 from worker.trial_pruning import TrialPruning
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "studies"
 BASE = {"dataset": {"name": "iris"}, "epochs": 2, "batch_size": 16}
 GRID = {"name": "unit-grid", "base": BASE, "space": {"optimizer.name": {"grid": ["sgd", "adam"]}}, "repeats": 2}
 
@@ -258,3 +261,9 @@ def test_no_trial_is_pruned_before_min_epochs_or_during_its_warm_up(client: Test
     assert TrialPruning(uuid.UUID(study["id"]), spec, warm, number).first_step == max(30, 2 * job_spec.steps_per_epoch)
     # before first_step the pruner is not even asked, however bad the value
     assert pruning.should_prune([[job_spec.steps_per_epoch, 16.7, 0.0]]) is False
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_study_is_accepted(client: TestClient, path: Path) -> None:
+    study = submit(client, load_spec(path))
+    client.post(f"/v1/studies/{study['id']}/cancel")  # only its validation is under test here
