@@ -167,14 +167,14 @@ def report_and_check(study: optuna.Study, trial_number: int, points: dict[int, f
 
 
 def tell(study: optuna.Study, trial_number: int, value: float | None, pruned: bool) -> None:
-    """The trial's end: its final objective, pruned, or failed (no value)."""
-    try:
-        if pruned:
-            study.tell(trial_number, state=TrialState.PRUNED)
-        elif value is not None and math.isfinite(value):
-            study.tell(trial_number, value)
-        else:
-            study.tell(trial_number, state=TrialState.FAIL)
-    except (ValueError, RuntimeError) as exc:  # already told (a retried advance): nothing to do
-        if "finished" not in str(exc).lower() and "already" not in str(exc).lower():
-            raise
+    """The trial's end: its final objective, pruned, or failed (no value). A trial Optuna
+    already knows has ended (an advance retried after a rollback) is left as it is."""
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+    if study._storage.get_trial(trial_id).state.is_finished():
+        return
+    if pruned:
+        study.tell(trial_number, state=TrialState.PRUNED)
+    elif value is not None and math.isfinite(value):
+        study.tell(trial_number, value)
+    else:
+        study.tell(trial_number, state=TrialState.FAIL)

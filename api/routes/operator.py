@@ -1,4 +1,4 @@
-"""GET /metrics: the API's view for Prometheus: jobs by status, queue depth, and how
+"""GET /metrics: the API's view for Prometheus: jobs and studies by status, queue depth, and how
 long submissions take. Read at scrape time from PostgreSQL and the broker (one
 GROUP BY and one queue declare per scrape), so every API replica reports the same
 numbers and none keeps counters that a restart would reset.
@@ -19,9 +19,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from jobs.db import session_scope
-from jobs.models import Job
+from jobs.models import Job, Study
 from jobs.queue import queue_depth
-from jobs.states import JobStatus
+from jobs.states import JobStatus, StudyStatus
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -46,6 +46,15 @@ class JobStateCollector(Collector):
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail because one source is down
             log.warning("metrics: could not count jobs: %s", type(exc).__name__)
         yield jobs
+        studies = GaugeMetricFamily("descent_studies", "Studies by status (PostgreSQL).", labels=["status"])
+        try:
+            with session_scope() as session:
+                counts = dict(session.execute(select(Study.status, func.count()).group_by(Study.status)).all())
+            for status in StudyStatus:
+                studies.add_metric([status.value], counts.get(status.value, 0))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("metrics: could not count studies: %s", type(exc).__name__)
+        yield studies
         depth = GaugeMetricFamily("descent_queue_depth", "Job messages waiting in the broker.")
         try:
             depth.add_metric([], queue_depth())

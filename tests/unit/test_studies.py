@@ -267,3 +267,12 @@ def test_no_trial_is_pruned_before_min_epochs_or_during_its_warm_up(client: Test
 def test_every_example_study_is_accepted(client: TestClient, path: Path) -> None:
     study = submit(client, load_spec(path))
     client.post(f"/v1/studies/{study['id']}/cancel")  # only its validation is under test here
+
+
+def test_telling_optuna_twice_is_harmless(client: TestClient) -> None:
+    study = submit(client, GRID | {"name": "unit-tell", "repeats": 1})
+    optuna_study = study_search.load(study["id"], StudySpec.model_validate(study["spec"]))
+    number = optuna_study.trials[0].number
+    study_search.tell(optuna_study, number, 0.7, pruned=False)
+    study_search.tell(optuna_study, number, 0.7, pruned=False)  # a retried advance
+    assert optuna_study.trials[0].value == 0.7
