@@ -113,6 +113,18 @@ def _leaderboard_csv(board: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+def _leaderboard_columns(board: dict[str, Any]) -> dict[str, list[Any]]:
+    rows = board["configurations"]
+    return {
+        "rank": [r["rank"] for r in rows],
+        "configuration": [describe_values(r["values"]) for r in rows],
+        "seeds": [r["n"] for r in rows],
+        f"{board['metric']}_mean": [r["mean"] for r in rows],
+        f"{board['metric']}_std": [r["std"] for r in rows],
+        "steps_to_target": [r["steps_to_target"] for r in rows],
+    }
+
+
 def write_report(study_id: uuid.UUID) -> bool:
     """The ended study's MLflow report; False when it must be tried again later."""
     with session_scope() as session:
@@ -151,6 +163,7 @@ def _report(
 ) -> dict[str, Any]:
     client.log_dict(parent, board, "leaderboard.json")
     client.log_text(parent, _leaderboard_csv(board), "leaderboard.csv")
+    client.log_table(parent, data=_leaderboard_columns(board), artifact_file="leaderboard_table.json")  # a UI table
     labels = {row["config_id"]: describe_values(row["values"]) for row in board["configurations"]}
     ran = [t for t in trials if t[2] and t[1] in (JobStatus.succeeded, JobStatus.pruned)]
     histories: dict[uuid.UUID, dict[str, list[tuple[int, float]]]] = {

@@ -60,7 +60,7 @@ def test_a_grid_study_runs_to_its_leaderboard_with_nested_runs_and_plots(stack: 
     artifacts = {a.path for a in stack.mlflow.list_artifacts(parent)} | {
         a.path for a in stack.mlflow.list_artifacts(parent, "plots")
     }
-    assert {"leaderboard.json", "leaderboard.csv", "plots/train_loss.png", "plots/val_accuracy.png",
+    assert {"leaderboard.json", "leaderboard.csv", "leaderboard_table.json", "plots/train_loss.png", "plots/val_accuracy.png",
             "plots/objective_vs_lr.png", "plots/lr_schedules.png"} <= artifacts  # fmt: skip
 
     model = study["registered_model"]
