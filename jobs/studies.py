@@ -146,7 +146,9 @@ def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
     if study is None or study.status in STUDY_TERMINAL:
         return advance
     spec = parse_study(study)
-    optuna_study = study_search.load(study.id, spec, seed=spec.seeds[0])
+    # A sampler is built for each advance: seeded anew each time (by how far the study has
+    # come), or a random sampler would propose the same first point at every advance.
+    optuna_study = study_search.load(study.id, spec, seed=spec.seeds[0] * 100_003 + study.configs_created)
     jobs = trial_jobs(session=session, study_id=study.id)
     metric = spec.objective.metric
     for job in jobs:

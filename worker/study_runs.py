@@ -91,6 +91,13 @@ def advance(study_id: uuid.UUID) -> None:
 # --------------------------------------------------------------------------- the report
 
 
+def short_label(values: dict[str, Any]) -> str:
+    """A legend's label: floats to 3 significant digits, the common path prefix kept."""
+    parts = [f"{path}={value:.3g}" if isinstance(value, float) else f"{path}={json.dumps(value)}"
+             for path, value in values.items()]  # fmt: skip
+    return ", ".join(parts) or "base spec"
+
+
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
     return [(p.step, p.value) for p in points]
@@ -164,7 +171,7 @@ def _report(
     client.log_dict(parent, board, "leaderboard.json")
     client.log_text(parent, _leaderboard_csv(board), "leaderboard.csv")
     client.log_table(parent, data=_leaderboard_columns(board), artifact_file="leaderboard_table.json")  # a UI table
-    labels = {row["config_id"]: describe_values(row["values"]) for row in board["configurations"]}
+    labels = {row["config_id"]: short_label(row["values"]) for row in board["configurations"]}
     ran = [t for t in trials if t[2] and t[1] in (JobStatus.succeeded, JobStatus.pruned)]
     histories: dict[uuid.UUID, dict[str, list[tuple[int, float]]]] = {
         job_id: {key: _history(client, run_id, key) for key in ("train_loss", "val_accuracy", "lr")}
@@ -175,7 +182,8 @@ def _report(
         groups: dict[str, list] = {}
         for job_id, _status, _run, cid, _spec in ran:
             groups.setdefault(labels.get(cid, cid), []).append(histories[job_id][metric])
-        _log_figure(client, parent, study_plots.curves_figure(metric, groups), f"plots/{metric}.png")
+        figure = study_plots.curves_figure(metric, groups, log_y=metric.endswith("loss"))  # spikes stay readable
+        _log_figure(client, parent, figure, f"plots/{metric}.png")
     by_optimizer: dict[str, list[tuple[float, float]]] = {}
     metric = spec.objective.metric
     with session_scope() as session:

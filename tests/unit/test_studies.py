@@ -276,3 +276,15 @@ def test_telling_optuna_twice_is_harmless(client: TestClient) -> None:
     study_search.tell(optuna_study, number, 0.7, pruned=False)
     study_search.tell(optuna_study, number, 0.7, pruned=False)  # a retried advance
     assert optuna_study.trials[0].value == 0.7
+
+
+def test_each_advance_draws_a_new_configuration(client: TestClient) -> None:
+    body = {"name": "unit-draws", "base": BASE, "space": {"optimizer.lr": {"log_uniform": [1e-4, 1e-1]}},
+            "search": {"method": "random", "max_trials": 4, "parallelism": 1}}  # fmt: skip
+    study = submit(client, body)
+    for _ in range(3):  # one trial at a time: every configuration comes from its own advance
+        [running] = [t for t in trials(client, study["id"]) if t["status"] == "queued"]
+        finish(running["id"], JobStatus.succeeded, 0.5)
+        advance(study["id"])
+    lrs = {t["spec"]["optimizer"]["lr"] for t in trials(client, study["id"])}
+    assert len(lrs) == 4
