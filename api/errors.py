@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from jobs.spec import TAGGED_FIELDS
+from jobs.spec import TAGGED_FIELDS, UPLOADED
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ def field_path(loc: tuple[Any, ...]) -> str:
     for i, part in enumerate(parts):
         previous = parts[i - 1] if i else None
         if previous in TAGGED_FIELDS and part in TAGGED_FIELDS[previous][1]:
+            continue
+        if previous == "dataset" and part == UPLOADED:  # an uploaded dataset's tag
             continue
         cleaned.append(str(part))
     return ".".join(cleaned)
