@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text, TypeDecorator, Uuid, false, text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Named constraints, so that Alembic migrations can drop and rename them later.
 NAMING_CONVENTION = {
@@ -170,7 +170,7 @@ class Dataset(Base):
     feature_names: Mapped[list[str] | None] = mapped_column(JSONDocument)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Deferred: listings never read the arrays.
-    data: Mapped[bytes] = deferred(mapped_column(LargeBinary))
+    data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
 
     __table_args__ = (
         Index("uq_datasets_project_sha256_label_column", "project", "sha256", "label_column", unique=True),
