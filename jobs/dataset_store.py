@@ -81,9 +81,8 @@ def get_dataset(*, session: Session, dataset_id: uuid.UUID, project: str, lock: 
 
 
 def list_datasets(*, session: Session, project: str, limit: int = 100) -> list[Dataset]:
-    query = (
-        select(Dataset).where(Dataset.project == project).order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit)
-    )
+    query = select(Dataset).where(Dataset.project == project)
+    query = query.order_by(Dataset.created_at.desc(), Dataset.id.desc()).limit(limit)
     return list(session.scalars(query))
 
 

@@ -137,7 +137,9 @@ def _read_npz(data: bytes) -> UploadedArrays:
             found = list(npz.files)
             missing = [name for name in ("X", "y") if name not in found]
             if missing:
-                raise UploadRejected("file", f"an NPZ needs arrays X and y; missing {_listing(missing)}, found {_listing(found)}")
+                raise UploadRejected(
+                    "file", f"an NPZ needs arrays X and y; missing {_listing(missing)}, found {_listing(found)}"
+                )
             x, y = npz["X"], npz["y"]
     except UploadRejected:
         raise
@@ -201,7 +203,9 @@ def _classes(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
     if len(set(names)) != len(names):  # 1 and 1.0 in one column, say
         raise UploadRejected("file", f"the labels' names are ambiguous: {_listing(names)}")
     if len(values) < 2:
-        raise UploadRejected("file", f"the labels hold a single class ({_listing(names)}); classification needs at least 2")
+        raise UploadRejected(
+            "file", f"the labels hold a single class ({_listing(names)}); classification needs at least 2"
+        )
     counts = np.bincount(codes, minlength=len(values))
     few = [f"'{names[i]}' ({int(counts[i])})" for i in np.flatnonzero(counts < 2)]
     if few:

@@ -169,9 +169,8 @@ def _run_attempt(
             client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
             may_send=monitor.lease_is_fresh,
         )  # fmt: skip
-        trainer = Trainer(
-            spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps, raw_data=_uploaded_arrays(spec, job.project)
-        )
+        raw_data = _uploaded_arrays(spec, job.project)
+        trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps, raw_data=raw_data)
         trainer.setup()
         if checkpoint is not None:
             log.info("job %s attempt %d resumes from step %d", job_id, attempt, checkpoint.step)
