@@ -285,3 +285,8 @@ def test_the_trainer_refuses_an_upload_without_its_arrays_or_with_other_ones() -
     x, y = np.zeros((20, 3), np.float32), np.arange(20) % 2
     with pytest.raises(ValueError, match="not the spec's"):
         run_training(spec, raw_data=(x, y, ["a", "b"]))
+
+
+def test_the_catalog_says_what_a_job_sends_for_an_upload(client: TestClient) -> None:
+    entry = client.get("/v1/catalog").json()["uploaded_dataset"]
+    assert set(entry["fields"]) == {"id", "val_fraction"} and "POST /v1/datasets" in entry["description"]
