@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from jobs.dataset_store import read_dataset_arrays
+from jobs.dataset_store import DatasetUnavailable, read_dataset_arrays
 from jobs.db import session_scope
 from jobs.settings import settings
 from jobs.spec import JobSpec, UploadedDataset
@@ -290,3 +290,13 @@ def test_the_trainer_refuses_an_upload_without_its_arrays_or_with_other_ones() -
 def test_the_catalog_says_what_a_job_sends_for_an_upload(client: TestClient) -> None:
     entry = client.get("/v1/catalog").json()["uploaded_dataset"]
     assert set(entry["fields"]) == {"id", "val_fraction"} and "POST /v1/datasets" in entry["description"]
+
+
+def test_a_worker_finds_a_deleted_dataset_gone_and_says_so(client: TestClient) -> None:
+    dataset = uploaded(client)
+    job = client.post("/v1/jobs", json={"dataset": {"id": dataset["id"]}, "epochs": 1}).json()
+    spec = JobSpec.model_validate(job["spec"])
+    client.post(f"/v1/jobs/{job['id']}/cancel")
+    assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
+    with session_scope() as session, pytest.raises(DatasetUnavailable, match="no longer stored"):
+        read_dataset_arrays(session=session, dataset=spec.dataset, project="default")
