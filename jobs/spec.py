@@ -240,12 +240,13 @@ class UploadedDataset(SpecModel):
         description="The dataset's id, as POST /v1/datasets returned it.",
     )
     val_fraction: ValFraction = 0.2
-    name: str = Field("", max_length=200, description="The upload's name (filled in by the server).")
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the uploaded file (filled in by the server).")
-    n_samples: int = Field(ge=2, description="Rows, one sample each (filled in by the server).")
-    classes: list[str] = Field(min_length=2, description="Class names, in label order 0..C-1 (filled in by the server).")
+    # Filled in by the server at submission:
+    name: str = Field("", max_length=200, description="The upload's name.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the uploaded file.")
+    n_samples: int = Field(ge=2, description="Rows, one sample each.")
+    classes: list[str] = Field(min_length=2, description="Class names, in label order 0..C-1.")
     shape: list[Annotated[int, Field(ge=1)]] = Field(
-        min_length=1, max_length=3, description="One sample's shape: [F], [T, F] or [C, H, W] (filled in by the server)."
+        min_length=1, max_length=3, description="One sample's shape: [F], [T, F] or [C, H, W]."
     )
 
     @property

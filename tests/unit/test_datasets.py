@@ -5,6 +5,7 @@ server; the trainer trains on the stored arrays."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from jobs.dataset_store import DatasetUnavailable, read_dataset_arrays
 from jobs.db import session_scope
+from jobs.models import Dataset
 from jobs.settings import settings
 from jobs.spec import JobSpec, UploadedDataset
 from jobs.uploads import decode_arrays
@@ -142,12 +144,8 @@ def test_an_upload_describes_the_data_and_stores_it_normalised(client: TestClien
     assert dataset["n_rows"] == 60 and dataset["n_features"] == 3 and dataset["shape"] == [3]
     assert dataset["classes"] == ["setosa", "virginica"] and dataset["n_classes"] == 2
     assert dataset["feature_names"] == ["a", "b", "c"] and dataset["size_bytes"] == len(content)
-    import hashlib
-
     assert dataset["sha256"] == hashlib.sha256(content).hexdigest()
     assert client.get(f"/v1/datasets/{dataset['id']}").json() == dataset
-
-    from jobs.models import Dataset
 
     with session_scope() as session:
         arrays = decode_arrays(session.get(Dataset, uuid.UUID(dataset["id"])).data)
@@ -245,7 +243,8 @@ def test_a_model_that_cannot_read_the_uploads_shape_is_a_422(client: TestClient)
     assert detail["field"] == "model.arch" and "tabular (3 features)" in detail["msg"]
     rng = np.random.default_rng(7)
     images = uploaded(client, npz_bytes(X=rng.normal(size=(40, 1, 4, 4)), y=np.arange(40) % 2), "small.npz")
-    response = client.post("/v1/jobs", json={"dataset": {"id": images["id"]}, "model": {"arch": "cnn", "channels": [8, 8, 8]}})
+    three_blocks = {"arch": "cnn", "channels": [8, 8, 8]}  # 4x4 images halve twice at most
+    response = client.post("/v1/jobs", json={"dataset": {"id": images["id"]}, "model": three_blocks})
     assert response.status_code == 422 and response.json()["detail"][0]["field"] == "model.channels"
 
 
@@ -278,8 +277,9 @@ def test_the_trainer_trains_on_the_uploaded_arrays_as_the_worker_reads_them(clie
 
 
 def test_the_trainer_refuses_an_upload_without_its_arrays_or_with_other_ones() -> None:
-    spec = JobSpec.model_validate({"dataset": {"id": str(uuid.uuid4()), "name": "x", "sha256": "a" * 64,
-                                               "n_samples": 20, "classes": ["a", "b"], "shape": [2]}, "epochs": 1})  # fmt: skip
+    dataset = {"id": str(uuid.uuid4()), "name": "x", "sha256": "a" * 64, "n_samples": 20, "classes": ["a", "b"],
+               "shape": [2]}  # fmt: skip
+    spec = JobSpec.model_validate({"dataset": dataset, "epochs": 1})  # no database: the spec carries what it needs
     with pytest.raises(ValueError, match="passed in"):
         run_training(spec)
     x, y = np.zeros((20, 3), np.float32), np.arange(20) % 2
