@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import PurePath
 
@@ -133,7 +134,10 @@ def _read_table(data: bytes, fmt: str, label: str | None) -> UploadedArrays:
 
 def _read_npz(data: bytes) -> UploadedArrays:
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UploadRejected("file", "the file is a single NumPy array; an NPZ holds two: np.savez(path, X=X, y=y)")
+        with loaded as npz:
             found = list(npz.files)
             missing = [name for name in ("X", "y") if name not in found]
             if missing:
@@ -141,9 +145,11 @@ def _read_npz(data: bytes) -> UploadedArrays:
                     "file", f"an NPZ needs arrays X and y; missing {_listing(missing)}, found {_listing(found)}"
                 )
             x, y = npz["X"], npz["y"]
+        if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):  # members that are not .npy files
+            raise UploadRejected("file", "the file cannot be read as NPZ: X and y must be NumPy arrays (np.savez)")
     except UploadRejected:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # pickled objects, a broken archive
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # pickles, a broken archive
         raise UploadRejected("file", f"the file cannot be read as NPZ: {exc}") from exc
     if x.ndim not in (2, 3, 4):
         raise UploadRejected(
@@ -198,6 +204,8 @@ def _classes(labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Labels (ints or strings) -> codes 0..C-1 and the class names in code order."""
     if labels.dtype == object:  # mixed types from a table: compare them as text
         labels = labels.astype(str)
+    elif labels.dtype.kind == "S":  # bytes from an NPZ: names are text
+        labels = np.char.decode(labels, "utf-8", "replace")
     values, codes = np.unique(labels, return_inverse=True)
     names = [str(v.item() if hasattr(v, "item") else v) for v in values]
     if len(set(names)) != len(names):  # 1 and 1.0 in one column, say

@@ -40,6 +40,12 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
 def upload(client: TestClient, content: bytes, filename: str = "data.csv", headers: dict | None = None, **form: str):
     return client.post("/v1/datasets", files={"file": (filename, content)}, data=form, headers=headers or {})
 
@@ -76,6 +82,7 @@ REFUSED = [
     ("data.csv", b"a,y\n1,0\n2,\n3,1\n4,1\n", {"label": "y"}, 422, "file", ["label column 'y'", "1 empty"]),
     ("data.npz", npz_bytes(X=NPZ_X, y=np.arange(8) % 2), {}, 422, "file", ["X has 10 samples but y has 8"]),
     ("data.npz", npz_bytes(X=NPZ_X), {}, 422, "file", ["X and y", "missing 'y'"]),
+    ("data.npz", npy_bytes(NPZ_X), {}, 422, "file", ["single NumPy array", "np.savez"]),
     ("data.npz", npz_bytes(X=NPZ_X[:, 0], y=np.arange(10) % 2), {}, 422, "file", ["2-D", "1-D"]),
     ("data.npz", npz_bytes(X=np.array([{"a": 1}] * 10, dtype=object), y=np.arange(10) % 2), {}, 422, "file",
      ["cannot be read as NPZ", "allow_pickle"]),
@@ -177,6 +184,17 @@ def test_listing_is_newest_first(client: TestClient) -> None:
     older, newer = uploaded(client), uploaded(client)
     ids = [d["id"] for d in client.get("/v1/datasets").json()["items"]]
     assert ids.index(newer["id"]) < ids.index(older["id"])
+
+
+def test_a_parquet_file_reads_like_a_csv(client: TestClient) -> None:
+    frame = pd.read_csv(io.BytesIO(table_csv(seed=9)))
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer)
+    response = upload(client, buffer.getvalue(), "table.parquet", label="species")
+    assert response.status_code == 201, response.text
+    dataset = response.json()
+    assert (dataset["format"], dataset["n_rows"], dataset["feature_names"]) == ("parquet", 60, ["a", "b", "c"])
+    assert dataset["classes"] == ["setosa", "virginica"]
 
 
 def test_npz_images_and_sequences_keep_their_shape_and_string_labels(client: TestClient) -> None:
