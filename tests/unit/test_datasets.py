@@ -282,7 +282,7 @@ def test_delete_is_refused_while_a_queued_job_uses_the_dataset(client: TestClien
 
 def test_the_trainer_trains_on_the_uploaded_arrays_as_the_worker_reads_them(client: TestClient) -> None:
     dataset = uploaded(client, table_csv(rows=80, seed=8))
-    job = client.post("/v1/jobs", json={"dataset": {"id": dataset["id"]}, "epochs": 15, "batch_size": 16,
+    job = client.post("/v1/jobs", json={"dataset": {"id": dataset["id"]}, "epochs": 5, "batch_size": 16,
                                          "optimizer": {"name": "adam", "lr": 0.01}}).json()  # fmt: skip
     spec = JobSpec.model_validate(job["spec"])  # as the worker does: no database needed for this
     assert isinstance(spec.dataset, UploadedDataset) and spec.split_sizes == (64, 16)
