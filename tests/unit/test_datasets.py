@@ -318,3 +318,13 @@ def test_a_worker_finds_a_deleted_dataset_gone_and_says_so(client: TestClient) -
     assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
     with session_scope() as session, pytest.raises(DatasetUnavailable, match="no longer stored"):
         read_dataset_arrays(session=session, dataset=spec.dataset, project="default")
+
+
+def test_a_dataset_with_neither_name_nor_id_is_told_both_ways(client: TestClient) -> None:
+    for dataset in ({}, {"val_fraction": 0.3}, {"name": "penguins"}):
+        response = client.post("/v1/jobs", json={"dataset": dataset})
+        assert response.status_code == 422
+        [detail] = response.json()["detail"]
+        assert detail["field"] == "dataset"
+        assert "'name'" in detail["msg"] and "'iris'" in detail["msg"] and "'id'" in detail["msg"]
+        assert "uploaded" not in detail["msg"].split("(see GET /v1/catalog)")[0]  # the tag is no name to send
