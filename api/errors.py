@@ -13,17 +13,22 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from jobs.spec import TAGGED_FIELDS
+from jobs.spec import TAGGED_FIELDS, UPLOADED
 from jobs.study_spec import SEARCHES
 
 # Fields holding a discriminated union, and the members' names (which pydantic puts in
 # an error's location, but are not fields people wrote).
 UNION_MEMBERS: dict[str, set[str]] = {field: set(members) for field, (_, members) in TAGGED_FIELDS.items()}
+UNION_MEMBERS["dataset"].add(UPLOADED)  # an uploaded dataset's tag
 UNION_MEMBERS["search"] = set(SEARCHES)
 
 log = logging.getLogger(__name__)
 
 LOCATION_ROOTS = {"body", "query", "path", "header"}
+DATASET_TAG_MESSAGE = (
+    "unknown dataset '{tag}'; a dataset needs a 'name', one of the valid names: {names} (see GET /v1/catalog), "
+    "or the 'id' of an uploaded dataset (see GET /v1/datasets)"
+)
 
 
 def field_path(loc: tuple[Any, ...]) -> str:
@@ -42,7 +47,13 @@ def describe(error: dict[str, Any]) -> dict[str, Any]:
     ctx = error.get("ctx") or {}
     field = ctx.get("field") if isinstance(ctx.get("field"), str) else field_path(tuple(error["loc"]))
     message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "union_tag_invalid":
+    if field == "dataset" and error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        # Tagged by a function (name or id): say what to send rather than the function's name.
+        names = ", ".join(map(repr, TAGGED_FIELDS["dataset"][1]))
+        message = DATASET_TAG_MESSAGE.format(tag=ctx.get("tag"), names=names)
+        if error["type"] == "union_tag_not_found":
+            message = message.split("; ", 1)[1]
+    elif error["type"] == "union_tag_invalid":
         message = f"unknown {field or 'value'} '{ctx.get('tag')}'; valid names: {ctx.get('expected_tags')}"
     elif error["type"] == "union_tag_not_found":
         message = f"{field} needs {ctx.get('discriminator')}, one of the registered names (see GET /v1/catalog)"

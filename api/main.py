@@ -10,7 +10,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import database_unavailable_handler, http_error_handler, validation_error_handler
-from api.routes import events, jobs, meta, operator, projects, studies
+from api.routes import datasets, events, jobs, meta, operator, projects, studies
 from jobs.settings import settings
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -19,7 +19,7 @@ app = FastAPI(
     title="Descent",
     version="0.1.0",
     description="Train classifiers with the optimizer and schedule you choose; compare runs in MLflow.",
-    max_body_size=settings.max_request_bytes,  # larger bodies: 413 before anything is parsed
+    max_body_size=settings.max_request_bytes,  # larger bodies: 413 before anything is parsed (uploads: their own)
 )
 app.add_exception_handler(RequestValidationError, validation_error_handler)
 app.add_exception_handler(StarletteHTTPException, http_error_handler)
@@ -32,3 +32,4 @@ app.include_router(meta.router)
 app.include_router(projects.router)
 app.include_router(operator.router)
 app.include_router(studies.router)
+app.include_router(datasets.router)

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.access import PROJECT_NAME, PROJECT_NAME_RULE
-from jobs.models import ApiKey, Job, Study
+from jobs.models import ApiKey, Dataset, Job, Study
 from jobs.spec import JobSpec
 from jobs.states import JobStatus, StudyStatus
 from jobs.study_spec import StudySpec
@@ -232,3 +232,35 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     return value
+
+
+class DatasetPublic(BaseModel):
+    """An uploaded dataset as the API shows it (never its data)."""
+
+    id: uuid.UUID
+    project: str
+    name: str
+    format: str = Field(description="csv, parquet or npz.")
+    label: str | None = Field(description="The label column (CSV, Parquet); null for NPZ.")
+    sha256: str = Field(description="SHA-256 of the uploaded file.")
+    size_bytes: int
+    n_rows: int
+    n_features: int = Field(description="Values per sample (the product of shape).")
+    n_classes: int
+    classes: list[str] = Field(description="Class names in label order: label i is classes[i].")
+    shape: list[int] = Field(description="One sample's shape: [F] tabular, [T, F] sequence, [C, H, W] image.")
+    feature_names: list[str] | None = Field(description="The feature columns (CSV, Parquet).")
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Dataset) -> DatasetPublic:
+        return cls(
+            id=row.id, project=row.project, name=row.name, format=row.format, label=row.label_column or None,
+            sha256=row.sha256, size_bytes=row.size_bytes, n_rows=row.n_rows, n_features=math.prod(row.shape),
+            n_classes=len(row.classes), classes=row.classes, shape=row.shape, feature_names=row.feature_names,
+            created_at=row.created_at,
+        )  # fmt: skip
+
+
+class DatasetsPublic(BaseModel):
+    items: list[DatasetPublic]

@@ -1,4 +1,4 @@
-"""The `descent` command: submit, follow, list, cancel jobs and read their metrics.
+"""The `descent` command: submit, follow, list, cancel jobs, read their metrics, upload datasets.
 
 Exit codes, for scripts:
   0  done (for `watch` and `submit --watch`: the job succeeded)
@@ -506,6 +506,80 @@ def study_cancel(ctx: typer.Context, study_id: StudyId, output: OutputOption = O
         _print_json(study)
         return
     out.print(f"study {study['id']}: {study['status']}")
+
+
+# --------------------------------------------------------------------------- datasets
+
+datasets_app = typer.Typer(help="Your own data: upload, list, show, delete datasets.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+DatasetId = Annotated[str, typer.Argument(help="The dataset's id.")]
+
+
+def _shape(dataset: dict[str, Any]) -> str:
+    return "x".join(str(d) for d in dataset["shape"])
+
+
+def _dataset_table(dataset: dict[str, Any]) -> Table:
+    table = Table(show_header=False, box=None)
+    classes = dataset["classes"]
+    rows = {
+        "id": dataset["id"], "name": dataset["name"], "project": dataset["project"], "format": dataset["format"],
+        "label": dataset.get("label"), "rows": dataset["n_rows"], "shape": _shape(dataset),
+        "classes": f"{len(classes)}: " + ", ".join(classes[:20]) + (", ..." if len(classes) > 20 else ""),
+        "features": ", ".join(dataset["feature_names"]) if dataset.get("feature_names") else None,
+        "size": f"{dataset['size_bytes']:,} bytes", "sha256": dataset["sha256"], "created": dataset["created_at"],
+    }  # fmt: skip
+    for key, value in rows.items():
+        table.add_row(f"[bold]{key}[/bold]", "-" if value is None else escape(str(value)))
+    return table
+
+
+@datasets_app.command("upload")
+def datasets_upload(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="CSV, Parquet (with --label) or NPZ (X, y).")],
+    label: Annotated[str | None, typer.Option(help="The label column (CSV, Parquet).")] = None,
+    name: Annotated[str | None, typer.Option(help="A name for people; default: the file's name.")] = None,
+    output: OutputOption = Output.table,
+) -> None:
+    """Upload a dataset; jobs then use it as `dataset: {id: ...}`. The same file again is the same dataset."""
+    dataset = _client(ctx).upload_dataset(file, label=label, name=name)
+    if output is Output.json:
+        _print_json(dataset)
+        return
+    out.print(f"dataset {dataset['id']} ({escape(dataset['name'])}): {dataset['n_rows']} rows of {_shape(dataset)}, "
+              f"{dataset['n_classes']} classes")  # fmt: skip
+
+
+@datasets_app.command("list")
+def datasets_list(ctx: typer.Context, output: OutputOption = Output.table) -> None:
+    """Your project's datasets, newest first."""
+    items = _client(ctx).datasets()
+    if output is Output.json:
+        _print_json(items)
+        return
+    table = Table("id", "name", "format", "rows", "shape", "classes", "created")
+    for d in items:
+        table.add_row(d["id"], escape(d["name"]), d["format"], str(d["n_rows"]), _shape(d), str(d["n_classes"]),
+                      str(d["created_at"])[:19].replace("T", " "))  # fmt: skip
+    out.print(table)
+
+
+@datasets_app.command("show")
+def datasets_show(ctx: typer.Context, dataset_id: DatasetId, output: OutputOption = Output.table) -> None:
+    """One dataset: rows, shape, classes, features, digest."""
+    dataset = _client(ctx).dataset(dataset_id)
+    if output is Output.json:
+        _print_json(dataset)
+        return
+    out.print(_dataset_table(dataset))
+
+
+@datasets_app.command("delete")
+def datasets_delete(ctx: typer.Context, dataset_id: DatasetId) -> None:
+    """Delete a dataset (refused while a queued or running job uses it)."""
+    _client(ctx).delete_dataset(dataset_id)
+    out.print(f"deleted dataset {dataset_id}")
 
 
 # --------------------------------------------------------------------------- entry point

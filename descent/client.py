@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,6 +24,7 @@ RECONNECT_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # then give up: the server is go
 # The events stream sends a keep-alive comment every 15 s: a read that waits longer
 # than this means the connection is dead.
 EVENTS_READ_TIMEOUT_S = 45.0
+UPLOAD_TIMEOUT_S = 600.0
 
 
 class DescentError(Exception):
@@ -157,6 +159,31 @@ class Client:
     def catalog(self) -> dict[str, Any]:
         """Every dataset, model, optimizer, schedule and loss, with fields and defaults."""
         return self._request("GET", "/v1/catalog")
+
+    # ------------------------------------------------------------------ datasets
+
+    def upload_dataset(self, path: str | Path, label: str | None = None, name: str | None = None) -> dict[str, Any]:
+        """Upload your own data to your project: a CSV or Parquet file with `label` naming its
+        label column, or an NPZ with arrays X and y. Uploading the same file again returns the
+        dataset already stored. Jobs then use it as {"dataset": {"id": dataset["id"]}}."""
+        path = Path(path)
+        form = {key: value for key, value in {"label": label, "name": name}.items() if value is not None}
+        # A large file takes a while to send and to check: the usual timeout is for small requests.
+        slow = max(self.timeout, UPLOAD_TIMEOUT_S)
+        timeout = httpx.Timeout(self.timeout, read=slow, write=slow)
+        with path.open("rb") as file:
+            return self._request("POST", "/v1/datasets", files={"file": (path.name, file)}, data=form, timeout=timeout)
+
+    def datasets(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Your project's datasets, newest first."""
+        return self._request("GET", "/v1/datasets", params={"limit": limit})["items"]
+
+    def dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/datasets/{dataset_id}")
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset; refused (409) while a queued or running job uses it."""
+        self._request("DELETE", f"/v1/datasets/{dataset_id}")
 
     # ------------------------------------------------------------------ live events
 

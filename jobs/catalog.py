@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.spec import LOSS_DESCRIPTIONS, TAGGED_FIELDS, JobSpec, SpecModel
+from jobs.spec import LOSS_DESCRIPTIONS, TAGGED_FIELDS, JobSpec, SpecModel, UploadedDataset
 
 
 def _fields(model: type[SpecModel], skip: set[str]) -> dict[str, Any]:
@@ -41,6 +41,12 @@ def build_catalog() -> dict[str, Any]:
             | _shapes(cls, name, tag)
             for name, cls in registry.items()
         ]
+    # Your own data (POST /v1/datasets): a job sends these fields; the server fills in the rest.
+    server_filled = set(UploadedDataset.model_fields) - {"id", "val_fraction"}
+    catalog["uploaded_dataset"] = {
+        "description": (UploadedDataset.__doc__ or "").strip(),
+        "fields": _fields(UploadedDataset, server_filled),
+    }
     catalog["losses"] = [{"name": str(name), "description": text} for name, text in LOSS_DESCRIPTIONS.items()]
     catalog["job"] = {
         "description": (JobSpec.__doc__ or "").strip(),

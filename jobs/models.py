@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text, TypeDecorator, Uuid, false, text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text, TypeDecorator, Uuid, false, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -177,3 +177,31 @@ class JobCheckpoint(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Dataset(Base):
+    """An uploaded dataset, normalised once at upload (an NPZ of float32 X, int64 y 0..C-1 and
+    the class names) and kept in the database: workers on any machine read it from here and
+    never parse CSV. Content-addressed: one row per (project, file's SHA-256, label column)."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    project: Mapped[str] = mapped_column(String(64), ForeignKey("projects.name"))
+    name: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(16))  # csv, parquet, npz
+    label_column: Mapped[str] = mapped_column(String(200), default="", server_default="")  # "" for NPZ
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    n_rows: Mapped[int] = mapped_column(Integer)
+    shape: Mapped[list[int]] = mapped_column(JSONDocument)  # one sample's: [F], [T, F] or [C, H, W]
+    classes: Mapped[list[str]] = mapped_column(JSONDocument)
+    feature_names: Mapped[list[str] | None] = mapped_column(JSONDocument)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Deferred: listings never read the arrays.
+    data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+
+    __table_args__ = (
+        Index("uq_datasets_project_sha256_label_column", "project", "sha256", "label_column", unique=True),
+        Index("ix_datasets_project_created_at", "project", "created_at"),
+    )

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("DESCENT_BOOTSTRAP_KEY", "bootstrap_key"), repr=False
     )
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused with 413.")
+    max_upload_bytes: int = Field(100_000_000, ge=1024, description="Larger dataset files are refused with 413.")
 
     # What this server agrees to run; a submission over a limit is a 422 naming it.
     max_epochs: int = Field(10_000, ge=1)

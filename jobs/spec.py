@@ -16,7 +16,7 @@ import math
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
 from jobs.shapes import DataShape, ImageShape, SequenceShape, ShapeKind, TabularShape, either
@@ -31,6 +31,13 @@ class SpecModel(BaseModel):
 def spec_error(field: str, message: str) -> PydanticCustomError:
     """A cross-field error that still names the field it is about (the API reads ctx.field)."""
     return PydanticCustomError("spec_inconsistent", "{message}", {"field": field, "message": message})
+
+
+def members_by_tag(union: Any, tag: str) -> dict[str, type[SpecModel]]:
+    """{registered name: spec class} for one discriminated union."""
+    inner = get_args(union)[0]
+    members = get_args(inner) or (inner,)  # Union[X] of a single member collapses to X
+    return {get_args(m.model_fields[tag].annotation)[0]: m for m in members}
 
 
 # --------------------------------------------------------------------------- datasets
@@ -207,7 +214,7 @@ class SequenceParityDataset(TokenSequenceDataset):
         return 2
 
 
-DatasetSpec = Annotated[
+BuiltinDatasetSpec = Annotated[
     Union[
         DigitsDataset,
         IrisDataset,
@@ -220,6 +227,64 @@ DatasetSpec = Annotated[
         SequenceParityDataset,
     ],
     Field(discriminator="name"),
+]
+
+
+class UploadedDataset(SpecModel):
+    """A dataset uploaded with POST /v1/datasets, named by its id: {"id": ..., "val_fraction": 0.2}.
+    At submission the server fills in the rest from the stored dataset (replacing whatever a
+    client sent there), so the stored spec validates anywhere without a database."""
+
+    id: str = Field(
+        pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+        description="The dataset's id, as POST /v1/datasets returned it.",
+    )
+    val_fraction: ValFraction = 0.2
+    # Filled in by the server at submission:
+    name: str = Field("", max_length=200, description="The upload's name.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the uploaded file.")
+    n_samples: int = Field(ge=2, description="Rows, one sample each.")
+    classes: list[str] = Field(min_length=2, description="Class names, in label order 0..C-1.")
+    shape: list[Annotated[int, Field(ge=1)]] = Field(
+        min_length=1, max_length=3, description="One sample's shape: [F], [T, F] or [C, H, W]."
+    )
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def n_features(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def views(self) -> tuple[DataShape, ...]:
+        if len(self.shape) == 1:
+            return (TabularShape(self.shape[0]),)
+        if len(self.shape) == 2:
+            return (SequenceShape(self.shape[0], features=self.shape[1]),)
+        return (ImageShape(*self.shape),)
+
+
+UPLOADED = "uploaded"  # the union tag of an uploaded dataset (a dataset spec with an `id`)
+
+
+def name_or_id(value: Any) -> str | None:
+    """A dataset with an `id` is an upload; any other is named by its registered `name`."""
+    if isinstance(value, dict):
+        return UPLOADED if "id" in value else value.get("name")
+    return UPLOADED if isinstance(value, UploadedDataset) else getattr(value, "name", None)
+
+
+# Built-in datasets by `name`, uploads by `id`: tagged by a function, not by one field.
+DatasetSpec = Annotated[
+    Union[
+        (
+            *(Annotated[cls, Tag(name)] for name, cls in members_by_tag(BuiltinDatasetSpec, "name").items()),
+            Annotated[UploadedDataset, Tag(UPLOADED)],
+        )
+    ],
+    Discriminator(name_or_id),
 ]
 
 # --------------------------------------------------------------------------- models
@@ -664,14 +729,7 @@ class JobSpec(SpecModel):
 # --------------------------------------------------------------------------- registries of names
 
 
-def members_by_tag(union: Any, tag: str) -> dict[str, type[SpecModel]]:
-    """{registered name: spec class} for one discriminated union."""
-    inner = get_args(union)[0]
-    members = get_args(inner) or (inner,)  # Union[X] of a single member collapses to X
-    return {get_args(m.model_fields[tag].annotation)[0]: m for m in members}
-
-
-DATASETS = members_by_tag(DatasetSpec, "name")
+DATASETS = members_by_tag(BuiltinDatasetSpec, "name")
 MODELS = members_by_tag(ModelSpec, "arch")
 OPTIMIZERS = members_by_tag(OptimizerSpec, "name")
 SCHEDULES = members_by_tag(ScheduleSpec, "name")

@@ -13,7 +13,7 @@ from sklearn import datasets as sk_datasets
 from sklearn.model_selection import train_test_split
 
 from jobs.shapes import DataShape, ShapeKind
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, UploadedDataset
 
 # features (float32, or int64 token ids), labels 0..C-1, class names
 RawData = tuple[np.ndarray, np.ndarray, list[str]]
@@ -102,6 +102,17 @@ DATASET_LOADERS: dict[str, Callable[[object, int], RawData]] = {
 }
 
 
+def _check_uploaded(dataset: UploadedDataset, x: np.ndarray, y: np.ndarray, class_names: list[str]) -> None:
+    """The arrays are the ones the spec describes (the spec was checked against them at submission)."""
+    if len(x) != dataset.n_samples or list(x.shape[1:]) != dataset.shape or len(y) != len(x):
+        raise ValueError(
+            f"dataset {dataset.id}: arrays X {tuple(x.shape)}, y {tuple(y.shape)} are not the spec's "
+            f"{dataset.n_samples} samples of shape {dataset.shape}"
+        )
+    if list(class_names) != dataset.classes or y.min() < 0 or y.max() >= len(class_names):
+        raise ValueError(f"dataset {dataset.id}: labels are not codes of the spec's classes {dataset.classes}")
+
+
 @dataclass
 class SplitData:
     """Both splits as tensors already on the training device (small data stays there),
@@ -124,8 +135,16 @@ class SplitData:
         return len(self.class_names)
 
 
-def load_split(spec: JobSpec, device: torch.device) -> SplitData:
-    x, y, class_names = DATASET_LOADERS[spec.dataset.name](spec.dataset, spec.seed)
+def load_split(spec: JobSpec, device: torch.device, raw: RawData | None = None) -> SplitData:
+    """`raw` holds an uploaded dataset's arrays (the caller reads them from wherever they
+    are kept); a built-in dataset is generated or loaded here by name."""
+    if isinstance(spec.dataset, UploadedDataset):
+        if raw is None:
+            raise ValueError(f"dataset {spec.dataset.id} is an upload: its arrays must be passed in (raw)")
+        x, y, class_names = raw
+        _check_uploaded(spec.dataset, x, y, class_names)
+    else:
+        x, y, class_names = DATASET_LOADERS[spec.dataset.name](spec.dataset, spec.seed)
     shape = spec.input_shape
     x = x.reshape(len(x), *shape.dims)  # row-major: digits' 64 pixels become 8 rows of 8
     n_train, n_val = spec.split_sizes

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from jobs.spec import JobSpec
-from trainer.data import SplitData, load_split
+from trainer.data import RawData, SplitData, load_split
 from trainer.losses import LOSS_FUNCTIONS
 from trainer.models import MODEL_BUILDERS
 from trainer.optim import build_optimizer
@@ -41,9 +41,14 @@ def resolve_device(requested: str) -> torch.device:
 
 class Trainer:
     def __init__(
-        self, spec: JobSpec, reporter: Reporter | None = None, checkpoint_every_steps: int | None = None
+        self,
+        spec: JobSpec,
+        reporter: Reporter | None = None,
+        checkpoint_every_steps: int | None = None,
+        raw_data: RawData | None = None,
     ) -> None:
         self.spec = spec
+        self.raw_data = raw_data  # an uploaded dataset's arrays (trainer/data.py load_split)
         self.reporter = reporter or NullReporter()
         self.device = resolve_device(spec.device)
         self.loss_fn = LOSS_FUNCTIONS[spec.loss]
@@ -55,7 +60,7 @@ class Trainer:
         random.seed(spec.seed)
         np.random.seed(spec.seed % 2**32)
         torch.manual_seed(spec.seed)  # initial weights and dropout masks
-        self.data: SplitData = load_split(spec, self.device)
+        self.data: SplitData = load_split(spec, self.device, self.raw_data)
         self.model = MODEL_BUILDERS[spec.model.arch](spec.model, self.data.shape, self.data.n_classes)
         self.model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -308,7 +313,7 @@ def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, n_classes: i
     return counts.reshape(n_classes, n_classes).cpu().tolist()
 
 
-def run_training(spec: JobSpec, reporter: Reporter | None = None) -> TrainingResult:
-    trainer = Trainer(spec, reporter)
+def run_training(spec: JobSpec, reporter: Reporter | None = None, raw_data: RawData | None = None) -> TrainingResult:
+    trainer = Trainer(spec, reporter, raw_data=raw_data)
     trainer.setup()
     return trainer.train()

@@ -21,14 +21,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from jobs import studies
+from jobs.dataset_store import read_dataset_arrays
 from jobs.db import session_scope
 from jobs.models import Job, JobCheckpoint
 from jobs.repository import claim_job, get_job, load_checkpoint, parse_job_id, set_mlflow_run, transition
 from jobs.settings import settings
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, UploadedDataset
 from jobs.states import ACTIVE, JobStatus
 from jobs.tracking import end_run, tracking_client
 from trainer.checkpoint import checkpoint_from_bytes
+from trainer.data import RawData
 from trainer.recipe import Trainer, resolve_device
 from trainer.reporting import TrainingResult
 from worker.metrics_sink import MlflowMetricSink
@@ -119,6 +121,15 @@ def _log_results_while_mlflow_returns(
             time.sleep(2.0)
 
 
+def _uploaded_arrays(spec: JobSpec, project: str) -> RawData | None:
+    """An uploaded dataset's arrays, from the database (workers share no filesystem)."""
+    if not isinstance(spec.dataset, UploadedDataset):
+        return None
+    with session_scope() as session:
+        arrays = read_dataset_arrays(session=session, dataset=spec.dataset, project=project)
+    return arrays.x, arrays.y, arrays.classes
+
+
 def execute_job(raw_job_id: str) -> Outcome:
     job_id = parse_job_id(raw_job_id)
     if job_id is None:
@@ -187,7 +198,8 @@ def _run_attempt(
             client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
             may_send=monitor.lease_is_fresh,
         )  # fmt: skip
-        trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps)
+        raw_data = _uploaded_arrays(spec, job.project)
+        trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps, raw_data=raw_data)
         trainer.setup()
         if checkpoint is not None:
             log.info("job %s attempt %d resumes from step %d", job_id, attempt, checkpoint.step)

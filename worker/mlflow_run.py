@@ -3,6 +3,7 @@ active-run stack, which outlives a crashed task in the same process)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from pathlib import Path
@@ -14,18 +15,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
-from mlflow.entities import Param, RunStatus  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunStatus  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 
 from jobs.models import DEFAULT_PROJECT  # noqa: E402
 from jobs.settings import settings  # noqa: E402
-from jobs.spec import JobSpec  # noqa: E402
+from jobs.spec import JobSpec, UploadedDataset  # noqa: E402
 from trainer.reporting import TrainingResult  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 MAX_PARAMS_PER_BATCH = 100
+MLFLOW_DIGEST_CHARS = 36  # the longest dataset digest MLflow stores
 
 
 def experiment_id_for(client: MlflowClient, name: str) -> str:
@@ -65,7 +68,23 @@ def open_run(
     params = [Param(key, value[:6000]) for key, value in spec.flat_params().items()]
     for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
         client.log_batch(run.info.run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
+    if isinstance(spec.dataset, UploadedDataset):
+        client.log_inputs(run.info.run_id, datasets=[uploaded_dataset_input(spec.dataset, project)])
     return experiment_id, run.info.run_id
+
+
+def uploaded_dataset_input(dataset: UploadedDataset, project: str) -> DatasetInput:
+    """The upload as the run's training input: its digest is the file's SHA-256 (cut to the
+    MLflow limit, MLFLOW_DIGEST_CHARS); the whole hash and the id are in the source."""
+    entity = Dataset(
+        name=dataset.name or dataset.id,
+        digest=dataset.sha256[:MLFLOW_DIGEST_CHARS],
+        source_type="descent",
+        source=json.dumps({"dataset_id": dataset.id, "project": project, "sha256": dataset.sha256}),
+        schema=json.dumps({"shape": dataset.shape, "classes": dataset.classes}),
+        profile=json.dumps({"num_rows": dataset.n_samples, "num_features": dataset.n_features}),
+    )
+    return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
 
 
 def reopen_run(client: MlflowClient, run_id: str, attempt: int) -> None:

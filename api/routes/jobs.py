@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import CallerDep, SessionDep
 from api.errors import problem, unprocessable
 from api.routes.operator import SUBMISSION_SECONDS
 from api.schemas import AUTH_RESPONSES, JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
-from jobs import repository
+from jobs import dataset_store, repository
 from jobs.limits import limit_breaches
 from jobs.models import Job
 from jobs.queue import enqueue_job
@@ -50,6 +52,12 @@ IdempotencyKey = Annotated[
 ]
 
 
+# The body is read as JSON first, then validated as a JobSpec once an uploaded dataset's
+# metadata is filled in from the database; the schema it documents is JobSpec's.
+SpecBody = Annotated[dict[str, Any], Body(description="A JobSpec (GET /v1/catalog lists the fields).")]
+SPEC_BODY_SCHEMA = {"requestBody": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}}}}}
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -60,12 +68,25 @@ IdempotencyKey = Annotated[
         409: {"model": Problem, "description": "The Idempotency-Key was used with a different spec."},
         413: {"model": Problem, "description": "The body is larger than MAX_REQUEST_BYTES."},
     },
+    openapi_extra=SPEC_BODY_SCHEMA,
 )
 def submit_job(
-    spec: JobSpec, session: SessionDep, caller: CallerDep, response: Response, idempotency_key: IdempotencyKey = None
+    body: SpecBody, session: SessionDep, caller: CallerDep, response: Response, idempotency_key: IdempotencyKey = None
 ) -> JobPublic | JSONResponse:
     with SUBMISSION_SECONDS.time():
+        try:
+            spec = _validated_spec(body, session, caller)
+        except dataset_store.UnknownDataset as exc:
+            return unprocessable([problem("body", "dataset.id", str(exc), "dataset_unknown")])
         return _submit(spec, session, caller, response, idempotency_key)
+
+
+def _validated_spec(body: dict[str, Any], session: SessionDep, caller: CallerDep) -> JobSpec:
+    resolved = dataset_store.resolve_uploaded_dataset(session=session, project=caller.project, spec=body)
+    try:
+        return JobSpec.model_validate(resolved)
+    except ValidationError as exc:  # answered like any request validation error
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
 
 
 def _submit(

@@ -1,0 +1,122 @@
+"""/v1/datasets: upload, list, read and delete a project's own datasets. Routes only coordinate."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile, status
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+
+from api.deps import CallerDep, SessionDep
+from api.errors import problem, unprocessable
+from api.schemas import AUTH_RESPONSES, DatasetPublic, DatasetsPublic, Problem
+from jobs import dataset_store
+from jobs.models import Dataset
+from jobs.settings import settings
+from jobs.uploads import ACCEPTED, UploadRejected, parse_upload
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=AUTH_RESPONSES)
+
+NOT_FOUND = {404: {"model": Problem, "description": "No dataset with this id in the caller's project."}}
+# The transport limit: the file plus the multipart framing and the small form fields.
+# The file's own limit (MAX_UPLOAD_BYTES) is checked on what arrives, so it names the file.
+MULTIPART_ALLOWANCE = 64 * 1024
+
+
+def _dataset_or_404(session: SessionDep, caller: CallerDep, dataset_id: str) -> Dataset:
+    parsed = dataset_store.parse_dataset_id(dataset_id)
+    dataset = dataset_store.get_dataset(session=session, dataset_id=parsed, project=caller.project) if parsed else None
+    if dataset is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset_id} not found")
+    return dataset
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetPublic,
+    max_body_size=settings.max_upload_bytes + MULTIPART_ALLOWANCE,
+    responses={
+        200: {"model": DatasetPublic, "description": "This file (and label column) was uploaded before: that dataset."},
+        413: {"model": Problem, "description": "The file is over MAX_UPLOAD_BYTES, or the data over MAX_DATASET_*."},
+        415: {"model": Problem, "description": f"Not a file type this server reads: {ACCEPTED}."},
+    },
+)
+def upload_dataset(
+    session: SessionDep,
+    caller: CallerDep,
+    response: Response,
+    file: Annotated[UploadFile, File(description=f"The data: {ACCEPTED}.")],
+    label: Annotated[
+        str | None, Form(min_length=1, max_length=200, description="The label column (CSV, Parquet).")
+    ] = None,
+    name: Annotated[
+        str | None, Form(min_length=1, max_length=200, description="A name for people; default: the file's name.")
+    ] = None,
+) -> DatasetPublic | JSONResponse:
+    """Upload a dataset to the caller's project. It is checked and normalised before
+    anything is stored; jobs then name it as `"dataset": {"id": ...}`."""
+    data = file.file.read(settings.max_upload_bytes + 1)
+    try:
+        upload = parse_upload(data, file.filename, label, settings)
+    except UploadRejected as exc:
+        if exc.status == 422:
+            return unprocessable([problem("body", exc.field, exc.message, "dataset_invalid")])
+        raise HTTPException(exc.status, exc.message) from exc
+    display_name = name or (file.filename or "").rsplit("/", 1)[-1][:200] or "dataset"
+
+    def create() -> tuple[Dataset, bool]:
+        return dataset_store.create_dataset(
+            session=session, project=caller.project, name=display_name, label=label, upload=upload
+        )
+
+    try:
+        dataset, created = create()
+        session.commit()
+    except IntegrityError:  # the same upload at the same moment: the other request stored it
+        session.rollback()
+        dataset, created = create()
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    else:
+        log.info("dataset %s (%s, %d rows) uploaded to project %s", dataset.id, dataset.format, dataset.n_rows,
+                 caller.project)  # fmt: skip
+    return DatasetPublic.from_row(dataset)
+
+
+@router.get("", response_model=DatasetsPublic)
+def list_datasets(
+    session: SessionDep, caller: CallerDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> DatasetsPublic:
+    """The caller's project's datasets, newest first."""
+    rows = dataset_store.list_datasets(session=session, project=caller.project, limit=limit)
+    return DatasetsPublic(items=[DatasetPublic.from_row(row) for row in rows])
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses=NOT_FOUND)
+def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep) -> DatasetPublic:
+    return DatasetPublic.from_row(_dataset_or_404(session, caller, dataset_id))
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses={**NOT_FOUND, 409: {"model": Problem, "description": "Queued or running jobs use the dataset."}},
+)
+def delete_dataset(dataset_id: str, session: SessionDep, caller: CallerDep) -> Response:
+    parsed = dataset_store.parse_dataset_id(dataset_id)
+    try:
+        deleted = parsed is not None and dataset_store.delete_dataset(
+            session=session, dataset_id=parsed, project=caller.project
+        )
+    except dataset_store.DatasetInUse as exc:
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT, f"dataset {dataset_id} cannot be deleted: {exc}") from exc
+    if not deleted:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset_id} not found")
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
