@@ -22,7 +22,7 @@ from api.deps import CallerDep, SessionDep
 from api.errors import describe, problem, unprocessable
 from api.routes.events import POLL_WITHOUT_REDIS_S, STREAM_ID, Followed, follow_stream, sse
 from api.schemas import AUTH_RESPONSES, BODY_RESPONSES, Problem, StudiesPublic, StudyPublic
-from jobs import studies
+from jobs import dataset_store, studies
 from jobs.access import Caller
 from jobs.db import session_factory
 from jobs.events import events_enabled, study_stream_key
@@ -100,6 +100,11 @@ def _problems(spec: StudySpec) -> list[dict]:
 def submit_study(spec: StudySpec, session: SessionDep, caller: CallerDep) -> StudyPublic | JSONResponse:
     """A base job spec, a search space over its fields, a search method, seeds, an
     objective and a pruning rule; trials are ordinary jobs that belong to the study."""
+    try:  # an uploaded dataset in the base: its metadata from the database, as for a job
+        base = dataset_store.resolve_uploaded_dataset(session=session, project=caller.project, spec=spec.base)
+    except dataset_store.UnknownDataset as exc:
+        return unprocessable([problem("body", "base.dataset.id", str(exc), "dataset_unknown")])
+    spec = spec.model_copy(update={"base": base})
     if problems := _problems(spec):
         return unprocessable(problems)
     study, job_ids = studies.create_study(session=session, spec=spec, project=caller.project)

@@ -288,3 +288,17 @@ def test_each_advance_draws_a_new_configuration(client: TestClient) -> None:
         advance(study["id"])
     lrs = {t["spec"]["optimizer"]["lr"] for t in trials(client, study["id"])}
     assert len(lrs) == 4
+
+
+def test_a_study_on_an_uploaded_dataset_fills_in_its_metadata(client: TestClient) -> None:
+    rng = np.random.default_rng(0)
+    rows = "\n".join(f"{a:.3f},{b:.3f},{'yes' if a + b > 0 else 'no'}" for a, b in rng.normal(size=(60, 2)))
+    response = client.post("/v1/datasets", files={"file": ("xy.csv", f"a,b,label\n{rows}\n".encode())},
+                           data={"label": "label", "name": "xy"})  # fmt: skip
+    assert response.status_code in (200, 201), response.text
+    dataset = response.json()
+    study = submit(client, GRID | {"name": "unit-upload", "base": BASE | {"dataset": {"id": dataset["id"]}}})
+    [job, *_] = trials(client, study["id"])
+    assert job["spec"]["dataset"]["sha256"] == dataset["sha256"] and job["spec"]["dataset"]["classes"] == ["no", "yes"]
+    unknown = refused(client, GRID | {"base": BASE | {"dataset": {"id": str(uuid.uuid4())}}})
+    assert unknown["detail"][0]["field"] == "base.dataset.id"
