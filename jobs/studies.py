@@ -113,8 +113,14 @@ def trial_records(spec: StudySpec, jobs: list[Job]) -> list[TrialRecord]:
 
 
 def leaderboard(*, session: Session, study: Study) -> dict[str, Any]:
+    return standing(session=session, study=study)[1]
+
+
+def standing(*, session: Session, study: Study) -> tuple[dict[str, int], dict[str, Any]]:
+    """(trial jobs by status, the leaderboard so far)."""
     spec = parse_study(study)
-    return build_leaderboard(spec, trial_records(spec, trial_jobs(session=session, study_id=study.id)))
+    jobs = trial_jobs(session=session, study_id=study.id)
+    return counts_by_status(jobs), build_leaderboard(spec, trial_records(spec, jobs))
 
 
 def counts_by_status(jobs: list[Job]) -> dict[str, int]:

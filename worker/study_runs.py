@@ -15,7 +15,7 @@ import io
 import json
 import logging
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib.pyplot as plt
 import mlflow
@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from jobs import studies
 from jobs.db import session_scope
 from jobs.lr_range import analyse
-from jobs.models import Job, Study, utcnow
+from jobs.models import Study, utcnow
 from jobs.queue import enqueue_job
 from jobs.settings import settings
 from jobs.states import JobStatus, StudyStatus
@@ -62,6 +62,17 @@ def ensure_parent_run(client: MlflowClient, study_id: uuid.UUID) -> str:
         client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         studies.set_parent_run(session=session, study_id=study.id, experiment_id=experiment_id, run_id=run.info.run_id)
         return run.info.run_id
+
+
+class TrialRun(NamedTuple):
+    """What the report needs of one trial (read once, before MLflow is called)."""
+
+    job_id: uuid.UUID
+    status: str
+    run_id: str | None
+    config_id: str | None
+    spec: dict[str, Any]
+    objective: float | None
 
 
 def trial_tags(job: Job, parent_run_id: str) -> dict[str, str]:
@@ -139,14 +150,19 @@ def write_report(study_id: uuid.UUID) -> bool:
         if study is None or not study.report_pending:
             return True
         spec = studies.parse_study(study)
-        trials = [(j.id, j.status, j.mlflow_run_id, j.config_id, j.spec) for j in studies.trial_jobs(session=session, study_id=study_id)]
+        metric = spec.objective.metric
+        trials = [
+            TrialRun(j.id, j.status, j.mlflow_run_id, j.config_id, j.spec,
+                     (j.latest_metrics or {}).get(metric) if j.status == JobStatus.succeeded else None)
+            for j in studies.trial_jobs(session=session, study_id=study_id)
+        ]  # fmt: skip
         board = studies.leaderboard(session=session, study=study)
         attempts = int((study.result or {}).get("report_attempts", 0)) + 1
         status = StudyStatus(study.status)
     client = tracking_client()
     try:
         parent = ensure_parent_run(client, study_id)
-        report = _report(client, parent, spec, board, trials, study_name=spec.name)
+        report = _report(client, parent, spec, board, trials)
         client.set_terminated(parent, status=RunStatus.to_string(RUN_STATUS_OF_STUDY[status]))
     except Exception as exc:  # noqa: BLE001 - MLflow down (or a bug): the reaper tries again
         log.warning("study %s: report not written (attempt %d): %s", study_id, attempts, exc)
@@ -166,36 +182,33 @@ def write_report(study_id: uuid.UUID) -> bool:
 
 
 def _report(
-    client: MlflowClient, parent: str, spec: StudySpec, board: dict[str, Any], trials: list[tuple], study_name: str
+    client: MlflowClient, parent: str, spec: StudySpec, board: dict[str, Any], trials: list[TrialRun]
 ) -> dict[str, Any]:
     client.log_dict(parent, board, "leaderboard.json")
     client.log_text(parent, _leaderboard_csv(board), "leaderboard.csv")
     client.log_table(parent, data=_leaderboard_columns(board), artifact_file="leaderboard_table.json")  # a UI table
     labels = {row["config_id"]: short_label(row["values"]) for row in board["configurations"]}
-    ran = [t for t in trials if t[2] and t[1] in (JobStatus.succeeded, JobStatus.pruned)]
+    ran = [t for t in trials if t.run_id and t.status in (JobStatus.succeeded, JobStatus.pruned)]
     histories: dict[uuid.UUID, dict[str, list[tuple[int, float]]]] = {
-        job_id: {key: _history(client, run_id, key) for key in ("train_loss", "val_accuracy", "lr")}
-        for job_id, _status, run_id, _cid, _spec in ran
+        t.job_id: {key: _history(client, t.run_id, key) for key in ("train_loss", "val_accuracy", "lr")}  # type: ignore[arg-type]
+        for t in ran
     }
     report: dict[str, Any] = {}
     for metric in ("train_loss", "val_accuracy"):
         groups: dict[str, list] = {}
-        for job_id, _status, _run, cid, _spec in ran:
-            groups.setdefault(labels.get(cid, cid), []).append(histories[job_id][metric])
+        for t in ran:
+            groups.setdefault(labels.get(t.config_id, t.config_id), []).append(histories[t.job_id][metric])
         figure = study_plots.curves_figure(metric, groups, log_y=metric.endswith("loss"))  # spikes stay readable
         _log_figure(client, parent, figure, f"plots/{metric}.png")
-    by_optimizer: dict[str, list[tuple[float, float]]] = {}
     metric = spec.objective.metric
-    with session_scope() as session:
-        for job_id, status, _run, _cid, job_spec in trials:
-            job = session.get(Job, job_id)
-            value = (job.latest_metrics or {}).get(metric) if job is not None and status == JobStatus.succeeded else None
-            if value is not None:
-                by_optimizer.setdefault(job_spec["optimizer"]["name"], []).append((job_spec["optimizer"]["lr"], value))
+    by_optimizer: dict[str, list[tuple[float, float]]] = {}
+    for t in trials:
+        if t.objective is not None:
+            by_optimizer.setdefault(t.spec["optimizer"]["name"], []).append((t.spec["optimizer"]["lr"], t.objective))
     _log_figure(client, parent, study_plots.objective_vs_lr_figure(metric, by_optimizer), "plots/objective_vs_lr.png")
     schedules = {}
-    for job_id, _status, _run, cid, _spec in ran:
-        schedules.setdefault(labels.get(cid, cid), histories[job_id]["lr"])
+    for t in ran:
+        schedules.setdefault(labels.get(t.config_id, t.config_id), histories[t.job_id]["lr"])
     _log_figure(client, parent, study_plots.schedules_figure(schedules), "plots/lr_schedules.png")
 
     metrics = []
@@ -212,9 +225,8 @@ def _report(
         client.set_tag(parent, "descent.best_config", labels.get(best["config_id"], best["config_id"]))
 
     if isinstance(spec.search, LRRangeTest) and ran:
-        job_id = ran[0][0]
-        lrs = [v for _, v in histories[job_id]["lr"]]
-        losses = [v for _, v in histories[job_id]["train_loss"]]
+        lrs = [v for _, v in histories[ran[0].job_id]["lr"]]
+        losses = [v for _, v in histories[ran[0].job_id]["train_loss"]]
         reading = analyse(lrs, losses, spec.search.stop_factor)
         report["lr_range_test"] = reading
         client.log_dict(parent, reading, "lr_range_test.json")
@@ -223,14 +235,14 @@ def _report(
         if reading["suggested_lr"]:
             client.log_batch(parent, metrics=[Metric("suggested_lr", reading["suggested_lr"], now, 0)])
     if best is not None and best.get("best_job_id") and not isinstance(spec.search, LRRangeTest):
-        report["registered_model"] = _register_best(client, trials, best["best_job_id"], study_name)
+        report["registered_model"] = _register_best(client, trials, best["best_job_id"], spec.name)
     return report
 
 
-def _register_best(client: MlflowClient, trials: list[tuple], job_id: str, name: str) -> dict[str, Any] | None:
+def _register_best(client: MlflowClient, trials: list[TrialRun], job_id: str, name: str) -> dict[str, Any] | None:
     """The best trial's model in the Model Registry under the study's name (a new version
     each time a study of that name ends)."""
-    run_id = next((t[2] for t in trials if str(t[0]) == job_id), None)
+    run_id = next((t.run_id for t in trials if str(t.job_id) == job_id), None)
     if run_id is None or not settings.log_model:
         return None
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)

@@ -54,10 +54,8 @@ def _study_or_404(session: SessionDep, caller: CallerDep, study_id: str) -> Stud
 
 
 def _public(session: SessionDep, study: Study) -> StudyPublic:
-    jobs = studies.trial_jobs(session=session, study_id=study.id)
-    spec = studies.parse_study(study)
-    board = studies.build_leaderboard(spec, studies.trial_records(spec, jobs))
-    return StudyPublic.from_row(study, studies.counts_by_status(jobs), board)
+    trials, board = studies.standing(session=session, study=study)
+    return StudyPublic.from_row(study, trials, board)
 
 
 def _problems(spec: StudySpec) -> list[dict]:
