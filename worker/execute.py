@@ -8,6 +8,7 @@ is the thin Celery entry point.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -33,6 +34,8 @@ from trainer.reporting import TrainingResult
 from worker.metrics_sink import MlflowMetricSink
 from worker.mlflow_run import latest_steps, log_results, open_run, reopen_run
 from worker.monitor import JobMonitor, JobReporter, StopReason
+from worker.prometheus_metrics import RunningJobGauges, record_outcome
+from worker.system_metrics import JobSystemMetrics
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +115,11 @@ def _log_results_while_mlflow_returns(
 
 
 def execute_job(raw_job_id: str) -> Outcome:
+    started = time.monotonic()
     job_id = parse_job_id(raw_job_id)
     if job_id is None:
         log.error("ignoring a message with a malformed job id %r", raw_job_id)
+        record_outcome(Outcome.skipped, 0.0)
         return Outcome.skipped
     with session_scope() as session:
         attempt = claim_job(session=session, job_id=job_id, worker=worker_name(), lease_s=settings.lease_s)
@@ -122,12 +127,29 @@ def execute_job(raw_job_id: str) -> Outcome:
         checkpoint = load_checkpoint(session=session, job_id=job_id) if attempt and attempt > 1 else None
     if attempt is None or job is None:
         log.info("job %s is not queued (duplicate delivery or cancelled); nothing to do", job_id)
+        record_outcome(Outcome.skipped, time.monotonic() - started)
         return Outcome.skipped
     reporter = JobReporter(None, settings.checkpoint_min_interval_s)
     # The heartbeat covers the whole attempt, to the final transition: waiting for MLflow
     # to take the last metrics must not look like a dead worker.
-    with JobMonitor(job_id, reporter, settings.progress_interval_s, attempt, settings.lease_s) as monitor:
-        return _run_attempt(job, attempt, checkpoint, reporter, monitor)
+    with (
+        JobMonitor(job_id, reporter, settings.progress_interval_s, attempt, settings.lease_s) as monitor,
+        RunningJobGauges(str(job_id), lambda: reporter.step),
+    ):
+        outcome = _run_attempt(job, attempt, checkpoint, reporter, monitor)
+    record_outcome(outcome, time.monotonic() - started)
+    return outcome
+
+
+def _system_metrics(client: MlflowClient, sink: MlflowMetricSink, reporter: JobReporter,
+                    monitor: JobMonitor) -> JobSystemMetrics | contextlib.nullcontext:  # fmt: skip
+    """CPU, memory and GPU samples into the job's run, once the sink has opened it."""
+    if not settings.system_metrics_interval_s:
+        return contextlib.nullcontext()
+    return JobSystemMetrics(
+        client, lambda: sink.run_id, lambda: reporter.step, settings.system_metrics_interval_s,
+        may_send=lambda: monitor.lease_is_fresh() and reporter.stop_reason != StopReason.lease_lost,
+    )  # fmt: skip
 
 
 def _run_attempt(
@@ -158,12 +180,14 @@ def _run_attempt(
             client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
             may_send=monitor.lease_is_fresh,
         )  # fmt: skip
-        trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps)
-        trainer.setup()
-        if checkpoint is not None:
-            log.info("job %s attempt %d resumes from step %d", job_id, attempt, checkpoint.step)
-            trainer.load_state_dict(checkpoint_from_bytes(checkpoint.data, trainer.device))
-        result: TrainingResult = trainer.train()
+        # Stopped before the run is ended (below), whatever happens to the training.
+        with _system_metrics(client, sink, reporter, monitor):
+            trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps)
+            trainer.setup()
+            if checkpoint is not None:
+                log.info("job %s attempt %d resumes from step %d", job_id, attempt, checkpoint.step)
+                trainer.load_state_dict(checkpoint_from_bytes(checkpoint.data, trainer.device))
+            result: TrainingResult = trainer.train()
 
         if reporter.stop_reason == StopReason.lease_lost:
             sink.discard()  # the attempt that owns the job now reports these steps
