@@ -167,14 +167,26 @@ class Client:
         return self._events(job_id, last_event_id, deadline=None)
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the job has ended and return it; TimeoutError after `timeout` seconds."""
+        """Block until the job has ended and return it; TimeoutError after `timeout` seconds
+        (the job goes on: wait again, or cancel it)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for _event in self._events(job_id, None, deadline):
-            pass
+        try:
+            for _event in self._events(job_id, None, deadline):
+                pass
+        except _WaitRanOut as exc:
+            raise TimeoutError(f"job {job_id} had not ended after {timeout:g} s") from exc.__cause__
         return self.get(job_id)
 
     def _events(self, job_id: str, last_event_id: str | None, deadline: float | None) -> Iterator[dict[str, Any]]:
         failures = 0
+
+        def pause(seconds: float) -> None:  # before a reconnect, never past the deadline
+            if deadline is not None:
+                seconds = min(seconds, deadline - time.monotonic())
+                if seconds <= 0:
+                    raise _WaitRanOut
+            time.sleep(seconds)
+
         while True:
             headers = {"Accept": "text/event-stream"}
             if last_event_id:
@@ -197,23 +209,27 @@ class Client:
                             return
             except httpx.TransportError as exc:
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"job {job_id} had not ended when the wait ran out") from exc
+                    raise _WaitRanOut from exc
                 if failures >= len(RECONNECT_DELAYS_S):
                     raise DescentError(None, f"lost the event stream of job {job_id} at {self.url}: {exc}") from exc
-                time.sleep(RECONNECT_DELAYS_S[failures])
+                pause(RECONNECT_DELAYS_S[failures])
                 failures += 1
                 continue
             # The server closed the stream before the final state: come back where we were.
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {job_id} had not ended when the wait ran out")
+                raise _WaitRanOut
             if failures >= len(RECONNECT_DELAYS_S):
                 raise DescentError(None, f"the event stream of job {job_id} keeps closing before the job ends")
-            time.sleep(RECONNECT_DELAYS_S[failures])
+            pause(RECONNECT_DELAYS_S[failures])
             failures += 1
 
     @staticmethod
     def _lines_until(response: httpx.Response, deadline: float | None) -> Iterator[str]:
         for line in response.iter_lines():
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("the wait ran out")
+                raise _WaitRanOut
             yield line
+
+
+class _WaitRanOut(Exception):
+    """wait()'s deadline passed; wait() turns it into a TimeoutError that names the job."""

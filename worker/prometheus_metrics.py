@@ -123,13 +123,20 @@ def record_outcome(outcome: str, seconds: float) -> None:
 
 
 class StepRate:
-    """Steps per second over the last `window_s`, from (time, step) samples."""
+    """Steps per second over the last `window_s`, from (time, step) samples. Measured
+    from the first step on: the set-up before it (data, model) is not training speed."""
 
     def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
         self.window_s = window_s
         self._samples: deque[tuple[float, int]] = deque()
+        self._moved = False
 
     def add(self, now: float, step: int) -> float | None:
+        if not self._moved:
+            if self._samples and step != self._samples[0][1]:
+                self._moved = True
+            else:  # still setting up: the window starts at the latest sample
+                self._samples.clear()
         self._samples.append((now, step))
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
             self._samples.popleft()

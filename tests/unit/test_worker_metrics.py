@@ -53,10 +53,14 @@ def test_a_job_records_its_outcome_and_its_duration_by_outcome() -> None:
 def test_steps_per_second_is_measured_over_the_recent_window() -> None:
     rate = StepRate(window_s=10.0)
     assert rate.add(0.0, 100) is None  # one sample: no rate yet
-    assert rate.add(1.0, 150) == 50.0
+    assert rate.add(5.0, 100) is None  # setting up (or resuming at step 100): not a rate of 0
+    assert rate.add(6.0, 150) == 50.0  # from the last sample before the first step
     for t in range(2, 30):
         rate.add(float(t), 150 + (t - 1) * 20)  # slows down to 20 steps/s
     assert rate.add(30.0, 150 + 29 * 20) == 20.0  # the fast start has left the window
+    for t in range(31, 45):
+        last = rate.add(float(t), 150 + 29 * 20)  # stalled
+    assert last == 0.0  # a stalled job reads 0, not its last pace
 
 
 def test_the_running_jobs_gauges_follow_its_steps_and_read_no_gpu_without_cuda() -> None:
