@@ -140,3 +140,14 @@ def test_submitting_twice_with_an_idempotency_key_gives_the_same_job(stack: Stac
     conflict = descent(stack, "submit", str(other), "--idempotency-key", key)  # same key, another spec
     assert conflict.returncode == 3, conflict
     assert "Idempotency-Key" in conflict.stderr or "idempotency" in conflict.stderr.lower(), conflict.stderr
+
+
+def test_metrics_shows_the_training_and_leaves_system_metrics_to_those_who_ask(stack: Stack, finished) -> None:
+    _, job_id = finished
+    rows = json.loads(descent(stack, "metrics", job_id, "--output", "json").stdout)
+    assert "system/cpu_utilization_percentage" in {r["metric"] for r in rows}  # every run has them
+    table = descent(stack, "metrics", job_id)
+    assert table.returncode == 0 and "train_loss" in table.stdout and "system/" not in table.stdout, table
+    assert "system metrics not shown" in table.stderr
+    cpu = descent(stack, "metrics", job_id, "--metric", "system/cpu_utilization_percentage", "--output", "json")
+    assert cpu.returncode == 0 and {r["metric"] for r in json.loads(cpu.stdout)} == {"system/cpu_utilization_percentage"}
