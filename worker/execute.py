@@ -8,7 +8,6 @@ is the thin Celery entry point.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -35,7 +34,7 @@ from worker.metrics_sink import MlflowMetricSink
 from worker.mlflow_run import latest_steps, log_results, open_run, reopen_run
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
-from worker.system_metrics import JobSystemMetrics
+from worker.system_metrics import job_system_metrics
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +140,6 @@ def execute_job(raw_job_id: str) -> Outcome:
     return outcome
 
 
-def _system_metrics(client: MlflowClient, sink: MlflowMetricSink, reporter: JobReporter,
-                    monitor: JobMonitor) -> JobSystemMetrics | contextlib.nullcontext:  # fmt: skip
-    """CPU, memory and GPU samples into the job's run, once the sink has opened it."""
-    if not settings.system_metrics_interval_s:
-        return contextlib.nullcontext()
-    return JobSystemMetrics(
-        client, lambda: sink.run_id, lambda: reporter.step, settings.system_metrics_interval_s,
-        may_send=lambda: monitor.lease_is_fresh() and reporter.stop_reason != StopReason.lease_lost,
-    )  # fmt: skip
-
-
 def _run_attempt(
     job: Job, attempt: int, checkpoint: JobCheckpoint | None, reporter: JobReporter, monitor: JobMonitor
 ) -> Outcome:
@@ -181,7 +169,7 @@ def _run_attempt(
             may_send=monitor.lease_is_fresh,
         )  # fmt: skip
         # Stopped before the run is ended (below), whatever happens to the training.
-        with _system_metrics(client, sink, reporter, monitor):
+        with job_system_metrics(client, sink, reporter, monitor):
             trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps)
             trainer.setup()
             if checkpoint is not None:

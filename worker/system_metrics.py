@@ -16,6 +16,7 @@ holds the job's lease.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -26,7 +27,9 @@ import psutil
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
-from worker.metrics_sink import MetricPoint, client_batch_writer, rest_batch_writer
+from jobs.settings import settings
+from worker.metrics_sink import MetricPoint, MlflowMetricSink, client_batch_writer, rest_batch_writer
+from worker.monitor import JobMonitor, JobReporter, StopReason
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +108,15 @@ class JobSystemMetrics(SystemMetricsMonitor):
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.finish()
+
+
+def job_system_metrics(
+    client: MlflowClient, sink: MlflowMetricSink, reporter: JobReporter, monitor: JobMonitor
+) -> JobSystemMetrics | contextlib.nullcontext[None]:
+    """A running job's samples: into the run the sink opens, while this attempt holds the job."""
+    if not settings.system_metrics_interval_s:
+        return contextlib.nullcontext()
+    return JobSystemMetrics(
+        client, lambda: sink.run_id, lambda: reporter.step, settings.system_metrics_interval_s,
+        may_send=lambda: monitor.lease_is_fresh() and reporter.stop_reason != StopReason.lease_lost,
+    )  # fmt: skip
