@@ -313,7 +313,8 @@ def metrics(
         if metric or not row["metric"].startswith(SYSTEM_PREFIX):  # the machine's, not the training's
             series[row["metric"]][row["step"]] = row["value"]
     if system and not metric:
-        err.print(f"[dim]{len(system)} system metrics not shown (e.g. --metric {system[0]}; all in --output json)[/dim]")
+        err.print(f"[dim]{len(system)} system metrics not shown "
+                  f"(e.g. --metric {system[0]}; all in --output json)[/dim]")  # fmt: skip
     if plot:
         _plot(job_id, series)
         return

@@ -33,7 +33,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,8 @@ class JobMetrics:
             ["outcome"], buckets=DURATION_BUCKETS_S, registry=registry,
         )  # fmt: skip
         self.steps_per_second = Gauge(
-            "descent_worker_job_steps_per_second", f"Training steps per second of a running job (last {RATE_WINDOW_S:g} s).",
+            "descent_worker_job_steps_per_second",
+            f"Training steps per second of a running job (last {RATE_WINDOW_S:g} s).",
             ["job_id"], multiprocess_mode="livesum", registry=registry,
         )  # fmt: skip
         self.gpu_allocated = Gauge(
@@ -182,7 +182,7 @@ class RunningJobGauges:
             self._thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.metrics is None:
             return
         self._stop.set()

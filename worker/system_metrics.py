@@ -21,7 +21,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
 
 import psutil
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -106,7 +105,7 @@ class JobSystemMetrics(SystemMetricsMonitor):
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.finish()
 
 

@@ -150,4 +150,5 @@ def test_metrics_shows_the_training_and_leaves_system_metrics_to_those_who_ask(s
     assert table.returncode == 0 and "train_loss" in table.stdout and "system/" not in table.stdout, table
     assert "system metrics not shown" in table.stderr
     cpu = descent(stack, "metrics", job_id, "--metric", "system/cpu_utilization_percentage", "--output", "json")
-    assert cpu.returncode == 0 and {r["metric"] for r in json.loads(cpu.stdout)} == {"system/cpu_utilization_percentage"}
+    assert cpu.returncode == 0, cpu
+    assert {r["metric"] for r in json.loads(cpu.stdout)} == {"system/cpu_utilization_percentage"}
