@@ -37,6 +37,7 @@ from descent.config import ConfigError
 from descent.specfile import SpecFileError, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+SYSTEM_PREFIX = "system/"  # MLflow's system metrics (CPU, memory, GPU) of the run
 EXIT_BY_STATUS = {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED, "pruned": EXIT_CANCELLED}
 SHOWN_METRICS = ("train_loss", "val_accuracy")  # what a live view and the job list show
 
@@ -307,8 +308,13 @@ def metrics(
         err.print(f"no metrics recorded for job {job_id}" + (f" named {metric}" if metric else "") + " yet")
         return
     series: dict[str, dict[int, float | None]] = defaultdict(dict)
+    system = sorted({row["metric"] for row in rows if row["metric"].startswith(SYSTEM_PREFIX)})
     for row in rows:
-        series[row["metric"]][row["step"]] = row["value"]
+        if metric or not row["metric"].startswith(SYSTEM_PREFIX):  # the machine's, not the training's
+            series[row["metric"]][row["step"]] = row["value"]
+    if system and not metric:
+        err.print(f"[dim]{len(system)} system metrics not shown "
+                  f"(e.g. --metric {system[0]}; all in --output json)[/dim]")  # fmt: skip
     if plot:
         _plot(job_id, series)
         return

@@ -194,11 +194,18 @@ class Client:
         return self._events(f"/v1/jobs/{job_id}/events", f"job {job_id}", last_event_id, deadline=None)
 
     def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the job has ended and return it; TimeoutError after `timeout` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for _event in self._events(f"/v1/jobs/{job_id}/events", f"job {job_id}", None, deadline):
-            pass
+        """Block until the job has ended and return it; TimeoutError after `timeout` seconds
+        (the job goes on: wait again, or cancel it)."""
+        self._wait(f"/v1/jobs/{job_id}/events", f"job {job_id}", timeout)
         return self.get(job_id)
+
+    def _wait(self, path: str, what: str, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for _event in self._events(path, what, None, deadline):
+                pass
+        except _WaitRanOut as exc:
+            raise TimeoutError(f"{what} had not ended after {timeout:g} s") from exc.__cause__
 
     # ------------------------------------------------------------------ studies
 
@@ -222,9 +229,8 @@ class Client:
         return self._events(f"/v1/studies/{study_id}/events", f"study {study_id}", last_event_id, deadline=None)
 
     def wait_study(self, study_id: str, timeout: float | None = None) -> dict[str, Any]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for _event in self._events(f"/v1/studies/{study_id}/events", f"study {study_id}", None, deadline):
-            pass
+        """Block until the study has ended and return it; TimeoutError after `timeout` seconds."""
+        self._wait(f"/v1/studies/{study_id}/events", f"study {study_id}", timeout)
         return self.study(study_id)
 
     def trials(self, study_id: str) -> list[dict[str, Any]]:
@@ -237,6 +243,13 @@ class Client:
         self, path: str, what: str, last_event_id: str | None, deadline: float | None
     ) -> Iterator[dict[str, Any]]:
         failures = 0
+
+        def pause(seconds: float) -> None:  # before a reconnect, never past the deadline
+            if deadline is not None:
+                seconds = min(seconds, deadline - time.monotonic())
+                if seconds <= 0:
+                    raise _WaitRanOut
+            time.sleep(seconds)
         while True:
             headers = {"Accept": "text/event-stream"}
             if last_event_id:
@@ -259,23 +272,27 @@ class Client:
                             return
             except httpx.TransportError as exc:
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"{what} had not ended when the wait ran out") from exc
+                    raise _WaitRanOut from exc
                 if failures >= len(RECONNECT_DELAYS_S):
                     raise DescentError(None, f"lost the event stream of {what} at {self.url}: {exc}") from exc
-                time.sleep(RECONNECT_DELAYS_S[failures])
+                pause(RECONNECT_DELAYS_S[failures])
                 failures += 1
                 continue
             # The server closed the stream before the final state: come back where we were.
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"{what} had not ended when the wait ran out")
+                raise _WaitRanOut
             if failures >= len(RECONNECT_DELAYS_S):
                 raise DescentError(None, f"the event stream of {what} keeps closing before it ends")
-            time.sleep(RECONNECT_DELAYS_S[failures])
+            pause(RECONNECT_DELAYS_S[failures])
             failures += 1
 
     @staticmethod
     def _lines_until(response: httpx.Response, deadline: float | None) -> Iterator[str]:
         for line in response.iter_lines():
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError("the wait ran out")
+                raise _WaitRanOut
             yield line
+
+
+class _WaitRanOut(Exception):
+    """A wait's deadline passed; wait() and wait_study() turn it into a TimeoutError that names what."""

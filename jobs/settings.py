@@ -61,6 +61,15 @@ class Settings(BaseSettings):
         300.0, ge=0, description="How long a finished job waits for an unreachable MLflow to take its metrics."
     )
 
+    # Operator views of a worker (see README, "Operating Descent").
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (one port per worker); 0 = off."
+    )
+    worker_metrics_host: str = Field("0.0.0.0", description="Address the worker's /metrics listens on.")
+    system_metrics_interval_s: float = Field(
+        10.0, ge=0, description="How often a job samples CPU, memory and GPU into its MLflow run; 0 = off."
+    )
+
     # Crash recovery.
     lease_s: float = Field(30.0, gt=0, description="A running job whose worker is silent this long is lost.")
     reaper_interval_s: float = Field(5.0, gt=0, description="How often workers look for lost and stuck jobs.")

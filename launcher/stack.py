@@ -43,6 +43,8 @@ def stack_env(s: Settings) -> dict[str, str]:
         "UNCLAIMED_REQUEUE_S": str(s.unclaimed_requeue_s),
         "CHECKPOINT_MIN_INTERVAL_S": str(s.checkpoint_min_interval_s),
         "PROGRESS_INTERVAL_S": str(s.progress_interval_s),
+        "WORKER_METRICS_PORT": str(s.worker_metrics_port),  # one worker per port: further workers serve none
+        "SYSTEM_METRICS_INTERVAL_S": str(s.system_metrics_interval_s),
         "PYTHONUNBUFFERED": "1",
         # MLflow's server-side job runner (GenAI evaluation, trace roll-ups) is not used
         # by Descent and would start eight more processes beside the server.

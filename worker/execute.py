@@ -38,6 +38,8 @@ from worker.mlflow_run import latest_steps, log_results, open_run, reopen_run
 from worker import study_runs
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.trial_pruning import TrialPruning
+from worker.prometheus_metrics import RunningJobGauges, record_outcome
+from worker.system_metrics import job_system_metrics
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +133,11 @@ def _uploaded_arrays(spec: JobSpec, project: str) -> RawData | None:
 
 
 def execute_job(raw_job_id: str) -> Outcome:
+    started = time.monotonic()
     job_id = parse_job_id(raw_job_id)
     if job_id is None:
         log.error("ignoring a message with a malformed job id %r", raw_job_id)
+        record_outcome(Outcome.skipped, 0.0)
         return Outcome.skipped
     with session_scope() as session:
         attempt = claim_job(session=session, job_id=job_id, worker=worker_name(), lease_s=settings.lease_s)
@@ -141,12 +145,17 @@ def execute_job(raw_job_id: str) -> Outcome:
         checkpoint = load_checkpoint(session=session, job_id=job_id) if attempt and attempt > 1 else None
     if attempt is None or job is None:
         log.info("job %s is not queued (duplicate delivery or cancelled); nothing to do", job_id)
+        record_outcome(Outcome.skipped, time.monotonic() - started)
         return Outcome.skipped
     reporter = JobReporter(None, settings.checkpoint_min_interval_s)
     # The heartbeat covers the whole attempt, to the final transition: waiting for MLflow
     # to take the last metrics must not look like a dead worker.
-    with JobMonitor(job_id, reporter, settings.progress_interval_s, attempt, settings.lease_s) as monitor:
+    with (
+        JobMonitor(job_id, reporter, settings.progress_interval_s, attempt, settings.lease_s) as monitor,
+        RunningJobGauges(str(job_id), lambda: reporter.step),
+    ):
         outcome = _run_attempt(job, attempt, checkpoint, reporter, monitor)
+    record_outcome(outcome, time.monotonic() - started)
     if job.study_id is not None and outcome not in (Outcome.lost, Outcome.skipped):
         try:  # the next trials start now, not at the reaper's next pass
             study_runs.advance(job.study_id)
@@ -198,13 +207,15 @@ def _run_attempt(
             client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
             may_send=monitor.lease_is_fresh,
         )  # fmt: skip
-        raw_data = _uploaded_arrays(spec, job.project)
-        trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps, raw_data=raw_data)
-        trainer.setup()
-        if checkpoint is not None:
-            log.info("job %s attempt %d resumes from step %d", job_id, attempt, checkpoint.step)
-            trainer.load_state_dict(checkpoint_from_bytes(checkpoint.data, trainer.device))
-        result: TrainingResult = trainer.train()
+        # Stopped before the run is ended (below), whatever happens to the training.
+        with job_system_metrics(client, sink, reporter, monitor):
+            raw_data = _uploaded_arrays(spec, job.project)
+            trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps, raw_data=raw_data)
+            trainer.setup()
+            if checkpoint is not None:
+                log.info("job %s attempt %d resumes from step %d", job_id, attempt, checkpoint.step)
+                trainer.load_state_dict(checkpoint_from_bytes(checkpoint.data, trainer.device))
+            result: TrainingResult = trainer.train()
 
         if reporter.stop_reason == StopReason.lease_lost:
             sink.discard()  # the attempt that owns the job now reports these steps

@@ -122,6 +122,9 @@ def stack(make_database, tmp_path_factory) -> Iterator[Stack]:
         unclaimed_requeue_s=5.0,
         checkpoint_min_interval_s=0.0,
         bootstrap_key=ADMIN_KEY,
+        # The worker's Prometheus /metrics, and system metrics sampled often enough for short jobs.
+        worker_metrics_port=free_port(),
+        system_metrics_interval_s=1.0,
     )
     # Two job slots, so a long job being cancelled does not hold up the others.
     group = start_stack(settings, Path(home) / "logs", workers=1, concurrency=2)

@@ -120,3 +120,35 @@ def test_the_catalog_lists_what_can_be_trained(stack: Stack) -> None:
     assert result.returncode == 0, result
     assert "adam" in [o["name"] for o in json.loads(result.stdout)["optimizers"]]
     assert "warmup_cosine" in descent(stack, "catalog").stdout
+
+
+def test_submitting_twice_with_an_idempotency_key_gives_the_same_job(stack: Stack, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, SMALL | {"name": "cli-idempotent"})
+    key = f"cli-retry-{tmp_path.name}"
+    first = descent(stack, "submit", str(spec), "--idempotency-key", key, "--output", "json")
+    again = descent(stack, "submit", str(spec), "--idempotency-key", key, "--output", "json")
+    assert first.returncode == 0 and again.returncode == 0, (first, again)
+    assert json.loads(again.stdout)["id"] == json.loads(first.stdout)["id"]
+    plain = descent(stack, "submit", str(spec), "--idempotency-key", key)  # the table output says the same
+    assert json.loads(first.stdout)["id"] in plain.stdout
+    assert descent(stack, "submit", str(spec), "--output", "json").returncode == 0  # without a key: a new job
+    named = [j for j in json.loads(descent(stack, "jobs", "--limit", "100", "--output", "json").stdout)
+             if j["name"] == "cli-idempotent"]  # fmt: skip
+    assert len(named) == 2
+
+    other = write_spec(tmp_path, SMALL | {"name": "cli-idempotent", "epochs": 6}, name="other.yaml")
+    conflict = descent(stack, "submit", str(other), "--idempotency-key", key)  # same key, another spec
+    assert conflict.returncode == 3, conflict
+    assert "Idempotency-Key" in conflict.stderr or "idempotency" in conflict.stderr.lower(), conflict.stderr
+
+
+def test_metrics_shows_the_training_and_leaves_system_metrics_to_those_who_ask(stack: Stack, finished) -> None:
+    _, job_id = finished
+    rows = json.loads(descent(stack, "metrics", job_id, "--output", "json").stdout)
+    assert "system/cpu_utilization_percentage" in {r["metric"] for r in rows}  # every run has them
+    table = descent(stack, "metrics", job_id)
+    assert table.returncode == 0 and "train_loss" in table.stdout and "system/" not in table.stdout, table
+    assert "system metrics not shown" in table.stderr
+    cpu = descent(stack, "metrics", job_id, "--metric", "system/cpu_utilization_percentage", "--output", "json")
+    assert cpu.returncode == 0, cpu
+    assert {r["metric"] for r in json.loads(cpu.stdout)} == {"system/cpu_utilization_percentage"}

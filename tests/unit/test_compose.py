@@ -381,3 +381,15 @@ def test_image_contains_what_the_commands_run() -> None:
         assert needed in sources, f"the Dockerfile does not COPY {needed}"
     users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
     assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
+
+
+def test_the_worker_serves_its_metrics_on_the_internal_network_only(services: dict) -> None:
+    worker = services["worker"]
+    port = environment_of(worker).get("WORKER_METRICS_PORT")
+    assert port and int(port) > 0, "the worker's Prometheus /metrics should be on"
+    assert [str(p) for p in worker.get("expose", [])] == [port], "expose the metrics port to the stack's network"
+    assert not worker.get("ports"), "the worker publishes nothing on the host"
+    scrape = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = {c["job_name"]: c for c in scrape["scrape_configs"]}
+    assert targets["descent-workers"]["dns_sd_configs"][0]["port"] == int(port)
+    assert targets["descent-api"]["static_configs"][0]["targets"] == ["api:8000"]

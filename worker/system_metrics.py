@@ -1,0 +1,121 @@
+"""CPU, memory, disk, network and (with pynvml) GPU samples in the job's MLflow run,
+as `system/...` metrics, every `system_metrics_interval_s`.
+
+mlflow's SystemMetricsMonitor measures (its CPU, GPU, disk and network monitors and
+their names, so the runs look like any other MLflow run's system metrics); only its
+loop and its transport are replaced, because the stock ones would break the house rules:
+its thread asks MLflow for the run before every sample and stops for good at the first
+failure (an MLflow blip would end a job's system metrics), and `finish()` waits
+for MLflow's retries (minutes while MLflow is down, at the end of every job). Here a
+sample is sent with one request and no retry (the metric sink's writer); a sample
+MLflow does not take is missed, the next one is tried as usual; stopping waits at
+most `STOP_WAIT_S`. Samples are logged at the job's training step, so they line up
+with the loss curve, and they are taken only while the run exists and the attempt
+holds the job's lease.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.tracking import MlflowClient
+
+from jobs.settings import settings
+from worker.metrics_sink import MetricPoint, MlflowMetricSink, client_batch_writer, rest_batch_writer
+from worker.monitor import JobMonitor, JobReporter, StopReason
+
+log = logging.getLogger(__name__)
+
+STOP_WAIT_S = 2.0  # the last sample's request may take this long at the end of a job
+
+
+class JobSystemMetrics(SystemMetricsMonitor):
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: Callable[[], str | None],
+        current_step: Callable[[], int],
+        interval_s: float,
+        may_send: Callable[[], bool] = lambda: True,
+    ) -> None:
+        super().__init__(run_id=None, sampling_interval=interval_s, tracking_uri=client.tracking_uri)
+        uri = client.tracking_uri
+        self._write = rest_batch_writer(uri) if uri.startswith(("http://", "https://")) else client_batch_writer(client)
+        self._current_run_id = run_id
+        self._current_step = current_step
+        self._may_send = may_send
+        self.sent = 0  # samples MLflow took
+        self.missed = 0  # samples taken while MLflow was unreachable or the run not yet open
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="system-metrics", daemon=True)
+
+    def sample_and_send(self) -> bool:
+        """One sample to the run; False when it was missed."""
+        self.collect_metrics()
+        aggregated = self.aggregate_metrics()
+        for monitor in self.monitors:
+            monitor.clear_metrics()
+        run_id = self._current_run_id()
+        if run_id is None or not self._may_send():
+            self.missed += 1
+            return False
+        timestamp, step = int(time.time() * 1000), self._current_step()
+        points: list[MetricPoint] = [
+            (self._metrics_prefix + (f"{self.node_id}/" if self.node_id else "") + key, float(value), timestamp, step)
+            for key, value in aggregated.items()
+        ]
+        try:
+            self._write(run_id, points)
+        except Exception as exc:  # noqa: BLE001 - a missed sample; the job goes on
+            self.missed += 1
+            log.warning("system metrics: a sample was missed (%s)", exc)
+            return False
+        self.sent += 1
+        return True
+
+    def _loop(self) -> None:
+        psutil.cpu_percent()  # its first reading is meaningless: this starts its clock
+        while not self._stop.wait(self.sampling_interval):
+            self._sample_safely()
+        self._sample_safely()  # the last stretch, so that a short job has a sample too
+
+    def _sample_safely(self) -> None:
+        try:
+            self.sample_and_send()
+        except Exception:  # noqa: BLE001 - never let sampling end a job
+            log.exception("system metrics: sampling failed")
+
+    # SystemMetricsMonitor's own start/finish, on this loop.
+    def start(self) -> None:
+        self._thread.start()
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join(STOP_WAIT_S)
+        if self._thread.is_alive():
+            log.warning("system metrics: the last sample did not reach MLflow within %.0f s", STOP_WAIT_S)
+
+    def __enter__(self) -> JobSystemMetrics:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+
+def job_system_metrics(
+    client: MlflowClient, sink: MlflowMetricSink, reporter: JobReporter, monitor: JobMonitor
+) -> JobSystemMetrics | contextlib.nullcontext[None]:
+    """A running job's samples: into the run the sink opens, while this attempt holds the job."""
+    if not settings.system_metrics_interval_s:
+        return contextlib.nullcontext()
+    return JobSystemMetrics(
+        client, lambda: sink.run_id, lambda: reporter.step, settings.system_metrics_interval_s,
+        may_send=lambda: monitor.lease_is_fresh() and reporter.stop_reason != StopReason.lease_lost,
+    )  # fmt: skip
