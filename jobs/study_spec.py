@@ -220,6 +220,10 @@ class StudySpec(SpecModel):
     def _consistent(self) -> StudySpec:
         if "seed" in self.space:
             raise spec_error("space.seed", "seeds come from `repeats` (base seed, base seed + 1, ...), not the space")
+        uploads = [p for p, d in self.space.items() if p == "dataset.id" or (
+            p == "dataset" and isinstance(d, GridDimension) and any(isinstance(v, dict) and "id" in v for v in d.grid))]
+        if uploads:  # an upload's metadata is resolved from the database once, for the base
+            raise spec_error(f"space.{uploads[0]}", "a study runs on one uploaded dataset: name it in base.dataset")
         if isinstance(self.search, GridSearch):
             continuous = [path for path, dim in self.space.items() if not isinstance(dim, GridDimension)]
             if continuous:

@@ -65,6 +65,7 @@ def refused(client: TestClient, body: dict) -> dict:
         ({"space": {"optimizer.lr": {"grid": [0.1]}}, "base": BASE | {"schedule": {"name": "cosine", "min_lr": 0.5}}},
          "base.schedule.min_lr", "must be below optimizer.lr"),
         ({"space": {"model.hidden": {"grid": [[8], [8]]}}}, "space.model.hidden.grid", "distinct"),
+        ({"space": {"dataset.id": {"grid": ["a", "b"]}}}, "space.dataset.id", "one uploaded dataset"),
         ({"search": {"method": "random", "max_trials": 600}, "repeats": 2, "space": {"optimizer.lr": {"uniform": [0.01, 0.1]}}},
          "repeats", "at most 1000 per study"),
     ],
