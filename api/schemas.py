@@ -42,6 +42,41 @@ class JobError(BaseModel):
     message: str
 
 
+class HessianSummary(BaseModel):
+    """The training loss's Hessian at the end (trainer/hessian.py says how the verdict is decided)."""
+
+    verdict: str = Field(description="local_minimum, saddle_point or not_critical.")
+    max_eig: float
+    min_eig: float
+    positive_fraction: float = Field(description="Positive eigenvalues among the top-k by magnitude.")
+    top_eigenvalues: list[float] = Field(description="The top-k eigenvalues, by decreasing magnitude.")
+    sharpness_ratio: float = Field(description="max_eig * lr / 2: above 1, plain gradient descent at lr is unstable.")
+    gradient_norm: float
+    loss: float
+    lr: float
+    samples: int = Field(description="Training samples the loss was evaluated on.")
+    parameters: int
+    hvp_count: int = Field(description="Hessian-vector products computed.")
+    gradient_tolerance: float
+    curvature_tolerance: float
+
+
+class ClassMetrics(BaseModel):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class JobDiagnostics(BaseModel):
+    """What spec.diagnostics asked for, at the end of training (the grids are in MLflow)."""
+
+    hessian: HessianSummary | None = None
+    per_class: dict[str, ClassMetrics] | None = Field(None, description="Validation metrics per class.")
+    f1_macro: float | None = None
+    costs_seconds: dict[str, float] = Field(default_factory=dict, description="Time each diagnostic took.")
+
+
 class JobPublic(BaseModel):
     id: uuid.UUID
     project: str
@@ -56,6 +91,7 @@ class JobPublic(BaseModel):
     metrics: JobMetrics
     mlflow: JobMlflow
     error: JobError | None
+    diagnostics: JobDiagnostics | None = None
 
     @classmethod
     def from_row(cls, job: Job) -> JobPublic:
@@ -84,6 +120,7 @@ class JobPublic(BaseModel):
                 run_url=run_url(job.mlflow_experiment_id, job.mlflow_run_id),
             ),
             error=JobError(type=job.error_type, message=job.error_message or "") if job.error_type else None,
+            diagnostics=JobDiagnostics.model_validate(job.diagnostics) if job.diagnostics else None,
         )
 
 

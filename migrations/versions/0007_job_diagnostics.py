@@ -1,0 +1,27 @@
+"""the diagnostics' end-of-run summary on the job
+
+Revision ID: 0007
+Revises: 0005
+Create Date: 2026-11-23
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision = "0007"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("diagnostics", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("diagnostics")
