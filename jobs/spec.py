@@ -644,7 +644,9 @@ class JobSpec(SpecModel):
     )
     max_attempts: int = Field(3, ge=1, le=20, description="Runs of the job before a lost worker fails it.")
     timeout_s: float | None = Field(None, gt=0, le=30 * 24 * 3600, description="Fail the job after this long.")
-    diagnostics: DiagnosticsSpec = Field(DiagnosticsSpec(), description="Diagnostics of what the optimizer is doing (all off by default).")
+    diagnostics: DiagnosticsSpec = Field(
+        DiagnosticsSpec(), description="Diagnostics of what the optimizer is doing (all off by default)."
+    )
 
     # -- sizes, computed once so the API, the trainer and the schedules agree
 

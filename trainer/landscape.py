@@ -38,7 +38,9 @@ def filter_normalised_direction(params: Sequence[torch.Tensor], generator: torch
 
 
 @torch.no_grad()
-def _set(params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], *terms: tuple[float, Sequence[torch.Tensor]]) -> None:
+def _set(
+    params: Sequence[torch.Tensor], base: Sequence[torch.Tensor], *terms: tuple[float, Sequence[torch.Tensor]]
+) -> None:
     for i, p in enumerate(params):
         p.copy_(base[i])
         for scale, direction in terms:

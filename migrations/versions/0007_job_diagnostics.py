@@ -19,7 +19,8 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("diagnostics", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True))
+        json_document = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+        batch.add_column(sa.Column("diagnostics", json_document, nullable=True))
 
 
 def downgrade() -> None:

@@ -21,7 +21,8 @@ DIAGNOSTICS = {
 
 def test_a_job_with_diagnostics_reports_them_everywhere(stack: Stack) -> None:
     spec = {"name": "it-diagnostics", "dataset": {"name": "iris"}, "model": {"arch": "mlp", "hidden": [16]},
-            "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 3, "batch_size": 16, "diagnostics": DIAGNOSTICS}  # fmt: skip
+            "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 3, "batch_size": 16,
+            "diagnostics": DIAGNOSTICS}  # fmt: skip
     job = stack.wait(stack.submit(spec)["id"])
     assert job["status"] == "succeeded", job["error"]
 
