@@ -24,12 +24,14 @@ from trainer.reporting import Reporter
 QUANTILE_SAMPLE = 1 << 20
 QUANTILES = (0.1, 0.5, 0.9)
 QUANTILE_NAMES = ("effective_lr_p10", "effective_lr_median", "effective_lr_p90")
-_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. ]")
 
 
 def metric_safe(name: str) -> str:
-    """A name MLflow accepts as (part of) a metric key."""
-    return _UNSAFE.sub("_", name) or "_"
+    """A name MLflow accepts as one segment of a metric key: no '/', and no '.'-only
+    segment (MLflow refuses keys that are not a normalised path)."""
+    safe = _UNSAFE.sub("_", name)
+    return safe if safe.strip(".") else "_" * max(1, len(safe))
 
 
 def effective_learning_rates(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:

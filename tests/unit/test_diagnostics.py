@@ -233,3 +233,11 @@ def test_per_class_metrics_match_scikit_learn() -> None:
         assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((precision[i], recall[i], f1[i]))
         assert got["support"] == support[i]
     assert summary["f1_macro"] == pytest.approx(f1.mean())
+
+
+@pytest.mark.parametrize(("name", "safe"), [("setosa", "setosa"), ("a/b", "a_b"), ("..", "__"), ("", "_"),
+                                             ("class 1.5", "class 1.5"), ("é+x", "__x")])  # fmt: skip
+def test_class_names_become_metric_names_mlflow_accepts(name: str, safe: str) -> None:
+    from trainer.diagnostics import metric_safe
+
+    assert metric_safe(name) == safe
