@@ -31,7 +31,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 LossTerms = Callable[[], Iterable[torch.Tensor]]
 
-DENSE_BELOW = 200  # parameters: at most this many, the exact Hessian is cheaper than Lanczos
+DENSE_BELOW = 64  # parameters: at most this many, the exact Hessian (n products) is as cheap as Lanczos
 LANCZOS_TOL = 1e-3  # relative accuracy of the eigenvalues (ARPACK tol)
 LANCZOS_MAXITER = 300  # restarts of ARPACK; a run that does not converge keeps what it has
 
