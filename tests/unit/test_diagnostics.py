@@ -241,3 +241,14 @@ def test_class_names_become_metric_names_mlflow_accepts(name: str, safe: str) ->
     from trainer.diagnostics import metric_safe
 
     assert metric_safe(name) == safe
+
+
+def test_the_cli_shows_the_verdict_only_when_there_is_one() -> None:
+    from descent.cli import _diagnostic_rows
+
+    assert _diagnostic_rows(None) == {} and _diagnostic_rows({"costs_seconds": {}}) == {}
+    hessian = {"verdict": "saddle_point", "max_eig": 2.0, "min_eig": -2.0, "positive_fraction": 0.5,
+               "sharpness_ratio": 0.01}  # fmt: skip
+    rows = _diagnostic_rows({"hessian": hessian, "f1_macro": 0.9})
+    assert rows["hessian"].startswith("saddle_point  max_eig 2  min_eig -2  positive 50%")
+    assert rows["val_f1_macro"] == "0.9000"
