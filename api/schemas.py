@@ -46,13 +46,16 @@ class HessianSummary(BaseModel):
     """The training loss's Hessian at the end (trainer/hessian.py says how the verdict is decided)."""
 
     verdict: str = Field(description="local_minimum, saddle_point or not_critical.")
-    max_eig: float
-    min_eig: float
+    # None where a value was not finite (JSON has no NaN).
+    max_eig: float | None
+    min_eig: float | None
     positive_fraction: float = Field(description="Positive eigenvalues among the top-k by magnitude.")
-    top_eigenvalues: list[float] = Field(description="The top-k eigenvalues, by decreasing magnitude.")
-    sharpness_ratio: float = Field(description="max_eig * lr / 2: above 1, plain gradient descent at lr is unstable.")
-    gradient_norm: float
-    loss: float
+    top_eigenvalues: list[float | None] = Field(description="The top-k eigenvalues, by decreasing magnitude.")
+    sharpness_ratio: float | None = Field(
+        description="max_eig * lr / 2: above 1, plain gradient descent at lr is unstable."
+    )
+    gradient_norm: float | None
+    loss: float | None
     lr: float
     samples: int = Field(description="Training samples the loss was evaluated on.")
     parameters: int

@@ -18,8 +18,8 @@ import torch
 
 from jobs.spec import JobSpec
 from trainer.data import SplitData, load_split
-from trainer.losses import LOSS_FUNCTIONS
 from trainer.diagnostics import StepProbes
+from trainer.losses import LOSS_FUNCTIONS
 from trainer.models import MODEL_BUILDERS
 from trainer.optim import build_optimizer
 from trainer.reporting import NullReporter, Reporter, TrainingDiverged, TrainingResult
@@ -148,7 +148,7 @@ class Trainer:
         val_loss, val_acc, predicted = self.evaluate(data.x_val, data.y_val)
         train_loss, train_acc, _ = self.evaluate(data.x_train, data.y_train)
         confusion = confusion_matrix(data.y_val, predicted, data.n_classes)
-        summary = {}  # a cancelled job stops now: no end-of-run diagnostics
+        summary: dict[str, Any] = {}  # a cancelled job stops now: no end-of-run diagnostics
         if self.diagnostics.active and not stopped:
             summary = self.diagnostics.at_end(pos.step, confusion, data.class_names)
         return TrainingResult(

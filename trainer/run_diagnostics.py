@@ -9,6 +9,7 @@ training's random streams alone: a job trains the same with diagnostics on or of
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +41,18 @@ def fixed_subset(n: int, max_samples: int, seed: int) -> torch.Tensor | None:
     if n <= max_samples:
         return None
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
+
+
+def json_safe(value: Any) -> Any:  # noqa: ANN401
+    """NaN and infinities (a loss overflowing far out on the landscape) as None: JSON, and
+    PostgreSQL's JSONB, have no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 class RunDiagnostics:
@@ -138,7 +151,8 @@ class RunDiagnostics:
         if self.seconds:
             self.summary["costs_seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
             self.reporter.log_metrics(step, {f"diagnostics_seconds/{k}": v for k, v in self.seconds.items()})
-        return self.summary
+        self.landscape = json_safe(self.landscape)
+        return json_safe(self.summary)
 
     def _hessian(self, step: int, final: bool) -> None:
         spec = self.d.hessian

@@ -252,3 +252,11 @@ def test_the_cli_shows_the_verdict_only_when_there_is_one() -> None:
     rows = _diagnostic_rows({"hessian": hessian, "f1_macro": 0.9})
     assert rows["hessian"].startswith("saddle_point  max_eig 2  min_eig -2  positive 50%")
     assert rows["val_f1_macro"] == "0.9000"
+
+
+def test_the_summary_holds_no_number_json_cannot() -> None:
+    from trainer.run_diagnostics import json_safe
+
+    assert json_safe({"a": [1.0, float("nan")], "b": {"c": float("inf"), "d": "x", "e": 3}}) == {
+        "a": [1.0, None], "b": {"c": None, "d": "x", "e": 3}
+    }  # fmt: skip
