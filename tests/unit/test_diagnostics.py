@@ -260,3 +260,24 @@ def test_the_summary_holds_no_number_json_cannot() -> None:
     assert json_safe({"a": [1.0, float("nan")], "b": {"c": float("inf"), "d": "x", "e": 3}}) == {
         "a": [1.0, None], "b": {"c": None, "d": "x", "e": 3}
     }  # fmt: skip
+
+
+def test_the_catalog_shows_the_nested_diagnostics_fields(client: TestClient) -> None:
+    catalog = client.get("/v1/catalog").json()
+    assert "$ref" not in str(catalog)
+    diagnostics = catalog["job"]["fields"]["diagnostics"]
+    hessian = next(s for s in diagnostics["properties"]["hessian"]["anyOf"] if s.get("type") == "object")
+    assert hessian["properties"]["top_k"]["default"] == 10
+
+
+def test_a_resumed_job_keeps_the_initial_weights_for_the_1d_slice() -> None:
+    spec = job(diagnostics={"landscape": {"kind": "1d", "resolution": 3}})
+    first = Trainer(spec)
+    first.setup()
+    initial = [t.clone() for t in first.diagnostics.initial]
+    first.train()
+    resumed = Trainer(spec)
+    resumed.setup()
+    resumed.load_state_dict(first.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(resumed.diagnostics.initial, initial))
+    assert not all(torch.equal(a, b) for a, b in zip(resumed.params, initial))  # the model did move on
