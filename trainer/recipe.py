@@ -140,7 +140,7 @@ class Trainer:
                 {"epoch": pos.epoch, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc},
             )
             if not stopped:
-                self.diagnostics.at_epoch_end(pos.epoch, pos.step)
+                stopped = self.diagnostics.at_epoch_end(pos.epoch, pos.step)  # True: told to stop meanwhile
                 pos.order = None
                 if self.checkpoint_every:
                     self._checkpoint(window)
@@ -151,6 +151,7 @@ class Trainer:
         summary: dict[str, Any] = {}  # a cancelled job stops now: no end-of-run diagnostics
         if self.diagnostics.active and not stopped:
             summary = self.diagnostics.at_end(pos.step, confusion, data.class_names)
+            stopped = self.diagnostics.interrupted  # a cancel or timeout heard during them
         return TrainingResult(
             model=model,
             steps=pos.step,

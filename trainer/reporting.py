@@ -69,7 +69,7 @@ class TrainingResult:
     model: nn.Module
     steps: int
     epochs: int
-    stopped_early: bool  # asked to stop (cancel) before the last step
+    stopped_early: bool  # asked to stop (cancel, timeout) before the last step or during the end-of-run diagnostics
     final_metrics: dict[str, float]
     confusion_matrix: list[list[int]]
     class_names: list[str]

@@ -43,6 +43,10 @@ def fixed_subset(n: int, max_samples: int, seed: int) -> torch.Tensor | None:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
 
 
+class DiagnosticsInterrupted(Exception):
+    """The job was told to stop (cancel, timeout) while a diagnostic ran."""
+
+
 def json_safe(value: Any) -> Any:  # noqa: ANN401
     """NaN and infinities (a loss overflowing far out on the landscape) as None: JSON, and
     PostgreSQL's JSONB, have no such numbers."""
@@ -72,6 +76,7 @@ class RunDiagnostics:
         self.seconds: dict[str, float] = {}
         self.summary: dict[str, Any] = {}
         self.landscape: dict[str, Any] | None = None
+        self.interrupted = False  # told to stop during the end-of-run diagnostics
         # The 1-D slice needs the initial weights: a copy, only when asked. setup() builds the
         # model from the seed before any checkpoint is loaded, so a resumed job has them too.
         wants_line = self.d.landscape is not None and self.d.landscape.kind in ("1d", "both")
@@ -112,6 +117,10 @@ class RunDiagnostics:
         n = len(x)
 
         def terms() -> Iterator[torch.Tensor]:
+            # Every Hessian-vector product and landscape point passes here: a cancel or a
+            # timeout is heard within one of them, not after minutes of Lanczos.
+            if self.reporter.should_stop():
+                raise DiagnosticsInterrupted
             for start in range(0, n, EVAL_CHUNK):
                 xb, yb = x[start : start + EVAL_CHUNK], y[start : start + EVAL_CHUNK]
                 yield self.loss_fn(self.model(xb), yb) * (len(xb) / n)
@@ -129,14 +138,28 @@ class RunDiagnostics:
 
     # -- hooks the recipe calls
 
-    def at_epoch_end(self, epoch: int, step: int) -> None:
+    def at_epoch_end(self, epoch: int, step: int) -> bool:
+        """The diagnostics due at this epoch's end; True when told to stop meanwhile."""
         hessian = self.d.hessian
         if hessian is not None and hessian.every_epochs and epoch % hessian.every_epochs == 0:
             if epoch < self.spec.epochs:  # the last epoch's is the end's
-                self._hessian(step, final=False)
+                try:
+                    self._hessian(step, final=False)
+                except DiagnosticsInterrupted:
+                    return True
+        return False
 
     def at_end(self, step: int, confusion: list[list[int]], class_names: list[str]) -> dict[str, Any]:
-        """Run the end-of-training diagnostics; the JSON-ready summary for the job."""
+        """Run the end-of-training diagnostics; the JSON-ready summary for the job. Told to
+        stop meanwhile, they end there (`interrupted`) with what was done."""
+        try:
+            self._at_end(step, confusion, class_names)
+        except DiagnosticsInterrupted:
+            self.interrupted = True
+        self.landscape = json_safe(self.landscape)
+        return json_safe(self.summary)
+
+    def _at_end(self, step: int, confusion: list[list[int]], class_names: list[str]) -> None:
         if self.probes is not None:
             self.seconds.update({f"probes_{k}": v for k, v in self.probes.seconds.items()})
         if self.d.per_class:
@@ -151,8 +174,6 @@ class RunDiagnostics:
         if self.seconds:
             self.summary["costs_seconds"] = {k: round(v, 4) for k, v in self.seconds.items()}
             self.reporter.log_metrics(step, {f"diagnostics_seconds/{k}": v for k, v in self.seconds.items()})
-        self.landscape = json_safe(self.landscape)
-        return json_safe(self.summary)
 
     def _hessian(self, step: int, final: bool) -> None:
         spec = self.d.hessian

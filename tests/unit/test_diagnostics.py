@@ -281,3 +281,28 @@ def test_a_resumed_job_keeps_the_initial_weights_for_the_1d_slice() -> None:
     resumed.load_state_dict(first.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(resumed.diagnostics.initial, initial))
     assert not all(torch.equal(a, b) for a, b in zip(resumed.params, initial))  # the model did move on
+
+
+class StopAfterTraining(RecordingReporter):
+    """Asks to stop once the last step is done: during the end-of-run diagnostics."""
+
+    def __init__(self, total_steps: int) -> None:
+        super().__init__()
+        self.total_steps, self.step = total_steps, 0
+
+    def progress(self, epoch: int, step: int) -> None:
+        self.step = step
+
+    def should_stop(self) -> bool:
+        return self.step >= self.total_steps
+
+
+def test_a_stop_during_the_end_of_run_diagnostics_is_heard() -> None:
+    spec = job(diagnostics={"per_class": True, "hessian": {"top_k": 3}, "landscape": {"resolution": 5}})
+    reporter = StopAfterTraining(spec.total_steps)
+    trainer = Trainer(spec, reporter)
+    trainer.setup()
+    result = trainer.train()
+    assert result.steps == spec.total_steps and result.stopped_early  # the job ends cancelled (or timed out)
+    assert "per_class" in result.diagnostics and "hessian" not in result.diagnostics
+    assert "hessian_max_eig" not in reporter.history
