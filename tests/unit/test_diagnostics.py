@@ -306,3 +306,14 @@ def test_a_stop_during_the_end_of_run_diagnostics_is_heard() -> None:
     assert result.steps == spec.total_steps and result.stopped_early  # the job ends cancelled (or timed out)
     assert "per_class" in result.diagnostics and "hessian" not in result.diagnostics
     assert "hessian_max_eig" not in reporter.history
+
+
+def test_quantiles_are_nearest_rank_and_sample_large_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer import diagnostics
+
+    values = torch.arange(1001, dtype=torch.float32)[torch.randperm(1001)]
+    generator = torch.Generator().manual_seed(0)
+    assert diagnostics.sampled_quantiles(values, generator).tolist() == [100.0, 500.0, 900.0]
+    monkeypatch.setattr(diagnostics, "QUANTILE_SAMPLE", 500)
+    p10, median, p90 = diagnostics.sampled_quantiles(values, generator).tolist()
+    assert abs(p10 - 100) < 40 and abs(median - 500) < 60 and abs(p90 - 900) < 40
