@@ -51,6 +51,44 @@ class JobTrial(BaseModel):
     trial_number: int | None
 
 
+class HessianSummary(BaseModel):
+    """The training loss's Hessian at the end (trainer/hessian.py says how the verdict is decided)."""
+
+    verdict: str = Field(description="local_minimum, saddle_point or not_critical.")
+    # None where a value was not finite (JSON has no NaN).
+    max_eig: float | None
+    min_eig: float | None
+    positive_fraction: float = Field(description="Positive eigenvalues among the top-k by magnitude.")
+    top_eigenvalues: list[float | None] = Field(description="The top-k eigenvalues, by decreasing magnitude.")
+    sharpness_ratio: float | None = Field(
+        description="max_eig * lr / 2: above 1, plain gradient descent at lr is unstable."
+    )
+    gradient_norm: float | None
+    loss: float | None
+    lr: float
+    samples: int = Field(description="Training samples the loss was evaluated on.")
+    parameters: int
+    hvp_count: int = Field(description="Hessian-vector products computed.")
+    gradient_tolerance: float
+    curvature_tolerance: float
+
+
+class ClassMetrics(BaseModel):
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class JobDiagnostics(BaseModel):
+    """What spec.diagnostics asked for, at the end of training (the grids are in MLflow)."""
+
+    hessian: HessianSummary | None = None
+    per_class: dict[str, ClassMetrics] | None = Field(None, description="Validation metrics per class.")
+    f1_macro: float | None = None
+    costs_seconds: dict[str, float] = Field(default_factory=dict, description="Time each diagnostic took.")
+
+
 class JobPublic(BaseModel):
     id: uuid.UUID
     project: str
@@ -66,6 +104,7 @@ class JobPublic(BaseModel):
     metrics: JobMetrics
     mlflow: JobMlflow
     error: JobError | None
+    diagnostics: JobDiagnostics | None = None
 
     @classmethod
     def from_row(cls, job: Job) -> JobPublic:
@@ -97,6 +136,7 @@ class JobPublic(BaseModel):
             study=JobTrial(study_id=job.study_id, config_id=job.config_id, trial_number=job.trial_number)
             if job.study_id
             else None,
+            diagnostics=JobDiagnostics.model_validate(job.diagnostics) if job.diagnostics else None,
         )
 
 

@@ -250,6 +250,19 @@ def jobs(
     out.print(table)
 
 
+def _diagnostic_rows(diagnostics: dict | None) -> dict[str, str]:
+    """The end-of-run diagnostics in a line each; nothing for a job that asked for none."""
+    rows: dict[str, str] = {}
+    hessian = (diagnostics or {}).get("hessian")
+    if hessian:
+        rows["hessian"] = (f"{hessian['verdict']}  max_eig {hessian['max_eig']:.4g}  min_eig {hessian['min_eig']:.4g}  "
+                           f"positive {hessian['positive_fraction']:.0%}  sharpness (max_eig*lr/2) "
+                           f"{hessian['sharpness_ratio']:.3g}")  # fmt: skip
+    if (diagnostics or {}).get("f1_macro") is not None:
+        rows["val_f1_macro"] = _number(diagnostics["f1_macro"])  # type: ignore[index]
+    return rows
+
+
 @app.command()
 def show(ctx: typer.Context, job_id: JobId, output: OutputOption = Output.table) -> None:
     """One job: state, progress, latest metrics, MLflow run, error, spec."""
@@ -266,6 +279,7 @@ def show(ctx: typer.Context, job_id: JobId, output: OutputOption = Output.table)
         "progress": f"{100 * progress['fraction']:.1f}%  step {progress['step']}/{progress['total_steps']}  "
                     f"epoch {progress['epoch']}",
         **{name: _number(value) for name, value in (job.get("metrics") or {}).items()},
+        **_diagnostic_rows(job.get("diagnostics")),
         "mlflow run": (job.get("mlflow") or {}).get("run_url"),
         "error": f"{job['error']['type']}: {job['error']['message']}" if job.get("error") else None,
         "spec": json.dumps(job["spec"], separators=(", ", ": ")),

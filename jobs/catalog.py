@@ -14,13 +14,29 @@ def _fields(model: type[SpecModel], skip: set[str]) -> dict[str, Any]:
     for name, prop in schema.get("properties", {}).items():
         if name in skip:
             continue
-        prop = dict(prop)
-        prop.pop("title", None)
-        if "$ref" in prop:  # an enum or nested model: show it inline
-            prop |= defs[prop.pop("$ref").rsplit("/", 1)[-1]]
-            prop.pop("title", None)
-        fields[name] = prop
+        fields[name] = _inline(prop, defs)
     return fields
+
+
+def _inline(schema: Any, defs: dict[str, Any]) -> Any:  # noqa: ANN401
+    """The schema with every $ref (an enum or nested model, at any depth) shown in place, without titles."""
+    if isinstance(schema, list):
+        return [_inline(item, defs) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    schema = dict(schema)
+    if "$ref" in schema:
+        schema = defs[schema.pop("$ref").rsplit("/", 1)[-1]] | schema
+    schema.pop("title", None)
+    inlined = {}
+    for key, value in schema.items():
+        if key == "default":
+            inlined[key] = value
+        elif key == "properties":  # field names, not schemas: a field may be called "title"
+            inlined[key] = {name: _inline(field, defs) for name, field in value.items()}
+        else:
+            inlined[key] = _inline(value, defs)
+    return inlined
 
 
 def _shapes(cls: type[SpecModel], name: str, tag: str) -> dict[str, Any]:

@@ -33,4 +33,7 @@ def limit_breaches(spec: JobSpec, limits: Settings) -> list[LimitBreach]:
     check("dataset", values, limits.max_dataset_values, "the dataset's values (samples x features)", "MAX_DATASET_VALUES")
     parameters = spec.model.n_parameters(spec.input_shape, dataset.n_classes)
     check("model", parameters, limits.max_model_parameters, "the model's parameters", "MAX_MODEL_PARAMETERS")
+    if spec.diagnostics.hessian is not None:
+        check("diagnostics.hessian", parameters, limits.max_hessian_parameters,
+              "the model's parameters, for a Hessian diagnostic", "MAX_HESSIAN_PARAMETERS")  # fmt: skip
     return breaches

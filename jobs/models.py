@@ -116,6 +116,9 @@ class Job(Base):
     # ended, or the job was cancelled while queued): the reaper ends the run later.
     mlflow_run_to_end: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
+    # spec.diagnostics' end-of-run summary (Hessian spectrum and verdict, per-class metrics, costs).
+    diagnostics: Mapped[dict[str, Any] | None] = mapped_column(JSONDocument)
+
     error_type: Mapped[str | None] = mapped_column(String(100))
     error_message: Mapped[str | None] = mapped_column(Text)
 

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     max_epochs: int = Field(10_000, ge=1)
     max_total_steps: int = Field(10_000_000, ge=1)
     max_model_parameters: int = Field(50_000_000, ge=1)
+    # Lanczos keeps ~20 float64 vectors of the model's size on the host; each one a double backward.
+    max_hessian_parameters: int = Field(2_000_000, ge=1)
     max_dataset_samples: int = Field(1_000_000, ge=1)
     # Samples x values per sample: the dataset lives on the device as one tensor
     # (200 M float32 values = 800 MB), and long sequences multiply it.

@@ -622,6 +622,72 @@ LOSS_DESCRIPTIONS: dict[LossName, str] = {
     LossName.mse: "Mean squared error between the softmax output and the one-hot label.",
 }
 
+# --------------------------------------------------------------------------- diagnostics
+
+ADAPTIVE_OPTIMIZERS = ("adagrad", "rmsprop", "adam", "adamw")  # the ones with a per-parameter step size
+EvalSamples = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=1_000_000,
+        description="Training samples the loss is evaluated on; a larger training set is subsampled "
+        "(a fixed subset drawn from the job's seed).",
+    ),
+]
+
+
+class HessianDiagnostic(SpecModel):
+    """Extreme eigenvalues of the training loss's Hessian (Lanczos on Hessian-vector products),
+    and a verdict: local_minimum, saddle_point or not_critical."""
+
+    at: Literal["end"] = Field("end", description="Always computed at the end of training.")
+    every_epochs: int | None = Field(
+        None, ge=1, le=100_000, description="Also every this many epochs (metrics only; the verdict is the end's)."
+    )
+    top_k: int = Field(10, ge=1, le=100, description="Eigenvalues of largest magnitude computed.")
+    max_samples: EvalSamples = 2048
+    gradient_tolerance: float = Field(
+        1e-2,
+        gt=0,
+        le=1,
+        description="not_critical when the full gradient's norm exceeds this times max(loss, 1).",
+    )
+    curvature_tolerance: float = Field(
+        1e-2,
+        gt=0,
+        lt=1,
+        description="saddle_point when the smallest eigenvalue is below -this times the largest |eigenvalue|.",
+    )
+
+
+class LandscapeDiagnostic(SpecModel):
+    """Loss along slices of weight space (Li et al., 2018): 1d from the initial to the final weights,
+    2d around the final weights along two filter-normalised random directions."""
+
+    kind: Literal["1d", "2d", "both"] = "both"
+    resolution: int = Field(21, ge=3, le=101, description="Points per axis (2d: resolution^2 evaluations).")
+    span: float = Field(1.0, gt=0, le=100, description="2d: half-width of the grid, in units of the directions.")
+    max_samples: EvalSamples = 2048
+
+
+class DiagnosticsSpec(SpecModel):
+    """What the optimizer is doing: all off by default; when off, training does no extra work."""
+
+    every_steps: int = Field(10, ge=1, le=1_000_000, description="Interval of the in-loop probes below.")
+    layer_grad_norms: bool = Field(False, description="grad_norm/<parameter>: each parameter tensor's gradient norm.")
+    update_ratio: bool = Field(False, description="update_ratio/<parameter>: ||update|| / ||weights|| per tensor.")
+    effective_lr: bool = Field(
+        False, description="effective_lr_p10/_median/_p90 of lr / (sqrt(v_hat) + eps) (adaptive optimizers only)."
+    )
+    per_class: bool = Field(False, description="Validation precision, recall, F1 per class and macro-F1 at the end.")
+    hessian: HessianDiagnostic | None = None
+    landscape: LandscapeDiagnostic | None = None
+
+    @property
+    def in_loop(self) -> bool:
+        return self.layer_grad_norms or self.update_ratio or self.effective_lr
+
+
 # --------------------------------------------------------------------------- the job
 
 
@@ -654,6 +720,9 @@ class JobSpec(SpecModel):
     )
     max_attempts: int = Field(3, ge=1, le=20, description="Runs of the job before a lost worker fails it.")
     timeout_s: float | None = Field(None, gt=0, le=30 * 24 * 3600, description="Fail the job after this long.")
+    diagnostics: DiagnosticsSpec = Field(
+        DiagnosticsSpec(), description="Diagnostics of what the optimizer is doing (all off by default)."
+    )
 
     # -- sizes, computed once so the API, the trainer and the schedules agree
 
@@ -701,6 +770,12 @@ class JobSpec(SpecModel):
                 "schedule.warmup_steps",
                 f"warmup_steps ({warmup}) must be shorter than the run: {self.epochs} epochs x "
                 f"{self.steps_per_epoch} steps = {self.total_steps} steps",
+            )
+        if self.diagnostics.effective_lr and self.optimizer.name not in ADAPTIVE_OPTIMIZERS:
+            raise spec_error(
+                "diagnostics.effective_lr",
+                f"effective_lr needs an adaptive optimizer ({', '.join(ADAPTIVE_OPTIMIZERS)}): "
+                f"{self.optimizer.name} steps every parameter with the same lr",
             )
         min_lr = getattr(self.schedule, "min_lr", None)
         if min_lr is not None and min_lr >= self.optimizer.lr:

@@ -18,10 +18,12 @@ import torch
 
 from jobs.spec import JobSpec
 from trainer.data import RawData, SplitData, load_split
+from trainer.diagnostics import StepProbes
 from trainer.losses import LOSS_FUNCTIONS
 from trainer.models import MODEL_BUILDERS
 from trainer.optim import build_optimizer
 from trainer.reporting import NullReporter, Reporter, TrainingDiverged, TrainingResult
+from trainer.run_diagnostics import RunDiagnostics
 from trainer.schedules import build_schedule
 
 # Per-step values stay on the device and are read back in windows of this many
@@ -66,6 +68,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, spec.optimizer)
         self.schedule = build_schedule(self.optimizer, spec.schedule, spec.total_steps)
+        # Draws from no global random stream: the same job trains the same with diagnostics on or off.
+        self.diagnostics = RunDiagnostics(spec, self.model, self.optimizer, self.loss_fn, self.data, self.reporter)
         # Data order has its own generator: changing the model or optimizer never changes it.
         self.order_generator = torch.Generator().manual_seed(spec.seed)
 
@@ -89,8 +93,9 @@ class Trainer:
         n_train = len(data.x_train)
         log_every = spec.log_every_steps
         clip = spec.clip_grad_norm
+        probes = self.diagnostics.probes  # None unless the spec asks for in-loop probes
         stop_factor = getattr(spec.schedule, "stop_factor", None)  # the lr range test's ramp
-        window = StepWindow(self.reporter, LossExplosionWatch(stop_factor) if stop_factor else None)
+        window = StepWindow(self.reporter, probes, LossExplosionWatch(stop_factor) if stop_factor else None)
         stopped = False
         model.train()
         while not stopped and (pos.order is not None or pos.epoch < spec.epochs):
@@ -106,6 +111,9 @@ class Trainer:
                 loss = self.loss_fn(logits, data.y_train[batch])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                probing = probes is not None and probes.due(step)
+                if probing:
+                    probes.before_step(step)  # gradients as backward left them, before any clipping
                 logged = step % log_every == 0
                 norm_parts = None
                 if clip is not None:  # clip_grad_norm_ returns the norm from before clipping
@@ -114,6 +122,8 @@ class Trainer:
                     norm_parts = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
                 lr = self.optimizer.param_groups[0]["lr"]
                 self.optimizer.step()
+                if probing:
+                    probes.after_step()  # the update just made, at the lr it was made with
                 self.schedule.step()
                 window.add(step, lr, loss.detach(), norm_parts if logged else None)
                 pos.predictions.append(logits.argmax(dim=1))  # argmax carries no autograd graph
@@ -137,12 +147,18 @@ class Trainer:
                 {"epoch": pos.epoch, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc},
             )
             if not stopped:
+                stopped = self.diagnostics.at_epoch_end(pos.epoch, pos.step)  # True: told to stop meanwhile
                 pos.order = None
                 if self.checkpoint_every:
                     self._checkpoint(window)
 
         val_loss, val_acc, predicted = self.evaluate(data.x_val, data.y_val)
         train_loss, train_acc, _ = self.evaluate(data.x_train, data.y_train)
+        confusion = confusion_matrix(data.y_val, predicted, data.n_classes)
+        summary: dict[str, Any] = {}  # a cancelled job stops now: no end-of-run diagnostics
+        if self.diagnostics.active and not stopped:
+            summary = self.diagnostics.at_end(pos.step, confusion, data.class_names)
+            stopped = self.diagnostics.interrupted  # a cancel or timeout heard during them
         return TrainingResult(
             model=model,
             steps=pos.step,
@@ -155,8 +171,10 @@ class Trainer:
                 "val_loss": val_loss,
                 "val_accuracy": val_acc,
             },
-            confusion_matrix=confusion_matrix(data.y_val, predicted, data.n_classes),
+            confusion_matrix=confusion,
             class_names=data.class_names,
+            diagnostics=summary,
+            landscape=self.diagnostics.landscape,
         )
 
     # -- exact resume
@@ -240,8 +258,11 @@ class StepWindow:
     happen once per window, in a couple of ops.
     """
 
-    def __init__(self, reporter: Reporter, explosion: LossExplosionWatch | None = None) -> None:
+    def __init__(
+        self, reporter: Reporter, probes: StepProbes | None = None, explosion: LossExplosionWatch | None = None
+    ) -> None:
         self.reporter = reporter
+        self.probes = probes  # their values are read back with the window's
         self.explosion = explosion
         self.exploded_at: tuple[int, float] | None = None  # (step, lr) where the range test's loss blew up
         self.steps: list[int] = []
@@ -263,6 +284,8 @@ class StepWindow:
 
     def drain(self) -> None:
         """Report the window's metrics; fail on its first non-finite loss."""
+        if self.probes is not None:
+            self.probes.drain()
         if not self.steps:
             return
         losses = torch.stack(self.losses).tolist()

@@ -8,7 +8,7 @@ Every call here must be cheap: they happen inside the training step.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import nn
@@ -69,8 +69,12 @@ class TrainingResult:
     model: nn.Module
     steps: int
     epochs: int
-    stopped_early: bool  # asked to stop (cancel, timeout, pruning) before the last step
+    stopped_early: bool  # asked to stop (cancel, timeout, pruning) before the last step or during the end-of-run diagnostics
     final_metrics: dict[str, float]
     confusion_matrix: list[list[int]]
     class_names: list[str]
+    # What spec.diagnostics asked for, JSON-ready (the job row keeps it): hessian, per_class,
+    # f1_macro, costs_seconds. The landscape's grids go to MLflow only.
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    landscape: dict[str, Any] | None = None
     stopped_by: str | None = None  # why a run ended early by its own rule (the range test's explosion)

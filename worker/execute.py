@@ -242,5 +242,6 @@ def _run_attempt(
         run_id = sink.run_id if sink is not None else job.mlflow_run_id
         _conclude(client, run_id, job_id, attempt, Outcome.failed, reporter, error_type=error_type, error_message=message)
         return Outcome.failed
-    _conclude(client, sink.run_id, job_id, attempt, outcome, reporter)
+    extra = {"diagnostics": result.diagnostics} if result.diagnostics else {}
+    _conclude(client, sink.run_id, job_id, attempt, outcome, reporter, **extra)
     return outcome

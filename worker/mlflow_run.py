@@ -24,6 +24,7 @@ from jobs.models import DEFAULT_PROJECT  # noqa: E402
 from jobs.settings import settings  # noqa: E402
 from jobs.spec import JobSpec, UploadedDataset  # noqa: E402
 from trainer.reporting import TrainingResult  # noqa: E402
+from worker.diagnostic_figures import line_figure, plane_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,28 @@ def log_results(client: MlflowClient, run_id: str, spec: JobSpec, result: Traini
         client.log_figure(run_id, fig, "confusion_matrix.png")
     finally:
         plt.close(fig)
+    log_diagnostics(client, run_id, result)
     if settings.log_model:
         log_model(run_id, result)
+
+
+def log_diagnostics(client: MlflowClient, run_id: str, result: TrainingResult) -> None:
+    """The diagnostics' summary, the Hessian's verdict as a tag, the landscape as data and figures."""
+    if result.diagnostics:
+        client.log_dict(run_id, result.diagnostics, "diagnostics/summary.json")
+    hessian = result.diagnostics.get("hessian")
+    if hessian is not None:
+        client.set_tag(run_id, "descent.hessian_verdict", hessian["verdict"])
+    if result.landscape is None:
+        return
+    client.log_dict(run_id, result.landscape, "diagnostics/landscape.json")
+    for key, draw in (("line", line_figure), ("plane", plane_figure)):
+        if key in result.landscape:
+            fig = draw(result.landscape[key])
+            try:
+                client.log_figure(run_id, fig, f"diagnostics/landscape_{'1d' if key == 'line' else '2d'}.png")
+            finally:
+                plt.close(fig)
 
 
 def log_model(run_id: str, result: TrainingResult) -> None:

@@ -35,6 +35,8 @@ def test_every_dataset_states_its_feature_count(name: str) -> None:
         ("max_dataset_values", 1_000_000, {"dataset": {"name": "sequence_memory", "n_samples": 1000, "length": 2000}},
          "dataset", "MAX_DATASET_VALUES"),  # fmt: skip
         ("max_model_parameters", 10_000, {"model": {"arch": "mlp", "hidden": [128, 64]}}, "model", "MAX_MODEL_PARAMETERS"),
+        ("max_hessian_parameters", 1000, {"diagnostics": {"hessian": {}}}, "diagnostics.hessian",
+         "MAX_HESSIAN_PARAMETERS"),  # fmt: skip
     ],
 )
 def test_a_job_over_a_limit_is_a_422_naming_it(  # noqa: PLR0913

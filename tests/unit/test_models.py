@@ -267,10 +267,10 @@ def test_the_parameter_limit_counts_the_new_models(client: TestClient, monkeypat
 # --------------------------------------------------------------------------- examples
 
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").rglob("*.json"))
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_example_is_a_valid_job(path: Path) -> None:
     spec = JobSpec.model_validate(json.loads(path.read_text()))
     assert spec.name == path.stem
