@@ -85,8 +85,9 @@ def trial_tags(job: Job, parent_run_id: str) -> dict[str, str]:
     }
 
 
-def advance(study_id: uuid.UUID) -> None:
-    """Move the study on (a trial of it ended); write its report when it ended."""
+def advance(study_id: uuid.UUID, report: bool = True) -> None:
+    """Move the study on (a trial of it ended); write its report when it ended (unless
+    `report` is False: the reaper writes due reports in a pass of its own)."""
     with session_scope() as session:
         step = studies.advance_study(session=session, study_id=study_id)
     for job_id in step.new_jobs:
@@ -95,7 +96,7 @@ def advance(study_id: uuid.UUID) -> None:
         except Exception as exc:  # noqa: BLE001 - queued in PostgreSQL: the reaper sends it
             log.warning("trial %s of study %s not yet enqueued (%s); the reaper will send it", job_id, study_id, exc)
             break
-    if step.ended:
+    if step.ended and report:
         write_report(study_id)
 
 

@@ -14,7 +14,7 @@ from sqlalchemy import delete, update
 
 from jobs import repository
 from jobs.db import session_scope
-from jobs.models import Job, JobEvent, utcnow
+from jobs.models import Job, JobEvent, Study, utcnow
 from jobs.spec import JobSpec
 from jobs.states import JobStatus
 
@@ -54,6 +54,7 @@ def only_these_jobs(migrated_db: str) -> None:
     with session_scope() as session:  # each test sees only its own jobs
         session.execute(delete(JobEvent))
         session.execute(delete(Job))
+        session.execute(delete(Study))
 
 
 def test_a_live_lease_is_left_alone_and_a_lost_one_requeued() -> None:
