@@ -41,6 +41,7 @@ def _dataset_or_404(session: SessionDep, caller: CallerDep, dataset_id: str) -> 
     max_body_size=settings.max_upload_bytes + MULTIPART_ALLOWANCE,
     responses={
         200: {"model": DatasetPublic, "description": "This file (and label column) was uploaded before: that dataset."},
+        400: {"model": Problem, "description": "The body is not a readable multipart form."},
         413: {"model": Problem, "description": "The file is over MAX_UPLOAD_BYTES, or the data over MAX_DATASET_*."},
         415: {"model": Problem, "description": f"Not a file type this server reads: {ACCEPTED}."},
     },

@@ -80,7 +80,9 @@ class Followed:
 
 
 async def follow_stream(followed: Followed, last_event_id: str | None) -> AsyncIterator[bytes]:
-    client = aioredis.Redis.from_url(settings.events_url, socket_connect_timeout=3)
+    # The read timeout must outlast the blocking XREAD (redis-py 8 defaults it to 5 s, which
+    # cut streams whenever a job went quiet for 5 s, e.g. while its model was logged).
+    client = aioredis.Redis.from_url(settings.events_url, socket_connect_timeout=3, socket_timeout=KEEPALIVE_S + 10)
     key = followed.key
     try:
         if last_event_id is None:
