@@ -33,13 +33,13 @@ from trainer.checkpoint import checkpoint_from_bytes
 from trainer.data import RawData
 from trainer.recipe import Trainer, resolve_device
 from trainer.reporting import TrainingResult
+from worker import study_runs
 from worker.metrics_sink import MlflowMetricSink
 from worker.mlflow_run import latest_steps, log_results, open_run, reopen_run
-from worker import study_runs
 from worker.monitor import JobMonitor, JobReporter, StopReason
-from worker.trial_pruning import TrialPruning
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
 from worker.system_metrics import job_system_metrics
+from worker.trial_pruning import TrialPruning
 
 log = logging.getLogger(__name__)
 
