@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from jobs import studies
 from jobs.db import session_scope
 from jobs.lr_range import analyse
-from jobs.models import Study, utcnow
+from jobs.models import Job, Study, utcnow
 from jobs.queue import enqueue_job
 from jobs.settings import settings
 from jobs.states import JobStatus, StudyStatus
