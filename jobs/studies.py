@@ -28,7 +28,7 @@ from jobs.models import Job, Study, utcnow
 from jobs.repository import create_job, request_cancel
 from jobs.spec import JobSpec
 from jobs.states import STUDY_TERMINAL, TERMINAL, JobStatus, StudyStatus
-from jobs.study_spec import LRRangeTest, StudySpec, config_id, describe_values, sampled_spec
+from jobs.study_spec import GridDimension, LRRangeTest, StudySpec, config_id, describe_values, sampled_spec
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,24 @@ def _value_at(document: dict[str, Any], path: str) -> Any:
     return node
 
 
+def _as_given(spec: StudySpec, path: str, value: Any) -> Any:
+    """The value as the space wrote it: for a grid of objects, the grid's own object (the
+    job's spec holds it with every default filled in, too long for a leaderboard)."""
+    dim = spec.space[path]
+    if isinstance(dim, GridDimension) and isinstance(value, dict):
+        for choice in dim.grid:
+            if isinstance(choice, dict) and all(value.get(k) == v for k, v in choice.items()):
+                return choice
+    return value
+
+
 def trial_records(spec: StudySpec, jobs: list[Job]) -> list[TrialRecord]:
     metric = spec.objective.metric
     return [
         TrialRecord(
             job_id=str(job.id),
             config_id=job.config_id or "",
-            values={path: _value_at(job.spec, path) for path in spec.space},
+            values={path: _as_given(spec, path, _value_at(job.spec, path)) for path in spec.space},
             seed=int(job.spec.get("seed", 0)),
             status=job.status,
             objective=(job.latest_metrics or {}).get(metric) if job.status == JobStatus.succeeded else None,

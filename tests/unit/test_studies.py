@@ -303,3 +303,10 @@ def test_a_study_on_an_uploaded_dataset_fills_in_its_metadata(client: TestClient
     assert job["spec"]["dataset"]["sha256"] == dataset["sha256"] and job["spec"]["dataset"]["classes"] == ["no", "yes"]
     unknown = refused(client, GRID | {"base": BASE | {"dataset": {"id": str(uuid.uuid4())}}})
     assert unknown["detail"][0]["field"] == "base.dataset.id"
+
+
+def test_a_grid_of_objects_shows_each_as_the_space_wrote_it(client: TestClient) -> None:
+    choices = [{"name": "sgd", "lr": 0.1}, {"name": "sgd", "lr": 0.02, "momentum": 0.9}]
+    study = submit(client, {"name": "unit-objects", "base": BASE, "space": {"optimizer": {"grid": choices}}})
+    rows = client.get(f"/v1/studies/{study['id']}").json()["leaderboard"]["configurations"]
+    assert [r["values"]["optimizer"] for r in rows] == choices
