@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from jobs.models import Dataset, Job
+from jobs.repository import parse_uuid
 from jobs.spec import UploadedDataset
 from jobs.states import JobStatus
 from jobs.uploads import ParsedUpload, UploadedArrays, decode_arrays, encode_arrays
@@ -30,13 +31,6 @@ class UnknownDataset(LookupError):
 
 class DatasetUnavailable(RuntimeError):
     """A job's dataset is gone, or not what the job was submitted with."""
-
-
-def parse_dataset_id(raw: Any) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(raw) if isinstance(raw, str) else None
-    except ValueError:
-        return None
 
 
 def create_dataset(
@@ -121,7 +115,7 @@ def resolve_uploaded_dataset(*, session: Session, project: str, spec: dict[str, 
     dataset_spec = spec.get("dataset")
     if not isinstance(dataset_spec, dict) or "id" not in dataset_spec:
         return spec
-    dataset_id = parse_dataset_id(dataset_spec["id"])
+    dataset_id = parse_uuid(dataset_spec["id"])
     if dataset_id is None:
         raise UnknownDataset(f"{dataset_spec['id']!r} is not a dataset id (the UUID POST /v1/datasets returned)")
     dataset = get_dataset(session=session, dataset_id=dataset_id, project=project, lock="share")
@@ -142,7 +136,7 @@ def resolve_uploaded_dataset(*, session: Session, project: str, spec: dict[str, 
 def read_dataset_arrays(*, session: Session, dataset: UploadedDataset, project: str) -> UploadedArrays:
     """The stored arrays of a job's uploaded dataset: the very file the job was submitted with
     (the trainer checks the arrays against the spec's shape and classes)."""
-    dataset_id = parse_dataset_id(dataset.id)
+    dataset_id = parse_uuid(dataset.id)
     row = get_dataset(session=session, dataset_id=dataset_id, project=project) if dataset_id else None
     if row is None:
         raise DatasetUnavailable(f"dataset {dataset.id} ('{dataset.name}') is no longer stored in project {project}")

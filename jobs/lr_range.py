@@ -15,15 +15,29 @@ from typing import Any
 
 import numpy as np
 
-BETA = 0.98
 
+class LossExplosionWatch:
+    """The range test's stopping rule (Smith, 2017; fastai's lr_find), used by the trainer
+    to stop and by `analyse` to read: the loss, smoothed with a bias-corrected exponential
+    moving average, above `factor` times the best smoothed loss so far, or NaN/infinite."""
 
-def smooth(losses: list[float]) -> np.ndarray:
-    out, average = [], 0.0
-    for i, loss in enumerate(losses, start=1):
-        average = BETA * average + (1 - BETA) * loss
-        out.append(average / (1 - BETA**i))
-    return np.array(out)
+    BETA = 0.98
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.average = 0.0
+        self.count = 0
+        self.best = math.inf
+        self.smoothed = math.nan  # the latest smoothed loss
+
+    def exploded(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        self.count += 1
+        self.average = self.BETA * self.average + (1 - self.BETA) * loss
+        self.smoothed = self.average / (1 - self.BETA**self.count)
+        self.best = min(self.best, self.smoothed)
+        return self.smoothed > self.factor * self.best
 
 
 def analyse(lrs: list[float], losses: list[float], stop_factor: float = 4.0) -> dict[str, Any]:
@@ -33,12 +47,13 @@ def analyse(lrs: list[float], losses: list[float], stop_factor: float = 4.0) -> 
     if len(finite) < 5:
         return {"suggested_lr": None, "min_loss_lr": None, "bounds": None, "exploded_at_lr": None, "points": 0,
                 "reason": "fewer than 5 steps with a finite loss: widen the range or lower min_lr"}  # fmt: skip
-    lr = np.array([p[0] for p in finite])
-    smoothed = smooth([p[1] for p in finite])
-    best = np.minimum.accumulate(smoothed)
-    exploded = np.flatnonzero(smoothed > stop_factor * best)
-    end = int(exploded[0]) if len(exploded) else len(smoothed)
-    lr, smoothed = lr[:end], smoothed[:end]
+    watch, kept = LossExplosionWatch(stop_factor), []
+    for _lr, loss in finite:  # the smoothed loss up to where the trainer's rule calls an explosion
+        if watch.exploded(loss):
+            break
+        kept.append(watch.smoothed)
+    end = len(kept)
+    lr, smoothed = np.array([p[0] for p in finite[:end]]), np.array(kept)
     lowest = int(np.argmin(smoothed))
     slope = np.gradient(smoothed, np.log(lr)) if len(lr) > 2 else np.zeros(len(lr))
     # The steepest descent before the lowest point (skipping the first few noisy steps).

@@ -30,8 +30,9 @@ class InvalidCursor(ValueError):
     pass
 
 
-def parse_job_id(raw: str) -> uuid.UUID | None:
-    """A job id from a URL; None when it is not a UUID (the API answers 404, not 500)."""
+def parse_uuid(raw: object) -> uuid.UUID | None:
+    """An id (a job's, a study's, a dataset's) from a URL or a spec; None when it is not a
+    UUID (the API answers 404 or 422, not 500)."""
     try:
         return uuid.UUID(raw)
     except (ValueError, TypeError, AttributeError):
@@ -160,19 +161,19 @@ def transition(
         guard = [Job.id == job_id, Job.status == from_status]
         if attempt is not None:
             guard.append(Job.attempts == attempt)
-        result = session.execute(
+        moved = session.execute(
             update(Job)
             .where(*guard)
             .values(**changes)
+            .returning(Job.study_id)  # the row's study, read by the same statement
             .execution_options(synchronize_session=False)
-        )
-        if result.rowcount == 1:
+        ).first()
+        if moved is not None:
             session.add(JobEvent(job_id=job_id, from_status=from_status, to_status=to, at=now, detail=detail))
             session.flush()
             event = {"status": to, "from": from_status, "detail": detail, "at": now}
             stage_event(session, job_id, "state", event, final=to in TERMINAL)
-            study_id = session.scalar(select(Job.study_id).where(Job.id == job_id))
-            if study_id is not None:  # a study's stream follows its trials too
+            if (study_id := moved.study_id) is not None:  # a study's stream follows its trials too
                 stage_to(session, study_stream_key(study_id), "trial", event | {"job_id": str(job_id)})
             return from_status
     return None

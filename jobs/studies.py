@@ -163,19 +163,22 @@ def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
     if study is None or study.status in STUDY_TERMINAL:
         return advance
     spec = parse_study(study)
-    # A sampler is built for each advance: seeded anew each time (by how far the study has
-    # come), or a random sampler would propose the same first point at every advance.
-    optuna_study = study_search.load(study.id, spec, seed=spec.seeds[0] * 100_003 + study.configs_created)
     jobs = trial_jobs(session=session, study_id=study.id)
-    metric = spec.objective.metric
-    for job in jobs:
-        if job.status in TERMINAL and not job.trial_told and job.trial_number is not None:
-            value = (job.latest_metrics or {}).get(metric) if job.status == JobStatus.succeeded else None
-            study_search.tell(optuna_study, job.trial_number, value, pruned=job.status == JobStatus.pruned)
-            job.trial_told = True
+    untold = [j for j in jobs if j.status in TERMINAL and not j.trial_told and j.trial_number is not None]
     active = sum(job.status not in TERMINAL for job in jobs)
     seeds = spec.seeds[:1] if isinstance(spec.search, LRRangeTest) else spec.seeds
     room = spec.search.parallelism - active if hasattr(spec.search, "parallelism") else 1 - active
+    if untold or (room > 0 and study.configs_created < spec.n_configurations):
+        # Optuna only when there is something to tell or to ask (the reaper calls this
+        # for every running study on every pass). A sampler is built for each advance:
+        # seeded anew each time (by how far the study has come), or a random sampler
+        # would propose the same first point at every advance.
+        optuna_study = study_search.load(study.id, spec, seed=spec.seeds[0] * 100_003 + study.configs_created)
+    metric = spec.objective.metric
+    for job in untold:
+        value = (job.latest_metrics or {}).get(metric) if job.status == JobStatus.succeeded else None
+        study_search.tell(optuna_study, job.trial_number, value, pruned=job.status == JobStatus.pruned)
+        job.trial_told = True
     result = dict(study.result or {})
     while room > 0 and study.configs_created < spec.n_configurations:
         (planned,) = study_search.next_configurations(spec, study.configs_created, 1)
@@ -187,7 +190,7 @@ def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
         except (ValidationError, ValueError) as exc:  # a sampled point the corner checks did not catch
             for n in numbers:
                 study_search.tell(optuna_study, n, None, pruned=False)
-            message = str(exc).splitlines()[0] if isinstance(exc, ValueError) else str(exc)
+            message = str(exc) if isinstance(exc, ValidationError) else str(exc).splitlines()[0]
             result.setdefault("invalid_configurations", []).append(
                 {"values": values, "error": f"{describe_values(values)}: {message}"[:1000]}
             )
@@ -250,6 +253,16 @@ def set_parent_run(*, session: Session, study_id: uuid.UUID, experiment_id: str,
         update(Study).where(Study.id == study_id)
         .values(mlflow_experiment_id=experiment_id, mlflow_run_id=run_id).execution_options(synchronize_session=False)
     )  # fmt: skip
+
+
+def claim_report(*, session: Session, study_id: uuid.UUID) -> Study | None:
+    """The study if its report is due, locked until the session ends; None when it is not
+    due or another process holds it (that one is writing it)."""
+    query = (
+        select(Study).where(Study.id == study_id, Study.report_pending.is_(True))
+        .with_for_update(skip_locked=True).execution_options(populate_existing=True)
+    )  # fmt: skip
+    return session.scalars(query).first()
 
 
 def record_report(*, session: Session, study_id: uuid.UUID, report: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import json
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import ConfigDict, Discriminator, Field, Tag, model_validator
 
 from jobs.spec import TAGGED_FIELDS, JobSpec, SpecModel, members_by_tag, spec_error
 
@@ -345,13 +345,3 @@ def configurations_to_check(study: StudySpec) -> list[dict[str, Any]]:
             checked.append(fixed | {p: bounds[end] for p, bounds in ranges.items()})  # type: ignore[index]
     return checked
 
-
-def first_invalid_configuration(study: StudySpec) -> tuple[dict[str, Any], ValidationError | ValueError] | None:
-    """(values, error) of the first configuration whose job spec is invalid, or None."""
-    for values in configurations_to_check(study):
-        for seed in study.seeds[:1]:
-            try:
-                sampled_spec(study, values, seed)
-            except (ValidationError, ValueError) as exc:
-                return values, exc
-    return None

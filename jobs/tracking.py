@@ -33,15 +33,17 @@ def run_url(experiment_id: str | None, run_id: str | None) -> str | None:
     return f"{settings.mlflow_ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    """[(step, value), ...] of one metric, in step order (then in the order it was logged)."""
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+    return [(p.step, p.value) for p in points]
+
+
 def read_metric_histories(run_id: str) -> dict[str, list[dict[str, float]]]:
     """{metric: [{"step", "value"}, ...]} for every metric of the run, in step order."""
     client = tracking_client()
     keys = sorted(client.get_run(run_id).data.metrics)
-    histories = {}
-    for key in keys:
-        points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-        histories[key] = [{"step": p.step, "value": p.value} for p in points]
-    return histories
+    return {key: [{"step": s, "value": v} for s, v in metric_history(client, run_id, key)] for key in keys}
 
 
 # How a job's run ends, whoever ends it (its worker, or the reaper for a lost one).

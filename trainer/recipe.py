@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs.lr_range import LossExplosionWatch
 from jobs.spec import JobSpec
 from trainer.data import RawData, SplitData, load_split
 from trainer.diagnostics import StepProbes
@@ -305,29 +306,6 @@ class StepWindow:
         elif first_bad is not None:
             raise TrainingDiverged(self.steps[first_bad], losses[first_bad], self.lrs[first_bad])
         self.steps, self.lrs, self.losses, self.logged, self.norm_parts = [], [], [], [], []
-
-
-class LossExplosionWatch:
-    """The range test's stopping rule (Smith, 2017; fastai's lr_find): the loss, smoothed
-    with a bias-corrected exponential moving average, above `factor` times the best
-    smoothed loss so far, or NaN/infinite."""
-
-    BETA = 0.98
-
-    def __init__(self, factor: float) -> None:
-        self.factor = factor
-        self.average = 0.0
-        self.count = 0
-        self.best = math.inf
-
-    def exploded(self, loss: float) -> bool:
-        if not math.isfinite(loss):
-            return True
-        self.count += 1
-        self.average = self.BETA * self.average + (1 - self.BETA) * loss
-        smoothed = self.average / (1 - self.BETA**self.count)
-        self.best = min(self.best, smoothed)
-        return smoothed > self.factor * self.best
 
 
 def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, n_classes: int) -> list[list[int]]:

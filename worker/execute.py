@@ -24,7 +24,7 @@ from jobs import studies
 from jobs.dataset_store import read_dataset_arrays
 from jobs.db import session_scope
 from jobs.models import Job, JobCheckpoint
-from jobs.repository import claim_job, get_job, load_checkpoint, parse_job_id, set_mlflow_run, transition
+from jobs.repository import claim_job, get_job, load_checkpoint, parse_uuid, set_mlflow_run, transition
 from jobs.settings import settings
 from jobs.spec import JobSpec, UploadedDataset
 from jobs.states import ACTIVE, JobStatus
@@ -134,7 +134,7 @@ def _uploaded_arrays(spec: JobSpec, project: str) -> RawData | None:
 
 def execute_job(raw_job_id: str) -> Outcome:
     started = time.monotonic()
-    job_id = parse_job_id(raw_job_id)
+    job_id = parse_uuid(raw_job_id)
     if job_id is None:
         log.error("ignoring a message with a malformed job id %r", raw_job_id)
         record_outcome(Outcome.skipped, 0.0)

@@ -22,6 +22,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.orm import Session
 
 from jobs import studies
 from jobs.db import session_scope
@@ -31,7 +32,7 @@ from jobs.queue import enqueue_job
 from jobs.settings import settings
 from jobs.states import JobStatus, StudyStatus
 from jobs.study_spec import LRRangeTest, StudySpec, describe_values
-from jobs.tracking import tracking_client
+from jobs.tracking import metric_history, tracking_client
 from worker import study_plots
 from worker.mlflow_run import experiment_id_for
 
@@ -48,20 +49,25 @@ def ensure_parent_run(client: MlflowClient, study_id: uuid.UUID) -> str:
     with session_scope() as session:
         study = studies.lock_study(session, study_id)
         assert study is not None
-        if study.mlflow_run_id:
-            return study.mlflow_run_id
-        spec = studies.parse_study(study)
-        experiment_id = experiment_id_for(client, spec.base.get("experiment") or settings.default_experiment)
-        tags = {"descent.study_id": str(study.id), "descent.kind": "study", "descent.project": study.project}
-        run = client.create_run(experiment_id, run_name=f"study {spec.name}", tags=tags)
-        params = {
-            "search.method": spec.search.method, "repeats": str(spec.repeats),
-            "objective.metric": spec.objective.metric, "objective.direction": spec.objective.direction,
-            "pruning.method": spec.pruning.method, "space": json.dumps(spec.model_dump(mode="json", by_alias=True)["space"]),
-        }  # fmt: skip
-        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
-        studies.set_parent_run(session=session, study_id=study.id, experiment_id=experiment_id, run_id=run.info.run_id)
-        return run.info.run_id
+        return _parent_run(client, session, study)
+
+
+def _parent_run(client: MlflowClient, session: Session, study: Study) -> str:
+    """The study's parent run, made if it has none; the caller holds the study's row lock."""
+    if study.mlflow_run_id:
+        return study.mlflow_run_id
+    spec = studies.parse_study(study)
+    experiment_id = experiment_id_for(client, spec.base.get("experiment") or settings.default_experiment)
+    tags = {"descent.study_id": str(study.id), "descent.kind": "study", "descent.project": study.project}
+    run = client.create_run(experiment_id, run_name=f"study {spec.name}", tags=tags)
+    params = {
+        "search.method": spec.search.method, "repeats": str(spec.repeats),
+        "objective.metric": spec.objective.metric, "objective.direction": spec.objective.direction,
+        "pruning.method": spec.pruning.method, "space": json.dumps(spec.model_dump(mode="json", by_alias=True)["space"]),
+    }  # fmt: skip
+    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+    studies.set_parent_run(session=session, study_id=study.id, experiment_id=experiment_id, run_id=run.info.run_id)
+    return run.info.run_id
 
 
 class TrialRun(NamedTuple):
@@ -110,11 +116,6 @@ def short_label(values: dict[str, Any]) -> str:
     return ", ".join(parts) or "base spec"
 
 
-def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
-    points = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
-    return [(p.step, p.value) for p in points]
-
-
 def _log_figure(client: MlflowClient, run_id: str, fig: plt.Figure, name: str) -> None:
     try:
         client.log_figure(run_id, fig, name)
@@ -145,10 +146,13 @@ def _leaderboard_columns(board: dict[str, Any]) -> dict[str, list[Any]]:
 
 
 def write_report(study_id: uuid.UUID) -> bool:
-    """The ended study's MLflow report; False when it must be tried again later."""
+    """The ended study's MLflow report; False when it must be tried again later. One writer
+    at a time: the study's row stays locked while the report is written (the worker that
+    ended the study and a reaper pass would otherwise both register a model version)."""
+    client = tracking_client()
     with session_scope() as session:
-        study = studies.get_study(session=session, study_id=study_id)
-        if study is None or not study.report_pending:
+        study = studies.claim_report(session=session, study_id=study_id)
+        if study is None:  # written already, or being written by another process
             return True
         spec = studies.parse_study(study)
         metric = spec.objective.metric
@@ -159,23 +163,16 @@ def write_report(study_id: uuid.UUID) -> bool:
         ]  # fmt: skip
         board = studies.leaderboard(session=session, study=study)
         attempts = int((study.result or {}).get("report_attempts", 0)) + 1
-        status = StudyStatus(study.status)
-    client = tracking_client()
-    try:
-        parent = ensure_parent_run(client, study_id)
-        report = _report(client, parent, spec, board, trials)
-        client.set_terminated(parent, status=RunStatus.to_string(RUN_STATUS_OF_STUDY[status]))
-    except Exception as exc:  # noqa: BLE001 - MLflow down (or a bug): the reaper tries again
-        log.warning("study %s: report not written (attempt %d): %s", study_id, attempts, exc)
-        with session_scope() as session:
-            row = session.get(Study, study_id)
-            if row is not None:
-                given_up = attempts >= REPORT_ATTEMPTS
-                row.result = dict(row.result or {}) | {"report_attempts": attempts,
+        try:
+            parent = _parent_run(client, session, study)
+            report = _report(client, parent, spec, board, trials)
+            client.set_terminated(parent, status=RunStatus.to_string(RUN_STATUS_OF_STUDY[StudyStatus(study.status)]))
+        except Exception as exc:  # noqa: BLE001 - MLflow down (or a bug): the reaper tries again
+            log.warning("study %s: report not written (attempt %d): %s", study_id, attempts, exc)
+            study.result = dict(study.result or {}) | {"report_attempts": attempts,
                                                        "report_error": f"{type(exc).__name__}: {exc}"[:500]}  # fmt: skip
-                row.report_pending = not given_up
-        return False
-    with session_scope() as session:
+            study.report_pending = attempts < REPORT_ATTEMPTS
+            return False
         studies.record_report(session=session, study_id=study_id, report=report | {"leaderboard": board,
                                                                                     "reported_at": utcnow().isoformat()})  # fmt: skip
     log.info("study %s: report written to MLflow run %s", study_id, parent)
@@ -191,7 +188,7 @@ def _report(
     labels = {row["config_id"]: short_label(row["values"]) for row in board["configurations"]}
     ran = [t for t in trials if t.run_id and t.status in (JobStatus.succeeded, JobStatus.pruned)]
     histories: dict[uuid.UUID, dict[str, list[tuple[int, float]]]] = {
-        t.job_id: {key: _history(client, t.run_id, key) for key in ("train_loss", "val_accuracy", "lr")}  # type: ignore[arg-type]
+        t.job_id: {key: metric_history(client, t.run_id, key) for key in ("train_loss", "val_accuracy", "lr")}  # type: ignore[arg-type]
         for t in ran
     }
     report: dict[str, Any] = {}

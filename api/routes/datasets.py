@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from api.deps import CallerDep, SessionDep
 from api.errors import problem, unprocessable
 from api.schemas import AUTH_RESPONSES, DatasetPublic, DatasetsPublic, Problem
-from jobs import dataset_store
+from jobs import dataset_store, repository
 from jobs.models import Dataset
 from jobs.settings import settings
 from jobs.uploads import ACCEPTED, UploadRejected, parse_upload
@@ -27,7 +27,7 @@ MULTIPART_ALLOWANCE = 64 * 1024
 
 
 def _dataset_or_404(session: SessionDep, caller: CallerDep, dataset_id: str) -> Dataset:
-    parsed = dataset_store.parse_dataset_id(dataset_id)
+    parsed = repository.parse_uuid(dataset_id)
     dataset = dataset_store.get_dataset(session=session, dataset_id=parsed, project=caller.project) if parsed else None
     if dataset is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset_id} not found")
@@ -109,7 +109,7 @@ def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep) -> Data
     responses={**NOT_FOUND, 409: {"model": Problem, "description": "Queued or running jobs use the dataset."}},
 )
 def delete_dataset(dataset_id: str, session: SessionDep, caller: CallerDep) -> Response:
-    parsed = dataset_store.parse_dataset_id(dataset_id)
+    parsed = repository.parse_uuid(dataset_id)
     try:
         deleted = parsed is not None and dataset_store.delete_dataset(
             session=session, dataset_id=parsed, project=caller.project

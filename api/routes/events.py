@@ -54,7 +54,7 @@ def sse(kind: str, data: dict[str, Any], event_id: str | None = None) -> bytes:
 
 
 def _read_job(caller: Caller, job_id: str) -> JobPublic | None:
-    parsed = repository.parse_job_id(job_id)
+    parsed = repository.parse_uuid(job_id)
     if parsed is None:
         return None
     with session_factory()() as session:

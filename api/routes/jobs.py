@@ -33,7 +33,7 @@ NOT_FOUND = {404: {"model": Problem, "description": "No job with this id in the 
 
 
 def _job_or_404(session: SessionDep, caller: CallerDep, job_id: str) -> Job:
-    parsed = repository.parse_job_id(job_id)
+    parsed = repository.parse_uuid(job_id)
     job = repository.get_job(session=session, job_id=parsed, project=caller.project) if parsed else None
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
@@ -153,7 +153,7 @@ def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobPublic:
     responses={**NOT_FOUND, 409: {"model": Problem, "description": "The job has already ended."}},
 )
 def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobPublic:
-    parsed = repository.parse_job_id(job_id)
+    parsed = repository.parse_uuid(job_id)
     outcome = repository.request_cancel(session=session, job_id=parsed, project=caller.project) if parsed else None
     session.commit()
     if outcome is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any
@@ -30,23 +29,17 @@ from jobs.states import STUDY_TERMINAL
 from jobs.limits import limit_breaches
 from jobs.models import Study
 from jobs.queue import enqueue_job
+from jobs.repository import parse_uuid
 from jobs.settings import settings
-from jobs.study_spec import StudySpec, configurations_to_check, describe_values, first_invalid_configuration
+from jobs.study_spec import StudySpec, configurations_to_check, describe_values
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/studies", tags=["studies"], responses=AUTH_RESPONSES)
 NOT_FOUND = {404: {"model": Problem, "description": "No study with this id in the caller's project."}}
 
 
-def _parse_id(raw: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        return None
-
-
 def _study_or_404(session: SessionDep, caller: CallerDep, study_id: str) -> Study:
-    parsed = _parse_id(study_id)
+    parsed = parse_uuid(study_id)
     study = studies.get_study(session=session, study_id=parsed, project=caller.project) if parsed else None
     if study is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_id} not found")
@@ -65,28 +58,27 @@ def _problems(spec: StudySpec) -> list[dict]:
         return [problem("body", field, f"the study would run {spec.n_configurations} configurations x "
                         f"{spec.repeats} seeds = {spec.n_jobs} jobs; this server runs at most "
                         f"{settings.max_study_jobs} per study (MAX_STUDY_JOBS)", "limit_exceeded")]  # fmt: skip
-    bad = first_invalid_configuration(spec)
-    if bad is not None:
-        values, exc = bad
-        where = f"with {describe_values(values)}"
-        if isinstance(exc, ValidationError):
-            items = []
-            for error in exc.errors():
-                item = describe(error)
-                # The space's path when the error is about one (`optimizer` for a bad
-                # optimizer.name), else the base's field.
-                paths = [p for p in spec.space if p == item["field"] or p.startswith(item["field"] + ".")]
-                field = f"space.{paths[0] if len(paths) == 1 else item['field']}" if paths else f"base.{item['field']}"
-                items.append(problem("body", field, f"{item['msg']} ({where})", item["type"]))
-            return items
-        field = getattr(exc, "context", None) or {}
-        return [problem("body", field.get("field", "space"), f"{exc} ({where})", "spec_inconsistent")]
+    # Each configuration built once: validated as a job, then held to the job limits.
     for values in configurations_to_check(spec):
-        job = studies.trial_spec(spec, values, spec.seeds[0], 0)
+        where = f"with {describe_values(values)}"
+        try:
+            job = studies.trial_spec(spec, values, spec.seeds[0], 0)
+        except ValidationError as exc:
+            return [_invalid(spec, describe(error), where) for error in exc.errors()]
+        except ValueError as exc:  # a path the base cannot hold (spec_error names it)
+            field = (getattr(exc, "context", None) or {}).get("field", "space")
+            return [problem("body", field, f"{exc} ({where})", "spec_inconsistent")]
         if breaches := limit_breaches(job, settings):
-            where = f"with {describe_values(values)}"
             return [problem("body", f"base.{b.field}", f"{b.message} ({where})", "limit_exceeded") for b in breaches]
     return []
+
+
+def _invalid(spec: StudySpec, item: dict, where: str) -> dict:
+    """A job-spec error as the study's: the space's path when the error is about one
+    (`optimizer` for a bad optimizer.name), else the base's field."""
+    paths = [p for p in spec.space if p == item["field"] or p.startswith(item["field"] + ".")]
+    field = f"space.{paths[0] if len(paths) == 1 else item['field']}" if paths else f"base.{item['field']}"
+    return problem("body", field, f"{item['msg']} ({where})", item["type"])
 
 
 @router.post(
@@ -153,7 +145,7 @@ def cancel_study(study_id: str, session: SessionDep, caller: CallerDep) -> Study
 
 
 def _read_study(caller: Caller, study_id: str) -> StudyPublic | None:
-    parsed = _parse_id(study_id)
+    parsed = parse_uuid(study_id)
     if parsed is None:
         return None
     with session_factory()() as session:

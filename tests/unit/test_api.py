@@ -563,11 +563,11 @@ def test_progress_of_a_job_that_is_not_running_is_not_written(queued_job: uuid.U
         assert (job.epoch, job.step, job.latest_metrics) == (0, 0, {})
 
 
-def test_parse_job_id() -> None:
+def test_parse_uuid() -> None:
     value = uuid.uuid4()
-    assert repository.parse_job_id(str(value)) == value
+    assert repository.parse_uuid(str(value)) == value
     for raw in ("", "1", "not-a-uuid", "x" * 10_000, None):
-        assert repository.parse_job_id(raw) is None  # type: ignore[arg-type]
+        assert repository.parse_uuid(raw) is None  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- other settings, in a fresh process

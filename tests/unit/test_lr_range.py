@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 
-from jobs.lr_range import analyse
+from jobs.lr_range import LossExplosionWatch, analyse
 from jobs.spec import JobSpec
-from trainer.recipe import LossExplosionWatch, run_training
+from trainer.recipe import run_training
 from trainer.reporting import RecordingReporter
 
 
