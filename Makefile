@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # build, and letting pip pick a newer one pulls gigabytes of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo up api worker mlflow migrate test test-unit test-integration test-faults bench clean
+.PHONY: venv demo up api worker mlflow migrate test test-unit test-integration test-security test-faults bench clean
 
 venv: $(VENV)/.installed
 
@@ -35,13 +35,16 @@ mlflow: venv
 migrate: venv
 	$(PY) -m launcher.run migrate
 
-test: test-unit test-integration test-faults
+test: test-unit test-integration test-security test-faults
 
 test-unit: venv
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
 
 test-integration: venv  ## needs PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379)
 	$(PY) -m pytest tests/integration -q -p no:cacheprovider
+
+test-security: venv  ## attacks from issue 14 against a real stack (needs PostgreSQL, Redis)
+	$(PY) -m pytest tests/security -q -p no:cacheprovider
 
 test-faults: venv  ## chaos: worker SIGKILLs, a Redis and an MLflow restart under load (needs PostgreSQL, redis-server)
 	$(PY) -m pytest tests/faults -q -p no:cacheprovider -s
