@@ -236,13 +236,13 @@ def test_a_missing_dataset_is_a_404(client: TestClient) -> None:
 
 def test_a_job_naming_an_upload_gets_its_metadata_from_the_server(client: TestClient) -> None:
     dataset = uploaded(client)
-    lies = {"n_samples": 5, "classes": ["x", "y", "z"], "shape": [1000], "sha256": "0" * 64, "name": "fake"}
+    lies = {"n_samples": 5, "n_classes": 3, "shape": [1000], "sha256": "0" * 64, "name": "fake"}
     response = client.post("/v1/jobs", json={"dataset": {"id": dataset["id"], "val_fraction": 0.25} | lies,
                                              "epochs": 1})  # fmt: skip
     assert response.status_code == 201, response.text
     spec = response.json()["spec"]["dataset"]
     assert spec == {"id": dataset["id"], "val_fraction": 0.25, "name": dataset["name"], "sha256": dataset["sha256"],
-                    "n_samples": 60, "classes": dataset["classes"], "shape": [3]}  # fmt: skip
+                    "n_samples": 60, "n_classes": 2, "shape": [3]}  # fmt: skip
     client.post(f"/v1/jobs/{response.json()['id']}/cancel")
 
 
@@ -295,7 +295,7 @@ def test_the_trainer_trains_on_the_uploaded_arrays_as_the_worker_reads_them(clie
 
 
 def test_the_trainer_refuses_an_upload_without_its_arrays_or_with_other_ones() -> None:
-    dataset = {"id": str(uuid.uuid4()), "name": "x", "sha256": "a" * 64, "n_samples": 20, "classes": ["a", "b"],
+    dataset = {"id": str(uuid.uuid4()), "name": "x", "sha256": "a" * 64, "n_samples": 20, "n_classes": 2,
                "shape": [2]}  # fmt: skip
     spec = JobSpec.model_validate({"dataset": dataset, "epochs": 1})  # no database: the spec carries what it needs
     with pytest.raises(ValueError, match="passed in"):
