@@ -71,7 +71,7 @@ class Settings(BaseSettings):
         120.0, gt=0, description="Time the child process may take to read an upload; a slower file is a 413."
     )
     upload_parse_concurrency: int = Field(
-        2, ge=1, description="Uploads one API process reads at once; more wait (up to UPLOAD_PARSE_TIMEOUT_S, then 503)."
+        2, ge=1, description="Uploads one API process reads at once; more wait up to UPLOAD_PARSE_TIMEOUT_S, then 503."
     )
 
     # Worker behaviour.

@@ -29,7 +29,7 @@ from jobs.uploads import (
     UploadRejected,
     check_finite,
     check_samples,
-    classes,
+    encode_labels,
     file_format,
     listing,
     over_limit,
@@ -170,7 +170,7 @@ def read_csv(path: Path, label: str | None, limits: Settings) -> UploadedArrays:
     check_finite(x, features)
     values = labels.to_numpy()
     del frame, labels
-    y, names = classes(values, limits)
+    y, names = encode_labels(values, limits)
     return UploadedArrays(x, y, names, features)
 
 
@@ -240,7 +240,7 @@ def read_parquet(path: Path, label: str | None, limits: Settings) -> UploadedArr
     if empty:
         raise UploadRejected("file", f"the label column '{label}' has {empty} empty values")
     values = labels.to_pandas() if label_kind == "text" else labels.to_numpy()
-    y, names = classes(values, limits)
+    y, names = encode_labels(values, limits)
     return UploadedArrays(x, y, names, features)
 
 
@@ -337,5 +337,5 @@ def read_npz(path: Path, limits: Settings) -> UploadedArrays:
     x = to_float32(x)
     flat = x.reshape(len(x), -1)
     check_finite(flat, [f"X[:, {i}]" for i in range(flat.shape[1])] if x.ndim == 2 else None, x.shape[1:])
-    y_codes, names = classes(y, limits)
+    y_codes, names = encode_labels(y, limits)
     return UploadedArrays(x, y_codes, names)

@@ -40,10 +40,7 @@ class UploadRejected(ValueError):
 
 def over_limit(what: str, value: int, limit: int, setting: str) -> UploadRejected:
     """A 413 naming the server setting that the file goes over."""
-    return UploadRejected(
-        "file", f"{what} ({value:,}) {'is' if value == 1 else 'are'} over this server's limit of {limit:,} ({setting})",
-        status=413,
-    )  # fmt: skip
+    return UploadRejected("file", f"{what}: {value:,}, over this server's limit of {limit:,} ({setting})", status=413)
 
 
 @dataclass(frozen=True)
@@ -150,7 +147,7 @@ def check_class_count(count: int, limits: Settings) -> None:
         raise over_limit("the labels' classes", count, limits.max_classes, "MAX_CLASSES")
 
 
-def classes(labels: object, limits: Settings) -> tuple[np.ndarray, list[str]]:
+def encode_labels(labels: object, limits: Settings) -> tuple[np.ndarray, list[str]]:
     """Labels (numbers, text, a pandas Categorical) -> codes 0..C-1 and the class names in
     code order: numbers in numeric order, text in text order. Text labels are reduced to
     their distinct values first, so that the class count and each name's length are checked

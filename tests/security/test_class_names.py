@@ -117,7 +117,9 @@ def test_a_job_on_many_classes_logs_a_bounded_confusion_plot(stack: Stack, tenan
     done = wait(tenant, job.json()["id"])
     assert done["status"] == "succeeded", done["error"]
     run_id = done["mlflow"]["run_id"]
-    matrix = json.loads(Path(stack.mlflow.download_artifacts(run_id, "confusion_matrix.json", str(tmp_path))).read_text())
+    matrix = json.loads(Path(stack.mlflow.download_artifacts(run_id, "confusion_matrix.json", str(tmp_path))).read_text(
+        encoding="utf-8"
+    ))
     assert len(matrix["labels"]) == classes and len(matrix["matrix"]) == classes  # every count is kept
     with Image.open(stack.mlflow.download_artifacts(run_id, "confusion_matrix.png", str(tmp_path))) as plot:
         width, height = plot.size
