@@ -132,7 +132,7 @@ def npy_header(shape: tuple[int, ...], descr: str = "<f8") -> bytes:
     return buffer.getvalue()
 
 
-# --------------------------------------------------------------------------- item 2: declared sizes
+# --------------------------------------------------------------------------- item 2: the API's memory, declared sizes
 
 
 def test_a_large_upload_costs_the_api_a_small_multiple_of_what_it_stores(uploads: UploadStack) -> None:
