@@ -2,8 +2,9 @@
 
 A dataset belongs to a project: another project's dataset does not exist for the
 caller. Jobs name an upload by id; at submission `resolve_uploaded_dataset` copies
-the stored dataset's metadata into the spec, so the spec validates anywhere without
-a database, and a dataset in use by an unfinished job cannot be deleted.
+the stored dataset's sizes into the spec (samples, shape, number of classes; the
+class names stay here), so the spec validates anywhere without a database, and a
+dataset in use by an unfinished job cannot be deleted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jobs.models import Dataset, Job
 from jobs.repository import parse_uuid
 from jobs.spec import UploadedDataset
 from jobs.states import JobStatus
-from jobs.uploads import ParsedUpload, UploadedArrays, decode_arrays, encode_arrays
+from jobs.uploads import ParsedUpload, UploadedArrays, decode_arrays
 
 # A job in one of these states may still read its dataset.
 UNFINISHED = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
@@ -46,7 +47,6 @@ def create_dataset(
     )
     if earlier is not None:
         return earlier, False
-    arrays = upload.arrays
     dataset = Dataset(
         project=project,
         name=name,
@@ -54,11 +54,11 @@ def create_dataset(
         label_column=label_column,
         sha256=upload.sha256,
         size_bytes=upload.size_bytes,
-        n_rows=len(arrays.x),
-        shape=arrays.shape,
-        classes=arrays.classes,
-        feature_names=arrays.feature_names,
-        data=encode_arrays(arrays),
+        n_rows=upload.n_rows,
+        shape=upload.shape,
+        classes=upload.classes,
+        feature_names=upload.feature_names,
+        data=upload.stored,
     )
     session.add(dataset)
     session.flush()  # the same upload at the same moment fails here, on the unique index: call again
@@ -127,7 +127,7 @@ def resolve_uploaded_dataset(*, session: Session, project: str, spec: dict[str, 
         "name": dataset.name,
         "sha256": dataset.sha256,
         "n_samples": dataset.n_rows,
-        "classes": list(dataset.classes),
+        "n_classes": len(dataset.classes),  # the names stay in the datasets row, not in every job's spec
         "shape": list(dataset.shape),
     }
     return resolved

@@ -54,6 +54,26 @@ class Settings(BaseSettings):
     max_dataset_values: int = Field(200_000_000, ge=1)
     max_study_jobs: int = Field(1000, ge=1, description="Trial jobs one study may run (configurations x repeats).")
 
+    # Uploads (issue 14): what a file may declare is checked before anything is read, and the
+    # reading itself happens in a child process whose memory and time are bounded here.
+    max_upload_columns: int = Field(
+        10_000, ge=2, description="Columns a CSV or Parquet upload may have, counted in its header before parsing."
+    )
+    max_classes: int = Field(
+        1000, ge=2, description="Classes an uploaded dataset may have (a confusion matrix is classes x classes)."
+    )
+    max_class_name_chars: int = Field(100, ge=1, description="Longest class name (label value) an upload may have.")
+    upload_parse_memory_bytes: int = Field(
+        4 * 2**30, ge=256 * 2**20,
+        description="Memory (RLIMIT_DATA) of the child process that reads an upload; a file needing more is a 413.",
+    )  # fmt: skip
+    upload_parse_timeout_s: float = Field(
+        120.0, gt=0, description="Time the child process may take to read an upload; a slower file is a 413."
+    )
+    upload_parse_concurrency: int = Field(
+        2, ge=1, description="Uploads one API process reads at once; more wait up to UPLOAD_PARSE_TIMEOUT_S, then 503."
+    )
+
     # Worker behaviour.
     progress_interval_s: float = Field(0.5, gt=0, description="How often a running job writes progress and checks for cancel.")
     metrics_flush_interval_s: float = Field(1.0, gt=0, description="How often buffered metrics go to MLflow.")

@@ -233,7 +233,8 @@ BuiltinDatasetSpec = Annotated[
 class UploadedDataset(SpecModel):
     """A dataset uploaded with POST /v1/datasets, named by its id: {"id": ..., "val_fraction": 0.2}.
     At submission the server fills in the rest from the stored dataset (replacing whatever a
-    client sent there), so the stored spec validates anywhere without a database."""
+    client sent there), so the stored spec validates anywhere without a database. The class
+    names stay with the dataset (GET /v1/datasets/{id}): a spec counts them, it does not copy them."""
 
     id: str = Field(
         pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
@@ -244,14 +245,10 @@ class UploadedDataset(SpecModel):
     name: str = Field("", max_length=200, description="The upload's name.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the uploaded file.")
     n_samples: int = Field(ge=2, description="Rows, one sample each.")
-    classes: list[str] = Field(min_length=2, description="Class names, in label order 0..C-1.")
+    n_classes: int = Field(ge=2, description="Number of classes (their names are the dataset's).")
     shape: list[Annotated[int, Field(ge=1)]] = Field(
         min_length=1, max_length=3, description="One sample's shape: [F], [T, F] or [C, H, W]."
     )
-
-    @property
-    def n_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def n_features(self) -> int:

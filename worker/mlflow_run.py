@@ -82,7 +82,7 @@ def uploaded_dataset_input(dataset: UploadedDataset, project: str) -> DatasetInp
         digest=dataset.sha256[:MLFLOW_DIGEST_CHARS],
         source_type="descent",
         source=json.dumps({"dataset_id": dataset.id, "project": project, "sha256": dataset.sha256}),
-        schema=json.dumps({"shape": dataset.shape, "classes": dataset.classes}),
+        schema=json.dumps({"shape": dataset.shape, "n_classes": dataset.n_classes}),
         profile=json.dumps({"num_rows": dataset.n_samples, "num_features": dataset.n_features}),
     )
     return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
@@ -100,19 +100,35 @@ def latest_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
     return {m.key: m.step for m in client.get_run(run_id).data.to_proto().metrics}
 
 
+# The plot stays bounded at any class count (MAX_CLASSES = 1000 drew a 450-inch figure with a
+# million text labels): counts in the cells up to CONFUSION_COUNTS_MAX_CLASSES classes, names on
+# the axes up to CONFUSION_NAMES_MAX_CLASSES (cut to CONFUSION_NAME_CHARS), the figure at most
+# CONFUSION_MAX_INCHES a side. Every count is in confusion_matrix.json.
+CONFUSION_COUNTS_MAX_CLASSES = 30
+CONFUSION_NAMES_MAX_CLASSES = 100
+CONFUSION_NAME_CHARS = 24
+CONFUSION_MAX_INCHES = 16.0
+
+
 def confusion_figure(matrix: list[list[int]], class_names: list[str]) -> plt.Figure:
     counts = np.array(matrix)
-    size = max(4.0, 0.45 * len(class_names) + 2)
+    n = len(class_names)
+    size = min(CONFUSION_MAX_INCHES, max(4.0, 0.45 * n + 2))
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(counts, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.imshow(counts, cmap="Blues", interpolation="nearest")
+    if n <= CONFUSION_NAMES_MAX_CLASSES:
+        names = [name if len(name) <= CONFUSION_NAME_CHARS else name[: CONFUSION_NAME_CHARS - 1] + "…"
+                 for name in class_names]  # fmt: skip
+        fontsize = 8 if n <= CONFUSION_COUNTS_MAX_CLASSES else 5
+        ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=fontsize)
+        ax.set_yticks(range(n), names, fontsize=fontsize)
+    ax.set_xlabel("predicted" if n <= CONFUSION_NAMES_MAX_CLASSES else f"predicted (class 0..{n - 1})")
+    ax.set_ylabel("true" if n <= CONFUSION_NAMES_MAX_CLASSES else f"true (class 0..{n - 1})")
     ax.set_title("validation confusion matrix")
-    for (i, j), count in np.ndenumerate(counts):
-        color = "white" if count > counts.max() / 2 else "black"
-        ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=8)
+    if n <= CONFUSION_COUNTS_MAX_CLASSES:
+        for (i, j), count in np.ndenumerate(counts):
+            color = "white" if count > counts.max() / 2 else "black"
+            ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=8)
     fig.tight_layout()
     return fig
 

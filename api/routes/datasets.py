@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile, status
@@ -15,7 +17,8 @@ from api.schemas import AUTH_RESPONSES, DatasetPublic, DatasetsPublic, Problem
 from jobs import dataset_store, repository
 from jobs.models import Dataset
 from jobs.settings import settings
-from jobs.uploads import ACCEPTED, UploadRejected, parse_upload
+from jobs.upload_sandbox import parse_in_child
+from jobs.uploads import ACCEPTED, UploadRejected, receive_file
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=AUTH_RESPONSES)
@@ -42,8 +45,14 @@ def _dataset_or_404(session: SessionDep, caller: CallerDep, dataset_id: str) -> 
     responses={
         200: {"model": DatasetPublic, "description": "This file (and label column) was uploaded before: that dataset."},
         400: {"model": Problem, "description": "The body is not a readable multipart form."},
-        413: {"model": Problem, "description": "The file is over MAX_UPLOAD_BYTES, or the data over MAX_DATASET_*."},
+        413: {
+            "model": Problem,
+            "description": "The file is over MAX_UPLOAD_BYTES; what it declares or holds is over MAX_DATASET_*, "
+            "MAX_UPLOAD_COLUMNS, MAX_CLASSES or MAX_CLASS_NAME_CHARS; or reading it needs more than "
+            "UPLOAD_PARSE_MEMORY_BYTES or UPLOAD_PARSE_TIMEOUT_S.",
+        },
         415: {"model": Problem, "description": f"Not a file type this server reads: {ACCEPTED}."},
+        503: {"model": Problem, "description": "UPLOAD_PARSE_CONCURRENCY uploads are being read: try again."},
     },
 )
 def upload_dataset(
@@ -60,9 +69,10 @@ def upload_dataset(
 ) -> DatasetPublic | JSONResponse:
     """Upload a dataset to the caller's project. It is checked and normalised before
     anything is stored; jobs then name it as `"dataset": {"id": ...}`."""
-    data = file.file.read(settings.max_upload_bytes + 1)
-    try:
-        upload = parse_upload(data, file.filename, label, settings)
+    try:  # the file goes to disk and is read by a bounded child process, never in this one
+        with tempfile.TemporaryDirectory(prefix="descent-upload-") as workdir:
+            received = receive_file(file.file, Path(workdir) / "upload", settings)
+            upload = parse_in_child(received, file.filename, label, settings)
     except UploadRejected as exc:
         if exc.status == 422:
             return unprocessable([problem("body", exc.field, exc.message, "dataset_invalid")])

@@ -40,6 +40,12 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def parquet_bytes(columns: dict) -> bytes:
+    buffer = io.BytesIO()
+    pd.DataFrame(columns).to_parquet(buffer)
+    return buffer.getvalue()
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -88,6 +94,18 @@ REFUSED = [
      ["cannot be read as NPZ", "allow_pickle"]),
     ("data.npz", npz_bytes(X=np.where(np.eye(10, 3) > 0, np.nan, 1.0), y=np.arange(10) % 2), {}, 422, "file",
      ["3 NaN or infinite", "X[:, 0]"]),
+    # What a file declares, refused before it is read:
+    ("data.csv", b"a,a,b,y\n1,2,3,0\n4,5,6,1\n", {"label": "y"}, 422, "file", ["unique", "'a' (2 times)"]),
+    ("data.csv", ("x" * 201 + ",y\n1,0\n2,1\n").encode(), {"label": "y"}, 422, "file", ["200 characters"]),
+    ("data.parquet", parquet_bytes({"a": [[1.0], [2.0]] * 5, "y": [0, 1] * 5}), {"label": "y"}, 422, "file",
+     ["numeric", "'a'"]),
+    ("data.parquet", parquet_bytes({"a": [1.0, 2.0] * 5, "y": [[0], [1]] * 5}), {"label": "y"}, 422, "file",
+     ["label column 'y'", "numbers or text"]),
+    ("data.npz", npz_bytes(X=NPZ_X, y=np.array(["a" * 101, "b"] * 5)), {}, 413, None, ["MAX_CLASS_NAME_CHARS"]),
+    ("data.npz", npz_bytes(X=np.zeros((0, 3)), y=np.arange(0)), {}, 422,
+     "file", ["X is empty"]),
+    ("data.csv", b"a,y\n" + b"".join(f"{i},{'z' * 101 if i % 2 else 'b'}\n".encode() for i in range(4)),
+     {"label": "y"}, 413, None, ["101 characters", "MAX_CLASS_NAME_CHARS"]),
 ]  # fmt: skip
 
 
@@ -128,6 +146,44 @@ def test_a_dataset_over_the_value_limit_is_a_413_naming_the_setting(
     response = upload(client, table_csv(seed=1), label="species")
     assert response.status_code == 413
     assert "MAX_DATASET_VALUES" in response.json()["detail"] and "180" in response.json()["detail"]
+
+
+def test_more_classes_than_the_limit_is_a_413_naming_the_setting(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "max_classes", 2)
+    content = b"a,y\n" + b"".join(f"{i},{i % 3}\n".encode() for i in range(9))
+    response = upload(client, content, label="y")
+    assert response.status_code == 413
+    assert "MAX_CLASSES" in response.json()["detail"] and "3" in response.json()["detail"]
+
+
+def test_more_columns_than_the_limit_is_a_413_before_parsing(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "max_upload_columns", 3)
+    response = upload(client, b"a,b,c,y\n1,2,3,0\n4,5,6,1\n", label="y")
+    assert response.status_code == 413 and "MAX_UPLOAD_COLUMNS" in response.json()["detail"]
+
+
+def test_a_parse_over_its_memory_is_a_413_naming_the_setting(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "upload_parse_memory_bytes", 256 * 2**20)
+    bomb = io.BytesIO()  # 400 MB of zeros in under 1 MB, within MAX_DATASET_VALUES
+    np.savez_compressed(bomb, X=np.zeros((500_000, 100)), y=np.arange(500_000) % 2)
+    response = upload(client, bomb.getvalue(), "bomb.npz")
+    assert response.status_code == 413, response.text
+    assert "UPLOAD_PARSE_MEMORY_BYTES" in response.json()["detail"]
+
+
+def test_a_parse_over_its_time_is_killed_and_a_413_naming_the_setting(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(settings, "upload_parse_timeout_s", 0.001)
+    response = upload(client, table_csv(rows=20_000, seed=12), label="species")
+    assert response.status_code == 413, response.text
+    assert "UPLOAD_PARSE_TIMEOUT_S" in response.json()["detail"]
 
 
 def test_uploads_have_their_own_body_limit_json_bodies_keep_the_small_one(client: TestClient) -> None:
@@ -236,13 +292,13 @@ def test_a_missing_dataset_is_a_404(client: TestClient) -> None:
 
 def test_a_job_naming_an_upload_gets_its_metadata_from_the_server(client: TestClient) -> None:
     dataset = uploaded(client)
-    lies = {"n_samples": 5, "classes": ["x", "y", "z"], "shape": [1000], "sha256": "0" * 64, "name": "fake"}
+    lies = {"n_samples": 5, "n_classes": 3, "shape": [1000], "sha256": "0" * 64, "name": "fake"}
     response = client.post("/v1/jobs", json={"dataset": {"id": dataset["id"], "val_fraction": 0.25} | lies,
                                              "epochs": 1})  # fmt: skip
     assert response.status_code == 201, response.text
     spec = response.json()["spec"]["dataset"]
     assert spec == {"id": dataset["id"], "val_fraction": 0.25, "name": dataset["name"], "sha256": dataset["sha256"],
-                    "n_samples": 60, "classes": dataset["classes"], "shape": [3]}  # fmt: skip
+                    "n_samples": 60, "n_classes": 2, "shape": [3]}  # fmt: skip
     client.post(f"/v1/jobs/{response.json()['id']}/cancel")
 
 
@@ -295,7 +351,7 @@ def test_the_trainer_trains_on_the_uploaded_arrays_as_the_worker_reads_them(clie
 
 
 def test_the_trainer_refuses_an_upload_without_its_arrays_or_with_other_ones() -> None:
-    dataset = {"id": str(uuid.uuid4()), "name": "x", "sha256": "a" * 64, "n_samples": 20, "classes": ["a", "b"],
+    dataset = {"id": str(uuid.uuid4()), "name": "x", "sha256": "a" * 64, "n_samples": 20, "n_classes": 2,
                "shape": [2]}  # fmt: skip
     spec = JobSpec.model_validate({"dataset": dataset, "epochs": 1})  # no database: the spec carries what it needs
     with pytest.raises(ValueError, match="passed in"):

@@ -300,7 +300,7 @@ def test_a_study_on_an_uploaded_dataset_fills_in_its_metadata(client: TestClient
     dataset = response.json()
     study = submit(client, GRID | {"name": "unit-upload", "base": BASE | {"dataset": {"id": dataset["id"]}}})
     [job, *_] = trials(client, study["id"])
-    assert job["spec"]["dataset"]["sha256"] == dataset["sha256"] and job["spec"]["dataset"]["classes"] == ["no", "yes"]
+    assert job["spec"]["dataset"]["sha256"] == dataset["sha256"] and job["spec"]["dataset"]["n_classes"] == 2
     unknown = refused(client, GRID | {"base": BASE | {"dataset": {"id": str(uuid.uuid4())}}})
     assert unknown["detail"][0]["field"] == "base.dataset.id"
 
