@@ -160,15 +160,15 @@ def test_the_same_names_in_two_projects_are_two_experiments_and_two_models(
     mlflow = auth_stack.mlflow  # the admin's view
     ours, theirs = studies[beta.name], studies[alpha.name]
     assert ours["status"] == theirs["status"] == "succeeded", (ours, theirs)
-    assert ours["mlflow"]["experiment_id"] != theirs["mlflow"]["experiment_id"], "both studies share one experiment"
-    assert mlflow.get_experiment(ours["mlflow"]["experiment_id"]).name == f"{beta.name}/shared"
-    assert mlflow.get_experiment(theirs["mlflow"]["experiment_id"]).name == f"{alpha.name}/shared"
-
     # alpha's study ended last: before the fix it registered a new version of `sweep` and moved its @best.
     best = mlflow.get_model_version_by_alias(ours["registered_model"]["name"], "best")
     assert best.run_id == ours["registered_model"]["run_id"], "alpha's study moved beta's @best"
     assert ours["registered_model"]["name"] == f"{beta.name}.sweep"
     assert theirs["registered_model"]["name"] == f"{alpha.name}.sweep"
+
+    assert ours["mlflow"]["experiment_id"] != theirs["mlflow"]["experiment_id"], "both studies share one experiment"
+    assert mlflow.get_experiment(ours["mlflow"]["experiment_id"]).name == f"{beta.name}/shared"
+    assert mlflow.get_experiment(theirs["mlflow"]["experiment_id"]).name == f"{alpha.name}/shared"
 
     # a job may not name a path into another project's experiments: a 422 naming the field
     refused = alpha.api.post("/v1/jobs", json={"experiment": f"{beta.name}/shared", "dataset": {"name": "iris"}})
