@@ -101,6 +101,8 @@ def grant_project(project: str, kind: str, resource_id: str) -> None:
     try:
         _auth_client().grant_user_permission(project_username(project), kind, resource_id, PROJECT_PERMISSION)
     except MlflowException as exc:
+        if exc.error_code == "RESOURCE_ALREADY_EXISTS":  # shared already (mlflow-login grants again)
+            return
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         # A project made before its logins existed: Descent still records its runs, and
