@@ -189,7 +189,9 @@ class ProjectPublic(BaseModel):
 
 class MlflowLoginPublic(BaseModel):
     username: str
-    password: str = Field(description="Shown this once: MLflow keeps only its hash (reset: python -m api.admin mlflow-login).")
+    password: str = Field(
+        description="Shown this once: MLflow keeps only its hash (a new one: python -m api.admin mlflow-login)."
+    )
 
 
 class ProjectCreated(ProjectPublic):
