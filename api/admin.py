@@ -1,5 +1,6 @@
 """Key administration from a shell on the server, for when there is no admin key yet
-(or it was lost): `python -m api.admin create-key --project default --admin`.
+(or it was lost): `python -m api.admin create-key --project default --admin`; and a
+project's MLflow login, made or reset: `python -m api.admin mlflow-login PROJECT`.
 
 Talks to the database the settings point at (DATABASE_URL), like the API does.
 """
@@ -10,14 +11,42 @@ import argparse
 import sys
 import uuid
 
-from jobs import access
+from mlflow.exceptions import MlflowException
+
+from jobs import access, mlflow_tenancy
 from jobs.db import session_scope
+
+
+def _print_login(login: mlflow_tenancy.MlflowLogin) -> None:
+    print(f"MLflow login of project {login.username.removeprefix(mlflow_tenancy.USERNAME_PREFIX)} "
+          "(shown once; MLflow keeps only its hash):", file=sys.stderr)  # fmt: skip
+    print(f"{login.username} {login.password}")
 
 
 def create_project(args: argparse.Namespace) -> int:
     with session_scope() as session:
         access.create_project(session=session, name=args.name)
-    print(f"project {args.name} created")
+        login = mlflow_tenancy.create_login(args.name)  # before the commit: no project without its login
+    print(f"project {args.name} created", file=sys.stderr if login else sys.stdout)
+    if login:
+        _print_login(login)
+    return 0
+
+
+def mlflow_login(args: argparse.Namespace) -> int:
+    """Make the project's MLflow user, or give it a new password, and share with it every
+    name Descent made for the project (for projects made before MLflow's auth app ran)."""
+    with session_scope() as session:
+        if not access.project_exists(session=session, name=args.project):
+            raise access.UnknownProject(f"project {args.project!r} does not exist")
+        login = mlflow_tenancy.create_login(args.project)
+        if login is None:
+            print("error: MLFLOW_AUTH_ENABLED is off: MLflow has no users to make", file=sys.stderr)
+            return 2
+        shared = mlflow_tenancy.grant_recorded(session, args.project)
+    print(f"{shared} experiments and registered models of project {args.project} shared with {login.username}",
+          file=sys.stderr)  # fmt: skip
+    _print_login(login)
     return 0
 
 
@@ -66,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--label", default=None, help="what the key is for")
     c.add_argument("--create-project", action="store_true", help="create the project if it does not exist")
     c.set_defaults(run=create_key)
+    c = commands.add_parser("mlflow-login", help="make or reset a project's MLflow login; prints it once")
+    c.add_argument("project")
+    c.set_defaults(run=mlflow_login)
     c = commands.add_parser("list-keys", help="list keys (never the keys themselves)")
     c.add_argument("--project", default=None)
     c.set_defaults(run=list_keys)
@@ -79,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, LookupError) as exc:  # a bad project name, an unknown project, an existing one
+    except (ValueError, LookupError, MlflowException) as exc:  # a bad or unknown project name; MLflow unreachable
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

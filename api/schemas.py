@@ -187,6 +187,20 @@ class ProjectPublic(BaseModel):
     created_at: datetime
 
 
+class MlflowLoginPublic(BaseModel):
+    username: str
+    password: str = Field(
+        description="Shown this once: MLflow keeps only its hash (a new one: python -m api.admin mlflow-login)."
+    )
+
+
+class ProjectCreated(ProjectPublic):
+    mlflow_login: MlflowLoginPublic | None = Field(
+        None, description="The project's MLflow user, which reads only the project's experiments and models; "
+        "null where MLflow runs without its auth app.",
+    )
+
+
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 

@@ -69,6 +69,21 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class MlflowName(Base):
+    """A name Descent made in MLflow for a project: an experiment (`<project>/<name>`) or a
+    registered model (`<project>.<study>`). Descent writes only into names recorded here:
+    any MLflow user may create any name, so one that exists in MLflow but not here was made
+    by someone else (jobs/mlflow_tenancy.py moves it out of the project's way)."""
+
+    __tablename__ = "mlflow_names"
+
+    kind: Mapped[str] = mapped_column(String(20), primary_key=True)  # experiment | registered_model
+    name: Mapped[str] = mapped_column(String(300), primary_key=True)  # as MLflow spells it
+    project: Mapped[str] = mapped_column(String(64), ForeignKey("projects.name"), index=True)
+    mlflow_id: Mapped[str] = mapped_column(String(300))  # an experiment's id; a registered model's name
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Study(Base):
     """A comparison: trial jobs sampled from a search space over a base spec (jobs/study_spec.py)."""
 

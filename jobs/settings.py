@@ -27,7 +27,14 @@ class Settings(BaseSettings):
     mlflow_backend_store_uri: str = Field("", description="Store of the MLflow server that `make up` starts.")
     mlflow_artifacts_destination: str = ""
     mlflow_ui_url: str = Field("", description="Base of the run links shown to people.")
-    default_experiment: str = "descent"
+    default_experiment: str = Field(
+        "descent", pattern=r"^[^/]+$", description="A job's experiment when it names none (as `<project>/descent`)."
+    )
+    mlflow_auth_enabled: bool = Field(
+        False,
+        description="MLflow runs its basic-auth app: each project gets an MLflow user that reads only its own "
+        "experiments and models (Descent logs in as MLFLOW_TRACKING_USERNAME, an MLflow admin).",
+    )
     optuna_storage_url: str = Field(
         "", description="Optuna's storage for studies; default: the database (PostgreSQL: schema `optuna`)."
     )

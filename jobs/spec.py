@@ -699,7 +699,10 @@ class JobSpec(SpecModel):
         description="A label for people: letters, digits, space, '_', '-', '.'.",
     )
     experiment: str | None = Field(
-        None, min_length=1, max_length=200, description="MLflow experiment; the server's default when absent."
+        None,
+        min_length=1,
+        max_length=200,
+        description="MLflow experiment, kept as `<project>/<experiment>`; the server's default when absent.",
     )
     dataset: DatasetSpec = Field(default_factory=lambda: DigitsDataset(name="digits"))
     model: ModelSpec = Field(default_factory=lambda: MLPModel(arch="mlp"))
@@ -745,6 +748,13 @@ class JobSpec(SpecModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
+        if self.experiment is not None and "/" in self.experiment:
+            # The server files every experiment under its project; a '/' would read as a path into another's.
+            raise spec_error(
+                "experiment",
+                f"'/' is reserved: the experiment is kept in MLflow as '<project>/{self.experiment}', "
+                "under your project; name it without '/'",
+            )
         if not any(v.kind in self.model.TAKES for v in self.dataset.views):
             views = either([str(v) for v in self.dataset.views])
             raise spec_error(

@@ -207,7 +207,7 @@ class StudySpec(SpecModel):
 
     name: str = Field(
         min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$",
-        description="Also the name the best model is registered under in MLflow.",
+        description="Also the name the best model is registered under in MLflow, as `<project>.<name>`.",
     )  # fmt: skip
     base: dict[str, Any] = Field(default_factory=dict, description="A job spec; the space's values replace its fields.")
     space: dict[Path, Dimension] = Field(default_factory=dict, max_length=20)

@@ -30,7 +30,7 @@ def mlflow_command(s: Settings) -> list[str]:
         "--artifacts-destination", s.mlflow_artifacts_destination,
         "--serve-artifacts",
         "--workers", "1",
-    ]  # fmt: skip
+    ] + (["--app-name", "basic-auth"] if s.mlflow_auth_enabled else [])  # fmt: skip
 
 
 def api_command(s: Settings) -> list[str]:

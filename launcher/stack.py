@@ -36,6 +36,7 @@ def stack_env(s: Settings) -> dict[str, str]:
         "MLFLOW_UI_URL": s.mlflow_ui_url,
         "MLFLOW_BACKEND_STORE_URI": s.mlflow_backend_store_uri,
         "MLFLOW_ARTIFACTS_DESTINATION": s.mlflow_artifacts_destination,
+        "MLFLOW_AUTH_ENABLED": str(s.mlflow_auth_enabled).lower(),
         "API_PORT": str(s.api_port),
         "MLFLOW_PORT": str(s.mlflow_port),
         "LEASE_S": str(s.lease_s),

@@ -16,10 +16,11 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunStatus  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 
+from jobs.db import session_scope  # noqa: E402
+from jobs.mlflow_tenancy import project_experiment_id  # noqa: E402
 from jobs.models import DEFAULT_PROJECT  # noqa: E402
 from jobs.settings import settings  # noqa: E402
 from jobs.spec import JobSpec, UploadedDataset  # noqa: E402
@@ -32,19 +33,6 @@ MAX_PARAMS_PER_BATCH = 100
 MLFLOW_DIGEST_CHARS = 36  # the longest dataset digest MLflow stores
 
 
-def experiment_id_for(client: MlflowClient, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # another worker created it a moment ago
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
-
-
 def open_run(
     client: MlflowClient,
     spec: JobSpec,
@@ -54,7 +42,8 @@ def open_run(
     extra_tags: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """Create the job's run with the spec as dotted params and searchable tags; (experiment_id, run_id)."""
-    experiment_id = experiment_id_for(client, spec.experiment or settings.default_experiment)
+    with session_scope() as session:  # `<project>/<experiment>`, made by Descent for this project only
+        experiment_id = project_experiment_id(client, session, project, spec.experiment or settings.default_experiment)
     tags = {
         "descent.job_id": str(job_id),
         "descent.project": project,

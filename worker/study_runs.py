@@ -4,7 +4,7 @@ moving the study on when one of its trials ends, and its final report.
 The report (written once the study ended, by the worker that ran its last trial or
 else by the reaper) puts on the parent run: the leaderboard as a table, the plots
 people would otherwise make by hand, the range test's reading, and registers the
-best trial's model under the study's name. MLflow down: the study has ended all the
+best trial's model as `<project>.<study>`. MLflow down: the study has ended all the
 same (the leaderboard is in PostgreSQL) and the report waits for a later pass.
 """
 
@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from jobs import studies
 from jobs.db import session_scope
 from jobs.lr_range import analyse
+from jobs.mlflow_tenancy import project_experiment_id, project_registered_model, registered_model_name
 from jobs.models import Job, Study, utcnow
 from jobs.queue import enqueue_job
 from jobs.settings import settings
@@ -34,7 +35,6 @@ from jobs.states import JobStatus, StudyStatus
 from jobs.study_spec import LRRangeTest, StudySpec, describe_values
 from jobs.tracking import metric_history, tracking_client
 from worker import study_plots
-from worker.mlflow_run import experiment_id_for
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def _parent_run(client: MlflowClient, session: Session, study: Study) -> str:
     if study.mlflow_run_id:
         return study.mlflow_run_id
     spec = studies.parse_study(study)
-    experiment_id = experiment_id_for(client, spec.base.get("experiment") or settings.default_experiment)
+    experiment = spec.base.get("experiment") or settings.default_experiment
+    experiment_id = project_experiment_id(client, session, study.project, experiment)
     tags = {"descent.study_id": str(study.id), "descent.kind": "study", "descent.project": study.project}
     run = client.create_run(experiment_id, run_name=f"study {spec.name}", tags=tags)
     params = {
@@ -165,7 +166,7 @@ def write_report(study_id: uuid.UUID) -> bool:
         attempts = int((study.result or {}).get("report_attempts", 0)) + 1
         try:
             parent = _parent_run(client, session, study)
-            report = _report(client, parent, spec, board, trials)
+            report = _report(client, session, study.project, parent, spec, board, trials)
             client.set_terminated(parent, status=RunStatus.to_string(RUN_STATUS_OF_STUDY[StudyStatus(study.status)]))
         except Exception as exc:  # noqa: BLE001 - MLflow down (or a bug): the reaper tries again
             log.warning("study %s: report not written (attempt %d): %s", study_id, attempts, exc)
@@ -180,7 +181,8 @@ def write_report(study_id: uuid.UUID) -> bool:
 
 
 def _report(
-    client: MlflowClient, parent: str, spec: StudySpec, board: dict[str, Any], trials: list[TrialRun]
+    client: MlflowClient, session: Session, project: str, parent: str, spec: StudySpec, board: dict[str, Any],
+    trials: list[TrialRun],
 ) -> dict[str, Any]:
     client.log_dict(parent, board, "leaderboard.json")
     client.log_text(parent, _leaderboard_csv(board), "leaderboard.csv")
@@ -233,18 +235,22 @@ def _report(
         if reading["suggested_lr"]:
             client.log_batch(parent, metrics=[Metric("suggested_lr", reading["suggested_lr"], now, 0)])
     if best is not None and best.get("best_job_id") and not isinstance(spec.search, LRRangeTest):
-        report["registered_model"] = _register_best(client, trials, best["best_job_id"], spec.name)
+        report["registered_model"] = _register_best(client, session, project, trials, best["best_job_id"], spec.name)
     return report
 
 
-def _register_best(client: MlflowClient, trials: list[TrialRun], job_id: str, name: str) -> dict[str, Any] | None:
-    """The best trial's model in the Model Registry under the study's name (a new version
-    each time a study of that name ends)."""
+def _register_best(
+    client: MlflowClient, session: Session, project: str, trials: list[TrialRun], job_id: str, study_name: str
+) -> dict[str, Any] | None:
+    """The best trial's model in the Model Registry as `<project>.<study>` (a new version
+    each time a study of that name ends in the project)."""
     run_id = next((t.run_id for t in trials if str(t.job_id) == job_id), None)
     if run_id is None or not settings.log_model:
         return None
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    name = registered_model_name(project, study_name)
     try:
+        project_registered_model(client, session, project, study_name)
         version = mlflow.register_model(f"runs:/{run_id}/model", name, await_registration_for=60)
     except MlflowException as exc:
         log.warning("could not register the best model of study %s: %s", name, exc)

@@ -10,10 +10,11 @@ import logging
 import uuid
 
 from fastapi import APIRouter, HTTPException, Response, status
+from mlflow.exceptions import MlflowException
 
 from api.deps import AdminDep, SessionDep
-from api.schemas import ADMIN_RESPONSES, BODY_RESPONSES, KeyCreate, KeyCreated, KeyPublic, Problem, ProjectCreate, ProjectPublic
-from jobs import access
+from api.schemas import ADMIN_RESPONSES, BODY_RESPONSES, KeyCreate, KeyCreated, KeyPublic, MlflowLoginPublic, Problem, ProjectCreate, ProjectCreated
+from jobs import access, mlflow_tenancy
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["admin"], responses=ADMIN_RESPONSES)
@@ -22,17 +23,29 @@ router = APIRouter(prefix="/v1", tags=["admin"], responses=ADMIN_RESPONSES)
 @router.post(
     "/projects",
     status_code=status.HTTP_201_CREATED,
-    response_model=ProjectPublic,
-    responses={**BODY_RESPONSES, 409: {"model": Problem, "description": "A project with this name exists."}},
+    response_model=ProjectCreated,
+    responses={
+        **BODY_RESPONSES,
+        409: {"model": Problem, "description": "A project with this name exists."},
+        503: {"model": Problem, "description": "MLflow is unreachable (its auth app makes the project's login)."},
+    },
 )
-def create_project(body: ProjectCreate, session: SessionDep, caller: AdminDep) -> ProjectPublic:
+def create_project(body: ProjectCreate, session: SessionDep, caller: AdminDep) -> ProjectCreated:
+    """A new project and, where MLflow runs its auth app, its MLflow login (shown this once)."""
     try:
         project = access.create_project(session=session, name=body.name)
+        # Before the commit: without its MLflow login, the project is not made either.
+        login = mlflow_tenancy.create_login(project.name)
         session.commit()
     except access.ProjectExists as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    except MlflowException as exc:
+        log.warning("project %s not created: its MLflow login could not be made: %s", body.name, exc)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "MLflow is unreachable; try again shortly",
+                            headers={"Retry-After": "5"}) from exc  # fmt: skip
     log.info("project %s created by key %s", project.name, caller.key_id or "bootstrap")
-    return ProjectPublic(name=project.name, created_at=project.created_at)
+    return ProjectCreated(name=project.name, created_at=project.created_at,
+                          mlflow_login=MlflowLoginPublic(**vars(login)) if login else None)  # fmt: skip
 
 
 @router.post(

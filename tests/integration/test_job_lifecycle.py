@@ -64,7 +64,7 @@ def test_job_trains_to_success_and_metrics_reach_mlflow(stack: Stack) -> None:
     run = stack.mlflow.get_run(job["mlflow"]["run_id"])
     assert run.info.status == "FINISHED"
     assert run.info.experiment_id == job["mlflow"]["experiment_id"]
-    assert stack.mlflow.get_experiment(run.info.experiment_id).name == "integration"
+    assert stack.mlflow.get_experiment(run.info.experiment_id).name == "default/integration"  # <project>/<experiment>
     assert run.data.params["optimizer.name"] == "adam"
     assert run.data.params["optimizer.lr"] == "0.001"
     assert run.data.params["schedule.warmup_steps"] == "50"

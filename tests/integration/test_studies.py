@@ -68,10 +68,10 @@ def test_a_grid_study_runs_to_its_leaderboard_with_nested_runs_and_plots(stack: 
             "plots/objective_vs_lr.png", "plots/lr_schedules.png"} <= artifacts  # fmt: skip
 
     model = study["registered_model"]
-    assert model["name"] == STUDY["name"] and model["version"] is not None
+    assert model["name"] == f"default.{STUDY['name']}" and model["version"] is not None  # `<project>.<study>`
     best_trial = client.get(model["job_id"])
     assert best_trial["study"]["config_id"] == first["config_id"]
-    assert stack.mlflow.get_model_version_by_alias(STUDY["name"], "best").version == model["version"]
+    assert stack.mlflow.get_model_version_by_alias(model["name"], "best").version == model["version"]
 
     env = os.environ | {"DESCENT_URL": str(stack.api.base_url), "DESCENT_API_KEY": ADMIN_KEY, "COLUMNS": "200"}
     shown = subprocess.run([sys.executable, "-m", "descent.cli", "study", "show", study["id"]], env=env,
