@@ -79,16 +79,18 @@ def start_stack(s: Settings, log_dir: Path, workers: int = 1, concurrency: int =
 
 
 def local_api_key(s: Settings) -> str:
-    """The embedded stack's one key: an admin key of the default project, kept in
+    """The embedded stack's one key: a server-admin key (of the default project), kept in
     DESCENT_HOME/api-key (readable by its owner only) and reused while it is valid."""
     path = s.descent_home.resolve() / "api-key"
     with Session(get_engine(s.database_url)) as session, session.begin():
         if path.exists():
             key = path.read_text().strip()
-            if access.authenticate(session=session, presented=key):
+            caller = access.authenticate(session=session, presented=key)
+            if caller is not None and caller.server_admin:  # keys made before server admins existed: replaced
                 return key
         access.ensure_project(session=session, name=DEFAULT_PROJECT)
-        _, key = access.create_key(session=session, project=DEFAULT_PROJECT, admin=True, label="local (make up)")
+        _, key = access.create_key(session=session, project=DEFAULT_PROJECT, server_admin=True,
+                                   label="local (make up)")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
     path.write_text(key + "\n")
