@@ -15,7 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 # Values that documentation shows: a key or password equal to one of them is refused.
-EXAMPLE_SECRETS = frozenset({"change-me", "change-me-too", "change-me-three", "changethis", "secret", "password"})
+EXAMPLE_SECRETS = frozenset(
+    {"change-me", "change-me-too", "change-me-three", "change-me-four", "changethis", "secret", "password"}
+)
 BOOTSTRAP_KEY_MIN_LENGTH = 32
 BOOTSTRAP_KEY_MIN_DISTINCT = 8  # 32 random hex digits have fewer than 8 distinct ones about once in 10^7
 
