@@ -44,6 +44,13 @@ def stack_env(s: Settings) -> dict[str, str]:
         "CHECKPOINT_MIN_INTERVAL_S": str(s.checkpoint_min_interval_s),
         "PROGRESS_INTERVAL_S": str(s.progress_interval_s),
         "WORKER_METRICS_PORT": str(s.worker_metrics_port),  # one worker per port: further workers serve none
+        "WORKER_METRICS_HOST": s.worker_metrics_host,
+        "DATABASE_POOL_SIZE": str(s.database_pool_size),
+        "DATABASE_POOL_TIMEOUT_S": str(s.database_pool_timeout_s),
+        "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_S": str(s.database_idle_in_transaction_timeout_s),
+        "MAX_STREAMS_PER_KEY": str(s.max_streams_per_key),
+        "AUTH_FAILURE_LIMIT": str(s.auth_failure_limit),
+        "AUTH_FAILURE_WINDOW_S": str(s.auth_failure_window_s),
         "SYSTEM_METRICS_INTERVAL_S": str(s.system_metrics_interval_s),
         "PYTHONUNBUFFERED": "1",
         # MLflow's server-side job runner (GenAI evaluation, trace roll-ups) is not used
