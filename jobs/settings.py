@@ -35,7 +35,8 @@ def bootstrap_key_problem(key: str) -> str | None:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore")
+    # A refused value is not repeated in the error: it may be a key or a password.
+    model_config = SettingsConfigDict(extra="ignore", hide_input_in_errors=True)
 
     descent_home: Path = Field(Path(".descent"), description="Where the embedded stores live.")
     database_url: str = ""

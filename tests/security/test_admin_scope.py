@@ -38,7 +38,7 @@ def test_a_project_admin_cannot_administer_other_projects(stack, make_tenant) ->
     assert alpha.api.post(f"/v1/projects/{alpha.project}/keys", json={"admin": True}).status_code == 201
     assert {k["id"] for k in alpha.api.get(f"/v1/projects/{alpha.project}/keys").json()} >= {own.json()["id"]}
     assert alpha.api.delete(f"/v1/keys/{own.json()['id']}").status_code == 204
-    refused = httpx.get(f"{stack.api.base_url}v1/jobs", headers={"Authorization": f"Bearer {own.json()['key']}"})
+    refused = httpx.get(str(stack.api.base_url.join("/v1/jobs")), headers={"Authorization": f"Bearer {own.json()['key']}"})
     assert refused.status_code == 401
 
 
