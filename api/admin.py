@@ -1,5 +1,5 @@
 """Key administration from a shell on the server, for when there is no admin key yet
-(or it was lost): `python -m api.admin create-key --project default --admin`; and a
+(or it was lost): `python -m api.admin create-key --project default --server-admin`; and a
 project's MLflow login, made or reset: `python -m api.admin mlflow-login PROJECT`.
 
 Talks to the database the settings point at (DATABASE_URL), like the API does.
@@ -54,9 +54,10 @@ def create_key(args: argparse.Namespace) -> int:
     with session_scope() as session:
         if args.create_project:
             access.ensure_project(session=session, name=args.project)
-        row, key = access.create_key(session=session, project=args.project, admin=args.admin, label=args.label)
+        row, key = access.create_key(session=session, project=args.project, admin=args.admin,
+                                     server_admin=args.server_admin, label=args.label)  # fmt: skip
         key_id = row.id
-    kind = "admin key" if args.admin else "key"
+    kind = "server-admin key" if args.server_admin else "admin key" if args.admin else "key"
     print(f"{kind} {key_id} of project {args.project} (shown once; only its hash is kept):", file=sys.stderr)
     print(key)
     return 0
@@ -65,10 +66,11 @@ def create_key(args: argparse.Namespace) -> int:
 def list_keys(args: argparse.Namespace) -> int:
     with session_scope() as session:
         rows = access.list_keys(session=session, project=args.project)
-        print(f"{'id':<36}  {'project':<16} {'prefix':<12} {'admin':<5}  {'created':<20} {'revoked':<20} label")
+        print(f"{'id':<36}  {'project':<16} {'prefix':<12} {'admin':<7}  {'created':<20} {'revoked':<20} label")
         for row in rows:
             revoked = f"{row.revoked_at:%Y-%m-%d %H:%M:%S}" if row.revoked_at else "-"
-            print(f"{row.id!s:<36}  {row.project:<16} {row.prefix:<12} {'yes' if row.admin else 'no':<5}  "
+            admin = "server" if row.server_admin else "project" if row.admin else "no"
+            print(f"{row.id!s:<36}  {row.project:<16} {row.prefix:<12} {admin:<7}  "
                   f"{row.created_at:%Y-%m-%d %H:%M:%S}  {revoked:<20} {row.label or ''}")  # fmt: skip
     return 0
 
@@ -91,7 +93,9 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(run=create_project)
     c = commands.add_parser("create-key", help="create a key; prints it once, on stdout")
     c.add_argument("--project", default="default")
-    c.add_argument("--admin", action="store_true", help="the key can create projects and keys and revoke keys")
+    c.add_argument("--admin", action="store_true", help="the key manages its own project's keys")
+    c.add_argument("--server-admin", action="store_true",
+                   help="the key creates projects and manages every project's keys (an admin key too)")
     c.add_argument("--label", default=None, help="what the key is for")
     c.add_argument("--create-project", action="store_true", help="create the project if it does not exist")
     c.set_defaults(run=create_key)

@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from api import admission
 from jobs.access import Caller, authenticate
 from jobs.db import session_factory
 
@@ -39,29 +40,55 @@ bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: B
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
+def too_many_requests(refused: admission.Refused) -> HTTPException:
+    return HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, str(refused), {"Retry-After": str(refused.retry_after_s)})
+
+
 def current_caller(
-    request: Request, session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Caller:
-    """The caller behind the request's API key; 401 without a valid one. The key itself
-    is never logged: only where the request came from and what was wrong."""
+    """The caller behind the request's API key; 401 without a valid one, 429 for an address
+    that sent too many invalid ones. The key itself is never logged: only where the request
+    came from and what was wrong.
+
+    The key is looked up in a session of its own, closed before the route runs: a yield
+    dependency's session lives until the response has been sent, which for an event
+    stream is its whole life, and auth must not pin a pooled connection that long."""
     where = request.client.host if request.client else "?"
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
         log.info("refused %s %s from %s: no API key", request.method, request.url.path, where)
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "an API key is required: send 'Authorization: Bearer <key>'", CHALLENGE
         )
-    caller = authenticate(session=session, presented=credentials.credentials)
+    try:
+        admission.check_not_blocked(where)
+    except admission.Refused as refused:
+        raise too_many_requests(refused) from None
+    with session_factory()() as session:
+        caller = authenticate(session=session, presented=credentials.credentials)
     if caller is None:
         log.warning("refused %s %s from %s: unknown or revoked API key", request.method, request.url.path, where)
+        try:
+            admission.count_failure(where)
+        except admission.Refused as refused:
+            raise too_many_requests(refused) from None
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "the API key is not valid (unknown or revoked)", CHALLENGE)
     return caller
 
 
 def admin_caller(caller: Annotated[Caller, Depends(current_caller)]) -> Caller:
+    """An admin key: of its own project (the route checks which project it is about), or of the server."""
     if not caller.admin:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs an admin API key")
     return caller
 
 
+def server_admin_caller(caller: Annotated[Caller, Depends(current_caller)]) -> Caller:
+    if not caller.server_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs a server-admin API key")
+    return caller
+
+
 CallerDep = Annotated[Caller, Depends(current_caller)]
 AdminDep = Annotated[Caller, Depends(admin_caller)]
+ServerAdminDep = Annotated[Caller, Depends(server_admin_caller)]

@@ -84,6 +84,15 @@ async def database_unavailable_handler(_request: Request, exc: Exception) -> JSO
     )
 
 
+async def database_busy_handler(_request: Request, _exc: Exception) -> JSONResponse:
+    log.error("no database connection free within DATABASE_POOL_TIMEOUT_S")
+    return JSONResponse(
+        status_code=503,
+        headers={"Retry-After": "5"},
+        content={"detail": "the server is busy (every database connection is in use); try again shortly"},
+    )
+
+
 def _leaf_routes(routes: list) -> Iterator:
     """Every route, looking inside included routers (FastAPI nests them)."""
     for route in routes:

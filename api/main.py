@@ -7,9 +7,10 @@ import logging
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.errors import database_unavailable_handler, http_error_handler, validation_error_handler
+from api.errors import database_busy_handler, database_unavailable_handler, http_error_handler, validation_error_handler
 from api.routes import datasets, events, jobs, meta, operator, projects, studies
 from jobs.settings import settings
 
@@ -26,6 +27,8 @@ app.add_exception_handler(StarletteHTTPException, http_error_handler)
 # The database unreachable: a 503 that says so (the pool reconnects by itself when it returns).
 app.add_exception_handler(OperationalError, database_unavailable_handler)
 app.add_exception_handler(InterfaceError, database_unavailable_handler)
+# Every pooled connection busy for DATABASE_POOL_TIMEOUT_S: a 503 with Retry-After, not a 500.
+app.add_exception_handler(PoolTimeoutError, database_busy_handler)
 app.include_router(jobs.router)
 app.include_router(events.router)
 app.include_router(meta.router)

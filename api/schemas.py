@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.access import PROJECT_NAME, PROJECT_NAME_RULE
 from jobs.models import ApiKey, Dataset, Job, Study
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, NulFreeStr
 from jobs.states import JobStatus, StudyStatus
 from jobs.study_spec import StudySpec
 from jobs.tracking import run_url
@@ -162,11 +162,13 @@ class Problem(BaseModel):
 
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": Problem, "description": "No API key, or one that is unknown or revoked."}
+    401: {"model": Problem, "description": "No API key, or one that is unknown or revoked."},
+    429: {"model": Problem, "description": "Too many requests with an invalid key from this address (Retry-After)."},
 }
 ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     **AUTH_RESPONSES,
-    403: {"model": Problem, "description": "The API key is not an admin key."},
+    403: {"model": Problem, "description": "The API key does not administer this (not an admin key, an admin "
+          "key of another project, or a project admin where a server admin is needed)."},
 }
 
 # Every route that reads a body: unreadable JSON, and bodies over MAX_REQUEST_BYTES.
@@ -204,8 +206,12 @@ class ProjectCreated(ProjectPublic):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    admin: bool = Field(False, description="An admin key also creates projects and keys and revokes keys.")
-    label: str | None = Field(None, max_length=200, description="What the key is for, shown in listings.")
+    admin: bool = Field(False, description="An admin key also manages its project's keys.")
+    server_admin: bool = Field(
+        False, description="A server-admin key creates projects and manages every project's keys; "
+        "only a server-admin key may make one."
+    )
+    label: NulFreeStr | None = Field(None, max_length=200, description="What the key is for, shown in listings.")
 
 
 class KeyPublic(BaseModel):
@@ -216,13 +222,14 @@ class KeyPublic(BaseModel):
     prefix: str
     label: str | None
     admin: bool
+    server_admin: bool
     created_at: datetime
     revoked_at: datetime | None
 
     @classmethod
     def from_row(cls, row: ApiKey) -> KeyPublic:
         return cls(id=row.id, project=row.project, prefix=row.prefix, label=row.label, admin=row.admin,
-                   created_at=row.created_at, revoked_at=row.revoked_at)  # fmt: skip
+                   server_admin=row.server_admin, created_at=row.created_at, revoked_at=row.revoked_at)  # fmt: skip
 
 
 class KeyCreated(KeyPublic):

@@ -3,8 +3,13 @@
 A key is `dsk_` + 32 random bytes (URL-safe base64). Only its SHA-256 is stored:
 a key that random needs no slow hash, and a fast one lets every request find its
 key by an index lookup. The presented key's digest is compared in constant time.
-DESCENT_BOOTSTRAP_KEY, when set, is an admin key of the default project that
-lives only in the environment: the way the first key reaches a fresh deployment.
+DESCENT_BOOTSTRAP_KEY, when set, is a server-admin key (of the default project)
+that lives only in the environment: the way the first key reaches a fresh deployment.
+
+Who administers what (as Kubernetes separates cluster-admin from a namespace's admin,
+and Determined a cluster admin from a workspace admin): a project admin manages its own
+project's keys; a server admin creates projects and manages every project's keys. No
+key reaches another project's jobs, studies or datasets, whatever its kind.
 """
 
 from __future__ import annotations
@@ -30,11 +35,15 @@ PROJECT_NAME_RULE = "1-64 characters: lower-case letters, digits, '-' and '_', s
 
 @dataclass(frozen=True)
 class Caller:
-    """Who made a request: the project whose objects they may see, and whether they administer keys."""
+    """Who made a request: the project whose objects they may see, and what they administer."""
 
     project: str
-    admin: bool
+    admin: bool  # manages its own project's keys
     key_id: uuid.UUID | None  # None for the bootstrap key
+    server_admin: bool = False  # creates projects, manages every project's keys
+
+    def administers(self, project: str) -> bool:
+        return self.server_admin or (self.admin and self.project == project)
 
 
 class ProjectExists(ValueError):
@@ -60,13 +69,13 @@ def authenticate(*, session: Session, presented: str) -> Caller | None:
     digest = key_digest(presented)
     bootstrap = _bootstrap_digest(settings.bootstrap_key.get_secret_value() if settings.bootstrap_key else "")
     if bootstrap and hmac.compare_digest(digest, bootstrap):
-        return Caller(project=DEFAULT_PROJECT, admin=True, key_id=None)
+        return Caller(project=DEFAULT_PROJECT, admin=True, key_id=None, server_admin=True)
     row = session.scalar(select(ApiKey).where(ApiKey.key_sha256 == digest))
     # The index found the row by its digest; compare again in constant time, so that
     # no timing difference depends on how much of a guessed key was right.
     if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_sha256, digest):
         return None
-    return Caller(project=row.project, admin=row.admin, key_id=row.id)
+    return Caller(project=row.project, admin=row.admin, key_id=row.id, server_admin=row.server_admin)
 
 
 def create_project(*, session: Session, name: str) -> Project:
@@ -88,17 +97,25 @@ def ensure_project(*, session: Session, name: str) -> Project:
     return session.get(Project, name) or create_project(session=session, name=name)
 
 
-def create_key(*, session: Session, project: str, admin: bool = False, label: str | None = None) -> tuple[ApiKey, str]:
-    """(row, the key itself): the caller shows the key once; only its digest is kept."""
+def create_key(
+    *, session: Session, project: str, admin: bool = False, server_admin: bool = False, label: str | None = None
+) -> tuple[ApiKey, str]:
+    """(row, the key itself): the caller shows the key once; only its digest is kept.
+    A server-admin key is an admin key too."""
     if session.get(Project, project) is None:
         raise UnknownProject(f"project {project!r} does not exist")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(
-        project=project, key_sha256=key_digest(key), prefix=key[:12], label=label, admin=admin, created_at=utcnow()
+        project=project, key_sha256=key_digest(key), prefix=key[:12], label=label, admin=admin or server_admin,
+        server_admin=server_admin, created_at=utcnow(),
     )
     session.add(row)
     session.flush()
     return row, key
+
+
+def get_key(*, session: Session, key_id: uuid.UUID) -> ApiKey | None:
+    return session.get(ApiKey, key_id)
 
 
 def revoke_key(*, session: Session, key_id: uuid.UUID) -> ApiKey | None:

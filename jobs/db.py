@@ -8,6 +8,7 @@ from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import QueuePool
 
 from jobs.settings import settings
 
@@ -29,7 +30,29 @@ def get_engine(url: str | None = None) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    connect_args = {}
+    if settings.database_idle_in_transaction_timeout_s > 0:
+        # Enforced by the server, whatever the client does: a session left idle inside a
+        # transaction (a request that hung, a stream that held its session) is ended, and
+        # its connection and locks come back, instead of starving everyone else.
+        timeout_ms = int(settings.database_idle_in_transaction_timeout_s * 1000)
+        connect_args["options"] = f"-c idle_in_transaction_session_timeout={timeout_ms}"
+    return create_engine(
+        url,
+        connect_args=connect_args,
+        pool_pre_ping=True,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_size,  # as many again in a burst, closed when it is over
+        pool_timeout=settings.database_pool_timeout_s,
+    )
+
+
+def pool_exhausted() -> bool:
+    """Every connection this process may open is checked out: the next request would wait."""
+    pool = get_engine().pool
+    if not isinstance(pool, QueuePool):
+        return False
+    return pool.checkedout() >= pool.size() + settings.database_pool_size
 
 
 def session_factory() -> sessionmaker[Session]:

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text, TypeDecorator, Uuid, false, text
+from sqlalchemy import JSON, BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Text, TypeDecorator, Uuid, false, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -55,9 +55,14 @@ class Project(Base):
 
 
 class ApiKey(Base):
-    """An API key, kept as its SHA-256 only: the key itself is shown once, at creation."""
+    """An API key, kept as its SHA-256 only: the key itself is shown once, at creation.
+
+    Three kinds: a plain key works in its project; an admin key (`admin`) also manages its
+    own project's keys; a server-admin key (`server_admin`, always an admin key too) creates
+    projects and manages every project's keys, and reads the server's /metrics."""
 
     __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint("admin OR NOT server_admin", name="server_admin_is_admin"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     project: Mapped[str] = mapped_column(String(64), ForeignKey("projects.name"), index=True)
@@ -65,6 +70,7 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))  # enough to tell keys apart in a listing
     label: Mapped[str | None] = mapped_column(String(200))
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    server_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 

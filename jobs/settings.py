@@ -10,12 +10,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+# Values that documentation shows: a key or password equal to one of them is refused.
+EXAMPLE_SECRETS = frozenset(
+    {"change-me", "change-me-too", "change-me-three", "change-me-four", "changethis", "secret", "password"}
+)
+BOOTSTRAP_KEY_MIN_LENGTH = 32
+BOOTSTRAP_KEY_MIN_DISTINCT = 8  # 32 random hex digits have fewer than 8 distinct ones about once in 10^7
+
+
+def bootstrap_key_problem(key: str) -> str | None:
+    """Why this string cannot be the bootstrap key (it is a server-admin key, so it must be
+    unguessable), or None. A rule that refuses the obvious: short, repetitive, an example."""
+    if key.lower() in EXAMPLE_SECRETS:
+        return "is an example value"
+    if len(key) < BOOTSTRAP_KEY_MIN_LENGTH:
+        return f"must be at least {BOOTSTRAP_KEY_MIN_LENGTH} random characters (it has {len(key)})"
+    if len(set(key)) < BOOTSTRAP_KEY_MIN_DISTINCT:
+        return f"is too repetitive to be random (fewer than {BOOTSTRAP_KEY_MIN_DISTINCT} different characters)"
+    return None
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore")
+    # A refused value is not repeated in the error: it may be a key or a password.
+    model_config = SettingsConfigDict(extra="ignore", hide_input_in_errors=True)
 
     descent_home: Path = Field(Path(".descent"), description="Where the embedded stores live.")
     database_url: str = ""
@@ -41,11 +62,29 @@ class Settings(BaseSettings):
     events_url: str = Field(
         "", description="Redis for live job events (SSE); default: the broker when it is Redis, else none."
     )
-    # Operator access: when set, this value is an admin API key of the `default` project
-    # (how the first key reaches a fresh deployment). Never logged.
+    # Operator access: when set, this value is a server-admin API key (how the first key
+    # reaches a fresh deployment). Never logged. Empty = none.
     bootstrap_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("DESCENT_BOOTSTRAP_KEY", "bootstrap_key"), repr=False
     )
+
+    # Admission: what one caller may hold at once, and how often a client may present bad keys.
+    database_pool_size: int = Field(
+        5, ge=1, description="PostgreSQL connections each API or worker process keeps (twice as many in a burst)."
+    )
+    database_pool_timeout_s: float = Field(
+        10.0, gt=0, description="How long a request waits for a pooled connection before a 503."
+    )
+    database_idle_in_transaction_timeout_s: float = Field(
+        60.0, ge=0, description="PostgreSQL ends a session idle inside a transaction this long (0 = never)."
+    )
+    max_streams_per_key: int = Field(
+        10, ge=1, description="Event streams one API key may hold open at once, across API processes."
+    )
+    auth_failure_limit: int = Field(
+        20, ge=1, description="Requests with an invalid key one client address may make per window; then 429."
+    )
+    auth_failure_window_s: float = Field(60.0, gt=0, description="The window of AUTH_FAILURE_LIMIT.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies are refused with 413.")
     max_upload_bytes: int = Field(100_000_000, ge=1024, description="Larger dataset files are refused with 413.")
 
@@ -94,7 +133,9 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(
         0, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (one port per worker); 0 = off."
     )
-    worker_metrics_host: str = Field("0.0.0.0", description="Address the worker's /metrics listens on.")
+    worker_metrics_host: str = Field(
+        "127.0.0.1", description="Address the worker's /metrics listens on (0.0.0.0: every interface)."
+    )
     system_metrics_interval_s: float = Field(
         10.0, ge=0, description="How often a job samples CPU, memory and GPU into its MLflow run; 0 = off."
     )
@@ -106,6 +147,16 @@ class Settings(BaseSettings):
     checkpoint_min_interval_s: float = Field(
         5.0, ge=0, description="Take an offered checkpoint only if the last one is at least this old."
     )
+
+    @field_validator("bootstrap_key")
+    @classmethod
+    def _bootstrap_key_is_random(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None  # empty: no bootstrap key (compose passes an unset variable as "")
+        problem = bootstrap_key_problem(value.get_secret_value())
+        if problem:
+            raise ValueError(f"DESCENT_BOOTSTRAP_KEY {problem}; make one with `openssl rand -hex 32`")
+        return value
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:

@@ -16,7 +16,7 @@ import math
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
 from jobs.shapes import DataShape, ImageShape, SequenceShape, ShapeKind, TabularShape, either
@@ -31,6 +31,17 @@ class SpecModel(BaseModel):
 def spec_error(field: str, message: str) -> PydanticCustomError:
     """A cross-field error that still names the field it is about (the API reads ctx.field)."""
     return PydanticCustomError("spec_inconsistent", "{message}", {"field": field, "message": message})
+
+
+def refuse_nul(value: str) -> str:
+    """PostgreSQL cannot store U+0000 in text or JSONB: refused here, named, as a 422."""
+    if "\x00" in value:
+        raise PydanticCustomError("string_nul", "must not contain a NUL character (\\u0000)")
+    return value
+
+
+# Free text that is stored (in PostgreSQL, in MLflow): any string but one holding a NUL.
+NulFreeStr = Annotated[str, AfterValidator(refuse_nul)]
 
 
 def members_by_tag(union: Any, tag: str) -> dict[str, type[SpecModel]]:
@@ -242,7 +253,7 @@ class UploadedDataset(SpecModel):
     )
     val_fraction: ValFraction = 0.2
     # Filled in by the server at submission:
-    name: str = Field("", max_length=200, description="The upload's name.")
+    name: NulFreeStr = Field("", max_length=200, description="The upload's name.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the uploaded file.")
     n_samples: int = Field(ge=2, description="Rows, one sample each.")
     n_classes: int = Field(ge=2, description="Number of classes (their names are the dataset's).")
@@ -698,7 +709,7 @@ class JobSpec(SpecModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$",
         description="A label for people: letters, digits, space, '_', '-', '.'.",
     )
-    experiment: str | None = Field(
+    experiment: NulFreeStr | None = Field(
         None,
         min_length=1,
         max_length=200,

@@ -56,7 +56,7 @@ def main() -> int:
     group = start_stack(settings, log_dir)
     try:
         key = local_api_key(settings)
-        print(f"  API key (admin, project 'default'): {key}")
+        print(f"  API key (server admin): {key}")
         headers = {"Authorization": f"Bearer {key}"}
         with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30, headers=headers) as client:
             ids = []

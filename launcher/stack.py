@@ -45,6 +45,13 @@ def stack_env(s: Settings) -> dict[str, str]:
         "CHECKPOINT_MIN_INTERVAL_S": str(s.checkpoint_min_interval_s),
         "PROGRESS_INTERVAL_S": str(s.progress_interval_s),
         "WORKER_METRICS_PORT": str(s.worker_metrics_port),  # one worker per port: further workers serve none
+        "WORKER_METRICS_HOST": s.worker_metrics_host,
+        "DATABASE_POOL_SIZE": str(s.database_pool_size),
+        "DATABASE_POOL_TIMEOUT_S": str(s.database_pool_timeout_s),
+        "DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_S": str(s.database_idle_in_transaction_timeout_s),
+        "MAX_STREAMS_PER_KEY": str(s.max_streams_per_key),
+        "AUTH_FAILURE_LIMIT": str(s.auth_failure_limit),
+        "AUTH_FAILURE_WINDOW_S": str(s.auth_failure_window_s),
         "SYSTEM_METRICS_INTERVAL_S": str(s.system_metrics_interval_s),
         "PYTHONUNBUFFERED": "1",
         # MLflow's server-side job runner (GenAI evaluation, trace roll-ups) is not used
@@ -80,16 +87,18 @@ def start_stack(s: Settings, log_dir: Path, workers: int = 1, concurrency: int =
 
 
 def local_api_key(s: Settings) -> str:
-    """The embedded stack's one key: an admin key of the default project, kept in
+    """The embedded stack's one key: a server-admin key (of the default project), kept in
     DESCENT_HOME/api-key (readable by its owner only) and reused while it is valid."""
     path = s.descent_home.resolve() / "api-key"
     with Session(get_engine(s.database_url)) as session, session.begin():
         if path.exists():
             key = path.read_text().strip()
-            if access.authenticate(session=session, presented=key):
+            caller = access.authenticate(session=session, presented=key)
+            if caller is not None and caller.server_admin:  # keys made before server admins existed: replaced
                 return key
         access.ensure_project(session=session, name=DEFAULT_PROJECT)
-        _, key = access.create_key(session=session, project=DEFAULT_PROJECT, admin=True, label="local (make up)")
+        _, key = access.create_key(session=session, project=DEFAULT_PROJECT, server_admin=True,
+                                   label="local (make up)")  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
     path.write_text(key + "\n")

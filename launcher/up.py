@@ -16,7 +16,7 @@ def main() -> None:
     api = f"http://127.0.0.1:{settings.api_port}"
     key = local_api_key(settings)
     print(f"\n  API        {api}   (docs: {api}/docs)")
-    print(f"  API key    {key}   (admin, project 'default'; also in {settings.descent_home.resolve() / 'api-key'})")
+    print(f"  API key    {key}   (server admin; also in {settings.descent_home.resolve() / 'api-key'})")
     print(f"             curl -H 'Authorization: Bearer {key}' {api}/v1/jobs")
     print(f"  MLflow UI  {settings.mlflow_ui_url}")
     print(f"  logs       {log_dir}/\n\nCtrl-C stops everything.", flush=True)

@@ -17,6 +17,7 @@ from api.schemas import AUTH_RESPONSES, DatasetPublic, DatasetsPublic, Problem
 from jobs import dataset_store, repository
 from jobs.models import Dataset
 from jobs.settings import settings
+from jobs.spec import NulFreeStr
 from jobs.upload_sandbox import parse_in_child
 from jobs.uploads import ACCEPTED, UploadRejected, receive_file
 
@@ -61,10 +62,10 @@ def upload_dataset(
     response: Response,
     file: Annotated[UploadFile, File(description=f"The data: {ACCEPTED}.")],
     label: Annotated[
-        str | None, Form(min_length=1, max_length=200, description="The label column (CSV, Parquet).")
+        NulFreeStr | None, Form(min_length=1, max_length=200, description="The label column (CSV, Parquet).")
     ] = None,
     name: Annotated[
-        str | None, Form(min_length=1, max_length=200, description="A name for people; default: the file's name.")
+        NulFreeStr | None, Form(min_length=1, max_length=200, description="A name for people; default: the file's name.")
     ] = None,
 ) -> DatasetPublic | JSONResponse:
     """Upload a dataset to the caller's project. It is checked and normalised before
@@ -77,7 +78,8 @@ def upload_dataset(
         if exc.status == 422:
             return unprocessable([problem("body", exc.field, exc.message, "dataset_invalid")])
         raise HTTPException(exc.status, exc.message) from exc
-    display_name = name or (file.filename or "").rsplit("/", 1)[-1][:200] or "dataset"
+    # A file name is the client's too: without its NULs (PostgreSQL cannot store them).
+    display_name = name or (file.filename or "").replace("\x00", "").rsplit("/", 1)[-1][:200] or "dataset"
 
     def create() -> tuple[Dataset, bool]:
         return dataset_store.create_dataset(

@@ -12,6 +12,11 @@ lost while Redis was down.
 Without Redis (the embedded SQLite broker) the job's row is read once a second and
 its changes are sent; ids are then not resumable and a reconnect starts over with a
 snapshot (as does a Last-Event-ID that is not one of the stream's ids).
+
+A stream holds no database connection between reads: the key is checked and the
+job loaded in short sessions of their own (api/deps.py), and each later look at the
+job opens and closes one. Each key may hold MAX_STREAMS_PER_KEY streams at once
+(api/admission.py); one more is a 429 with Retry-After.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
 
+import anyio
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Header, HTTPException, status
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CallerDep
+from api.admission import Refused, StreamSlot, acquire_stream_slot
+from api.deps import CallerDep, too_many_requests
 from api.schemas import AUTH_RESPONSES, JobPublic, Problem
 from jobs import repository
 from jobs.access import Caller
@@ -39,6 +46,10 @@ from jobs.settings import settings
 from jobs.states import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTH_RESPONSES)
+STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    429: {"model": Problem, "description": "The key already holds MAX_STREAMS_PER_KEY open streams, or this "
+          "address sent too many invalid keys (Retry-After)."}
+}
 
 KEEPALIVE_S = 15.0
 POLL_WITHOUT_REDIS_S = 1.0
@@ -126,8 +137,12 @@ async def _from_database(caller: Caller, job: JobPublic) -> AsyncIterator[bytes]
     """No Redis: the job's row, looked at once a second; an event whenever it changed."""
     yield sse("snapshot", job.model_dump(mode="json"))
     last_status, last_step = job.status, job.progress.step
+    polls = 0
     while job.status not in TERMINAL:
         await asyncio.sleep(POLL_WITHOUT_REDIS_S)
+        polls += 1
+        if polls % int(KEEPALIVE_S / POLL_WITHOUT_REDIS_S) == 0:
+            yield b": keep-alive\n\n"
         current = await run_in_threadpool(_read_job, caller, str(job.id))
         if current is None:
             return
@@ -146,6 +161,7 @@ async def _from_database(caller: Caller, job: JobPublic) -> AsyncIterator[bytes]
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "snapshot, then state and progress events"},
         404: {"model": Problem, "description": "No job with this id in the caller's project."},
+        **STREAM_RESPONSES,
     },
 )
 async def job_events(
@@ -168,9 +184,32 @@ async def job_events(
     followed = Followed(stream_key(job.id), partial(_read_job, caller, str(job.id)),
                         lambda j: j.status in TERMINAL, _final_state)  # fmt: skip
     stream = follow_stream(followed, last_event_id) if events_enabled() else _from_database(caller, job)
+    return await event_stream_response(caller, stream)
+
+
+async def event_stream_response(caller: Caller, stream: AsyncIterator[bytes]) -> StreamingResponse:
+    """The stream as an SSE response, holding one of the key's stream slots while it runs;
+    429 when the key holds all of them."""
+    try:
+        slot = await run_in_threadpool(acquire_stream_slot, caller)
+    except Refused as refused:
+        raise too_many_requests(refused) from None
     return StreamingResponse(
-        stream,
+        _holding(slot, stream),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},  # nginx: do not buffer
     )
+
+
+async def _holding(slot: StreamSlot, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in stream:
+            slot.renew_if_due()  # at least every KEEPALIVE_S something passes here
+            yield chunk
+    finally:
+        # Released first and synchronously: a client that went away cancels this task,
+        # and under cancellation every await here would be interrupted.
+        slot.release()
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()  # type: ignore[attr-defined]
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from api.deps import current_caller
 from api.schemas import AUTH_RESPONSES, Catalog, Readiness
 from jobs.catalog import build_catalog
-from jobs.db import ping_database
+from jobs.db import ping_database, pool_exhausted
 from jobs.queue import ping_broker
 
 router = APIRouter()
@@ -35,9 +35,14 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", tags=["health"], response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz() -> Readiness | JSONResponse:
-    """The database and the broker are reachable."""
+    """The database and the broker are reachable, and this process has a database
+    connection free (with every pooled one checked out, requests would queue: a load
+    balancer should send them elsewhere)."""
     checks = {}
     for name, ping in (("database", ping_database), ("broker", ping_broker)):
+        if name == "database" and pool_exhausted():
+            checks[name] = "busy: every pooled connection is in use"  # and pinging would queue too
+            continue
         try:
             ping()
             checks[name] = "ok"

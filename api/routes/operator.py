@@ -3,8 +3,9 @@ long submissions take. Read at scrape time from PostgreSQL and the broker (one
 GROUP BY and one queue declare per scrape), so every API replica reports the same
 numbers and none keeps counters that a restart would reset.
 
-Open, like /healthz: it holds counts, never ids, names or specs; keep it off the
-public network with the reverse proxy if even counts are private.
+Behind a server-admin key (as the Kubernetes API server's /metrics is behind RBAC): it
+counts every project's work, and the API port is public. Prometheus sends the key as a
+bearer token (deploy/prometheus.yml).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from api.deps import server_admin_caller
+from api.schemas import ADMIN_RESPONSES
 from jobs.db import session_scope
 from jobs.models import Job, Study
 from jobs.queue import queue_depth
@@ -66,7 +69,12 @@ class JobStateCollector(Collector):
 registry.register(JobStateCollector())
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[Depends(server_admin_caller)],
+    responses={200: {"content": {"text/plain": {}}}, **ADMIN_RESPONSES},
+)
 def metrics() -> Response:
-    """Prometheus text format."""
+    """Prometheus text format; needs a server-admin key."""
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,6 +1,9 @@
 """Admin routes: projects and their API keys. Every one needs an admin key.
 
-Admin keys administer the whole server (that is what the first key is for); the
+A project admin (an admin key) manages its own project's keys; a server admin (the
+bootstrap key, keys made with `api.admin create-key --server-admin` or by another server
+admin) creates projects and manages every project's keys. Another project's keys are a
+403 to a project admin, a key id of another project a 404 (as if it did not exist). The
 jobs an admin submits still belong to the admin key's own project.
 """
 
@@ -12,12 +15,33 @@ import uuid
 from fastapi import APIRouter, HTTPException, Response, status
 from mlflow.exceptions import MlflowException
 
-from api.deps import AdminDep, SessionDep
-from api.schemas import ADMIN_RESPONSES, BODY_RESPONSES, KeyCreate, KeyCreated, KeyPublic, MlflowLoginPublic, Problem, ProjectCreate, ProjectCreated
+from api.deps import AdminDep, ServerAdminDep, SessionDep
+from api.schemas import (
+    ADMIN_RESPONSES,
+    BODY_RESPONSES,
+    KeyCreate,
+    KeyCreated,
+    KeyPublic,
+    MlflowLoginPublic,
+    Problem,
+    ProjectCreate,
+    ProjectCreated,
+)
 from jobs import access, mlflow_tenancy
+from jobs.access import Caller
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["admin"], responses=ADMIN_RESPONSES)
+
+
+def _administered(caller: Caller, project: str) -> None:
+    """403 unless the caller administers this project (its own, or any for a server admin)."""
+    if not caller.administers(project):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"an admin key of project {caller.project!r} manages that project's keys only; "
+            f"project {project!r} needs a server-admin API key",
+        )
 
 
 @router.post(
@@ -30,7 +54,7 @@ router = APIRouter(prefix="/v1", tags=["admin"], responses=ADMIN_RESPONSES)
         503: {"model": Problem, "description": "MLflow is unreachable (its auth app makes the project's login)."},
     },
 )
-def create_project(body: ProjectCreate, session: SessionDep, caller: AdminDep) -> ProjectCreated:
+def create_project(body: ProjectCreate, session: SessionDep, caller: ServerAdminDep) -> ProjectCreated:
     """A new project and, where MLflow runs its auth app, its MLflow login (shown this once)."""
     try:
         project = access.create_project(session=session, name=body.name)
@@ -57,8 +81,13 @@ def create_project(body: ProjectCreate, session: SessionDep, caller: AdminDep) -
 def create_key(name: str, session: SessionDep, caller: AdminDep, body: KeyCreate | None = None) -> KeyCreated:
     """A new key of the project. The key is in this response only: store it now."""
     body = body or KeyCreate()
+    _administered(caller, name)
+    if body.server_admin and not caller.server_admin:  # no key grants more than its own rights
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "only a server-admin API key may make a server-admin key")
     try:
-        row, key = access.create_key(session=session, project=name, admin=body.admin, label=body.label)
+        row, key = access.create_key(
+            session=session, project=name, admin=body.admin, server_admin=body.server_admin, label=body.label
+        )
         session.commit()
     except access.UnknownProject as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
@@ -71,7 +100,8 @@ def create_key(name: str, session: SessionDep, caller: AdminDep, body: KeyCreate
     response_model=list[KeyPublic],
     responses={404: {"model": Problem, "description": "No project with this name."}},
 )
-def list_keys(name: str, session: SessionDep, _caller: AdminDep) -> list[KeyPublic]:
+def list_keys(name: str, session: SessionDep, caller: AdminDep) -> list[KeyPublic]:
+    _administered(caller, name)
     if not access.project_exists(session=session, name=name):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"project {name!r} does not exist")
     return [KeyPublic.from_row(row) for row in access.list_keys(session=session, project=name)]
@@ -88,9 +118,13 @@ def revoke_key(key_id: str, session: SessionDep, caller: AdminDep) -> Response:
         parsed = uuid.UUID(key_id)
     except ValueError:
         parsed = None
-    row = access.revoke_key(session=session, key_id=parsed) if parsed else None
-    if row is None:
+    row = access.get_key(session=session, key_id=parsed) if parsed else None
+    if row is None or not caller.administers(row.project):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"key {key_id} not found")
+    if row.server_admin and not caller.server_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "only a server-admin API key may revoke a server-admin key")
+    access.revoke_key(session=session, key_id=row.id)
     session.commit()
     log.info("key %s of project %s revoked by key %s", row.id, row.project, caller.key_id or "bootstrap")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+

@@ -19,7 +19,9 @@ from pydantic import ValidationError
 
 from api.deps import CallerDep, SessionDep
 from api.errors import describe, problem, unprocessable
-from api.routes.events import POLL_WITHOUT_REDIS_S, STREAM_ID, Followed, follow_stream, sse
+from api.routes.events import (
+    KEEPALIVE_S, POLL_WITHOUT_REDIS_S, STREAM_ID, STREAM_RESPONSES, Followed, event_stream_response, follow_stream, sse,
+)
 from api.schemas import AUTH_RESPONSES, BODY_RESPONSES, Problem, StudiesPublic, StudyPublic
 from jobs import dataset_store, studies
 from jobs.access import Caller
@@ -162,8 +164,12 @@ async def _study_from_database(caller: Caller, study: StudyPublic) -> AsyncItera
     """No Redis: the study read once a second; a `trials` event whenever the counts changed."""
     yield sse("snapshot", study.model_dump(mode="json"))
     last = study.trials
+    polls = 0
     while study.status not in STUDY_TERMINAL:
         await asyncio.sleep(POLL_WITHOUT_REDIS_S)
+        polls += 1
+        if polls % int(KEEPALIVE_S / POLL_WITHOUT_REDIS_S) == 0:  # also renews the stream's slot
+            yield b": keep-alive\n\n"
         current = await run_in_threadpool(_read_study, caller, str(study.id))
         if current is None:
             return
@@ -178,7 +184,7 @@ async def _study_from_database(caller: Caller, study: StudyPublic) -> AsyncItera
     "/{study_id}/events",
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}, "description": "snapshot, then trial and state events"},
-               **NOT_FOUND},
+               **NOT_FOUND, **STREAM_RESPONSES},
 )  # fmt: skip
 async def study_events(
     study_id: str,
@@ -199,5 +205,4 @@ async def study_events(
     followed = Followed(study_stream_key(study.id), partial(_read_study, caller, str(study.id)),
                         lambda s: s.status in STUDY_TERMINAL, _final_study_state)  # fmt: skip
     stream = follow_stream(followed, last_event_id) if events_enabled() else _study_from_database(caller, study)
-    return StreamingResponse(stream, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+    return await event_stream_response(caller, stream)

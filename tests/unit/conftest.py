@@ -25,9 +25,11 @@ UNIT_ENV = {
     "DATABASE_URL": f"sqlite:///{UNIT_HOME}/t.db",
     "BROKER_URL": f"sqla+sqlite:///{UNIT_HOME}/broker.db",
     "QUEUE_NAME": "unit-test",
-    "DESCENT_BOOTSTRAP_KEY": "unit-admin-key",  # an admin key of the default project
+    "DESCENT_BOOTSTRAP_KEY": "unit-admin-4f1c9e7a2b6d8053e1a7c4f92d6b0e38",  # a server-admin key
+    # Every test client is one address ("testclient"), and many tests send bad keys on purpose.
+    "AUTH_FAILURE_LIMIT": "1000000",
 }
-ADMIN_HEADERS = {"Authorization": "Bearer unit-admin-key"}
+ADMIN_HEADERS = {"Authorization": "Bearer unit-admin-4f1c9e7a2b6d8053e1a7c4f92d6b0e38"}
 os.environ.update(UNIT_ENV)
 
 import pytest  # noqa: E402

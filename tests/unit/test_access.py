@@ -91,16 +91,24 @@ def test_only_admin_keys_administer(client: TestClient) -> None:
     member = new_key(client, project, label="ci")
     assert member["admin"] is False and member["label"] == "ci" and member["key"].startswith("dsk_")
     as_member = bearer(member["key"])
-    for method, path, body in [("POST", "/v1/projects", {"name": "mine"}),
-                               ("POST", f"/v1/projects/{project}/keys", {}),
-                               ("GET", f"/v1/projects/{project}/keys", None),
-                               ("DELETE", f"/v1/keys/{member['id']}", None)]:  # fmt: skip
+    for method, path, body, needs in [("POST", "/v1/projects", {"name": "mine"}, "a server-admin"),
+                                      ("POST", f"/v1/projects/{project}/keys", {}, "an admin"),
+                                      ("GET", f"/v1/projects/{project}/keys", None, "an admin"),
+                                      ("DELETE", f"/v1/keys/{member['id']}", None, "an admin")]:  # fmt: skip
         response = client.request(method, path, headers=as_member, json=body)
         assert response.status_code == 403, (method, path, response.text)
-        assert response.json() == {"detail": "this needs an admin API key"}
-    # An admin key of a project, made by the bootstrap key, administers too.
+        assert response.json() == {"detail": f"this needs {needs} API key"}
+    # An admin key of a project manages that project's keys, and nothing beyond it.
     admin = bearer(new_key(client, project, admin=True)["key"])
-    assert client.post("/v1/projects", json={"name": f"q-{uuid.uuid4().hex[:8]}"}, headers=admin).status_code == 201
+    made = client.post(f"/v1/projects/{project}/keys", json={"admin": True}, headers=admin)
+    assert made.status_code == 201 and made.json()["admin"] is True and made.json()["server_admin"] is False
+    assert client.delete(f"/v1/keys/{member['id']}", headers=admin).status_code == 204
+    assert client.post("/v1/projects", json={"name": f"q-{uuid.uuid4().hex[:8]}"}, headers=admin).status_code == 403
+    # A server-admin key (made by the bootstrap key, itself one) creates projects.
+    server = new_key(client, project, server_admin=True)
+    assert server["admin"] is True and server["server_admin"] is True
+    created = client.post("/v1/projects", json={"name": f"q-{uuid.uuid4().hex[:8]}"}, headers=bearer(server["key"]))
+    assert created.status_code == 201
 
 
 def test_a_revoked_key_is_refused_at_once(client: TestClient) -> None:
@@ -155,11 +163,11 @@ def admin_cli(*args: str, unit_env: dict[str, str]) -> subprocess.CompletedProce
 
 def test_the_admin_cli_makes_the_first_key(client: TestClient, unit_env: dict[str, str]) -> None:
     project = f"cli-{uuid.uuid4().hex[:8]}"
-    made = admin_cli("create-key", "--project", project, "--create-project", "--admin", "--label", "ops",
+    made = admin_cli("create-key", "--project", project, "--create-project", "--server-admin", "--label", "ops",
                      unit_env=unit_env)  # fmt: skip
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip()  # stdout holds the key alone, for `KEY=$(python -m api.admin create-key ...)`
-    assert key.startswith("dsk_") and "shown once" in made.stderr
+    assert key.startswith("dsk_") and "shown once" in made.stderr and "server-admin key" in made.stderr
     assert client.post("/v1/projects", json={"name": f"{project}-b"}, headers=bearer(key)).status_code == 201
 
     listed = admin_cli("list-keys", "--project", project, unit_env=unit_env)

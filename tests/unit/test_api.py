@@ -586,7 +586,7 @@ from fastapi.testclient import TestClient
 from api.main import app
 from jobs import repository
 from jobs.db import session_scope
-client = TestClient(app, raise_server_exceptions=False, headers={"Authorization": "Bearer unit-admin-key"})
+client = TestClient(app, raise_server_exceptions=False, headers={"Authorization": "Bearer unit-admin-4f1c9e7a2b6d8053e1a7c4f92d6b0e38"})
 """
 
 

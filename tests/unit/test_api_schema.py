@@ -10,7 +10,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from api.main import app
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-ADMIN_KEY = "unit-admin-key"  # DESCENT_BOOTSTRAP_KEY in conftest.py: every route is reachable
+ADMIN_KEY = "unit-admin-4f1c9e7a2b6d8053e1a7c4f92d6b0e38"  # DESCENT_BOOTSTRAP_KEY in conftest.py: every route is reachable
 
 
 @schema.auth()

@@ -305,10 +305,11 @@ def test_mlflow_store_database_is_created_by_the_postgres_init_script(services: 
     assert option_value(argv, "--artifacts-destination") == "/mlartifacts"
 
     init_dir = REPO_ROOT / "deploy" / "postgres-init"
-    scripts = " ".join(p.read_text() for p in sorted(init_dir.glob("*.sql")))
-    assert re.search(rf"CREATE\s+DATABASE\s+{re.escape(database)}\s*;", scripts, re.IGNORECASE), (
-        f"no script in {init_dir} creates database {database!r}"
-    )
+    scripts = " ".join(p.read_text() for p in sorted(init_dir.glob("*.s[qh]*")))  # .sql and .sh
+    # Literally, or (the shell script) through a psql variable whose default is that name.
+    literal = re.search(rf"CREATE\s+DATABASE\s+{re.escape(database)}\s*;", scripts, re.IGNORECASE)
+    variable = re.search(r'CREATE\s+DATABASE\s+:"mlflow_db"', scripts) and f"mlflow_db=\"${{MLFLOW_DB:-{database}}}\"" in scripts
+    assert literal or variable, f"no script in {init_dir} creates database {database!r}"
     volumes = services["postgres"].get("volumes", [])
     mounts = [v for v in volumes if isinstance(v, str) and "docker-entrypoint-initdb.d" in v]
     assert mounts and mounts[0].startswith("./deploy/postgres-init:"), "postgres does not mount deploy/postgres-init"

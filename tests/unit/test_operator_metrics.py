@@ -1,4 +1,4 @@
-"""GET /metrics: Prometheus text, open like /healthz, counting from PostgreSQL and the broker."""
+"""GET /metrics: Prometheus text for a server-admin key, counting from PostgreSQL and the broker."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from fastapi.testclient import TestClient
 
 
 def test_prometheus_metrics_count_jobs_by_status_and_time_submissions(client: TestClient) -> None:
-    before = client.get("/metrics", headers={"Authorization": ""})  # no key needed, like /healthz
+    assert client.get("/metrics", headers={"Authorization": ""}).status_code == 401  # it counts every project
+    before = client.get("/metrics")  # the client's key: the bootstrap key, a server admin
     assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
 
     def value(text: str, name: str) -> float:
