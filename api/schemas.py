@@ -6,7 +6,7 @@ import math
 import sys
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -304,3 +304,45 @@ class DatasetPublic(BaseModel):
 
 class DatasetsPublic(BaseModel):
     items: list[DatasetPublic]
+
+
+# --------------------------------------------------------------------------- quotas (jobs/limits.py)
+
+
+class QuotaProblem(Problem):
+    limit: str = Field(description="The limit the project is at: max_active_jobs or max_study_parallelism.")
+
+
+QUOTA_RESPONSES: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": QuotaProblem,
+        "description": "The project holds as much as it may at once; the Retry-After header says when to ask again.",
+    }
+}
+
+
+class ProjectLimitsUpdate(BaseModel):
+    """A project's own limits; null puts the server's setting back."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_active_jobs: int | None = Field(
+        None, ge=1, le=1_000_000, description="Jobs queued or running at once (null: MAX_ACTIVE_JOBS_PER_PROJECT)."
+    )
+    max_study_parallelism: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="Sum of its running studies' parallelism (null: MAX_STUDY_PARALLELISM_PER_PROJECT).",
+    )  # fmt: skip
+
+
+class ProjectLimitsPublic(BaseModel):
+    """What the project may hold at once, what it holds now, and where each limit comes from."""
+
+    project: str
+    max_active_jobs: int
+    max_study_parallelism: int
+    source: dict[str, Literal["project", "server"]] = Field(
+        description="Per limit: set for this project by an admin, or the server's setting."
+    )
+    active_jobs: int = Field(description="Jobs queued or running now.")
+    study_parallelism: int = Field(description="Sum of the parallelism of its running studies now.")

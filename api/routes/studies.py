@@ -18,15 +18,15 @@ from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from api.deps import CallerDep, SessionDep
-from api.errors import describe, problem, unprocessable
+from api.errors import describe, problem, too_many, unprocessable
 from api.routes.events import POLL_WITHOUT_REDIS_S, STREAM_ID, Followed, follow_stream, sse
-from api.schemas import AUTH_RESPONSES, BODY_RESPONSES, Problem, StudiesPublic, StudyPublic
+from api.schemas import AUTH_RESPONSES, BODY_RESPONSES, QUOTA_RESPONSES, Problem, StudiesPublic, StudyPublic
 from jobs import dataset_store, studies
 from jobs.access import Caller
 from jobs.db import session_factory
 from jobs.events import events_enabled, study_stream_key
 from jobs.states import STUDY_TERMINAL
-from jobs.limits import limit_breaches
+from jobs.limits import QuotaExceeded, limit_breaches
 from jobs.models import Study
 from jobs.queue import enqueue_job
 from jobs.repository import parse_uuid
@@ -53,13 +53,15 @@ def _public(session: SessionDep, study: Study) -> StudyPublic:
 
 def _problems(spec: StudySpec) -> list[dict]:
     """Why this study cannot run, in the API's 422 items; [] when it can."""
-    if spec.n_jobs > settings.max_study_jobs:
+    most = settings.max_study_trials
+    if spec.n_jobs > most:
         field = "repeats" if spec.repeats > 1 else "search.max_trials"
-        return [problem("body", field, f"the study would run {spec.n_configurations} configurations x "
-                        f"{spec.repeats} seeds = {spec.n_jobs} jobs; this server runs at most "
-                        f"{settings.max_study_jobs} per study (MAX_STUDY_JOBS)", "limit_exceeded")]  # fmt: skip
-    # Each configuration built once: validated as a job, then held to the job limits.
-    for values in configurations_to_check(spec):
+        return [problem("body", field, f"the study would run {spec.n_configurations:,} configurations x "
+                        f"{spec.repeats} seeds = {spec.n_jobs:,} jobs; this server runs at most "
+                        f"{most} per study (MAX_STUDY_TRIALS)", "limit_exceeded")]  # fmt: skip
+    # Each configuration built once: validated as a job, then held to the job limits (the
+    # check the job gate makes again when each trial is created).
+    for values in configurations_to_check(spec, most):
         where = f"with {describe_values(values)}"
         try:
             job = studies.trial_spec(spec, values, spec.seeds[0], 0)
@@ -85,7 +87,7 @@ def _invalid(spec: StudySpec, item: dict, where: str) -> dict:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=StudyPublic,
-    responses=BODY_RESPONSES,
+    responses={**BODY_RESPONSES, **QUOTA_RESPONSES},
 )
 def submit_study(spec: StudySpec, session: SessionDep, caller: CallerDep) -> StudyPublic | JSONResponse:
     """A base job spec, a search space over its fields, a search method, seeds, an
@@ -97,7 +99,11 @@ def submit_study(spec: StudySpec, session: SessionDep, caller: CallerDep) -> Stu
     spec = spec.model_copy(update={"base": base})
     if problems := _problems(spec):
         return unprocessable(problems)
-    study, job_ids = studies.create_study(session=session, spec=spec, project=caller.project)
+    try:
+        study, job_ids = studies.create_study(session=session, spec=spec, project=caller.project)
+    except QuotaExceeded as exc:
+        session.rollback()
+        return too_many(exc)
     session.commit()
     for job_id in job_ids:  # committed first: a worker never sees an id the database lacks
         try:
