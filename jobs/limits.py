@@ -176,6 +176,11 @@ def study_parallelism(spec: StudySpec | dict) -> int:
     return min(max(parallelism, study.repeats), study.n_jobs)
 
 
+def running_study_parallelism(*, session: Session, project: str) -> int:
+    running = session.scalars(select(Study.spec).where(Study.project == project, Study.status == StudyStatus.running))
+    return sum(study_parallelism(spec) for spec in running)
+
+
 def check_room_for_study(*, session: Session, project: str, parallelism: int, seeds: int, limits: Settings) -> None:
     """QuotaExceeded when the project's running studies and this one would together keep
     more trials going at once than the project may, or when one configuration's seeds
@@ -188,8 +193,7 @@ def check_room_for_study(*, session: Session, project: str, parallelism: int, se
             f"the study runs each configuration over {seeds} seeds at once, more than project {project!r} "
             f"may hold ({own.max_active_jobs:,}, {where}); lower repeats",
         )
-    running = session.scalars(select(Study.spec).where(Study.project == project, Study.status == StudyStatus.running))
-    held = sum(study_parallelism(spec) for spec in running)
+    held = running_study_parallelism(session=session, project=project)
     if held + parallelism > own.max_study_parallelism:
         where = _where_set(project, own.study_parallelism_overridden, "MAX_STUDY_PARALLELISM_PER_PROJECT")
         raise QuotaExceeded(
@@ -198,3 +202,37 @@ def check_room_for_study(*, session: Session, project: str, parallelism: int, se
             f"{parallelism:,} would take it over its limit of {own.max_study_parallelism:,} ({where}); "
             "lower search.parallelism or submit again once a study has ended",
         )
+
+
+class UnknownProject(LookupError):
+    pass
+
+
+def set_project_limits(
+    *, session: Session, project: str, max_active_jobs: int | None, max_study_parallelism: int | None
+) -> None:
+    """The project's own limits (None: the server's setting again). Work already admitted
+    keeps running; only what is created from now on is held to them."""
+    row = session.get(Project, project, with_for_update=True)
+    if row is None:
+        raise UnknownProject(f"project {project!r} does not exist")
+    row.max_active_jobs, row.max_study_parallelism = max_active_jobs, max_study_parallelism
+    session.flush()
+
+
+@dataclass(frozen=True)
+class ProjectUsage:
+    limits: ProjectLimits
+    active_jobs: int
+    study_parallelism: int
+
+
+def project_usage(*, session: Session, project: str, limits: Settings) -> ProjectUsage | None:
+    """The project's limits and what it holds now; None when there is no such project."""
+    if session.get(Project, project) is None:
+        return None
+    return ProjectUsage(
+        limits=project_limits(session=session, project=project, limits=limits),
+        active_jobs=active_jobs(session=session, project=project),
+        study_parallelism=running_study_parallelism(session=session, project=project),
+    )

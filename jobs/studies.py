@@ -67,8 +67,9 @@ def _stage_state(session: Session, study: Study, detail: str | None = None) -> N
 def create_study(*, session: Session, spec: StudySpec, project: str) -> tuple[Study, list[uuid.UUID]]:
     """The study and its first trial jobs (ids to enqueue once committed); QuotaExceeded
     when the project's running studies leave no room for this one's parallelism. At most
-    STUDY_TRIALS_PER_ADVANCE trials are created now (an Optuna ask each): the rest follow
-    as trials end and at each reaper pass, so that a study of any size is created at once."""
+    STUDY_TRIALS_PER_ADVANCE trials are created now (an Optuna ask each), so that a study
+    of any size is created at once: the caller moves it on once it has answered, and the
+    study goes on as its trials end and at each reaper pass."""
     seeds = 1 if isinstance(spec.search, LRRangeTest) else len(spec.seeds)
     check_room_for_study(session=session, project=project, parallelism=study_parallelism(spec), seeds=seeds,
                          limits=settings)  # fmt: skip
@@ -78,7 +79,7 @@ def create_study(*, session: Session, spec: StudySpec, project: str) -> tuple[St
     session.flush()
     study_search.load(study.id, spec, seed=spec.seeds[0], create=True)
     _stage_state(session, study, "created")
-    return study, advance_study(session=session, study_id=study.id).new_jobs
+    return study, advance_study(session=session, study_id=study.id, budget=settings.study_trials_per_advance).new_jobs
 
 
 def get_study(*, session: Session, study_id: uuid.UUID, project: str | None = None) -> Study | None:
@@ -164,8 +165,12 @@ def lock_study(session: Session, study_id: uuid.UUID) -> Study | None:
     return session.get(Study, study_id, populate_existing=True)
 
 
-def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
-    """Tell, ask, create, end: see the module's docstring. The caller commits, then enqueues."""
+def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None = None) -> Advance:
+    """Tell, ask, create, end: see the module's docstring. The caller commits, then enqueues.
+
+    At most `budget` trial jobs are created (each an Optuna ask, ~20 ms), whole
+    configurations only; by default STUDY_TRIALS_PER_ADVANCE, or one configuration's
+    seeds when they are more, so that every advance can make progress."""
     advance = Advance()
     study = lock_study(session, study_id)
     if study is None or study.status in STUDY_TERMINAL:
@@ -176,7 +181,8 @@ def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
     active = sum(job.status not in TERMINAL for job in jobs)
     seeds = spec.seeds[:1] if isinstance(spec.search, LRRangeTest) else spec.seeds
     room = spec.search.parallelism - active if hasattr(spec.search, "parallelism") else 1 - active
-    room = min(room, settings.study_trials_per_advance)  # each trial an Optuna ask: a step stays short
+    if budget is None:
+        budget = max(settings.study_trials_per_advance, len(seeds))
     # A configuration's seeds are created together, within what the project may still hold
     # (MAX_ACTIVE_JOBS_PER_PROJECT): a study over its project's quota waits, it does not fail.
     project_room = 0
@@ -184,7 +190,8 @@ def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
         project_room = room_for_jobs(session=session, project=study.project, limits=settings)
 
     def can_create() -> bool:
-        return room > 0 and project_room >= len(seeds) and study.configs_created < spec.n_configurations
+        fits = budget >= len(seeds) and project_room >= len(seeds)
+        return room > 0 and fits and study.configs_created < spec.n_configurations
 
     if untold or can_create():
         # Optuna only when there is something to tell or to ask (the reaper calls this
@@ -222,6 +229,7 @@ def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
             advance.new_jobs.append(job.id)
         room -= len(seeds)
         project_room -= len(seeds)
+        budget -= len(seeds)
     study.result = result
     if not advance.new_jobs and active == 0 and study.configs_created >= spec.n_configurations:
         finished = [job for job in jobs if job.status == JobStatus.succeeded]

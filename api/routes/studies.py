@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, status
+from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
@@ -23,7 +24,7 @@ from api.routes.events import POLL_WITHOUT_REDIS_S, STREAM_ID, Followed, follow_
 from api.schemas import AUTH_RESPONSES, BODY_RESPONSES, QUOTA_RESPONSES, Problem, StudiesPublic, StudyPublic
 from jobs import dataset_store, studies
 from jobs.access import Caller
-from jobs.db import session_factory
+from jobs.db import session_factory, session_scope
 from jobs.events import events_enabled, study_stream_key
 from jobs.states import STUDY_TERMINAL
 from jobs.limits import QuotaExceeded, limit_breaches
@@ -89,9 +90,13 @@ def _invalid(spec: StudySpec, item: dict, where: str) -> dict:
     response_model=StudyPublic,
     responses={**BODY_RESPONSES, **QUOTA_RESPONSES},
 )
-def submit_study(spec: StudySpec, session: SessionDep, caller: CallerDep) -> StudyPublic | JSONResponse:
+def submit_study(
+    spec: StudySpec, session: SessionDep, caller: CallerDep, background: BackgroundTasks
+) -> StudyPublic | JSONResponse:
     """A base job spec, a search space over its fields, a search method, seeds, an
-    objective and a pruning rule; trials are ordinary jobs that belong to the study."""
+    objective and a pruning rule; trials are ordinary jobs that belong to the study.
+    Its first trials are created with it; the rest up to its parallelism just after
+    this answer (each trial is an Optuna ask: a large study would otherwise take seconds)."""
     try:  # an uploaded dataset in the base: its metadata from the database, as for a job
         base = dataset_store.resolve_uploaded_dataset(session=session, project=caller.project, spec=spec.base)
     except dataset_store.UnknownDataset as exc:
@@ -105,13 +110,29 @@ def submit_study(spec: StudySpec, session: SessionDep, caller: CallerDep) -> Stu
         session.rollback()
         return too_many(exc)
     session.commit()
-    for job_id in job_ids:  # committed first: a worker never sees an id the database lacks
+    _enqueue_trials(study.id, job_ids)  # committed first: a worker never sees an id the database lacks
+    background.add_task(_move_on, study.id)
+    return _public(session, study)
+
+
+def _enqueue_trials(study_id: uuid.UUID, job_ids: list[uuid.UUID]) -> None:
+    for job_id in job_ids:
         try:
             enqueue_job(job_id)
         except Exception as exc:  # noqa: BLE001 - still queued in PostgreSQL: the reaper sends it
-            log.warning("trial %s of study %s not yet enqueued (%s); the reaper will send it", job_id, study.id, exc)
+            log.warning("trial %s of study %s not yet enqueued (%s); the reaper will send it", job_id, study_id, exc)
             break
-    return _public(session, study)
+
+
+def _move_on(study_id: uuid.UUID) -> None:
+    """After the answer: the trials the study has room for beyond its first (should this
+    fail or the process stop, the reaper's next pass does it)."""
+    try:
+        with session_scope() as session:
+            step = studies.advance_study(session=session, study_id=study_id)
+        _enqueue_trials(study_id, step.new_jobs)
+    except Exception:  # noqa: BLE001 - the study is recorded; the reaper moves it on
+        log.exception("study %s: its next trials wait for the reaper", study_id)
 
 
 @router.get("", response_model=StudiesPublic)
