@@ -12,7 +12,7 @@ from datetime import datetime
 from tests.integration.conftest import Stack
 from tests.security.conftest import Tenant
 
-JOB = {"dataset": {"name": "iris"}, "epochs": 15, "batch_size": 16}  # ~1 s of training
+JOB = {"dataset": {"name": "iris"}, "epochs": 5, "batch_size": 32}  # well under a second of training
 
 
 def started_at(tenant: Tenant, job_id: str) -> datetime | None:
@@ -29,7 +29,7 @@ def test_one_job_is_not_starved_by_another_projects_backlog(stack: Stack, make_t
         assert response.status_code == 201, response.text
         backlog.append(response.json()["id"])
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a loaded machine takes ~30 s a job
         while sum(started_at(busy, j) is not None for j in backlog) < slots:  # the backlog holds both slots
             assert time.monotonic() < deadline
             time.sleep(0.2)

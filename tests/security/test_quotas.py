@@ -14,8 +14,8 @@ from tests.integration.conftest import Stack
 from tests.security.conftest import Tenant
 
 JOB = {"dataset": {"name": "iris"}, "epochs": 400, "batch_size": 16}  # a few seconds each
-STUDY = {"name": "quota", "base": {"dataset": {"name": "iris"}, "epochs": 200, "batch_size": 16},
-         "space": {"optimizer.lr": {"grid": [0.01, 0.02, 0.05, 0.1]}}}  # fmt: skip
+STUDY = {"name": "quota", "base": {"dataset": {"name": "iris"}, "epochs": 20, "batch_size": 16},
+         "space": {"optimizer.lr": {"grid": [0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.2, 0.3]}}}  # fmt: skip
 
 
 def submitted(tenant: Tenant, spec: dict) -> dict:
@@ -42,8 +42,8 @@ def test_a_project_holds_no_more_jobs_than_its_limit(stack: Stack, make_tenant: 
         # a study's trials count too: the study waits for room, it creates none now
         study = hog.api.post("/v1/studies", json=STUDY | {"search": {"method": "grid", "parallelism": 2}})
         assert study.status_code == 201, study.text
-        assert sum(study.json()["trials"].values()) == 0
         hog.api.post(f"/v1/studies/{study.json()['id']}/cancel")
+        assert sum(study.json()["trials"].values()) == 0
         own = hog.api.get(f"/v1/projects/{hog.project}/limits").json()  # a project reads its own limits
         assert own["max_active_jobs"] == 3 and own["source"]["max_active_jobs"] == "project" and own["active_jobs"] == 3
         assert other.api.get(f"/v1/projects/{hog.project}/limits").status_code == 404  # not another's
@@ -61,16 +61,24 @@ def test_a_project_holds_no_more_jobs_than_its_limit(stack: Stack, make_tenant: 
 def test_a_project_runs_studies_of_a_bounded_parallelism(stack: Stack, make_tenant: Callable[..., Tenant]) -> None:
     tenant = make_tenant("quota-studies")
     assert stack.api.put(f"/v1/projects/{tenant.project}/limits", json={"max_study_parallelism": 4}).status_code == 200
-    assert_429(tenant.api.post("/v1/studies", json=STUDY | {"search": {"method": "grid", "parallelism": 256}}),
-               "max_study_parallelism")  # fmt: skip
-    first = tenant.api.post("/v1/studies", json=STUDY | {"search": {"method": "grid", "parallelism": 4}})
-    assert first.status_code == 201, first.text
-    assert_429(tenant.api.post("/v1/studies", json=STUDY | {"search": {"method": "grid", "parallelism": 1}}),
-               "max_study_parallelism")  # fmt: skip
-    assert tenant.api.post(f"/v1/studies/{first.json()['id']}/cancel").status_code == 202
-    again = tenant.api.post("/v1/studies", json=STUDY | {"search": {"method": "grid", "parallelism": 4}})
-    assert again.status_code == 201, again.text  # an ended study gives its parallelism back
-    tenant.api.post(f"/v1/studies/{again.json()['id']}/cancel")
+    created: list[str] = []
+
+    def submit(parallelism: int):
+        response = tenant.api.post("/v1/studies", json=STUDY | {"search": {"method": "grid", "parallelism": parallelism}})
+        if response.status_code == 201:
+            created.append(response.json()["id"])
+        return response
+
+    try:
+        assert_429(submit(256), "max_study_parallelism")
+        assert submit(4).status_code == 201
+        assert_429(submit(1), "max_study_parallelism")
+        assert tenant.api.post(f"/v1/studies/{created[0]}/cancel").status_code == 202
+        again = submit(4)
+        assert again.status_code == 201, again.text  # an ended study gives its parallelism back
+    finally:
+        for study_id in created:
+            tenant.api.post(f"/v1/studies/{study_id}/cancel")
 
 
 def test_hours_of_diagnostics_are_refused_and_every_job_has_a_timeout(make_tenant: Callable[..., Tenant]) -> None:
@@ -112,7 +120,9 @@ def test_a_metric_history_is_read_a_page_at_a_time(make_tenant: Callable[..., Te
     while url is not None:
         page = tenant.api.get(url)
         assert page.status_code == 200, page.text
-        assert sum(len(points) for points in page.json().values()) <= 50
+        steps = {p["step"] for points in page.json().values() for p in points}
+        # at most 50 points, whole steps only (a step with more comes alone)
+        assert sum(len(points) for points in page.json().values()) <= 50 or len(steps) == 1
         for key, points in page.json().items():
             merged.setdefault(key, []).extend(points)
         url = page.links.get("next", {}).get("url")
