@@ -210,6 +210,7 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
         number, values = study_search.ask(optuna_study, spec, planned)
         study.configs_created += 1
         numbers = [number] + [study_search.ask(optuna_study, spec, values)[0] for _ in seeds[1:]]
+        budget -= len(seeds)  # asked, whether or not it becomes jobs
         try:
             specs = [trial_spec(spec, values, seed, study.configs_created) for seed in seeds]
             # The job gate (repository.create_job) holds every trial to the job limits; the
@@ -229,7 +230,6 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
             advance.new_jobs.append(job.id)
         room -= len(seeds)
         project_room -= len(seeds)
-        budget -= len(seeds)
     study.result = result
     if not advance.new_jobs and active == 0 and study.configs_created >= spec.n_configurations:
         finished = [job for job in jobs if job.status == JobStatus.succeeded]

@@ -6,12 +6,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from api.routes.jobs import _metrics_page
+from descent.client import Client
 from jobs import repository, studies
 from jobs.db import session_scope
 from jobs.models import Base, Project
@@ -123,3 +125,24 @@ def test_metric_pages_hold_whole_steps_up_to_the_limit() -> None:
     assert _metrics_page(histories, 9, 5) == ({}, None)
     page, last = _metrics_page(histories, None, 1)  # a step larger than the limit comes alone
     assert page == {"loss": histories["loss"][:1], "acc": histories["acc"][:1]} and last == 0
+
+
+def test_the_client_reads_every_page_of_a_metric_history() -> None:
+    pages = {
+        None: ({"loss": [{"step": 0, "value": 1.0}, {"step": 1, "value": 0.9}]}, "after_step=1&limit=2"),
+        "1": ({"loss": [{"step": 2, "value": 0.8}], "acc": [{"step": 2, "value": 0.5}]}, None),
+    }
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/jobs/j/metrics"
+        body, following = pages[request.url.params.get("after_step")]
+        headers = {"Link": f'<{request.url.path}?{following}>; rel="next"'} if following else {}
+        return httpx.Response(200, json=body, headers=headers)
+
+    client = Client(url="http://descent.test", api_key="k")
+    client._http = httpx.Client(base_url=client.url, transport=httpx.MockTransport(serve))
+    assert client.metrics("j") == [
+        {"metric": "acc", "step": 2, "value": 0.5},
+        {"metric": "loss", "step": 0, "value": 1.0}, {"metric": "loss", "step": 1, "value": 0.9},
+        {"metric": "loss", "step": 2, "value": 0.8},
+    ]  # fmt: skip
