@@ -79,8 +79,10 @@ class Settings(BaseSettings):
         description="Trial jobs one step of a study creates at most (an Optuna ask each): creating a study "
         "answers fast whatever its parallelism; the rest follow as trials end and at each reaper pass.",
     )  # fmt: skip
+    # A page of 100,000 points is about 3.5 MB of JSON: what one answer may weigh. Readers
+    # written before pages existed get a whole history up to that size.
     metrics_page_default: int = Field(
-        10_000, ge=1, description="Points per page of GET /v1/jobs/{id}/metrics when the request names no limit."
+        100_000, ge=1, description="Points per page of GET /v1/jobs/{id}/metrics when the request names no limit."
     )
     metrics_page_max: int = Field(100_000, ge=1, description="Most points one page of GET /v1/jobs/{id}/metrics holds.")
 

@@ -26,6 +26,10 @@ UNIT_ENV = {
     "BROKER_URL": f"sqla+sqlite:///{UNIT_HOME}/broker.db",
     "QUEUE_NAME": "unit-test",
     "DESCENT_BOOTSTRAP_KEY": "unit-admin-key",  # an admin key of the default project
+    # The suite's jobs are never run: the default project piles up thousands of queued jobs
+    # and running studies. Tests of the quotas set them per project (tests/unit/test_quotas.py).
+    "MAX_ACTIVE_JOBS_PER_PROJECT": "1000000",
+    "MAX_STUDY_PARALLELISM_PER_PROJECT": "1000000",
 }
 ADMIN_HEADERS = {"Authorization": "Bearer unit-admin-key"}
 os.environ.update(UNIT_ENV)
