@@ -40,6 +40,7 @@ def test_one_job_is_not_starved_by_another_projects_backlog(stack: Stack, make_t
             assert time.monotonic() < deadline, "the single job never started"
             time.sleep(0.2)
         before = [j for j in backlog if (s := started_at(busy, j)) is not None and s < single_start]
+        print(f"fairness: {len(before)} of {len(backlog)} backlog jobs started before the single one")
         # FIFO ran the whole backlog first (12). Fair: the jobs holding the slots, and at
         # most one more per slot that freed while the busy project had none running.
         assert len(before) <= 2 * slots, f"{len(before)} of the backlog's jobs started before the single one"
