@@ -188,9 +188,14 @@ def job_metrics(
     response: Response,
     session: SessionDep,
     caller: CallerDep,
-    after_step: Annotated[int | None, Query(ge=-1, description="Only the points after this step (the previous page's last).")] = None,
-    limit: Annotated[int | None, Query(ge=1, description="Points per page at most (default METRICS_PAGE_DEFAULT, "
-                                                         "at most METRICS_PAGE_MAX); a step is never split.")] = None,
+    after_step: Annotated[
+        int | None, Query(ge=-1, description="Only the points after this step (the previous page's last).")
+    ] = None,
+    limit: Annotated[
+        int | None,
+        Query(ge=1, description="Points per page at most (default METRICS_PAGE_DEFAULT, at most METRICS_PAGE_MAX); "
+                                "a step is never split."),
+    ] = None,
 ) -> dict[str, list[MetricPoint]] | JSONResponse:
     """Every metric's history, read back from the job's MLflow run ({} before the run exists),
     a page at a time in step order: follow the Link header's `next` until there is none."""

@@ -64,7 +64,8 @@ def test_a_project_runs_studies_of_a_bounded_parallelism(stack: Stack, make_tena
     created: list[str] = []
 
     def submit(parallelism: int):
-        response = tenant.api.post("/v1/studies", json=STUDY | {"search": {"method": "grid", "parallelism": parallelism}})
+        search = {"method": "grid", "parallelism": parallelism}
+        response = tenant.api.post("/v1/studies", json=STUDY | {"search": search})
         if response.status_code == 201:
             created.append(response.json()["id"])
         return response

@@ -86,7 +86,8 @@ def test_a_sampled_configuration_over_the_job_limits_never_becomes_a_job(make_te
 def test_a_study_of_any_size_is_created_in_under_a_second(stack: Stack, make_tenant: Callable[..., Tenant]) -> None:
     tenant = make_tenant("study-size")
     # Room for the whole study, so that only its size is in the way (checked by the 201 below).
-    stack.api.put(f"/v1/projects/{tenant.project}/limits", json={"max_active_jobs": 1000, "max_study_parallelism": 1000})
+    room = {"max_active_jobs": 1000, "max_study_parallelism": 1000}
+    stack.api.put(f"/v1/projects/{tenant.project}/limits", json=room)
     space = {"optimizer.lr": {"grid": [0.01 * (i + 1) for i in range(20)]}}
     body = {"name": "size-attack", "base": BASE, "space": space, "repeats": 50,
             "search": {"method": "grid", "parallelism": 256}}  # fmt: skip

@@ -47,7 +47,8 @@ def test_a_project_at_its_job_limit_gets_a_429_naming_it(client: TestClient, ten
     assert own.post("/v1/jobs", json=IRIS | {"seed": 1}).status_code == 201  # room again
     # back to the server's setting
     reset = client.put(f"/v1/projects/{name}/limits", json={"max_active_jobs": None}).json()
-    assert reset["max_active_jobs"] == settings.max_active_jobs_per_project and reset["source"]["max_active_jobs"] == "server"
+    assert reset["max_active_jobs"] == settings.max_active_jobs_per_project
+    assert reset["source"]["max_active_jobs"] == "server"
 
 
 def test_the_server_setting_applies_to_every_project(tenant, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -71,7 +72,8 @@ def test_a_study_over_its_projects_parallelism_gets_a_429(client: TestClient, te
 
 
 def test_diagnostics_over_their_cost_cap_are_a_422_and_a_job_gets_the_default_timeout(client: TestClient) -> None:
-    expensive = {"dataset": {"name": "digits"}, "epochs": 1, "diagnostics": {"landscape": {"kind": "2d", "resolution": 101}}}
+    landscape = {"kind": "2d", "resolution": 101}
+    expensive = {"dataset": {"name": "digits"}, "epochs": 1, "diagnostics": {"landscape": landscape}}
     response = client.post("/v1/jobs", json=expensive | {"model": {"arch": "mlp", "hidden": [2048, 2048]}})
     assert response.status_code == 422
     [problem] = response.json()["detail"]
@@ -81,9 +83,12 @@ def test_diagnostics_over_their_cost_cap_are_a_422_and_a_job_gets_the_default_ti
     assert client.post("/v1/jobs", json=IRIS | {"timeout_s": 60}).json()["spec"]["timeout_s"] == 60
 
 
-def test_a_sampled_configuration_over_a_limit_becomes_no_job(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sampled_configuration_over_a_limit_becomes_no_job(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    space = {"optimizer.lr": {"log_uniform": [1e-3, 1e-1]}, "model.hidden": {"grid": [[8], [64]]}}
     body = {"name": "sampled", "base": IRIS, "search": {"method": "random", "max_trials": 6, "parallelism": 1},
-            "space": {"optimizer.lr": {"log_uniform": [1e-3, 1e-1]}, "model.hidden": {"grid": [[8], [64]]}}}  # fmt: skip
+            "space": space}  # fmt: skip
     study = client.post("/v1/studies", json=body).json()
     [first] = client.get("/v1/jobs", params={"study_id": study["id"]}).json()["items"]
     client.post(f"/v1/jobs/{first['id']}/cancel")
