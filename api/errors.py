@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from jobs.limits import QuotaExceeded
 from jobs.spec import TAGGED_FIELDS, UPLOADED
 from jobs.study_spec import SEARCHES
 
@@ -115,3 +116,12 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> R
         if allowed:
             exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))}
     return await http_exception_handler(request, exc)
+
+
+def too_many(exc: QuotaExceeded) -> JSONResponse:
+    """The one 429 body: which limit the project is at, in words, and when to ask again."""
+    return JSONResponse(
+        status_code=429,
+        headers={"Retry-After": str(exc.retry_after_s)},
+        content={"detail": str(exc), "limit": exc.setting},
+    )

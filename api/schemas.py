@@ -6,9 +6,9 @@ import math
 import sys
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from jobs.access import PROJECT_NAME, PROJECT_NAME_RULE
 from jobs.models import ApiKey, Dataset, Job, Study
@@ -325,3 +325,54 @@ class DatasetPublic(BaseModel):
 
 class DatasetsPublic(BaseModel):
     items: list[DatasetPublic]
+
+
+# --------------------------------------------------------------------------- quotas (jobs/limits.py)
+
+
+class QuotaProblem(Problem):
+    limit: str = Field(description="The limit the project is at: max_active_jobs or max_study_parallelism.")
+
+
+QUOTA_RESPONSES: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": QuotaProblem,
+        "description": "The project holds as much as it may at once; the Retry-After header says when to ask again.",
+    }
+}
+
+
+def _integral(value: Any) -> Any:
+    """1241.0 is an integer to JSON Schema (and to the clients that write it so): taken as 1241."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Strict otherwise: "5" or true is a 422, not silently 5 or 1.
+Limit = Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_integral)]
+
+
+class ProjectLimitsUpdate(BaseModel):
+    """A project's own limits; null puts the server's setting back."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_active_jobs: Limit | None = Field(
+        None, description="Jobs queued or running at once (null: MAX_ACTIVE_JOBS_PER_PROJECT)."
+    )
+    max_study_parallelism: Limit | None = Field(
+        None,
+        description="Sum of its running studies' parallelism (null: MAX_STUDY_PARALLELISM_PER_PROJECT).",
+    )  # fmt: skip
+
+
+class ProjectLimitsPublic(BaseModel):
+    """What the project may hold at once, what it holds now, and where each limit comes from."""
+
+    project: str
+    max_active_jobs: int
+    max_study_parallelism: int
+    source: dict[str, Literal["project", "server"]] = Field(
+        description="Per limit: set for this project by an admin, or the server's setting."
+    )
+    active_jobs: int = Field(description="Jobs queued or running now.")
+    study_parallelism: int = Field(description="Sum of the parallelism of its running studies now.")

@@ -107,13 +107,17 @@ class Client:
     # ------------------------------------------------------------------ transport
 
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._send(method, path, **kwargs)
+        return response.json() if response.content else None
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise DescentError(None, f"cannot reach the Descent API at {self.url}: {exc or type(exc).__name__}") from exc
         if response.status_code >= 400:
             raise _error_from(response)
-        return response.json() if response.content else None
+        return response
 
     # ------------------------------------------------------------------ jobs
 
@@ -147,8 +151,15 @@ class Client:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel")
 
     def metrics(self, job_id: str, metric: str | None = None) -> list[dict[str, Any]]:
-        """Every recorded point as rows {"metric", "step", "value"} (pandas.DataFrame(rows))."""
-        histories = self._request("GET", f"/v1/jobs/{job_id}/metrics") or {}
+        """Every recorded point as rows {"metric", "step", "value"} (pandas.DataFrame(rows)),
+        reading the pages the server hands out (its Link header's `next`) to the end."""
+        histories: dict[str, list[dict[str, Any]]] = {}
+        url: str | None = f"/v1/jobs/{job_id}/metrics"
+        while url is not None:
+            response = self._send("GET", url)
+            for name, points in (response.json() or {}).items():
+                histories.setdefault(name, []).extend(points)
+            url = response.links.get("next", {}).get("url")
         return [
             {"metric": name, "step": point["step"], "value": point["value"]}
             for name, points in sorted(histories.items())

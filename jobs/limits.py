@@ -1,13 +1,37 @@
-"""What this server agrees to run: limits an operator sets (settings), checked at
-submission so that a job that cannot be afforded is a 422 naming the limit, not a
-worker busy for a week."""
+"""What this server agrees to run, and how much of it one project may hold.
+
+Two kinds of limit, both checked where a job row is created (`repository.create_job`,
+the one gate every job goes through: a submitted job, a study's trial, a sampled
+configuration):
+- what one job may ask for (settings `MAX_*`): over one, the job cannot be afforded
+  at all, a 422 naming the field and the limit;
+- what one project may hold at once (queued and running jobs, its running studies'
+  parallelism; settings, overridden per project by an admin): over one, a 429 with
+  Retry-After: the same request succeeds once the project's work has moved on.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from jobs.models import Job, Project, Study
 from jobs.settings import Settings
 from jobs.spec import JobSpec
+from jobs.states import TERMINAL, StudyStatus
+from jobs.study_spec import StudySpec
+
+# Hessian-vector products one spectrum takes, nominally: trainer/hessian.py runs ARPACK's
+# Lanczos with a basis of 40 vectors (2 top_k + 1 when larger), about two restarts, and
+# one more short run for each end of the spectrum when the top ones share a sign.
+LANCZOS_BASIS = 40
+LANCZOS_RUNS = 4
+
+# When a project over a quota should ask again: jobs take seconds to hours, so this is
+# a polite pace for a retry loop, not a promise.
+QUOTA_RETRY_AFTER_S = 30
 
 
 @dataclass(frozen=True)
@@ -16,13 +40,48 @@ class LimitBreach:
     message: str
 
 
+class LimitExceeded(ValueError):
+    """The job asks for more than this server runs (a 422)."""
+
+    def __init__(self, breaches: list[LimitBreach]) -> None:
+        super().__init__("; ".join(f"{b.field}: {b.message}" for b in breaches))
+        self.breaches = breaches
+
+
+class QuotaExceeded(RuntimeError):
+    """The project holds as much as it may at once (a 429)."""
+
+    def __init__(self, setting: str, message: str, retry_after_s: int = QUOTA_RETRY_AFTER_S) -> None:
+        super().__init__(message)
+        self.setting = setting
+        self.retry_after_s = retry_after_s
+
+
+def diagnostics_cost(spec: JobSpec, parameters: int) -> float:
+    """The estimated cost of the job's Hessian and landscape diagnostics, in sample-parameter
+    products (see MAX_DIAGNOSTICS_COST)."""
+    diagnostics = spec.diagnostics
+    cost = 0.0
+    if (hessian := diagnostics.hessian) is not None:
+        spectra = 1 + (spec.epochs // hessian.every_epochs if hessian.every_epochs else 0)
+        products = LANCZOS_RUNS * max(2 * hessian.top_k + 1, LANCZOS_BASIS)
+        samples = min(hessian.max_samples, spec.split_sizes[0])
+        cost += spectra * products * 2 * samples * parameters
+    if (landscape := diagnostics.landscape) is not None:
+        points = (landscape.resolution if landscape.kind in ("1d", "both") else 0) + (
+            landscape.resolution**2 if landscape.kind in ("2d", "both") else 0
+        )
+        cost += points * min(landscape.max_samples, spec.split_sizes[0]) * parameters
+    return cost
+
+
 def limit_breaches(spec: JobSpec, limits: Settings) -> list[LimitBreach]:
     breaches = []
 
-    def check(field: str, value: int, limit: int, what: str, setting: str) -> None:
+    def check(field: str, value: float, limit: float, what: str, setting: str) -> None:
         if value > limit:
             breaches.append(
-                LimitBreach(field, f"{what} ({value:,}) is over this server's limit of {limit:,} ({setting})")
+                LimitBreach(field, f"{what} ({value:,.0f}) is over this server's limit of {limit:,.0f} ({setting})")
             )
 
     dataset = spec.dataset
@@ -36,4 +95,144 @@ def limit_breaches(spec: JobSpec, limits: Settings) -> list[LimitBreach]:
     if spec.diagnostics.hessian is not None:
         check("diagnostics.hessian", parameters, limits.max_hessian_parameters,
               "the model's parameters, for a Hessian diagnostic", "MAX_HESSIAN_PARAMETERS")  # fmt: skip
+    if spec.diagnostics.hessian is not None or spec.diagnostics.landscape is not None:
+        check("diagnostics", diagnostics_cost(spec, parameters), limits.max_diagnostics_cost,
+              "the Hessian and landscape's estimated cost (sample-parameter products)",
+              "MAX_DIAGNOSTICS_COST")  # fmt: skip
     return breaches
+
+
+def with_default_timeout(spec: JobSpec, limits: Settings) -> JobSpec:
+    """A job that states no timeout gets the server's (DEFAULT_TIMEOUT_S), written into its spec."""
+    if spec.timeout_s is not None or not limits.default_timeout_s:
+        return spec
+    return spec.model_copy(update={"timeout_s": limits.default_timeout_s})
+
+
+# --------------------------------------------------------------------------- per-project quotas
+
+
+@dataclass(frozen=True)
+class ProjectLimits:
+    """What one project may hold at once: its own values where an admin set them, else the server's."""
+
+    max_active_jobs: int
+    max_study_parallelism: int
+    active_jobs_overridden: bool = False
+    study_parallelism_overridden: bool = False
+
+
+def project_limits(*, session: Session, project: str, limits: Settings, lock: bool = False) -> ProjectLimits:
+    """The project's limits. With `lock`, its row stays locked until the transaction ends:
+    concurrent submissions of one project are counted one after the other, so that two
+    cannot both take the last place."""
+    query = select(Project.max_active_jobs, Project.max_study_parallelism).where(Project.name == project)
+    row = session.execute(query.with_for_update() if lock else query).first()
+    active, parallelism = row if row is not None else (None, None)
+    return ProjectLimits(
+        max_active_jobs=active if active is not None else limits.max_active_jobs_per_project,
+        max_study_parallelism=parallelism if parallelism is not None else limits.max_study_parallelism_per_project,
+        active_jobs_overridden=active is not None,
+        study_parallelism_overridden=parallelism is not None,
+    )
+
+
+def _where_set(project: str, overridden: bool, setting: str) -> str:
+    return f"set for this project by an admin (PUT /v1/projects/{project}/limits)" if overridden else setting
+
+
+def active_jobs(*, session: Session, project: str) -> int:
+    query = select(func.count()).select_from(Job).where(Job.project == project, Job.status.not_in(list(TERMINAL)))
+    return session.scalar(query) or 0
+
+
+def room_for_jobs(*, session: Session, project: str, limits: Settings) -> int:
+    """How many more jobs the project may have queued or running now. Locks the project's
+    row until the transaction ends (see project_limits)."""
+    own = project_limits(session=session, project=project, limits=limits, lock=True)
+    return max(0, own.max_active_jobs - active_jobs(session=session, project=project))
+
+
+def check_room_for_job(*, session: Session, project: str, limits: Settings) -> None:
+    """QuotaExceeded when the project already has as many jobs queued or running as it may.
+    Locks the project's row until the transaction ends (see project_limits)."""
+    own = project_limits(session=session, project=project, limits=limits, lock=True)
+    held = active_jobs(session=session, project=project)
+    if held >= own.max_active_jobs:
+        where = _where_set(project, own.active_jobs_overridden, "MAX_ACTIVE_JOBS_PER_PROJECT")
+        raise QuotaExceeded(
+            "max_active_jobs",
+            f"project {project!r} has {held:,} jobs queued or running, its limit of {own.max_active_jobs:,} "
+            f"({where}); submit again once some have ended",
+        )
+
+
+def study_parallelism(spec: StudySpec | dict) -> int:
+    """Trial jobs a study keeps queued or running at most (a configuration's seeds together)."""
+    study = spec if isinstance(spec, StudySpec) else StudySpec.model_validate(spec)
+    parallelism = getattr(study.search, "parallelism", None)
+    if parallelism is None:  # the range test: one job
+        return 1
+    return min(max(parallelism, study.repeats), study.n_jobs)
+
+
+def running_study_parallelism(*, session: Session, project: str) -> int:
+    running = session.scalars(select(Study.spec).where(Study.project == project, Study.status == StudyStatus.running))
+    return sum(study_parallelism(spec) for spec in running)
+
+
+def check_room_for_study(*, session: Session, project: str, parallelism: int, seeds: int, limits: Settings) -> None:
+    """QuotaExceeded when the project's running studies and this one would together keep
+    more trials going at once than the project may, or when one configuration's seeds
+    (started together) are more jobs than the project may hold. Locks the project's row."""
+    own = project_limits(session=session, project=project, limits=limits, lock=True)
+    if seeds > own.max_active_jobs:
+        where = _where_set(project, own.active_jobs_overridden, "MAX_ACTIVE_JOBS_PER_PROJECT")
+        raise QuotaExceeded(
+            "max_active_jobs",
+            f"the study runs each configuration over {seeds} seeds at once, more than project {project!r} "
+            f"may hold ({own.max_active_jobs:,}, {where}); lower repeats",
+        )
+    held = running_study_parallelism(session=session, project=project)
+    if held + parallelism > own.max_study_parallelism:
+        where = _where_set(project, own.study_parallelism_overridden, "MAX_STUDY_PARALLELISM_PER_PROJECT")
+        raise QuotaExceeded(
+            "max_study_parallelism",
+            f"project {project!r} runs studies with a parallelism of {held:,} in all; this one's "
+            f"{parallelism:,} would take it over its limit of {own.max_study_parallelism:,} ({where}); "
+            "lower search.parallelism or submit again once a study has ended",
+        )
+
+
+class UnknownProject(LookupError):
+    pass
+
+
+def set_project_limits(
+    *, session: Session, project: str, max_active_jobs: int | None, max_study_parallelism: int | None
+) -> None:
+    """The project's own limits (None: the server's setting again). Work already admitted
+    keeps running; only what is created from now on is held to them."""
+    row = session.get(Project, project, with_for_update=True)
+    if row is None:
+        raise UnknownProject(f"project {project!r} does not exist")
+    row.max_active_jobs, row.max_study_parallelism = max_active_jobs, max_study_parallelism
+    session.flush()
+
+
+@dataclass(frozen=True)
+class ProjectUsage:
+    limits: ProjectLimits
+    active_jobs: int
+    study_parallelism: int
+
+
+def project_usage(*, session: Session, project: str, limits: Settings) -> ProjectUsage | None:
+    """The project's limits and what it holds now; None when there is no such project."""
+    if session.get(Project, project) is None:
+        return None
+    return ProjectUsage(
+        limits=project_limits(session=session, project=project, limits=limits),
+        active_jobs=active_jobs(session=session, project=project),
+        study_parallelism=running_study_parallelism(session=session, project=project),
+    )

@@ -52,6 +52,10 @@ class Project(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # What the project may hold at once, where an admin set it; NULL: the server's setting
+    # (MAX_ACTIVE_JOBS_PER_PROJECT, MAX_STUDY_PARALLELISM_PER_PROJECT). See jobs/limits.py.
+    max_active_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_study_parallelism: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):

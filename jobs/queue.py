@@ -1,7 +1,13 @@
 """The Celery side that both the API and the worker share: configuration and enqueueing.
 
-The queue only delivers job ids; PostgreSQL decides who runs a job (the claim is
-a guarded UPDATE), so a lost or duplicated message cannot run a job twice.
+The queue only delivers slots: each message names the job it was sent for, but the
+worker that receives it runs the fairest queued job, which PostgreSQL picks and claims
+with a guarded UPDATE (jobs/repository.py, claim_next_job): the oldest of the project
+with the fewest jobs running. One FIFO queue thus serves projects fairly, and a lost or
+duplicated message still cannot run a job twice (a message that finds nothing queued
+is a no-op). What keeps every queued job served is that the broker holds at least as
+many messages as PostgreSQL has queued jobs: one is sent per job created or requeued,
+and the reaper sends one more for each that went missing.
 """
 
 from __future__ import annotations

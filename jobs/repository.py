@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from jobs.events import stage as stage_event
 from jobs.events import stage_to, study_stream_key
+from jobs.limits import LimitExceeded, check_room_for_job, limit_breaches, with_default_timeout
 from jobs.models import DEFAULT_PROJECT, Job, JobCheckpoint, JobEvent, utcnow
 from jobs.settings import settings
 from jobs.spec import JobSpec
@@ -54,7 +55,14 @@ def create_job(
     *, session: Session, spec: JobSpec, idempotency_key: str | None = None, project: str = DEFAULT_PROJECT
 ) -> tuple[Job, bool]:
     """(job, created). With an idempotency key the project already used for the same
-    spec, the earlier job and False; for another spec, IdempotencyConflict."""
+    spec, the earlier job and False; for another spec, IdempotencyConflict.
+
+    The one gate every job row passes, whoever creates it (a submission, a study's trial,
+    a configuration a sampler proposed), checked before anything is written:
+    LimitExceeded when the spec asks for more than this server runs, QuotaExceeded when
+    the project already holds as many jobs as it may. A spec without a timeout gets
+    DEFAULT_TIMEOUT_S."""
+    spec = with_default_timeout(spec, settings)
     digest = spec_digest(spec)
     if idempotency_key is not None:
         earlier = session.scalar(
@@ -66,6 +74,9 @@ def create_job(
                     f"Idempotency-Key {idempotency_key!r} was used for job {earlier.id} with a different spec"
                 )
             return earlier, False
+    if breaches := limit_breaches(spec, settings):
+        raise LimitExceeded(breaches)
+    check_room_for_job(session=session, project=project, limits=settings)
     job = Job(
         project=project,
         name=spec.name,
@@ -179,6 +190,11 @@ def transition(
     return None
 
 
+# pg_advisory_xact_lock's key for "a worker is choosing its next job" (any constant
+# no other part of Descent uses).
+CLAIM_LOCK_KEY = 0x44455343  # "DESC"
+
+
 def _lease_until(lease_s: float | None) -> datetime:
     return utcnow() + timedelta(seconds=lease_s if lease_s is not None else settings.lease_s)
 
@@ -203,6 +219,54 @@ def claim_job(
     if moved is None:
         return None
     return session.scalar(select(Job.attempts).where(Job.id == job_id))
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: uuid.UUID
+    attempt: int
+
+
+def fairest_queued_job(*, session: Session) -> uuid.UUID | None:
+    """The queued job to run next: the oldest of the project with the fewest jobs running
+    (fair share between projects, first come first served within one). Locked until the
+    session ends; rows other claimers hold are skipped."""
+    running = (
+        select(Job.project, func.count().label("running"))
+        .where(Job.status.in_(list(ACTIVE)))
+        .group_by(Job.project)
+        .subquery()
+    )
+    query = (
+        select(Job.id)
+        .outerjoin(running, running.c.project == Job.project)
+        .where(Job.status == JobStatus.queued)
+        .order_by(func.coalesce(running.c.running, 0), Job.created_at, Job.id)
+        .limit(1)
+        .with_for_update(of=Job, skip_locked=True)
+    )
+    return session.scalar(query)
+
+
+def claim_next_job(*, session: Session, worker: str | None = None, lease_s: float | None = None) -> Claim | None:
+    """A delivered message is a slot, not an order: the worker runs the fairest queued job
+    (see fairest_queued_job), which need not be the one the message named. None when
+    nothing is queued (a duplicate delivery, jobs cancelled while queued): a no-op.
+
+    Claims are taken one at a time (a transaction-scoped advisory lock on PostgreSQL;
+    SQLite serialises writers anyway), so that two workers starting together count each
+    other's claim: otherwise both would see a project with nothing running and both
+    take its jobs. The lock is held until the caller's session ends, which is short."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
+    for _ in range(3):  # a job cancelled between the pick and the claim: pick again
+        job_id = fairest_queued_job(session=session)
+        if job_id is None:
+            return None
+        attempt = claim_job(session=session, job_id=job_id, worker=worker, lease_s=lease_s)
+        if attempt is not None:
+            return Claim(job_id, attempt)
+    return None
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,39 @@ class Settings(BaseSettings):
     # Samples x values per sample: the dataset lives on the device as one tensor
     # (200 M float32 values = 800 MB), and long sequences multiply it.
     max_dataset_values: int = Field(200_000_000, ge=1)
-    max_study_jobs: int = Field(1000, ge=1, description="Trial jobs one study may run (configurations x repeats).")
+    max_study_trials: int = Field(
+        1000, ge=1, validation_alias=AliasChoices("MAX_STUDY_TRIALS", "MAX_STUDY_JOBS", "max_study_trials"),
+        description="Trial jobs one study may run (configurations x repeats); MAX_STUDY_JOBS is its old name.",
+    )  # fmt: skip
+    # Diagnostics cost, in sample-parameter products (one sample through a model of P
+    # parameters is P): a Hessian-vector product counts twice (a double backward), a
+    # landscape point once, each over max_samples samples.
+    max_diagnostics_cost: float = Field(
+        1e13, gt=0, description="Largest estimated cost of a job's Hessian and landscape diagnostics together."
+    )
+    default_timeout_s: float = Field(
+        24 * 3600.0, ge=0, description="timeout_s of a job that states none (0 = no default timeout)."
+    )
+
+    # What one project may hold at once (an admin overrides them per project:
+    # PUT /v1/projects/{name}/limits); over one, a submission is a 429 naming it.
+    max_active_jobs_per_project: int = Field(
+        200, ge=1, description="Jobs (study trials included) one project may have queued or running."
+    )
+    max_study_parallelism_per_project: int = Field(
+        32, ge=1, description="Sum of the parallelism of one project's running studies."
+    )
+    study_trials_per_advance: int = Field(
+        16, ge=1, le=1000,
+        description="Trial jobs one step of a study creates at most (an Optuna ask each): creating a study "
+        "answers fast whatever its parallelism; the rest follow as trials end and at each reaper pass.",
+    )  # fmt: skip
+    # A page of 100,000 points is about 3.5 MB of JSON: what one answer may weigh. Readers
+    # written before pages existed get a whole history up to that size.
+    metrics_page_default: int = Field(
+        100_000, ge=1, description="Points per page of GET /v1/jobs/{id}/metrics when the request names no limit."
+    )
+    metrics_page_max: int = Field(100_000, ge=1, description="Most points one page of GET /v1/jobs/{id}/metrics holds.")
 
     # Uploads (issue 14): what a file may declare is checked before anything is read, and the
     # reading itself happens in a child process whose memory and time are bounded here.

@@ -25,7 +25,9 @@ from jobs import study_search
 from jobs.events import stage_to, study_stream_key
 from jobs.leaderboard import TrialRecord, build_leaderboard
 from jobs.models import Job, Study, utcnow
+from jobs.limits import check_room_for_study, room_for_jobs, study_parallelism
 from jobs.repository import create_job, request_cancel
+from jobs.settings import settings
 from jobs.spec import JobSpec
 from jobs.states import STUDY_TERMINAL, TERMINAL, JobStatus, StudyStatus
 from jobs.study_spec import GridDimension, LRRangeTest, StudySpec, config_id, describe_values, sampled_spec
@@ -63,14 +65,21 @@ def _stage_state(session: Session, study: Study, detail: str | None = None) -> N
 
 
 def create_study(*, session: Session, spec: StudySpec, project: str) -> tuple[Study, list[uuid.UUID]]:
-    """The study and its first trial jobs (ids to enqueue once committed)."""
+    """The study and its first trial jobs (ids to enqueue once committed); QuotaExceeded
+    when the project's running studies leave no room for this one's parallelism. At most
+    STUDY_TRIALS_PER_ADVANCE trials are created now (an Optuna ask each), so that a study
+    of any size is created at once: the caller moves it on once it has answered, and the
+    study goes on as its trials end and at each reaper pass."""
+    seeds = 1 if isinstance(spec.search, LRRangeTest) else len(spec.seeds)
+    check_room_for_study(session=session, project=project, parallelism=study_parallelism(spec), seeds=seeds,
+                         limits=settings)  # fmt: skip
     study = Study(project=project, name=spec.name, status=StudyStatus.running,
                   spec=spec.model_dump(mode="json", by_alias=True), configs_created=0, result={})  # fmt: skip
     session.add(study)
     session.flush()
     study_search.load(study.id, spec, seed=spec.seeds[0], create=True)
     _stage_state(session, study, "created")
-    return study, advance_study(session=session, study_id=study.id).new_jobs
+    return study, advance_study(session=session, study_id=study.id, budget=settings.study_trials_per_advance).new_jobs
 
 
 def get_study(*, session: Session, study_id: uuid.UUID, project: str | None = None) -> Study | None:
@@ -156,8 +165,12 @@ def lock_study(session: Session, study_id: uuid.UUID) -> Study | None:
     return session.get(Study, study_id, populate_existing=True)
 
 
-def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
-    """Tell, ask, create, end: see the module's docstring. The caller commits, then enqueues."""
+def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None = None) -> Advance:
+    """Tell, ask, create, end: see the module's docstring. The caller commits, then enqueues.
+
+    At most `budget` trial jobs are created (each an Optuna ask, ~20 ms), whole
+    configurations only; by default STUDY_TRIALS_PER_ADVANCE, or one configuration's
+    seeds when they are more, so that every advance can make progress."""
     advance = Advance()
     study = lock_study(session, study_id)
     if study is None or study.status in STUDY_TERMINAL:
@@ -168,7 +181,19 @@ def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
     active = sum(job.status not in TERMINAL for job in jobs)
     seeds = spec.seeds[:1] if isinstance(spec.search, LRRangeTest) else spec.seeds
     room = spec.search.parallelism - active if hasattr(spec.search, "parallelism") else 1 - active
-    if untold or (room > 0 and study.configs_created < spec.n_configurations):
+    if budget is None:
+        budget = max(settings.study_trials_per_advance, len(seeds))
+    # A configuration's seeds are created together, within what the project may still hold
+    # (MAX_ACTIVE_JOBS_PER_PROJECT): a study over its project's quota waits, it does not fail.
+    project_room = 0
+    if room > 0 and study.configs_created < spec.n_configurations:
+        project_room = room_for_jobs(session=session, project=study.project, limits=settings)
+
+    def can_create() -> bool:
+        fits = budget >= len(seeds) and project_room >= len(seeds)
+        return room > 0 and fits and study.configs_created < spec.n_configurations
+
+    if untold or can_create():
         # Optuna only when there is something to tell or to ask (the reaper calls this
         # for every running study on every pass). A sampler is built for each advance:
         # seeded anew each time (by how far the study has come), or a random sampler
@@ -180,14 +205,18 @@ def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
         study_search.tell(optuna_study, job.trial_number, value, pruned=job.status == JobStatus.pruned)
         job.trial_told = True
     result = dict(study.result or {})
-    while room > 0 and study.configs_created < spec.n_configurations:
+    while can_create():
         (planned,) = study_search.next_configurations(spec, study.configs_created, 1)
         number, values = study_search.ask(optuna_study, spec, planned)
         study.configs_created += 1
         numbers = [number] + [study_search.ask(optuna_study, spec, values)[0] for _ in seeds[1:]]
+        budget -= len(seeds)  # asked, whether or not it becomes jobs
         try:
             specs = [trial_spec(spec, values, seed, study.configs_created) for seed in seeds]
-        except (ValidationError, ValueError) as exc:  # a sampled point the corner checks did not catch
+            # The job gate (repository.create_job) holds every trial to the job limits; the
+            # seeds of one configuration share them, so the first one refused is the first seed.
+            created = [create_job(session=session, spec=job_spec, project=study.project)[0] for job_spec in specs]
+        except (ValidationError, ValueError) as exc:  # a sampled point the checks at creation did not catch
             for n in numbers:
                 study_search.tell(optuna_study, n, None, pruned=False)
             message = str(exc) if isinstance(exc, ValidationError) else str(exc).splitlines()[0]
@@ -196,11 +225,11 @@ def advance_study(*, session: Session, study_id: uuid.UUID) -> Advance:
             )
             continue
         cid = config_id(values)
-        for job_spec, n in zip(specs, numbers):
-            job, _ = create_job(session=session, spec=job_spec, project=study.project)
+        for job, n in zip(created, numbers):
             job.study_id, job.config_id, job.trial_number = study.id, cid, n
             advance.new_jobs.append(job.id)
         room -= len(seeds)
+        project_room -= len(seeds)
     study.result = result
     if not advance.new_jobs and active == 0 and study.configs_created >= spec.n_configurations:
         finished = [job for job in jobs if job.status == JobStatus.succeeded]

@@ -130,7 +130,7 @@ def next_configurations(spec: StudySpec, created: int, wanted: int) -> list[dict
     remaining = max(0, spec.n_configurations - created)
     count = min(wanted, remaining)
     if isinstance(spec.search, GridSearch):
-        return list(spec.grid_configurations()[created : created + count])
+        return spec.grid_configurations(created, count)
     if isinstance(spec.search, (RandomSearch, TPESearch)):
         return [None] * count
     return [{}] * count  # the range test: the base spec itself

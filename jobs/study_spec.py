@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import math
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import ConfigDict, Discriminator, Field, Tag, model_validator
@@ -263,11 +264,12 @@ class StudySpec(SpecModel):
         first = int(self.base.get("seed", 0)) if isinstance(self.base.get("seed", 0), int) else 0
         return [first + i for i in range(self.repeats)]
 
-    def grid_configurations(self) -> list[dict[str, Any]]:
-        """The grid's configurations, in the order the space lists its paths."""
+    def grid_configurations(self, start: int = 0, count: int | None = None) -> list[dict[str, Any]]:
+        """The grid's configurations (from `start`, `count` of them), in the order the space lists its paths."""
         paths = list(self.space)
         values = [self.space[p].grid for p in paths]  # type: ignore[union-attr]
-        return [dict(zip(paths, combo)) for combo in itertools.product(*values)]
+        stop = None if count is None else start + count
+        return [dict(zip(paths, combo)) for combo in itertools.islice(itertools.product(*values), start, stop)]
 
 
 # --------------------------------------------------------------------------- sampled specs
@@ -328,20 +330,15 @@ def describe_values(values: dict[str, Any]) -> str:
     return ", ".join(f"{path}={json.dumps(value)}" for path, value in values.items()) or "the base spec"
 
 
-MAX_CHECKED_COMBINATIONS = 500
-
-
-def configurations_to_check(study: StudySpec) -> list[dict[str, Any]]:
-    """What is validated before any trial starts: every categorical combination (up to
-    MAX_CHECKED_COMBINATIONS), each with every range at its low and at its high end."""
+def configurations_to_check(study: StudySpec, most: int) -> Iterator[dict[str, Any]]:
+    """What is validated before any trial exists. A grid search: every configuration the
+    grid produces (the caller first checks that they are at most MAX_STUDY_TRIALS, and
+    passes that as `most`). A sampler: every categorical combination (up to `most`), each
+    with every range at its low and at its high end; each configuration the sampler then
+    proposes goes through the job gate again when its trials are created."""
     grids = {p: d.grid for p, d in study.space.items() if isinstance(d, GridDimension)}
     ranges = {p: dimension_bounds(d) for p, d in study.space.items() if not isinstance(d, GridDimension)}
-    combos = itertools.islice(itertools.product(*grids.values()), MAX_CHECKED_COMBINATIONS)
-    checked = []
-    for combo in combos:
+    for combo in itertools.islice(itertools.product(*grids.values()), most):
         fixed = dict(zip(grids, combo))
-        ends = [0, 1] if ranges else [0]
-        for end in ends:
-            checked.append(fixed | {p: bounds[end] for p, bounds in ranges.items()})  # type: ignore[index]
-    return checked
-
+        for end in [0, 1] if ranges else [0]:
+            yield fixed | {p: bounds[end] for p, bounds in ranges.items()}  # type: ignore[index]

@@ -24,7 +24,7 @@ from jobs import studies
 from jobs.dataset_store import read_dataset_arrays
 from jobs.db import session_scope
 from jobs.models import Job, JobCheckpoint
-from jobs.repository import claim_job, get_job, load_checkpoint, parse_uuid, set_mlflow_run, transition
+from jobs.repository import claim_next_job, get_job, load_checkpoint, parse_uuid, set_mlflow_run, transition
 from jobs.settings import settings
 from jobs.spec import JobSpec, UploadedDataset
 from jobs.states import ACTIVE, JobStatus
@@ -140,11 +140,13 @@ def execute_job(raw_job_id: str) -> Outcome:
         record_outcome(Outcome.skipped, 0.0)
         return Outcome.skipped
     with session_scope() as session:
-        attempt = claim_job(session=session, job_id=job_id, worker=worker_name(), lease_s=settings.lease_s)
+        # The message is a slot: the fairest queued job runs, not necessarily the one it names.
+        claim = claim_next_job(session=session, worker=worker_name(), lease_s=settings.lease_s)
+        job_id, attempt = (claim.job_id, claim.attempt) if claim else (job_id, None)
         job = get_job(session=session, job_id=job_id) if attempt else None
         checkpoint = load_checkpoint(session=session, job_id=job_id) if attempt and attempt > 1 else None
     if attempt is None or job is None:
-        log.info("job %s is not queued (duplicate delivery or cancelled); nothing to do", job_id)
+        log.info("message for job %s: no job is queued (a duplicate delivery, or cancelled); nothing to do", job_id)
         record_outcome(Outcome.skipped, time.monotonic() - started)
         return Outcome.skipped
     reporter = JobReporter(None, settings.checkpoint_min_interval_s)

@@ -11,7 +11,9 @@ process (one or several: rows are taken with SKIP LOCKED):
   the next) and writes the MLflow report of ended studies that still lack one;
 - enqueues again queued jobs nobody claimed for `unclaimed_requeue_s` (the
   broker lost the message, or was down when the job was submitted), as many as
-  PostgreSQL has queued jobs beyond the messages the broker holds.
+  PostgreSQL has queued jobs beyond the messages the broker holds. A message is a
+  slot (jobs/queue.py): whichever job it names, the worker runs the fairest queued
+  one, so what matters is that messages are at least as many as queued jobs.
 
 A process of its own, not a thread in the Celery parent: that parent forks a
 child per job, and a fork while another thread holds a lock can hang the child.

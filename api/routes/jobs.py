@@ -6,18 +6,18 @@ import logging
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import CallerDep, SessionDep
-from api.errors import problem, unprocessable
+from api.errors import problem, too_many, unprocessable
 from api.routes.operator import SUBMISSION_SECONDS
-from api.schemas import AUTH_RESPONSES, JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
+from api.schemas import AUTH_RESPONSES, QUOTA_RESPONSES, JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
 from jobs import dataset_store, repository
-from jobs.limits import limit_breaches
+from jobs.limits import LimitExceeded, QuotaExceeded
 from jobs.models import Job
 from jobs.queue import enqueue_job
 from jobs.settings import settings
@@ -67,6 +67,7 @@ SPEC_BODY_SCHEMA = {"requestBody": {"content": {"application/json": {"schema": {
         400: {"model": Problem, "description": "The body could not be read as JSON."},
         409: {"model": Problem, "description": "The Idempotency-Key was used with a different spec."},
         413: {"model": Problem, "description": "The body is larger than MAX_REQUEST_BYTES."},
+        **QUOTA_RESPONSES,
     },
     openapi_extra=SPEC_BODY_SCHEMA,
 )
@@ -95,8 +96,7 @@ def _submit(
     # The row is committed before the message is sent: a worker never sees an id
     # that is not in the database yet. PostgreSQL is the truth: if the broker is
     # down, the job stays queued and the reaper sends it once the broker is back.
-    if breaches := limit_breaches(spec, settings):
-        return unprocessable([problem("body", b.field, b.message, "limit_exceeded") for b in breaches])
+    # The limits are the job gate's (repository.create_job), the same for every job row.
     def create() -> tuple[Job, bool]:
         return repository.create_job(
             session=session, spec=spec, idempotency_key=idempotency_key, project=caller.project
@@ -112,6 +112,12 @@ def _submit(
     except repository.IdempotencyConflict as exc:
         session.rollback()
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    except LimitExceeded as exc:
+        session.rollback()
+        return unprocessable([problem("body", b.field, b.message, "limit_exceeded") for b in exc.breaches])
+    except QuotaExceeded as exc:
+        session.rollback()
+        return too_many(exc)
     if not created:
         response.status_code = status.HTTP_200_OK
         return JobPublic.from_row(job)
@@ -168,11 +174,35 @@ def cancel_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobPublic
 @router.get(
     "/{job_id}/metrics",
     response_model=dict[str, list[MetricPoint]],
-    responses={**NOT_FOUND, 503: {"model": Problem, "description": "MLflow is unreachable."}},
-)
-def job_metrics(job_id: str, session: SessionDep, caller: CallerDep) -> dict[str, list[MetricPoint]] | JSONResponse:
-    """Every metric's history, read back from the job's MLflow run ({} before the run exists)."""
+    responses={
+        **NOT_FOUND,
+        200: {"description": "One page of every metric's history; a `Link: <...>; rel=\"next\"` header "
+                             "names the next page while there is one."},
+        422: {"description": "Bad after_step or limit (over METRICS_PAGE_MAX)."},
+        503: {"model": Problem, "description": "MLflow is unreachable."},
+    },
+)  # fmt: skip
+def job_metrics(
+    job_id: str,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    caller: CallerDep,
+    after_step: Annotated[
+        int | None, Query(ge=-1, description="Only the points after this step (the previous page's last).")
+    ] = None,
+    limit: Annotated[
+        int | None,
+        Query(ge=1, description="Points per page at most (default METRICS_PAGE_DEFAULT, at most METRICS_PAGE_MAX); "
+                                "a step is never split."),
+    ] = None,
+) -> dict[str, list[MetricPoint]] | JSONResponse:
+    """Every metric's history, read back from the job's MLflow run ({} before the run exists),
+    a page at a time in step order: follow the Link header's `next` until there is none."""
     job = _job_or_404(session, caller, job_id)
+    if limit is not None and limit > settings.metrics_page_max:
+        return unprocessable([problem("query", "limit", f"at most {settings.metrics_page_max:,} points a page "
+                                      "(METRICS_PAGE_MAX)", "limit_exceeded")])  # fmt: skip
     if not job.mlflow_run_id:
         return {}
     try:
@@ -182,7 +212,33 @@ def job_metrics(job_id: str, session: SessionDep, caller: CallerDep) -> dict[str
         return JSONResponse(
             status_code=503, headers={"Retry-After": "5"}, content={"detail": "MLflow is unreachable; try again shortly"}
         )
-    return {
-        key: [MetricPoint(step=p["step"], value=finite_or_none(p["value"])) for p in points]
-        for key, points in histories.items()
-    }
+    page, last_step = _metrics_page(histories, after_step, limit or settings.metrics_page_default)
+    if last_step is not None:
+        # Relative (RFC 8288): right behind a proxy that serves the API under another name.
+        next_url = request.url.include_query_params(after_step=last_step, limit=limit or settings.metrics_page_default)
+        response.headers["Link"] = f'<{next_url.path}?{next_url.query}>; rel="next"'
+    return {key: [MetricPoint(step=p["step"], value=finite_or_none(p["value"])) for p in points]
+            for key, points in page.items()}  # fmt: skip
+
+
+def _metrics_page(
+    histories: dict[str, list[dict[str, float]]], after_step: int | None, limit: int
+) -> tuple[dict[str, list[dict[str, float]]], int | None]:
+    """(the points of the steps after `after_step`, whole steps while they fit in `limit`
+    points (the first step always), the page's last step when more steps follow, else None)."""
+    floor = -1 if after_step is None else after_step
+    per_step: dict[int, int] = {}
+    for points in histories.values():
+        for point in points:
+            if point["step"] > floor:
+                per_step[point["step"]] = per_step.get(point["step"], 0) + 1
+    steps = sorted(per_step)
+    taken, last = 0, None
+    for step in steps:
+        if last is not None and taken + per_step[step] > limit:
+            break
+        taken, last = taken + per_step[step], step
+    if last is None:
+        return {}, None
+    page = {key: [p for p in points if floor < p["step"] <= last] for key, points in histories.items()}
+    return {key: points for key, points in page.items() if points}, (last if last != steps[-1] else None)

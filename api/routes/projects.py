@@ -15,7 +15,7 @@ import uuid
 from fastapi import APIRouter, HTTPException, Response, status
 from mlflow.exceptions import MlflowException
 
-from api.deps import AdminDep, ServerAdminDep, SessionDep
+from api.deps import AdminDep, CallerDep, ServerAdminDep, SessionDep
 from api.schemas import (
     ADMIN_RESPONSES,
     BODY_RESPONSES,
@@ -26,9 +26,12 @@ from api.schemas import (
     Problem,
     ProjectCreate,
     ProjectCreated,
+    ProjectLimitsPublic,
+    ProjectLimitsUpdate,
 )
-from jobs import access, mlflow_tenancy
+from jobs import access, limits, mlflow_tenancy
 from jobs.access import Caller
+from jobs.settings import settings
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["admin"], responses=ADMIN_RESPONSES)
@@ -128,3 +131,48 @@ def revoke_key(key_id: str, session: SessionDep, caller: AdminDep) -> Response:
     log.info("key %s of project %s revoked by key %s", row.id, row.project, caller.key_id or "bootstrap")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
+
+# --------------------------------------------------------------------------- quotas (jobs/limits.py)
+
+LIMITS_RESPONSES = {404: {"model": Problem, "description": "No project with this name (or not the caller's)."}}
+
+
+def _limits_public(session: SessionDep, name: str) -> ProjectLimitsPublic:
+    usage = limits.project_usage(session=session, project=name, limits=settings)
+    if usage is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"project {name!r} does not exist")
+    own = usage.limits
+    return ProjectLimitsPublic(
+        project=name, max_active_jobs=own.max_active_jobs, max_study_parallelism=own.max_study_parallelism,
+        source={"max_active_jobs": "project" if own.active_jobs_overridden else "server",
+                "max_study_parallelism": "project" if own.study_parallelism_overridden else "server"},
+        active_jobs=usage.active_jobs, study_parallelism=usage.study_parallelism,
+    )  # fmt: skip
+
+
+@router.get("/projects/{name}/limits", response_model=ProjectLimitsPublic, responses=LIMITS_RESPONSES)
+def get_limits(name: str, session: SessionDep, caller: CallerDep) -> ProjectLimitsPublic:
+    """What the project may hold at once and what it holds now: a server admin reads any
+    project's, any other key its own project's (another project answers 404, like one that
+    does not exist)."""
+    if not caller.server_admin and caller.project != name:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"project {name!r} does not exist")
+    return _limits_public(session, name)
+
+
+@router.put(
+    "/projects/{name}/limits",
+    response_model=ProjectLimitsPublic,
+    responses={**BODY_RESPONSES, **LIMITS_RESPONSES},
+)
+def set_limits(name: str, body: ProjectLimitsUpdate, session: SessionDep, caller: ServerAdminDep) -> ProjectLimitsPublic:
+    """Set the project's own limits (null: the server's setting). Admitted work keeps
+    running; what is created from now on is held to them. Server-admin keys only."""
+    try:
+        limits.set_project_limits(session=session, project=name, max_active_jobs=body.max_active_jobs,
+                                  max_study_parallelism=body.max_study_parallelism)  # fmt: skip
+    except limits.UnknownProject as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    session.commit()
+    log.info("limits of project %s set to %s by key %s", name, body.model_dump(), caller.key_id or "bootstrap")
+    return _limits_public(session, name)

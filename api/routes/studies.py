@@ -8,27 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, status
+from fastapi import APIRouter, BackgroundTasks, Header, HTTPException, Query, status
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from api.deps import CallerDep, SessionDep
-from api.errors import describe, problem, unprocessable
+from api.errors import describe, problem, too_many, unprocessable
 from api.routes.events import (
     KEEPALIVE_S, POLL_WITHOUT_REDIS_S, STREAM_ID, STREAM_RESPONSES, Followed, event_stream_response, follow_stream, sse,
 )
-from api.schemas import AUTH_RESPONSES, BODY_RESPONSES, Problem, StudiesPublic, StudyPublic
+from api.schemas import AUTH_RESPONSES, BODY_RESPONSES, QUOTA_RESPONSES, Problem, StudiesPublic, StudyPublic
 from jobs import dataset_store, studies
 from jobs.access import Caller
-from jobs.db import session_factory
+from jobs.db import session_factory, session_scope
 from jobs.events import events_enabled, study_stream_key
 from jobs.states import STUDY_TERMINAL
-from jobs.limits import limit_breaches
+from jobs.limits import QuotaExceeded, limit_breaches
 from jobs.models import Study
 from jobs.queue import enqueue_job
 from jobs.repository import parse_uuid
@@ -55,13 +56,15 @@ def _public(session: SessionDep, study: Study) -> StudyPublic:
 
 def _problems(spec: StudySpec) -> list[dict]:
     """Why this study cannot run, in the API's 422 items; [] when it can."""
-    if spec.n_jobs > settings.max_study_jobs:
+    most = settings.max_study_trials
+    if spec.n_jobs > most:
         field = "repeats" if spec.repeats > 1 else "search.max_trials"
-        return [problem("body", field, f"the study would run {spec.n_configurations} configurations x "
-                        f"{spec.repeats} seeds = {spec.n_jobs} jobs; this server runs at most "
-                        f"{settings.max_study_jobs} per study (MAX_STUDY_JOBS)", "limit_exceeded")]  # fmt: skip
-    # Each configuration built once: validated as a job, then held to the job limits.
-    for values in configurations_to_check(spec):
+        return [problem("body", field, f"the study would run {spec.n_configurations:,} configurations x "
+                        f"{spec.repeats} seeds = {spec.n_jobs:,} jobs; this server runs at most "
+                        f"{most} per study (MAX_STUDY_TRIALS)", "limit_exceeded")]  # fmt: skip
+    # Each configuration built once: validated as a job, then held to the job limits (the
+    # check the job gate makes again when each trial is created).
+    for values in configurations_to_check(spec, most):
         where = f"with {describe_values(values)}"
         try:
             job = studies.trial_spec(spec, values, spec.seeds[0], 0)
@@ -87,11 +90,15 @@ def _invalid(spec: StudySpec, item: dict, where: str) -> dict:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=StudyPublic,
-    responses=BODY_RESPONSES,
+    responses={**BODY_RESPONSES, **QUOTA_RESPONSES},
 )
-def submit_study(spec: StudySpec, session: SessionDep, caller: CallerDep) -> StudyPublic | JSONResponse:
+def submit_study(
+    spec: StudySpec, session: SessionDep, caller: CallerDep, background: BackgroundTasks
+) -> StudyPublic | JSONResponse:
     """A base job spec, a search space over its fields, a search method, seeds, an
-    objective and a pruning rule; trials are ordinary jobs that belong to the study."""
+    objective and a pruning rule; trials are ordinary jobs that belong to the study.
+    Its first trials are created with it; the rest up to its parallelism just after
+    this answer (each trial is an Optuna ask: a large study would otherwise take seconds)."""
     try:  # an uploaded dataset in the base: its metadata from the database, as for a job
         base = dataset_store.resolve_uploaded_dataset(session=session, project=caller.project, spec=spec.base)
     except dataset_store.UnknownDataset as exc:
@@ -99,15 +106,35 @@ def submit_study(spec: StudySpec, session: SessionDep, caller: CallerDep) -> Stu
     spec = spec.model_copy(update={"base": base})
     if problems := _problems(spec):
         return unprocessable(problems)
-    study, job_ids = studies.create_study(session=session, spec=spec, project=caller.project)
+    try:
+        study, job_ids = studies.create_study(session=session, spec=spec, project=caller.project)
+    except QuotaExceeded as exc:
+        session.rollback()
+        return too_many(exc)
     session.commit()
-    for job_id in job_ids:  # committed first: a worker never sees an id the database lacks
+    _enqueue_trials(study.id, job_ids)  # committed first: a worker never sees an id the database lacks
+    background.add_task(_move_on, study.id)
+    return _public(session, study)
+
+
+def _enqueue_trials(study_id: uuid.UUID, job_ids: list[uuid.UUID]) -> None:
+    for job_id in job_ids:
         try:
             enqueue_job(job_id)
         except Exception as exc:  # noqa: BLE001 - still queued in PostgreSQL: the reaper sends it
-            log.warning("trial %s of study %s not yet enqueued (%s); the reaper will send it", job_id, study.id, exc)
+            log.warning("trial %s of study %s not yet enqueued (%s); the reaper will send it", job_id, study_id, exc)
             break
-    return _public(session, study)
+
+
+def _move_on(study_id: uuid.UUID) -> None:
+    """After the answer: the trials the study has room for beyond its first (should this
+    fail or the process stop, the reaper's next pass does it)."""
+    try:
+        with session_scope() as session:
+            step = studies.advance_study(session=session, study_id=study_id)
+        _enqueue_trials(study_id, step.new_jobs)
+    except Exception:  # noqa: BLE001 - the study is recorded; the reaper moves it on
+        log.exception("study %s: its next trials wait for the reaper", study_id)
 
 
 @router.get("", response_model=StudiesPublic)

@@ -5,7 +5,7 @@ each spec 4 MB). The names stay in `datasets.classes`; a spec's dataset now hold
 A data migration only: the schema does not change.
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-11-30
 """
 

@@ -28,6 +28,10 @@ UNIT_ENV = {
     "DESCENT_BOOTSTRAP_KEY": "unit-admin-4f1c9e7a2b6d8053e1a7c4f92d6b0e38",  # a server-admin key
     # Every test client is one address ("testclient"), and many tests send bad keys on purpose.
     "AUTH_FAILURE_LIMIT": "1000000",
+    # The suite's jobs are never run: the default project piles up thousands of queued jobs
+    # and running studies. Tests of the quotas set them per project (tests/unit/test_quotas.py).
+    "MAX_ACTIVE_JOBS_PER_PROJECT": "1000000",
+    "MAX_STUDY_PARALLELISM_PER_PROJECT": "1000000",
 }
 ADMIN_HEADERS = {"Authorization": "Bearer unit-admin-4f1c9e7a2b6d8053e1a7c4f92d6b0e38"}
 os.environ.update(UNIT_ENV)

@@ -79,7 +79,9 @@ def test_submit_returns_the_job_with_every_default_filled(client: TestClient) ->
     uuid.UUID(body["id"])
     assert body["name"] == "unit-iris"
     assert body["status"] == "queued"
-    assert body["spec"] == JobSpec.model_validate(SMALL_JOB).model_dump(mode="json")
+    # every default, the server's timeout (DEFAULT_TIMEOUT_S) included
+    expected = JobSpec.model_validate(SMALL_JOB | {"timeout_s": settings.default_timeout_s})
+    assert body["spec"] == expected.model_dump(mode="json")
     assert body["spec"]["optimizer"] == {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
     assert body["spec"]["schedule"] == {"name": "constant"}
     assert datetime.fromisoformat(body["created_at"]).tzinfo is not None
@@ -96,7 +98,7 @@ def test_submit_returns_the_job_with_every_default_filled(client: TestClient) ->
 
 def test_submit_with_an_empty_body_runs_the_default_job(client: TestClient) -> None:
     body = client.post("/v1/jobs", json={}).json()
-    assert body["spec"] == JobSpec().model_dump(mode="json")
+    assert body["spec"] == JobSpec(timeout_s=settings.default_timeout_s).model_dump(mode="json")
     assert body["progress"]["total_steps"] == JobSpec().total_steps
 
 
