@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -138,6 +139,7 @@ class ProcessGroup:
     stop_requested: bool = False
     hurry: bool = False
     _guard: subprocess.Popen | None = field(default=None, repr=False)
+    _guard_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # ------------------------------------------------------------------ starting
 
@@ -162,6 +164,7 @@ class ProcessGroup:
         """One pass of `make up`'s supervision: a child found dead has what is left of its
         group killed and its restart scheduled; one whose time has come is started again
         (without waiting for it to be ready). Returns what happened, for the operator."""
+        self.ensure_guard()
         now = time.monotonic()
         said = []
         for child in self.children:
@@ -242,33 +245,44 @@ class ProcessGroup:
     # ------------------------------------------------------------------ the orphan guard
 
     def _tell_guard(self, line: str) -> None:
-        for _ in range(2):
-            if self._guard is None or self._guard.poll() is not None:
-                if line.startswith("-"):
+        """`+pgid` / `-pgid` to the guard. Under a lock: tests start and stop children from
+        several threads, and a guard replaced unseen would take its groups down with it."""
+        with self._guard_lock:
+            for _ in range(2):
+                if line.startswith("-") and (self._guard is None or self._guard.poll() is not None):
                     return  # a new guard has nothing to forget
-                self._start_guard()
-            try:
-                self._guard.stdin.write(f"{line}\n".encode())
-                self._guard.stdin.flush()
-                return
-            except BrokenPipeError:  # the guard died (someone killed it): start another
-                self._guard = None
+                self._ensure_guard()
+                try:
+                    self._guard.stdin.write(f"{line}\n".encode())
+                    self._guard.stdin.flush()
+                    return
+                except BrokenPipeError:  # it died between the check and the write
+                    self._guard = None
 
-    def _start_guard(self) -> None:
+    def ensure_guard(self) -> None:
+        """Start the guard again if someone killed it (the supervising loop calls this)."""
+        with self._guard_lock:
+            if self._guard is not None:
+                self._ensure_guard()
+
+    def _ensure_guard(self) -> None:
+        if self._guard is not None and self._guard.poll() is None:
+            return
         self._guard = subprocess.Popen(
             [sys.executable, "-m", "launcher.orphan_guard"], stdin=subprocess.PIPE, cwd=REPO_ROOT,
             env=dict(self.env), start_new_session=True,  # out of reach of the terminal's Ctrl-C and hangup
         )  # fmt: skip
-        for child in self.children:
+        for child in self.children:  # a replacement learns what its predecessor knew
             if child.process.returncode is None:
                 self._guard.stdin.write(f"+{child.process.pid}\n".encode())
 
     def _close_guard(self) -> None:
-        if self._guard is not None:
-            with contextlib.suppress(BrokenPipeError):
-                self._guard.stdin.close()  # end of its input with nothing left to kill: it exits
-            self._guard.wait()
-            self._guard = None
+        with self._guard_lock:
+            if self._guard is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    self._guard.stdin.close()  # the end of its input with nothing listed: it exits
+                self._guard.wait()
+                self._guard = None
 
 
 def run_migrations(env: Mapping[str, str]) -> None:
