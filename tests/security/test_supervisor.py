@@ -49,12 +49,23 @@ class Proc:
     cmdline: str
 
     def alive(self) -> bool:
+        """Whether any of its threads still runs: a process whose main thread has ended
+        shows as a zombie while its other threads, and its open sockets, live on."""
         try:
             stat = Path(f"/proc/{self.pid}/stat").read_text()
+            threads = os.listdir(f"/proc/{self.pid}/task")
         except OSError:
             return False
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return fields[19] == self.start_time and fields[0] not in ("Z", "X")
+        if stat[stat.rindex(")") + 2 :].split()[19] != self.start_time:
+            return False  # another process with the same pid
+        for tid in threads:
+            try:
+                thread_stat = Path(f"/proc/{self.pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            if thread_stat[thread_stat.rindex(")") + 2] not in "ZX":
+                return True
+        return False
 
 
 def cmdline(pid: int) -> str:
