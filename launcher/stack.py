@@ -64,21 +64,24 @@ def stack_env(s: Settings) -> dict[str, str]:
 
 
 def start_stack(s: Settings, log_dir: Path, workers: int = 1, concurrency: int = 1,
-                start_mlflow: bool = True) -> ProcessGroup:  # fmt: skip
-    """Migrate, then start MLflow, the API, `workers` workers and the reaper; wait until each is ready."""
+                start_mlflow: bool = True, group: ProcessGroup | None = None) -> ProcessGroup:  # fmt: skip
+    """Migrate, then start MLflow, the API, `workers` workers and the reaper; wait until each is ready.
+
+    Into `group` if given (`make up` holds it before, to stop it from a signal handler):
+    a stop requested meanwhile ends the waiting with StopRequested, everything stopped."""
     s.ensure_home()
     env = stack_env(s)
     run_migrations(env)
-    group = ProcessGroup(log_dir=log_dir, env=env)
+    group = group if group is not None else ProcessGroup(log_dir=log_dir, env=env)
     try:
         if start_mlflow:
             mlflow = group.start("mlflow", mlflow_command(s))
-            wait_http(f"{s.mlflow_tracking_uri}/health", mlflow, timeout_s=120)
+            wait_http(f"{s.mlflow_tracking_uri}/health", mlflow, timeout_s=120, group=group)
         api = group.start("api", api_command(s))
-        wait_http(f"http://127.0.0.1:{s.api_port}/healthz", api)
+        wait_http(f"http://127.0.0.1:{s.api_port}/healthz", api, group=group)
         for i in range(workers):
             worker = group.start(f"worker-{i}", worker_command(s, concurrency, name=f"worker-{i}"))
-            wait_worker_ready(worker)
+            wait_worker_ready(worker, group=group)
         group.start("reaper", reaper_command())
     except BaseException:
         group.stop_all()
