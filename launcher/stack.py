@@ -45,6 +45,7 @@ def stack_env(s: Settings) -> dict[str, str]:
         "PROGRESS_INTERVAL_S": str(s.progress_interval_s),
         "WORKER_METRICS_PORT": str(s.worker_metrics_port),  # one worker per port: further workers serve none
         "SYSTEM_METRICS_INTERVAL_S": str(s.system_metrics_interval_s),
+        "TORCH_THREADS_PER_JOB": str(s.torch_threads_per_job),
         "PYTHONUNBUFFERED": "1",
         # MLflow's server-side job runner (GenAI evaluation, trace roll-ups) is not used
         # by Descent and would start eight more processes beside the server.
@@ -60,6 +61,9 @@ def start_stack(s: Settings, log_dir: Path, workers: int = 1, concurrency: int =
     """Migrate, then start MLflow, the API, `workers` workers and the reaper; wait until each is ready."""
     s.ensure_home()
     env = stack_env(s)
+    if workers > 1 and not s.torch_threads_per_job:
+        # These workers share this machine's cores: each job gets its share of all their slots.
+        env["TORCH_THREADS_PER_JOB"] = str(max(1, len(os.sched_getaffinity(0)) // (workers * concurrency)))
     run_migrations(env)
     group = ProcessGroup(log_dir=log_dir, env=env)
     try:
