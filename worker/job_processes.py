@@ -66,8 +66,16 @@ def warm_up_for_children() -> None:
     """Pay, in the parent, the first-use costs that every job would pay in its child.
     Nothing here may initialise CUDA: the children could not use it afterwards."""
     import matplotlib.pyplot as plt
-    import mlflow.pytorch
 
+    # mlflow.pytorch calls logging.basicConfig when imported; here that would come before
+    # Celery configures logging, and Celery's would then not apply: a placeholder handler
+    # makes basicConfig do nothing.
+    root, placeholder = logging.getLogger(), logging.NullHandler()
+    root.addHandler(placeholder)
+    try:
+        import mlflow.pytorch
+    finally:
+        root.removeHandler(placeholder)
     from worker.mlflow_run import confusion_figure, model_save_options
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))

@@ -18,7 +18,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunStatus  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, Param, RunStatus  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
@@ -131,7 +131,7 @@ def log_results(client: MlflowClient, run_id: str, spec: JobSpec, result: Traini
     raised, as if they had been sent one after another."""
     parts = [lambda: log_records(client, run_id, spec, result), lambda: log_figures(client, run_id, result)]
     if settings.log_model:
-        parts.append(lambda: log_model(run_id, result))
+        parts.append(lambda: log_model(client, run_id, result))
     with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="mlflow-results") as pool:
         futures = [pool.submit(part) for part in parts]
     for future in futures:
@@ -189,15 +189,21 @@ def model_save_options(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def log_model(run_id: str, result: TrainingResult) -> None:
-    # log_model needs the fluent API's active run; it is ended right here, in this thread
-    # (the job's final status is set afterwards by end_run, whatever happens next).
+def log_model(client: MlflowClient, run_id: str, result: TrainingResult) -> None:
+    """The model as a LoggedModel of the job's run, addressed by ids only.
+
+    Made here and then filled by `log_model(model_id=...)`: given the run instead (or the
+    fluent API's active run), MLflow reads every metric's whole history to tag the points
+    of one step with the model (one request a metric, each as long as the run) and
+    starts and ends the run around it: most of a short job's end, and growing with the run.
+    """
     import mlflow.pytorch
 
     model = result.model.to("cpu").eval()
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.start_run(run_id=run_id)
-    try:
-        mlflow.pytorch.log_model(model, name="model", **model_save_options(model))
-    finally:
-        mlflow.end_run(status=RunStatus.to_string(RunStatus.FINISHED))
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(
+        run.info.experiment_id, name="model", source_run_id=run_id, params=dict(run.data.params)
+    )
+    client.log_outputs(run_id, models=[LoggedModelOutput(logged.model_id, step=result.steps)])
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)  # the uploads go where the client points
+    mlflow.pytorch.log_model(model, name="model", model_id=logged.model_id, **model_save_options(model))
