@@ -219,6 +219,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, help="sequential short jobs (default 50; --quick 20)")
     parser.add_argument("--pairs", type=int, help="alone/together rounds of the concurrent test (default 2; --quick 1)")
     parser.add_argument("--long-epochs", type=int, default=60, help="epochs of the concurrent test's job")
+    parser.add_argument("--fresh-process-per-job", action="store_true",
+                        help="the worker runs each job in a new process, as it does with a CUDA build")  # fmt: skip
     args = parser.parse_args()
     n_jobs = args.jobs or (20 if args.quick else 50)
     pairs = args.pairs or (1 if args.quick else 2)
@@ -240,7 +242,7 @@ def main() -> None:
         descent_home=home, database_url=url + databases[0], broker_url=REDIS_URL,
         queue_name=f"job-cost-{uuid.uuid4().hex[:8]}", mlflow_port=free_port(), api_port=free_port(),
         mlflow_backend_store_uri=url + databases[1], mlflow_artifacts_destination=str(home / "mlartifacts"),
-        bootstrap_key=key,
+        bootstrap_key=key, fresh_process_per_job=True if args.fresh_process_per_job else None,
     )  # fmt: skip
     group = start_stack(settings, home / "logs", workers=1, concurrency=CONCURRENCY)
     try:
@@ -258,8 +260,9 @@ def main() -> None:
     overhead = statistics.median(seq["e2e"]) - local
     ratios = [statistics.mean(pair) / a for a, pair in zip(alone, together)]
     pure = trials * local
+    processes = "a new process per job" if args.fresh_process_per_job else "processes as the worker chooses"
     print(f"machine: {cores} cores, torch {torch.__version__}, {threads} torch thread(s) per job "
-          f"(worker concurrency {CONCURRENCY}); logs in {home / 'logs'}")  # fmt: skip
+          f"(worker concurrency {CONCURRENCY}), {processes}; logs in {home / 'logs'}")  # fmt: skip
     print(f"short job: digits, MLP [128, 64], adam, {spec.epochs} epochs ({spec.total_steps} steps)")
     print(f"  {'in-process (setup + train)':<34} median {local:6.3f} s")
     print(row(f"through the API ({n_jobs} jobs in a row)", seq["e2e"]))

@@ -51,6 +51,8 @@ def stack_env(s: Settings) -> dict[str, str]:
         # by Descent and would start eight more processes beside the server.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
+    if s.fresh_process_per_job is not None:
+        env["FRESH_PROCESS_PER_JOB"] = str(s.fresh_process_per_job).lower()
     if s.bootstrap_key is not None:
         env["DESCENT_BOOTSTRAP_KEY"] = s.bootstrap_key.get_secret_value()
     return env

@@ -35,6 +35,10 @@ def _prepare_child(**_: object) -> None:
     get_engine().dispose(close=False)
     logging.getLogger("worker").setLevel(logging.INFO)
     job_processes.limit_job_threads(_threads_per_job)
+    logging.getLogger("worker").info(
+        "jobs of this process: %d torch/BLAS thread(s), %s", _threads_per_job,
+        "one job (CUDA build)" if job_processes.children_run_one_job_each() else "one after another",
+    )  # fmt: skip
 
 
 @worker_init.connect
@@ -45,10 +49,6 @@ def _prepare_children(sender: object, **_: object) -> None:
         concurrency = job_processes.cores_available()
     _threads_per_job = job_processes.threads_per_job(concurrency)
     job_processes.warm_up_for_children()
-    logging.getLogger("worker").info(
-        "each job gets %d torch/BLAS thread(s); %s", _threads_per_job,
-        "a fresh process per job (CUDA build)" if job_processes.children_run_one_job_each() else "processes reused",
-    )  # fmt: skip
 
 
 @worker_init.connect

@@ -55,10 +55,13 @@ def limit_job_threads(threads: int) -> None:
 
 
 def children_run_one_job_each() -> bool:
-    """A fresh child per job only where a job can use CUDA: its process ending is what
-    returns all of a job's GPU memory (the CUDA context included), and the parent can
-    tell without initialising CUDA only from the build. A CPU-only torch build reuses
-    its children: no GPU memory to return, and no child to replace between two jobs."""
+    """By default a fresh child per job only where a job can use CUDA: its process ending
+    is what returns all of a job's GPU memory (the CUDA context included), and the parent
+    can tell without initialising CUDA only from the build. A CPU-only torch build reuses
+    its children: no GPU memory to return, and no child to replace between two jobs.
+    `FRESH_PROCESS_PER_JOB` decides otherwise (say, a CUDA image on a CPU-only machine)."""
+    if settings.fresh_process_per_job is not None:
+        return settings.fresh_process_per_job
     return torch.backends.cuda.is_built()
 
 

@@ -25,10 +25,12 @@ from worker import job_processes
 from worker.mlflow_run import model_save_options
 
 
-def run_python(code: str, **env: str) -> dict:
+def run_python(code: str, **env: str | None) -> dict:
+    """Runs `code` in a fresh interpreter with `env` (None: unset) and returns its last line, as JSON."""
+    environment = {k: v for k, v in (os.environ | {"PYTHONPATH": str(REPO_ROOT)} | env).items() if v is not None}
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
-        env=os.environ | {"PYTHONPATH": str(REPO_ROOT)} | env, cwd=REPO_ROOT,
+        env=environment, cwd=REPO_ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -62,17 +64,20 @@ WORKER_START_AND_A_CHILD = """
 """
 
 
-def test_torch_threads_per_job_sets_the_threads_of_torch_and_blas_in_a_job(tmp_path: Path) -> None:
+def test_the_settings_set_a_jobs_torch_and_blas_threads_and_its_process_per_job(tmp_path: Path) -> None:
     out = tmp_path / "child.json"
-    seen = run_python(WORKER_START_AND_A_CHILD.format(concurrency=2, out=out), TORCH_THREADS_PER_JOB="3")
+    seen = run_python(WORKER_START_AND_A_CHILD.format(concurrency=2, out=out), TORCH_THREADS_PER_JOB="3",
+                      FRESH_PROCESS_PER_JOB="true")  # fmt: skip
     assert seen["torch"] == 3
     assert seen["blas"] == [3]
+    assert seen["max_tasks_per_child"] == 1
 
 
 def test_by_default_a_job_gets_its_share_of_cores_in_a_warm_child_that_may_run_more_jobs(tmp_path: Path) -> None:
     cores = len(os.sched_getaffinity(0))
     out = tmp_path / "child.json"
-    seen = run_python(WORKER_START_AND_A_CHILD.format(concurrency=cores, out=out), TORCH_THREADS_PER_JOB="0")
+    seen = run_python(WORKER_START_AND_A_CHILD.format(concurrency=cores, out=out), TORCH_THREADS_PER_JOB="0",
+                      FRESH_PROCESS_PER_JOB=None)  # fmt: skip
     assert seen["torch"] == 1 and seen["blas"] == [1]  # as many jobs as cores: one thread each
     # The parent imported what every job would, before forking, and left CUDA alone.
     assert seen["warmed"] == {"torch._dynamo": True, "mlflow.pytorch": True}
@@ -116,3 +121,39 @@ def test_a_model_of_torch_layers_is_saved_without_the_trainer_package_and_loads_
     data = load_split(spec, torch.device("cpu"))
     recurrent = MODEL_BUILDERS["lstm"](spec.model, data.shape, data.n_classes)
     assert model_save_options(recurrent)["code_paths"] == [str(REPO_ROOT / "trainer")]
+
+
+def test_a_jobs_results_are_all_in_its_run_and_its_model_is_the_runs_and_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """log_results sends its parts at once and the model by ids: the run still ends up with
+    the spec, the confusion matrix (data and figure) and a LoggedModel of its own."""
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    from jobs.spec import JobSpec
+    from trainer.recipe import Trainer
+    from worker import mlflow_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setattr(mlflow_run.settings, "mlflow_tracking_uri", uri)
+    client = MlflowClient(tracking_uri=uri)
+    spec = JobSpec.model_validate({"name": "results", "dataset": {"name": "iris"}, "epochs": 1, "batch_size": 16})
+    experiment_id = client.create_experiment("results", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment_id).info.run_id
+    client.log_param(run_id, "optimizer.name", spec.optimizer.name)
+    trainer = Trainer(spec)
+    trainer.setup()
+    result = trainer.train()
+
+    mlflow_run.log_results(client, run_id, spec, result)
+
+    assert {"spec.yaml", "confusion_matrix.json", "confusion_matrix.png"} <= {
+        a.path for a in client.list_artifacts(run_id)
+    }
+    [logged] = client.search_logged_models(experiment_ids=[experiment_id])
+    assert logged.source_run_id == run_id and logged.params == {"optimizer.name": spec.optimizer.name}
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [logged.model_id]
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    assert model(torch.zeros(2, 4)).shape == (2, 3)
