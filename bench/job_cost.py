@@ -20,7 +20,10 @@ one worker with two job slots, the reaper), then measures side by side in one ru
 The last two lines are `api overhead per job: <seconds> s` and
 `two concurrent jobs, each vs alone: <ratio>`.
 
-  PYTHONPATH=$PWD .venv/bin/python bench/job_cost.py [--quick] [--jobs 50] [--pairs 2]
+  PYTHONPATH=$PWD .venv/bin/python bench/job_cost.py [--quick] [--jobs 50] [--pairs 2] [--fresh-process-per-job]
+
+--fresh-process-per-job runs the worker as it runs with a CUDA build of torch (a new
+process for every job, FRESH_PROCESS_PER_JOB=true), to measure what that costs on CPU.
 
 Needs PostgreSQL (TEST_PG_HOST/PORT/USER, default 127.0.0.1:5432 postgres) and Redis
 (TEST_REDIS_URL, default redis://127.0.0.1:6379/15), as the integration tests do.
@@ -75,10 +78,6 @@ def free_port() -> int:
 def admin_sql(sql: str) -> None:
     with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as conn:
         conn.execute(sql)
-
-
-def seconds_between(a: str, b: str) -> float:
-    return (datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds()
 
 
 def in_process(spec: JobSpec, repeats: int) -> float:

@@ -24,8 +24,6 @@ import torch
 
 from jobs.settings import settings
 
-log = logging.getLogger(__name__)
-
 # The environment variables that size the thread pools of libraries loaded after the
 # limit is set (OpenBLAS, MKL and OpenMP read them when they load).
 THREAD_ENV_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")

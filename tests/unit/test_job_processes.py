@@ -60,7 +60,8 @@ WORKER_START_AND_A_CHILD = """
     os.waitpid(pid, 0)
     with open("{out}") as f:
         child = json.load(f)
-    print(json.dumps(child | {{"warmed": warmed, "max_tasks_per_child": worker.app.celery_app.conf.worker_max_tasks_per_child}}))
+    recycling = worker.app.celery_app.conf.worker_max_tasks_per_child
+    print(json.dumps(child | {{"warmed": warmed, "max_tasks_per_child": recycling}}))
 """
 
 
