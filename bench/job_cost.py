@@ -5,7 +5,8 @@ databases, a private Redis queue, an `mlflow server` with a PostgreSQL store, th
 one worker with two job slots, the reaper), then measures side by side in one run:
 
 1. in-process: the 5-epoch digits MLP job's `Trainer.setup()` + `train()`, called in
-   this process (warm, with the torch thread count a job gets), median of several;
+   this process (warm, with the torch thread count a job gets), five times before the
+   jobs through the API and five times after them (the machine's speed drifts), median;
 2. through the API: the same job submitted N times in a row, each once the previous
    one succeeded: end to end (POST to `succeeded` seen by polling), the server-side
    parts (submit -> running, running -> first metric, first -> last metric, last metric
@@ -80,8 +81,8 @@ def admin_sql(sql: str) -> None:
         conn.execute(sql)
 
 
-def in_process(spec: JobSpec, repeats: int) -> float:
-    """Median seconds of setup + train, warm (the first call is not counted)."""
+def in_process(spec: JobSpec, repeats: int) -> list[float]:
+    """Seconds of setup + train, warm (the first call is not counted)."""
     times = []
     for i in range(repeats + 1):
         start = time.perf_counter()
@@ -90,7 +91,7 @@ def in_process(spec: JobSpec, repeats: int) -> float:
         trainer.train()
         if i:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 class Bench:
@@ -229,7 +230,7 @@ def main() -> None:
     threads = max(1, cores // CONCURRENCY)  # what a job of the stack's worker gets by default
     torch.set_num_threads(threads)
     spec = JobSpec.model_validate(SHORT_JOB)
-    local = in_process(spec, repeats=5)
+    local_times = in_process(spec, repeats=5)  # and as many after the jobs: the machine's speed drifts
 
     home = Path(tempfile.mkdtemp(prefix="job-cost-"))
     databases = [f"jobcost_{uuid.uuid4().hex[:8]}", f"jobcost_mlflow_{uuid.uuid4().hex[:8]}"]
@@ -249,6 +250,7 @@ def main() -> None:
                           headers={"Authorization": f"Bearer {key}"}) as api:  # fmt: skip
             bench = Bench(api, settings)
             seq = sequential_jobs(bench, n_jobs)
+            local_times += in_process(spec, repeats=5)
             alone, together = concurrent_ratio(bench, args.long_epochs, pairs)
             wall, trials = study_wall(bench, study_repeats)
     finally:
@@ -256,6 +258,7 @@ def main() -> None:
         for name in databases:
             admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
+    local = statistics.median(local_times)
     overhead = statistics.median(seq["e2e"]) - local
     ratios = [statistics.mean(pair) / a for a, pair in zip(alone, together)]
     pure = trials * local
@@ -263,7 +266,7 @@ def main() -> None:
     print(f"machine: {cores} cores, torch {torch.__version__}, {threads} torch thread(s) per job "
           f"(worker concurrency {CONCURRENCY}), {processes}; logs in {home / 'logs'}")  # fmt: skip
     print(f"short job: digits, MLP [128, 64], adam, {spec.epochs} epochs ({spec.total_steps} steps)")
-    print(f"  {'in-process (setup + train)':<34} median {local:6.3f} s")
+    print(row("in-process (setup + train)", local_times))
     print(row(f"through the API ({n_jobs} jobs in a row)", seq["e2e"]))
     print(row("  server side: created -> finished", seq["server"]))
     print(row("  submit -> running", seq["claim"]))
