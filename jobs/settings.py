@@ -171,6 +171,14 @@ class Settings(BaseSettings):
     system_metrics_interval_s: float = Field(
         10.0, ge=0, description="How often a job samples CPU, memory and GPU into its MLflow run; 0 = off."
     )
+    fresh_process_per_job: bool | None = Field(
+        None, description="Run each job in a new worker process, whose exit returns all its GPU memory; "
+        "unset: only with a CUDA build of torch (a CPU-only build reuses processes).",
+    )
+    torch_threads_per_job: int = Field(
+        0, ge=0, description="Threads of each job's torch and BLAS (numpy) work; 0 = the cores the worker "
+        "may use divided by its concurrency, so that jobs sharing a machine do not fight over cores.",
+    )
 
     # Crash recovery.
     lease_s: float = Field(30.0, gt=0, description="A running job whose worker is silent this long is lost.")

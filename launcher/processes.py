@@ -45,7 +45,8 @@ def api_command(s: Settings) -> list[str]:
 def worker_command(s: Settings, concurrency: int = 1, name: str = "worker") -> list[str]:
     return [
         str(BIN / "celery"), "-A", "worker.app", "worker",
-        "--loglevel=INFO", "--pool=prefork", f"--concurrency={concurrency}", "--max-tasks-per-child=1",
+        # Whether a child runs one job or many is worker/app.py's choice (CUDA builds: one).
+        "--loglevel=INFO", "--pool=prefork", f"--concurrency={concurrency}",
         "-Q", s.queue_name, "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
 

@@ -53,11 +53,14 @@ def stack_env(s: Settings) -> dict[str, str]:
         "AUTH_FAILURE_LIMIT": str(s.auth_failure_limit),
         "AUTH_FAILURE_WINDOW_S": str(s.auth_failure_window_s),
         "SYSTEM_METRICS_INTERVAL_S": str(s.system_metrics_interval_s),
+        "TORCH_THREADS_PER_JOB": str(s.torch_threads_per_job),
         "PYTHONUNBUFFERED": "1",
         # MLflow's server-side job runner (GenAI evaluation, trace roll-ups) is not used
         # by Descent and would start eight more processes beside the server.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
+    if s.fresh_process_per_job is not None:
+        env["FRESH_PROCESS_PER_JOB"] = str(s.fresh_process_per_job).lower()
     if s.bootstrap_key is not None:
         env["DESCENT_BOOTSTRAP_KEY"] = s.bootstrap_key.get_secret_value()
     return env
@@ -71,6 +74,9 @@ def start_stack(s: Settings, log_dir: Path, workers: int = 1, concurrency: int =
     a stop requested meanwhile ends the waiting with StopRequested, everything stopped."""
     s.ensure_home()
     env = stack_env(s)
+    if workers > 1 and not s.torch_threads_per_job:
+        # These workers share this machine's cores: each job gets its share of all their slots.
+        env["TORCH_THREADS_PER_JOB"] = str(max(1, len(os.sched_getaffinity(0)) // (workers * concurrency)))
     run_migrations(env)
     group = group if group is not None else ProcessGroup(log_dir=log_dir, env=env)
     try:

@@ -2,8 +2,10 @@
 
 Start one worker process per GPU:
   CUDA_VISIBLE_DEVICES=0 celery -A worker.app worker --concurrency=1 --pool=prefork
-The parent process never touches CUDA (jobs run in forked children, one job per
-child), so children can initialise CUDA themselves.
+The parent process never touches CUDA (jobs run in forked children), so children can
+initialise CUDA themselves. Before it forks, the parent pays the first-use costs that
+every job would otherwise pay again in its child (worker/job_processes.py); each child
+limits its threads to its share of the cores; with a CUDA build each child runs one job.
 """
 
 from __future__ import annotations
@@ -15,17 +17,38 @@ from celery.signals import worker_init, worker_process_init, worker_process_shut
 from jobs.db import get_engine
 from jobs.queue import make_celery
 from jobs.settings import settings
-from worker import prometheus_metrics
+from worker import job_processes, prometheus_metrics
 
 celery_app = make_celery()
 celery_app.conf.include = ["worker.tasks"]
+# Replaces the queue's setting of one job per child; the command line still wins.
+celery_app.conf.worker_max_tasks_per_child = 1 if job_processes.children_run_one_job_each() else None
+
+# Threads of each job, set by the parent at start (its concurrency is known then) and
+# inherited by the children it forks.
+_threads_per_job = 1
 
 
 @worker_process_init.connect
-def _fresh_connections_in_child(**_: object) -> None:
+def _prepare_child(**_: object) -> None:
     # The pool was copied by fork: drop the parent's connections without closing them.
     get_engine().dispose(close=False)
     logging.getLogger("worker").setLevel(logging.INFO)
+    job_processes.limit_job_threads(_threads_per_job)
+    logging.getLogger("worker").info(
+        "jobs of this process: %d torch/BLAS thread(s), %s", _threads_per_job,
+        "one job (CUDA build)" if job_processes.children_run_one_job_each() else "one after another",
+    )  # fmt: skip
+
+
+@worker_init.connect
+def _prepare_children(sender: object, **_: object) -> None:
+    global _threads_per_job
+    concurrency = getattr(sender, "concurrency", None)
+    if not isinstance(concurrency, int):  # --concurrency=auto, resolved after this signal: a job per core
+        concurrency = job_processes.cores_available()
+    _threads_per_job = job_processes.threads_per_job(concurrency)
+    job_processes.warm_up_for_children()
 
 
 @worker_init.connect

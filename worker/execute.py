@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from enum import StrEnum
 
@@ -225,17 +226,26 @@ def _run_attempt(
         reporter.keep_latest(result.final_metrics)
         if result.stopped_early and reporter.stop_reason == StopReason.timeout:
             raise TimeoutError(f"timed out after {spec.timeout_s:g} s (timeout_s), at step {result.steps}")
-        # Every metric is in MLflow before the job says it is done (MLflow down: waits a while).
+        # Every metric is in MLflow before the job says it is done (MLflow down: waits a while),
+        # and so are its results; they go while the sink sends the last metrics.
         wait_until = time.monotonic() + settings.mlflow_wait_at_end_s
-        sink.close(timeout_s=settings.mlflow_wait_at_end_s)
-        if result.stopped_early:
-            outcome = Outcome.pruned if reporter.stop_reason == StopReason.pruned else Outcome.cancelled
-        elif sink.run_id is None:
-            log.error("job %s trained, but MLflow stayed unreachable: no run, metrics or model recorded", job_id)
-            outcome = Outcome.succeeded
-        else:
-            _log_results_while_mlflow_returns(client, sink.run_id, spec, result, job_id, wait_until)
-            outcome = Outcome.succeeded
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-results") as pool:
+            results = None
+            if not result.stopped_early and sink.run_id is not None:
+                results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result, job_id,
+                                      wait_until)  # fmt: skip
+            sink.close(timeout_s=settings.mlflow_wait_at_end_s)
+            if result.stopped_early:
+                outcome = Outcome.pruned if reporter.stop_reason == StopReason.pruned else Outcome.cancelled
+            elif sink.run_id is None:
+                log.error("job %s trained, but MLflow stayed unreachable: no run, metrics or model recorded", job_id)
+                outcome = Outcome.succeeded
+            else:
+                if results is None:  # the sink opened the run only while sending the last metrics
+                    results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result,
+                                          job_id, wait_until)  # fmt: skip
+                results.result()
+                outcome = Outcome.succeeded
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
         log.exception("job %s failed", job_id)
         if sink is not None:

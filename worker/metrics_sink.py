@@ -110,20 +110,23 @@ class MlflowMetricSink:
         self.dropped = 0
         self._stop = threading.Event()
         self._revoked = threading.Event()
-        self.connected()  # the usual case: MLflow is up, the run exists before training starts
+        self._connecting = threading.Lock()
+        # The run is opened by the thread, at once: training starts meanwhile (opening takes a
+        # few requests, and many seconds while MLflow is unreachable).
         self._thread = threading.Thread(target=self._run, name="mlflow-sink", daemon=True)
         self._thread.start()
 
     def connected(self) -> bool:
-        if self.run_id is None:
-            try:
-                run_id, skip_through = self._connect()
-            except Exception as exc:  # noqa: BLE001 - MLflow down: train anyway, connect later
-                log.warning("MLflow unreachable, the run will be opened when it is back: %s", exc)
-                return False
-            self.skip_through = dict(skip_through)
-            self.run_id = run_id
-        return True
+        with self._connecting:
+            if self.run_id is None:
+                try:
+                    run_id, skip_through = self._connect()
+                except Exception as exc:  # noqa: BLE001 - MLflow down: train anyway, connect later
+                    log.warning("MLflow unreachable, the run will be opened when it is back: %s", exc)
+                    return False
+                self.skip_through = dict(skip_through)
+                self.run_id = run_id
+            return True
 
     def add(self, step: int, metrics: Mapping[str, float]) -> None:
         """Called from the training loop: append and return."""
@@ -181,7 +184,7 @@ class MlflowMetricSink:
         self.flush_once()  # clears the buffer, sends nothing
 
     def _run(self) -> None:
-        backoff = self.flush_interval_s
+        backoff = self.flush_interval_s if self.connected() else self.flush_interval_s * 2
         while not self._stop.wait(backoff):
             ok = self.flush_once()
             backoff = self.flush_interval_s if ok else min(backoff * 2, RETRY_BACKOFF_MAX_S)

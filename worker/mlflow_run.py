@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -14,8 +16,9 @@ matplotlib.use("Agg")  # no display on a worker
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import yaml  # noqa: E402
-from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunStatus  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, Param, RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 
@@ -118,69 +121,95 @@ def confusion_figure(matrix: list[list[int]], class_names: list[str]) -> plt.Fig
         for (i, j), count in np.ndenumerate(counts):
             color = "white" if count > counts.max() / 2 else "black"
             ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=8)
-    fig.tight_layout()
+    # Margins from the longest tick label, in inches (~0.09 in a character at 10 pt):
+    # tight_layout would measure them by drawing the whole figure once more (~40% of its cost).
+    shown = names if n <= CONFUSION_NAMES_MAX_CLASSES else [str(n)]
+    label = 0.09 * max((len(name) for name in shown), default=1)
+    fig.subplots_adjust(left=(0.6 + label) / size, bottom=(0.6 + 0.75 * label) / size, right=1 - 0.2 / size,
+                        top=1 - 0.45 / size)  # fmt: skip
     return fig
 
 
 def log_results(client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult) -> None:
-    """The spec, the confusion matrix and (optionally) the model, at the end of a job."""
+    """The spec, the confusion matrix, the diagnostics and (optionally) the model, at the
+    end of a job. The job says `succeeded` only once they are in, so they are sent at
+    once from a few threads (each part is mostly a wait on MLflow); the first failure is
+    raised, as if they had been sent one after another."""
+    parts = [lambda: log_records(client, run_id, spec, result), lambda: log_figures(client, run_id, result)]
+    if settings.log_model:
+        parts.append(lambda: log_model(client, run_id, result))
+    with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="mlflow-results") as pool:
+        futures = [pool.submit(part) for part in parts]
+    for future in futures:
+        future.result()
+
+
+def log_records(client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult) -> None:
+    """The spec, the confusion matrix and the diagnostics as data, the Hessian's verdict as a tag."""
     client.log_text(run_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec.yaml")
     client.log_dict(
         run_id, {"labels": result.class_names, "matrix": result.confusion_matrix}, "confusion_matrix.json"
     )
-    fig = confusion_figure(result.confusion_matrix, result.class_names)
-    try:
-        client.log_figure(run_id, fig, "confusion_matrix.png")
-    finally:
-        plt.close(fig)
-    log_diagnostics(client, run_id, result)
-    if settings.log_model:
-        log_model(run_id, result)
-
-
-def log_diagnostics(client: MlflowClient, run_id: str, result: TrainingResult) -> None:
-    """The diagnostics' summary, the Hessian's verdict as a tag, the landscape as data and figures."""
     if result.diagnostics:
         client.log_dict(run_id, result.diagnostics, "diagnostics/summary.json")
     hessian = result.diagnostics.get("hessian")
     if hessian is not None:
         client.set_tag(run_id, "descent.hessian_verdict", hessian["verdict"])
-    if result.landscape is None:
-        return
-    client.log_dict(run_id, result.landscape, "diagnostics/landscape.json")
+    if result.landscape is not None:
+        client.log_dict(run_id, result.landscape, "diagnostics/landscape.json")
+
+
+def log_figures(client: MlflowClient, run_id: str, result: TrainingResult) -> None:
+    """The confusion matrix and the loss landscape's slices, drawn one after another
+    (pyplot's figure registry is shared by the threads of a process)."""
+    figures = [("confusion_matrix.png", lambda: confusion_figure(result.confusion_matrix, result.class_names))]
     for key, draw in (("line", line_figure), ("plane", plane_figure)):
-        if key in result.landscape:
-            fig = draw(result.landscape[key])
-            try:
-                client.log_figure(run_id, fig, f"diagnostics/landscape_{'1d' if key == 'line' else '2d'}.png")
-            finally:
-                plt.close(fig)
+        if result.landscape is not None and key in result.landscape:
+            name = f"diagnostics/landscape_{'1d' if key == 'line' else '2d'}.png"
+            figures.append((name, lambda draw=draw, key=key: draw(result.landscape[key])))
+    for name, draw in figures:
+        fig = draw()
+        try:
+            client.log_figure(run_id, fig, name)
+        finally:
+            plt.close(fig)
 
 
-def log_model(run_id: str, result: TrainingResult) -> None:
-    # log_model needs the fluent API's active run; it is ended right here, in this thread
-    # (the job's final status is set afterwards by end_run, whatever happens next).
-    # pickle: it skips the slow torch.export path of the default 'pt2' format; the
-    # trainer package goes with the model for the classes that are not stock layers.
-    import mlflow.pytorch
-    import torch
+def model_save_options(model: torch.nn.Module) -> dict[str, Any]:
+    """How a job's model is saved, here and in the worker's warm-up (worker/job_processes.py).
 
+    pickle: it skips the slow torch.export path of the default 'pt2' format. The
+    requirements are stated, not inferred: inference runs the model in a subprocess
+    (~4 s a job). The trainer package goes with a model only when the model holds its
+    classes (sequence and transformer models, token readers): a pickle needs their
+    code wherever it is loaded, while a model of torch's own layers loads with torch
+    alone, and each file of the package is one more upload at the end of the job.
+    """
     import trainer
 
-    model = result.model.to("cpu").eval()
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.start_run(run_id=run_id)
-    try:
-        mlflow.pytorch.log_model(
-            model,
-            name="model",
-            serialization_format="pickle",
-            # Stated, not inferred: inference runs the model in a subprocess (~4 s a job).
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            # Sequence and transformer models are classes of trainer/models.py: the pickle
-            # needs that package wherever the model is loaded, so it travels with it.
-            code_paths=[str(Path(trainer.__file__).parent)],
-        )
-    finally:
-        mlflow.end_run(status=RunStatus.to_string(RunStatus.FINISHED))
+    own_classes = any(not type(module).__module__.startswith("torch.") for module in model.modules())
+    return {
+        "serialization_format": "pickle",
+        "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"],
+        "code_paths": [str(Path(trainer.__file__).parent)] if own_classes else None,
+    }
 
+
+def log_model(client: MlflowClient, run_id: str, result: TrainingResult) -> None:
+    """The model as a LoggedModel of the job's run, addressed by ids only.
+
+    Made here and then filled by `log_model(model_id=...)`: given the run instead (or the
+    fluent API's active run), MLflow reads every metric's whole history to tag the points
+    of one step with the model (one request a metric, each as long as the run) and
+    starts and ends the run around it: most of a short job's end, and growing with the run.
+    """
+    import mlflow.pytorch
+
+    model = result.model.to("cpu").eval()
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(
+        run.info.experiment_id, name="model", source_run_id=run_id, params=dict(run.data.params)
+    )
+    client.log_outputs(run_id, models=[LoggedModelOutput(logged.model_id, step=result.steps)])
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)  # the uploads go where the client points
+    mlflow.pytorch.log_model(model, name="model", model_id=logged.model_id, **model_save_options(model))

@@ -1,0 +1,291 @@
+"""What a job costs beyond its training, and what jobs sharing a machine cost each other.
+
+Starts its own stack the way `make up` does with PostgreSQL and Redis (fresh PostgreSQL
+databases, a private Redis queue, an `mlflow server` with a PostgreSQL store, the API,
+one worker with two job slots, the reaper), then measures side by side in one run:
+
+1. in-process: the 5-epoch digits MLP job's `Trainer.setup()` + `train()`, called in
+   this process (warm, with the torch thread count a job gets), five times before the
+   jobs through the API and five times after them (the machine's speed drifts), median;
+2. through the API: the same job submitted N times in a row, each once the previous
+   one succeeded: end to end (POST to `succeeded` seen by polling), the server-side
+   parts (submit -> running, running -> first metric, first -> last metric, last metric
+   -> succeeded, from the job's timestamps and its MLflow metric history), submit ->
+   running p50/p95, and whether each run was complete (metrics, params, tags, spec,
+   confusion matrix, model, FINISHED) when the job said `succeeded`;
+3. concurrent jobs: a longer digits job alone, then two at once, steps/s of each (from
+   the MLflow metric timestamps), alternating;
+4. a study of 16 digits trials (8 learning rates x 2 seeds, parallelism 2): wall time
+   against the trials' pure training time (16 x the in-process figure).
+
+The last two lines are `api overhead per job: <seconds> s` and
+`two concurrent jobs, each vs alone: <ratio>`.
+
+  PYTHONPATH=$PWD .venv/bin/python bench/job_cost.py [--quick] [--jobs 50] [--pairs 2] [--fresh-process-per-job]
+
+--fresh-process-per-job runs the worker as it runs with a CUDA build of torch (a new
+process for every job, FRESH_PROCESS_PER_JOB=true), to measure what that costs on CPU.
+
+Needs PostgreSQL (TEST_PG_HOST/PORT/USER, default 127.0.0.1:5432 postgres) and Redis
+(TEST_REDIS_URL, default redis://127.0.0.1:6379/15), as the integration tests do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import psycopg
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs.settings import Settings  # noqa: E402
+from jobs.spec import JobSpec  # noqa: E402
+from launcher.stack import start_stack  # noqa: E402
+from trainer.recipe import Trainer  # noqa: E402
+
+PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("TEST_PG_USER", "postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+CONCURRENCY = 2  # the worker's job slots: the concurrent jobs and the study's parallelism
+POLL_S = 0.01
+
+SHORT_JOB = {
+    "name": "job-cost", "dataset": {"name": "digits"}, "model": {"arch": "mlp", "hidden": [128, 64]},
+    "optimizer": {"name": "adam", "lr": 0.001}, "epochs": 5, "batch_size": 64, "seed": 1,
+}  # fmt: skip
+STUDY_LRS = [0.0003, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02]
+EXPECTED_ARTIFACTS = {"spec.yaml", "confusion_matrix.json", "confusion_matrix.png"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def admin_sql(sql: str) -> None:
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def in_process(spec: JobSpec, repeats: int) -> list[float]:
+    """Seconds of setup + train, warm (the first call is not counted)."""
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        trainer = Trainer(spec)
+        trainer.setup()
+        trainer.train()
+        if i:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+class Bench:
+    def __init__(self, api: httpx.Client, settings: Settings) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.api = api
+        self.mlflow = MlflowClient(settings.mlflow_tracking_uri)
+
+    def submit(self, spec: dict) -> tuple[str, float]:
+        sent = time.perf_counter()
+        response = self.api.post("/v1/jobs", json=spec)
+        response.raise_for_status()
+        return response.json()["id"], sent
+
+    def wait(self, job_id: str, timeout_s: float = 600) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = self.api.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                if job["status"] != "succeeded":
+                    raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
+                return job
+            time.sleep(POLL_S)
+        raise TimeoutError(f"job {job_id} did not end within {timeout_s} s")
+
+    def completeness(self, run_id: str) -> list[str]:
+        """What the run lacks, read right after the job said `succeeded`."""
+        run = self.mlflow.get_run(run_id)
+        missing = [] if run.info.status == "FINISHED" else [f"status {run.info.status}"]
+        if not {"train_loss", "val_accuracy", "epoch"} <= set(run.data.metrics):
+            missing.append("metrics")
+        if "optimizer.name" not in run.data.params:
+            missing.append("params")
+        if "descent.job_id" not in run.data.tags:
+            missing.append("tags")
+        artifacts = {a.path for a in self.mlflow.list_artifacts(run_id)}
+        missing += sorted(EXPECTED_ARTIFACTS - artifacts)
+        models = self.mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                                  filter_string=f"source_run_id = '{run_id}'")  # fmt: skip
+        if not models:
+            missing.append("model")
+        return missing
+
+    def metric_span(self, run_id: str) -> tuple[float, float, int]:
+        """(first, last) train_loss timestamps in seconds since the epoch, and the steps between."""
+        history = sorted(self.mlflow.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
+        return history[0].timestamp / 1000, history[-1].timestamp / 1000, history[-1].step - history[0].step
+
+    def steps_per_s(self, run_id: str) -> float:
+        first, last, steps = self.metric_span(run_id)
+        return steps / (last - first)
+
+
+def sequential_jobs(bench: Bench, n: int) -> dict[str, list[float]]:
+    parts: dict[str, list[float]] = {k: [] for k in ("e2e", "server", "claim", "to_metric", "train", "to_end")}
+    incomplete = []
+    for _ in range(n):
+        job_id, sent = bench.submit(SHORT_JOB)
+        job = bench.wait(job_id)
+        parts["e2e"].append(time.perf_counter() - sent)
+        missing = bench.completeness(job["mlflow"]["run_id"])
+        if missing:
+            incomplete.append((job_id, missing))
+        first, last, _ = bench.metric_span(job["mlflow"]["run_id"])
+        created, started, finished = (datetime.fromisoformat(job[k]).timestamp()
+                                      for k in ("created_at", "started_at", "finished_at"))  # fmt: skip
+        parts["server"].append(finished - created)
+        parts["claim"].append(started - created)
+        parts["to_metric"].append(first - started)
+        parts["train"].append(last - first)
+        parts["to_end"].append(finished - last)
+    parts["incomplete"] = incomplete  # type: ignore[assignment]
+    return parts
+
+
+def concurrent_ratio(bench: Bench, epochs: int, pairs: int) -> tuple[list[float], list[list[float]]]:
+    spec = SHORT_JOB | {"name": "job-cost-long", "epochs": epochs}
+    alone, together = [], []
+    for _ in range(pairs):
+        job_id, _ = bench.submit(spec)
+        alone.append(bench.steps_per_s(bench.wait(job_id)["mlflow"]["run_id"]))
+        ids = [bench.submit(spec | {"seed": seed})[0] for seed in (2, 3)]
+        together.append([bench.steps_per_s(bench.wait(i)["mlflow"]["run_id"]) for i in ids])
+    return alone, together
+
+
+def study_wall(bench: Bench, repeats: int) -> tuple[float, int]:
+    study = {
+        "name": f"job-cost-{uuid.uuid4().hex[:6]}",
+        "base": {k: v for k, v in SHORT_JOB.items() if k not in ("name", "optimizer")}
+        | {"optimizer": {"name": "adam", "lr": 0.001}},
+        "space": {"optimizer.lr": {"grid": STUDY_LRS}},
+        "search": {"method": "grid", "parallelism": CONCURRENCY},
+        "repeats": repeats,
+        "objective": {"metric": "val_accuracy", "target": 0.5},
+    }
+    start = time.perf_counter()
+    response = bench.api.post("/v1/studies", json=study)
+    response.raise_for_status()
+    study_id = response.json()["id"]
+    while True:
+        body = bench.api.get(f"/v1/studies/{study_id}").json()
+        if body["status"] != "running":
+            wall = time.perf_counter() - start
+            if body["status"] != "succeeded":
+                raise RuntimeError(f"study ended {body['status']}: {body}")
+            return wall, sum(body["trials"].values())
+        time.sleep(0.05)
+
+
+def row(label: str, values: list[float]) -> str:
+    return (f"  {label:<34} median {statistics.median(values):6.3f} s   p95 {percentile(values, 95):6.3f} s   "
+            f"max {max(values):6.3f} s")  # fmt: skip
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer jobs (20), one pair, an 8-trial study")
+    parser.add_argument("--jobs", type=int, help="sequential short jobs (default 50; --quick 20)")
+    parser.add_argument("--pairs", type=int, help="alone/together rounds of the concurrent test (default 2; --quick 1)")
+    parser.add_argument("--long-epochs", type=int, default=60, help="epochs of the concurrent test's job")
+    parser.add_argument("--fresh-process-per-job", action="store_true",
+                        help="the worker runs each job in a new process, as it does with a CUDA build")  # fmt: skip
+    args = parser.parse_args()
+    n_jobs = args.jobs or (20 if args.quick else 50)
+    pairs = args.pairs or (1 if args.quick else 2)
+    study_repeats = 1 if args.quick else 2
+
+    cores = len(os.sched_getaffinity(0))
+    threads = max(1, cores // CONCURRENCY)  # what a job of the stack's worker gets by default
+    torch.set_num_threads(threads)
+    spec = JobSpec.model_validate(SHORT_JOB)
+    local_times = in_process(spec, repeats=5)  # and as many after the jobs: the machine's speed drifts
+
+    home = Path(tempfile.mkdtemp(prefix="job-cost-"))
+    databases = [f"jobcost_{uuid.uuid4().hex[:8]}", f"jobcost_mlflow_{uuid.uuid4().hex[:8]}"]
+    for name in databases:
+        admin_sql(f'CREATE DATABASE "{name}"')
+    key = "bench-" + uuid.uuid4().hex
+    url = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/"
+    settings = Settings(
+        descent_home=home, database_url=url + databases[0], broker_url=REDIS_URL,
+        queue_name=f"job-cost-{uuid.uuid4().hex[:8]}", mlflow_port=free_port(), api_port=free_port(),
+        mlflow_backend_store_uri=url + databases[1], mlflow_artifacts_destination=str(home / "mlartifacts"),
+        bootstrap_key=key, fresh_process_per_job=True if args.fresh_process_per_job else None,
+    )  # fmt: skip
+    group = start_stack(settings, home / "logs", workers=1, concurrency=CONCURRENCY)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30,
+                          headers={"Authorization": f"Bearer {key}"}) as api:  # fmt: skip
+            bench = Bench(api, settings)
+            seq = sequential_jobs(bench, n_jobs)
+            local_times += in_process(spec, repeats=5)
+            alone, together = concurrent_ratio(bench, args.long_epochs, pairs)
+            wall, trials = study_wall(bench, study_repeats)
+    finally:
+        group.stop_all()
+        for name in databases:
+            admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    local = statistics.median(local_times)
+    overhead = statistics.median(seq["e2e"]) - local
+    ratios = [statistics.mean(pair) / a for a, pair in zip(alone, together)]
+    pure = trials * local
+    processes = "a new process per job" if args.fresh_process_per_job else "processes as the worker chooses"
+    print(f"machine: {cores} cores, torch {torch.__version__}, {threads} torch thread(s) per job "
+          f"(worker concurrency {CONCURRENCY}), {processes}; logs in {home / 'logs'}")  # fmt: skip
+    print(f"short job: digits, MLP [128, 64], adam, {spec.epochs} epochs ({spec.total_steps} steps)")
+    print(row("in-process (setup + train)", local_times))
+    print(row(f"through the API ({n_jobs} jobs in a row)", seq["e2e"]))
+    print(row("  server side: created -> finished", seq["server"]))
+    print(row("  submit -> running", seq["claim"]))
+    print(row("  running -> first metric", seq["to_metric"]))
+    print(row("  first -> last metric", seq["train"]))
+    print(row("  last metric -> succeeded", seq["to_end"]))
+    complete = n_jobs - len(seq["incomplete"])
+    print(f"  runs complete when the job said succeeded: {complete}/{n_jobs}"
+          + "".join(f"\n    {job}: missing {', '.join(m)}" for job, m in seq["incomplete"]))  # fmt: skip
+    print(f"submit -> running: p50 {statistics.median(seq['claim']) * 1000:.0f} ms, "
+          f"p95 {percentile(seq['claim'], 95) * 1000:.0f} ms over {n_jobs} jobs")  # fmt: skip
+    print(f"concurrent: digits {args.long_epochs} epochs; alone "
+          + ", ".join(f"{a:.0f}" for a in alone) + " steps/s; two at once "
+          + ", ".join(f"{p[0]:.0f} + {p[1]:.0f}" for p in together) + " steps/s")  # fmt: skip
+    print(f"study: {trials} trials, parallelism {CONCURRENCY}: wall {wall:.1f} s, pure training "
+          f"{pure:.1f} s ({trials} x in-process), wall / pure training {wall / pure:.1f}x")  # fmt: skip
+    print(f"api overhead per job: {overhead:.3f} s")
+    print(f"two concurrent jobs, each vs alone: {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()

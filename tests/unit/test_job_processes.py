@@ -1,0 +1,160 @@
+"""The processes jobs run in (worker/job_processes.py, wired by worker/app.py): a job's
+torch and BLAS threads, the parent's warm-up before it forks, whether children are reused,
+and how a model is saved so that it loads where it is needed.
+
+Thread limits and imports are process-wide, so those checks run in a fresh interpreter
+that goes through the worker's own Celery signal handlers, as a worker does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.settings import Settings
+from launcher.processes import worker_command
+from launcher.stack import stack_env
+from tests.unit.conftest import REPO_ROOT
+from worker import job_processes
+from worker.mlflow_run import model_save_options
+
+
+def run_python(code: str, **env: str | None) -> dict:
+    """Runs `code` in a fresh interpreter with `env` (None: unset) and returns its last line, as JSON."""
+    environment = {k: v for k, v in (os.environ | {"PYTHONPATH": str(REPO_ROOT)} | env).items() if v is not None}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+        env=environment, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# A worker's start, as Celery runs it: worker_init in the parent (the concurrency is
+# known), then the pool forks a child, which gets worker_process_init; a job runs there.
+WORKER_START_AND_A_CHILD = """
+    import json, os, sys
+    class Worker:  # what worker_init's sender tells: the worker's concurrency
+        concurrency = {concurrency}
+    from celery.signals import worker_init, worker_process_init
+    import worker.app
+    worker_init.send(sender=Worker())
+    warmed = {{name: name in sys.modules for name in ("torch._dynamo", "mlflow.pytorch")}}
+    pid = os.fork()
+    if pid == 0:
+        import numpy, torch
+        from threadpoolctl import threadpool_info
+        worker_process_init.send(sender="test")
+        numpy.ones((64, 64)) @ numpy.ones((64, 64))  # BLAS loaded and used, as a job's numpy would
+        blas = sorted({{p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}})
+        with open("{out}", "w") as f:
+            json.dump({{"torch": torch.get_num_threads(), "blas": blas,
+                        "cuda_initialised": torch.cuda.is_initialized()}}, f)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    with open("{out}") as f:
+        child = json.load(f)
+    recycling = worker.app.celery_app.conf.worker_max_tasks_per_child
+    print(json.dumps(child | {{"warmed": warmed, "max_tasks_per_child": recycling}}))
+"""
+
+
+def test_the_settings_set_a_jobs_torch_and_blas_threads_and_its_process_per_job(tmp_path: Path) -> None:
+    out = tmp_path / "child.json"
+    seen = run_python(WORKER_START_AND_A_CHILD.format(concurrency=2, out=out), TORCH_THREADS_PER_JOB="3",
+                      FRESH_PROCESS_PER_JOB="true")  # fmt: skip
+    assert seen["torch"] == 3
+    assert seen["blas"] == [3]
+    assert seen["max_tasks_per_child"] == 1
+
+
+def test_by_default_a_job_gets_its_share_of_cores_in_a_warm_child_that_may_run_more_jobs(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    out = tmp_path / "child.json"
+    seen = run_python(WORKER_START_AND_A_CHILD.format(concurrency=cores, out=out), TORCH_THREADS_PER_JOB="0",
+                      FRESH_PROCESS_PER_JOB=None)  # fmt: skip
+    assert seen["torch"] == 1 and seen["blas"] == [1]  # as many jobs as cores: one thread each
+    # The parent imported what every job would, before forking, and left CUDA alone.
+    assert seen["warmed"] == {"torch._dynamo": True, "mlflow.pytorch": True}
+    assert seen["cuda_initialised"] is False
+    # A child runs one job only where a job can use CUDA (its exit returns the GPU memory).
+    assert seen["max_tasks_per_child"] == (1 if torch.backends.cuda.is_built() else None)
+    # The command line would override the worker's choice, so it does not set it.
+    assert not any(arg.startswith("--max-tasks-per-child") for arg in worker_command(Settings()))
+
+
+def test_threads_per_job_default_and_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(job_processes, "cores_available", lambda: 16)
+    monkeypatch.setattr(job_processes.settings, "torch_threads_per_job", 0)
+    assert [job_processes.threads_per_job(c) for c in (1, 2, 3, 4, 32)] == [16, 8, 5, 4, 1]
+    monkeypatch.setattr(job_processes.settings, "torch_threads_per_job", 6)
+    assert job_processes.threads_per_job(4) == 6
+    assert stack_env(Settings(torch_threads_per_job=6))["TORCH_THREADS_PER_JOB"] == "6"
+
+
+def test_a_model_of_torch_layers_is_saved_without_the_trainer_package_and_loads_without_it(tmp_path: Path) -> None:
+    import mlflow.pytorch
+
+    from jobs.spec import JobSpec
+    from trainer.models import MODEL_BUILDERS
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    assert model_save_options(mlp)["code_paths"] is None
+    mlflow.pytorch.save_model(mlp, tmp_path / "mlp", **model_save_options(mlp))
+    loaded = run_python(f"""
+        import json, sys
+        sys.modules["trainer"] = None  # the trainer package cannot be imported here
+        import mlflow.pytorch, torch
+        model = mlflow.pytorch.load_model("{tmp_path / 'mlp'}")
+        print(json.dumps({{"outputs": list(model(torch.zeros(2, 4)).shape)}}))
+    """)  # fmt: skip
+    assert loaded["outputs"] == [2, 3]
+
+    spec = JobSpec.model_validate({"name": "x", "dataset": {"name": "sequence_memory"}, "model": {"arch": "lstm"}})
+    from trainer.data import load_split
+
+    data = load_split(spec, torch.device("cpu"))
+    recurrent = MODEL_BUILDERS["lstm"](spec.model, data.shape, data.n_classes)
+    assert model_save_options(recurrent)["code_paths"] == [str(REPO_ROOT / "trainer")]
+
+
+def test_a_jobs_results_are_all_in_its_run_and_its_model_is_the_runs_and_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """log_results sends its parts at once and the model by ids: the run still ends up with
+    the spec, the confusion matrix (data and figure) and a LoggedModel of its own."""
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    from jobs.spec import JobSpec
+    from trainer.recipe import Trainer
+    from worker import mlflow_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setattr(mlflow_run.settings, "mlflow_tracking_uri", uri)
+    client = MlflowClient(tracking_uri=uri)
+    spec = JobSpec.model_validate({"name": "results", "dataset": {"name": "iris"}, "epochs": 1, "batch_size": 16})
+    experiment_id = client.create_experiment("results", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment_id).info.run_id
+    client.log_param(run_id, "optimizer.name", spec.optimizer.name)
+    trainer = Trainer(spec)
+    trainer.setup()
+    result = trainer.train()
+
+    mlflow_run.log_results(client, run_id, spec, result)
+
+    assert {"spec.yaml", "confusion_matrix.json", "confusion_matrix.png"} <= {
+        a.path for a in client.list_artifacts(run_id)
+    }
+    [logged] = client.search_logged_models(experiment_ids=[experiment_id])
+    assert logged.source_run_id == run_id and logged.params == {"optimizer.name": spec.optimizer.name}
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [logged.model_id]
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
+    assert model(torch.zeros(2, 4)).shape == (2, 3)
