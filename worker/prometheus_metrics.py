@@ -113,6 +113,21 @@ def job_metrics() -> JobMetrics | None:
     return JobMetrics() if enabled() else None
 
 
+def drop_live_gauges() -> None:
+    """A job is over: its live gauges (steps/s, GPU memory) go now. prometheus_client
+    cannot remove a label in multiprocess mode, and a child that runs job after job would
+    list every job it ran at 0 until it exits; so this process's live-gauge files are
+    deleted and its metrics rebuilt at the next job. Counters and histograms keep their
+    files, and so their counts."""
+    if not enabled():
+        return
+    from prometheus_client import multiprocess, values
+
+    multiprocess.mark_process_dead(os.getpid())
+    values.ValueClass = values.get_value_class()  # fresh files for the metrics built next
+    job_metrics.cache_clear()
+
+
 def record_outcome(outcome: str, seconds: float) -> None:
     metrics = job_metrics()
     if metrics is not None:
@@ -187,8 +202,7 @@ class RunningJobGauges:
             return
         self._stop.set()
         self._thread.join()
-        # The job is over: it runs no steps (the series goes when this child exits).
-        self.metrics.steps_per_second.labels(self.job_id).set(0)
+        drop_live_gauges()
 
 
 # ---------------------------------------------------------------- the worker's main process

@@ -43,6 +43,7 @@ class JobSystemMetrics(SystemMetricsMonitor):
         current_step: Callable[[], int],
         interval_s: float,
         may_send: Callable[[], bool] = lambda: True,
+        open_run: Callable[[], bool] = lambda: True,
     ) -> None:
         super().__init__(run_id=None, sampling_interval=interval_s, tracking_uri=client.tracking_uri)
         uri = client.tracking_uri
@@ -50,6 +51,7 @@ class JobSystemMetrics(SystemMetricsMonitor):
         self._current_run_id = run_id
         self._current_step = current_step
         self._may_send = may_send
+        self._open_run = open_run
         self.sent = 0  # samples MLflow took
         self.missed = 0  # samples taken while MLflow was unreachable or the run not yet open
         self._stop = threading.Event()
@@ -83,7 +85,11 @@ class JobSystemMetrics(SystemMetricsMonitor):
         psutil.cpu_percent()  # its first reading is meaningless: this starts its clock
         while not self._stop.wait(self.sampling_interval):
             self._sample_safely()
-        self._sample_safely()  # the last stretch, so that a short job has a sample too
+        # The last stretch, so that a short job has a sample too: such a job may end before
+        # the sink has opened its run (it does so from its own thread), so wait for that.
+        if self._current_run_id() is None and self._may_send():
+            self._open_run()
+        self._sample_safely()
 
     def _sample_safely(self) -> None:
         try:
@@ -118,4 +124,5 @@ def job_system_metrics(
     return JobSystemMetrics(
         client, lambda: sink.run_id, lambda: reporter.step, settings.system_metrics_interval_s,
         may_send=lambda: monitor.lease_is_fresh() and reporter.stop_reason != StopReason.lease_lost,
+        open_run=sink.connected,
     )  # fmt: skip

@@ -93,7 +93,7 @@ def client(proxy: FlakyProxy) -> Iterator[Client]:
 def test_events_resume_after_a_dropped_connection_without_a_gap_or_a_repeat(
     stack: Stack, proxy: FlakyProxy, client: Client
 ) -> None:
-    job = client.submit(DIGITS_ADAM | {"name": "it-client-events", "epochs": 30})
+    job = client.submit(DIGITS_ADAM | {"name": "it-client-events", "epochs": 400})
     received: list[dict] = []
     dropped_after: str | None = None
     for event in client.events(job["id"]):

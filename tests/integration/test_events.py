@@ -28,7 +28,7 @@ def as_tuple(stream_id: str) -> tuple[int, int]:
 
 
 def test_a_live_stream_resumes_without_gaps_and_closes_with_the_final_state(stack: Stack) -> None:
-    job = stack.submit(DIGITS_ADAM | {"name": "it-events", "epochs": 30})
+    job = stack.submit(DIGITS_ADAM | {"name": "it-events", "epochs": 400})
     url = f"/v1/jobs/{job['id']}/events"
 
     first: list[dict] = []
