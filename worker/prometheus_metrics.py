@@ -202,7 +202,11 @@ class RunningJobGauges:
             return
         self._stop.set()
         self._thread.join()
-        drop_live_gauges()
+        # The job is over: its live series go.
+        if enabled():
+            drop_live_gauges()
+        else:  # an in-memory registry
+            self.metrics.steps_per_second.remove(self.job_id)
 
 
 # ---------------------------------------------------------------- the worker's main process
