@@ -35,7 +35,7 @@ def make_celery(name: str = "descent") -> Celery:
         task_acks_late=True,  # a job whose worker dies before the end is delivered again
         task_reject_on_worker_lost=True,  # ... also when the process was killed (SIGKILL, OOM)
         worker_prefetch_multiplier=1,  # never reserve a job this worker cannot start yet
-        worker_max_tasks_per_child=1,  # a fresh process (and fresh GPU memory) per job
+        # worker_max_tasks_per_child: set by worker/app.py (a fresh process per job with a CUDA build)
         broker_connection_retry_on_startup=True,
         # (The SQLAlchemy transport of the embedded default hands these to create_engine.)
         broker_transport_options=(
