@@ -88,5 +88,10 @@ def warm_up_for_children() -> None:
         plt.close(figure)
     with tempfile.TemporaryDirectory() as directory:
         mlflow.pytorch.save_model(model, Path(directory) / "model", **model_save_options(model))
+    # A study's trial loads its Optuna study before it trains (pruning) and moves the study
+    # on when it ends; the storage's first build is paid here, its connection closed.
+    from jobs import study_search
+
+    study_search.warm_storage()
     if torch.cuda.is_initialized():  # a dependency changed under us: fail loudly, not in every child
         raise RuntimeError("warming up the worker initialised CUDA in the parent; forked jobs could not use it")

@@ -22,6 +22,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from jobs import studies
@@ -45,7 +46,13 @@ RUN_STATUS_OF_STUDY = {StudyStatus.succeeded: RunStatus.FINISHED, StudyStatus.fa
 
 def ensure_parent_run(client: MlflowClient, study_id: uuid.UUID) -> str:
     """The study's parent run, created by the first trial that needs it (the row lock
-    makes concurrent first trials agree on one)."""
+    makes concurrent first trials agree on one). Once made it never changes: later trials
+    read it without the lock, which a trial ending in the same study (moving it on) holds
+    for tens of milliseconds while this trial's run waits to open."""
+    with session_scope() as session:
+        known = session.scalar(select(Study.mlflow_run_id).where(Study.id == study_id))
+    if known:
+        return known
     with session_scope() as session:
         study = studies.lock_study(session, study_id)
         assert study is not None

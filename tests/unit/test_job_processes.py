@@ -46,6 +46,9 @@ WORKER_START_AND_A_CHILD = """
     import worker.app
     worker_init.send(sender=Worker())
     warmed = {{name: name in sys.modules for name in ("torch._dynamo", "mlflow.pytorch")}}
+    from jobs import study_search  # built before the fork, holding no connection a child would share
+    built = study_search.storage.cache_info().currsize == 1
+    warmed["optuna storage"] = built and study_search.storage().engine.pool.checkedin() == 0
     pid = os.fork()
     if pid == 0:
         import numpy, torch
@@ -81,7 +84,7 @@ def test_by_default_a_job_gets_its_share_of_cores_in_a_warm_child_that_may_run_m
                       FRESH_PROCESS_PER_JOB=None)  # fmt: skip
     assert seen["torch"] == 1 and seen["blas"] == [1]  # as many jobs as cores: one thread each
     # The parent imported what every job would, before forking, and left CUDA alone.
-    assert seen["warmed"] == {"torch._dynamo": True, "mlflow.pytorch": True}
+    assert seen["warmed"] == {"torch._dynamo": True, "mlflow.pytorch": True, "optuna storage": True}
     assert seen["cuda_initialised"] is False
     # A child runs one job only where a job can use CUDA (its exit returns the GPU memory).
     assert seen["max_tasks_per_child"] == (1 if torch.backends.cuda.is_built() else None)
