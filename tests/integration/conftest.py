@@ -104,18 +104,29 @@ class Stack(JobCalls):
         self.producer.send_task(RUN_JOB_TASK, args=[job_id], queue=self.settings.queue_name)
 
 
+def stack_settings(make_database, home: Path, name: str, *, mlflow_store: bool = True, **overrides) -> Settings:
+    """Settings of a stack of its own: a fresh PostgreSQL database (and one for MLflow's
+    store), a private queue on the machine's Redis (also the namespace of its Redis keys),
+    free ports; `overrides` on top."""
+    fields: dict = {
+        "descent_home": home,
+        "database_url": pg_url(make_database(name)),
+        "broker_url": REDIS_URL,
+        "queue_name": f"{name.replace('_', '-')}-{uuid.uuid4().hex[:8]}",
+        "mlflow_port": free_port(),
+        "api_port": free_port(),
+    }
+    if mlflow_store:
+        fields |= {"mlflow_backend_store_uri": pg_url(make_database(f"{name}_mlflow")),
+                   "mlflow_artifacts_destination": str(home / "mlartifacts")}  # fmt: skip
+    return Settings(**fields | overrides)
+
+
 @pytest.fixture(scope="session")
 def stack(make_database, tmp_path_factory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("descent-home")
-    settings = Settings(
-        descent_home=home,
-        database_url=pg_url(make_database("descent_it")),
-        broker_url=REDIS_URL,
-        queue_name=f"descent-it-{uuid.uuid4().hex[:8]}",
-        mlflow_port=free_port(),
-        api_port=free_port(),
-        mlflow_backend_store_uri=pg_url(make_database("descent_it_mlflow")),
-        mlflow_artifacts_destination=str(home / "mlartifacts"),
+    settings = stack_settings(
+        make_database, home, "descent_it",
         # Short leases and frequent recovery passes, so a killed worker is noticed in seconds.
         lease_s=3.0,
         reaper_interval_s=1.0,

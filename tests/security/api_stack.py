@@ -18,7 +18,7 @@ import httpx
 from jobs.settings import Settings
 from launcher.processes import ProcessGroup
 from launcher.stack import start_stack
-from tests.integration.conftest import REDIS_URL, free_port, pg_url
+from tests.integration.conftest import stack_settings
 from tests.security.conftest import Tenant
 
 SMALL_JOB = {"dataset": {"name": "iris"}, "epochs": 1}
@@ -50,16 +50,8 @@ class ApiStack:
 @contextmanager
 def api_stack(make_database: Callable[[str], str], home: Path, **overrides: Any) -> Iterator[ApiStack]:
     bootstrap = "sec-admin-" + uuid.uuid4().hex
-    settings = Settings(
-        descent_home=home,
-        database_url=pg_url(make_database("descent_sec")),
-        broker_url=REDIS_URL,
-        queue_name=f"descent-sec-{uuid.uuid4().hex[:8]}",  # also the namespace of its Redis keys
-        mlflow_port=free_port(),
-        api_port=free_port(),
-        bootstrap_key=bootstrap,
-        **overrides,
-    )
+    settings = stack_settings(make_database, home, "descent_sec", mlflow_store=False, bootstrap_key=bootstrap,
+                              **overrides)
     group = start_stack(settings, home / "logs", workers=0, start_mlflow=False)
     base_url = f"http://127.0.0.1:{settings.api_port}"
     admin = httpx.Client(base_url=base_url, timeout=60, headers=bearer(bootstrap))

@@ -29,9 +29,8 @@ from celery import Celery
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from jobs.settings import Settings
 from launcher.stack import start_stack
-from tests.integration.conftest import ADMIN_KEY, REDIS_URL, Stack, free_port, pg_url
+from tests.integration.conftest import ADMIN_KEY, Stack, stack_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MLFLOW_ADMIN = "admin"
@@ -70,18 +69,8 @@ def auth_stack(make_database, tmp_path_factory) -> Iterator[Stack]:  # noqa: ANN
         env.setenv("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(16))
         env.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_ADMIN)
         env.setenv("MLFLOW_TRACKING_PASSWORD", password)
-        settings = Settings(
-            descent_home=home,
-            database_url=pg_url(make_database("descent_sec_mlflow")),
-            broker_url=REDIS_URL,
-            queue_name=f"descent-sec-{uuid.uuid4().hex[:8]}",
-            mlflow_port=free_port(),
-            api_port=free_port(),
-            mlflow_backend_store_uri=pg_url(make_database("descent_sec_mlflow_store")),
-            mlflow_artifacts_destination=str(home / "mlartifacts"),
-            bootstrap_key=ADMIN_KEY,
-            mlflow_auth_enabled=True,
-        )
+        settings = stack_settings(make_database, home, "descent_sec_mlflow", bootstrap_key=ADMIN_KEY,
+                                  mlflow_auth_enabled=True)
         group = start_stack(settings, home / "logs", workers=1, concurrency=2)
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=60,

@@ -26,10 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.settings import Settings
 from launcher.processes import ProcessGroup
 from launcher.stack import start_stack
-from tests.integration.conftest import REDIS_URL, free_port, pg_url
+from tests.integration.conftest import stack_settings
 
 MiB = 2**20
 PARSE_MEMORY = 512 * MiB
@@ -52,15 +51,7 @@ class UploadStack:
 @pytest.fixture(scope="module")
 def uploads(make_database, tmp_path_factory) -> Iterator[UploadStack]:
     home = tmp_path_factory.mktemp("descent-uploads")
-    settings = Settings(
-        descent_home=home,
-        database_url=pg_url(make_database("descent_sec_uploads")),
-        broker_url=REDIS_URL,
-        queue_name=f"descent-sec-{uuid.uuid4().hex[:8]}",
-        api_port=free_port(),
-        mlflow_port=free_port(),
-        bootstrap_key=ADMIN,
-    )
+    settings = stack_settings(make_database, home, "descent_sec_uploads", mlflow_store=False, bootstrap_key=ADMIN)
     with pytest.MonkeyPatch.context() as env:  # the children read their settings from the environment
         env.setenv("UPLOAD_PARSE_MEMORY_BYTES", str(PARSE_MEMORY))
         group = start_stack(settings, Path(home) / "logs", workers=0, start_mlflow=False)
