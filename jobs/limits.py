@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from jobs.access import UnknownProject
 from jobs.models import Job, Project, Study
 from jobs.settings import Settings
 from jobs.spec import JobSpec
@@ -202,10 +203,6 @@ def check_room_for_study(*, session: Session, project: str, parallelism: int, se
             f"{parallelism:,} would take it over its limit of {own.max_study_parallelism:,} ({where}); "
             "lower search.parallelism or submit again once a study has ended",
         )
-
-
-class UnknownProject(LookupError):
-    pass
 
 
 def set_project_limits(

@@ -22,9 +22,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from jobs import study_search
+from jobs.db import session_scope
 from jobs.events import stage_to, study_stream_key
 from jobs.leaderboard import TrialRecord, build_leaderboard
 from jobs.models import Job, Study, utcnow
+from jobs.queue import enqueue_job
 from jobs.limits import check_room_for_study, room_for_jobs, study_parallelism
 from jobs.repository import create_job, request_cancel
 from jobs.settings import settings
@@ -237,6 +239,26 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
         advance.ended = True
     session.flush()
     return advance
+
+
+def enqueue_trials(study_id: uuid.UUID, job_ids: list[uuid.UUID]) -> None:
+    """Send the messages of committed trial jobs. The broker down: they stay queued in
+    PostgreSQL and the reaper sends them."""
+    for job_id in job_ids:
+        try:
+            enqueue_job(job_id)
+        except Exception as exc:  # noqa: BLE001 - still queued: the reaper sends it
+            log.warning("trial %s of study %s not yet enqueued (%s); the reaper will send it", job_id, study_id, exc)
+            break
+
+
+def move_on(study_id: uuid.UUID) -> Advance:
+    """advance_study in a transaction of its own, then its new trials enqueued (committed first:
+    a worker never sees an id the database lacks)."""
+    with session_scope() as session:
+        step = advance_study(session=session, study_id=study_id)
+    enqueue_trials(study_id, step.new_jobs)
+    return step
 
 
 def _end(session: Session, study: Study, status: StudyStatus, detail: str | None = None) -> None:

@@ -14,7 +14,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on a worker
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402

@@ -30,7 +30,6 @@ from jobs.db import session_scope
 from jobs.lr_range import analyse
 from jobs.mlflow_tenancy import project_experiment_id, project_registered_model, registered_model_name
 from jobs.models import Job, Study, utcnow
-from jobs.queue import enqueue_job
 from jobs.settings import settings
 from jobs.states import JobStatus, StudyStatus
 from jobs.study_spec import LRRangeTest, StudySpec, describe_values
@@ -102,14 +101,7 @@ def trial_tags(job: Job, parent_run_id: str) -> dict[str, str]:
 def advance(study_id: uuid.UUID, report: bool = True) -> None:
     """Move the study on (a trial of it ended); write its report when it ended (unless
     `report` is False: the reaper writes due reports in a pass of its own)."""
-    with session_scope() as session:
-        step = studies.advance_study(session=session, study_id=study_id)
-    for job_id in step.new_jobs:
-        try:
-            enqueue_job(job_id)
-        except Exception as exc:  # noqa: BLE001 - queued in PostgreSQL: the reaper sends it
-            log.warning("trial %s of study %s not yet enqueued (%s); the reaper will send it", job_id, study_id, exc)
-            break
+    step = studies.move_on(study_id)
     if step.ended and report:
         write_report(study_id)
 

@@ -171,7 +171,7 @@ def set_limits(name: str, body: ProjectLimitsUpdate, session: SessionDep, caller
     try:
         limits.set_project_limits(session=session, project=name, max_active_jobs=body.max_active_jobs,
                                   max_study_parallelism=body.max_study_parallelism)  # fmt: skip
-    except limits.UnknownProject as exc:
+    except access.UnknownProject as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
     session.commit()
     log.info("limits of project %s set to %s by key %s", name, body.model_dump(), caller.key_id or "bootstrap")

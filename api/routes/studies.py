@@ -26,12 +26,11 @@ from api.routes.events import (
 from api.schemas import AUTH_RESPONSES, BODY_RESPONSES, QUOTA_RESPONSES, Problem, StudiesPublic, StudyPublic
 from jobs import dataset_store, studies
 from jobs.access import Caller
-from jobs.db import session_factory, session_scope
+from jobs.db import session_factory
 from jobs.events import events_enabled, study_stream_key
 from jobs.states import STUDY_TERMINAL
 from jobs.limits import QuotaExceeded, limit_breaches
 from jobs.models import Study
-from jobs.queue import enqueue_job
 from jobs.repository import parse_uuid
 from jobs.settings import settings
 from jobs.study_spec import StudySpec, configurations_to_check, describe_values
@@ -112,27 +111,16 @@ def submit_study(
         session.rollback()
         return too_many(exc)
     session.commit()
-    _enqueue_trials(study.id, job_ids)  # committed first: a worker never sees an id the database lacks
+    studies.enqueue_trials(study.id, job_ids)  # committed first: a worker never sees an id the database lacks
     background.add_task(_move_on, study.id)
     return _public(session, study)
-
-
-def _enqueue_trials(study_id: uuid.UUID, job_ids: list[uuid.UUID]) -> None:
-    for job_id in job_ids:
-        try:
-            enqueue_job(job_id)
-        except Exception as exc:  # noqa: BLE001 - still queued in PostgreSQL: the reaper sends it
-            log.warning("trial %s of study %s not yet enqueued (%s); the reaper will send it", job_id, study_id, exc)
-            break
 
 
 def _move_on(study_id: uuid.UUID) -> None:
     """After the answer: the trials the study has room for beyond its first (should this
     fail or the process stop, the reaper's next pass does it)."""
     try:
-        with session_scope() as session:
-            step = studies.advance_study(session=session, study_id=study_id)
-        _enqueue_trials(study_id, step.new_jobs)
+        studies.move_on(study_id)
     except Exception:  # noqa: BLE001 - the study is recorded; the reaper moves it on
         log.exception("study %s: its next trials wait for the reaper", study_id)
 

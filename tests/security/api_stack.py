@@ -19,7 +19,7 @@ from jobs.settings import Settings
 from launcher.processes import ProcessGroup
 from launcher.stack import start_stack
 from tests.integration.conftest import stack_settings
-from tests.security.conftest import Tenant
+from tests.security.conftest import Tenant, new_tenant
 
 SMALL_JOB = {"dataset": {"name": "iris"}, "epochs": 1}
 
@@ -37,14 +37,9 @@ class ApiStack:
     clients: list[httpx.Client]
 
     def tenant(self, prefix: str = "tenant", admin: bool = False) -> Tenant:
-        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        assert self.admin.post("/v1/projects", json={"name": name}).status_code == 201
-        minted = self.admin.post(f"/v1/projects/{name}/keys", json={"label": prefix, "admin": admin})
-        assert minted.status_code == 201, minted.text
-        key = minted.json()["key"]
-        client = httpx.Client(base_url=self.base_url, timeout=60, headers=bearer(key))
-        self.clients.append(client)
-        return Tenant(name, key, client)
+        tenant = new_tenant(self.admin, self.base_url, prefix, admin, timeout=60)
+        self.clients.append(tenant.api)
+        return tenant
 
 
 @contextmanager

@@ -25,21 +25,27 @@ class Tenant:
     api: httpx.Client
 
 
+def new_tenant(admin: httpx.Client, base_url: str, prefix: str, admin_key: bool = False, timeout: float = 30) -> Tenant:
+    """A project of its own made with a server-admin client, and a client holding a key of it."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    created = admin.post("/v1/projects", json={"name": name})
+    assert created.status_code == 201, created.text
+    minted = admin.post(f"/v1/projects/{name}/keys", json={"label": prefix, "admin": admin_key})
+    assert minted.status_code == 201, minted.text
+    key = minted.json()["key"]
+    client = httpx.Client(base_url=base_url, timeout=timeout, headers={"Authorization": f"Bearer {key}"})
+    return Tenant(name, key, client)
+
+
 @pytest.fixture(scope="session")
 def make_tenant(stack: Stack) -> Iterator[Callable[..., Tenant]]:  # noqa: F811
     """Creates a project with the stack's admin key and returns a client holding a plain key of it."""
     clients: list[httpx.Client] = []
 
     def make(prefix: str = "tenant", admin: bool = False) -> Tenant:
-        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        created = stack.api.post("/v1/projects", json={"name": name})
-        assert created.status_code == 201, created.text
-        minted = stack.api.post(f"/v1/projects/{name}/keys", json={"label": prefix, "admin": admin})
-        assert minted.status_code == 201, minted.text
-        key = minted.json()["key"]
-        client = httpx.Client(base_url=str(stack.api.base_url), timeout=30, headers={"Authorization": f"Bearer {key}"})
-        clients.append(client)
-        return Tenant(name, key, client)
+        tenant = new_tenant(stack.api, str(stack.api.base_url), prefix, admin)
+        clients.append(tenant.api)
+        return tenant
 
     yield make
     for client in clients:
