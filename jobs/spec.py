@@ -225,6 +225,177 @@ class SequenceParityDataset(TokenSequenceDataset):
         return 2
 
 
+class RandomCrop(SpecModel):
+    """Pad each side with zeros (black), then crop back to the image's size at a random offset."""
+
+    padding: int = Field(4, ge=1, le=16, description="Pixels of zero padding on each side.")
+
+
+class Cutout(SpecModel):
+    """Zero a square patch (the mean, after normalisation) centred at a random pixel
+    (DeVries & Taylor, 2017); near the border the square is clipped."""
+
+    size: int = Field(8, ge=1, le=32, description="Side of the square, in pixels.")
+
+
+class Augment(SpecModel):
+    """Augmentation of the training batches, on the device, per sample, drawn from the job's own
+    generator: the same seed gives the same batches, and a resumed job continues the same draws."""
+
+    random_crop: RandomCrop | None = Field(None, description='Random crop after zero padding: {"padding": 4}.')
+    horizontal_flip: bool = Field(False, description="Flip each image left-right with probability 1/2.")
+    cutout: Cutout | None = Field(None, description='Cutout: {"size": 8}.')
+
+    @property
+    def active(self) -> bool:
+        return self.random_crop is not None or self.horizontal_flip or self.cutout is not None
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name in type(self).model_fields if getattr(self, name) not in (None, False)]
+
+
+HOLD_OUT = "val_fraction"  # `validation: "val_fraction"` names the held-out split explicitly
+
+
+class ImageDataset(SpecModel):
+    """A standard image set read through torchvision's dataset classes from the dataset cache
+    (DATASETS_DIR); a worker that lacks it downloads it there (checksums verified)."""
+
+    TRAIN: ClassVar[int]  # samples of the official training split
+    TEST: ClassVar[int]  # samples of the official test split
+    CHANNELS: ClassVar[int]
+    SIDE: ClassVar[int]
+    CLASSES: ClassVar[int]
+    validation: Literal["test", "val_fraction"] | ValFraction = Field(
+        "test",
+        description='"test": the official test split is the validation set (as papers report); a fraction '
+        "(or \"val_fraction\" with val_fraction set): that share of the training split is held out "
+        "instead (stratified, seeded).",
+    )
+    val_fraction: ValFraction | None = Field(
+        None, description="The share of the training split held out for validation (same as validation: <fraction>)."
+    )
+    subset: int | None = Field(
+        None, ge=2, description="Train on a stratified, seeded subset of this many training samples."
+    )
+    augment: Augment = Field(Augment(), description="Augmentation of the training batches, on the device.")
+
+    @model_validator(mode="after")
+    def _one_validation(self) -> ImageDataset:
+        """Normalised so the stored spec says it one way: validation and val_fraction agree."""
+        validation, fraction = self.validation, self.val_fraction
+        said_validation = "validation" in self.model_fields_set
+        if validation == HOLD_OUT and fraction is None:
+            raise spec_error("dataset.val_fraction", 'validation "val_fraction" needs val_fraction, e.g. 0.1')
+        if validation == "test" and fraction is not None and said_validation:
+            raise spec_error(
+                "dataset.val_fraction",
+                f'validation "test" validates on the official test split; val_fraction {fraction} would '
+                "hold out part of the training split instead: give one of the two",
+            )
+        if isinstance(validation, float) and fraction is not None and fraction != validation:
+            raise spec_error(
+                "dataset.val_fraction", f"validation {validation} and val_fraction {fraction} disagree: give one"
+            )
+        held_out = fraction if fraction is not None else validation if isinstance(validation, float) else None
+        object.__setattr__(self, "validation", "test" if held_out is None else held_out)
+        object.__setattr__(self, "val_fraction", held_out)
+        n_train = self.TRAIN - (0 if held_out is None else math.ceil(self.TRAIN * held_out))
+        if self.subset is not None and self.subset > n_train:
+            raise spec_error(
+                "dataset.subset",
+                f"subset {self.subset} is more than the {n_train} training samples "
+                f"{self.name} has{'' if held_out is None else f' after val_fraction {held_out}'}",
+            )
+        return self
+
+    @property
+    def split_sizes(self) -> tuple[int, int]:
+        """(train, validation) samples: the validation split is the test split or held out of training."""
+        if self.val_fraction is None:
+            n_train, n_val = self.TRAIN, self.TEST
+        else:
+            n_val = math.ceil(self.TRAIN * self.val_fraction)
+            n_train = self.TRAIN - n_val
+        return (n_train if self.subset is None else self.subset), n_val
+
+    @property
+    def n_samples(self) -> int:
+        """Samples on the device: the training samples used and the validation split."""
+        return sum(self.split_sizes)
+
+    @property
+    def n_classes(self) -> int:
+        return self.CLASSES
+
+    @property
+    def n_features(self) -> int:
+        return self.CHANNELS * self.SIDE * self.SIDE
+
+    @property
+    def image(self) -> ImageShape:
+        return ImageShape(self.CHANNELS, self.SIDE, self.SIDE)
+
+    @property
+    def views(self) -> tuple[DataShape, ...]:
+        return (self.image, TabularShape(self.n_features))
+
+
+class MNISTFamilyDataset(ImageDataset):
+    """28x28 grey images, 10 classes, 60,000 training and 10,000 test samples."""
+
+    TRAIN, TEST, CHANNELS, SIDE, CLASSES = 60_000, 10_000, 1, 28, 10
+
+    @property
+    def views(self) -> tuple[DataShape, ...]:
+        # Tabular first, as for digits: the mlp reads 784 pixels; cnn and resnet the image;
+        # the rnn family and the transformer the 28 rows as steps of 28 pixels.
+        return (TabularShape(784), self.image, SequenceShape(28, features=28))
+
+
+class MNISTDataset(MNISTFamilyDataset):
+    """MNIST handwritten digits (LeCun et al.): 1x28x28, 10 classes, 60k training / 10k test."""
+
+    name: Literal["mnist"]
+
+
+class FashionMNISTDataset(MNISTFamilyDataset):
+    """Fashion-MNIST (Zalando): 1x28x28 images of clothing, 10 classes, 60k training / 10k test."""
+
+    name: Literal["fashion_mnist"]
+
+
+class KMNISTDataset(MNISTFamilyDataset):
+    """Kuzushiji-MNIST: 1x28x28 cursive Japanese characters, 10 classes, 60k training / 10k test."""
+
+    name: Literal["kmnist"]
+
+
+class CIFARDataset(ImageDataset):
+    """32x32 colour images, 50,000 training and 10,000 test samples."""
+
+    TRAIN, TEST, CHANNELS, SIDE = 50_000, 10_000, 3, 32
+
+    @property
+    def views(self) -> tuple[DataShape, ...]:
+        return (TabularShape(3072), self.image)
+
+
+class CIFAR10Dataset(CIFARDataset):
+    """CIFAR-10 (Krizhevsky, 2009): 3x32x32 colour images, 10 classes, 50k training / 10k test."""
+
+    CLASSES = 10
+    name: Literal["cifar10"]
+
+
+class CIFAR100Dataset(CIFARDataset):
+    """CIFAR-100 (Krizhevsky, 2009): 3x32x32 colour images, 100 fine classes, 50k training / 10k test."""
+
+    CLASSES = 100
+    name: Literal["cifar100"]
+
+
 BuiltinDatasetSpec = Annotated[
     Union[
         DigitsDataset,
@@ -236,6 +407,11 @@ BuiltinDatasetSpec = Annotated[
         SpiralsDataset,
         SequenceMemoryDataset,
         SequenceParityDataset,
+        MNISTDataset,
+        FashionMNISTDataset,
+        KMNISTDataset,
+        CIFAR10Dataset,
+        CIFAR100Dataset,
     ],
     Field(discriminator="name"),
 ]
@@ -740,6 +916,8 @@ class JobSpec(SpecModel):
     @property
     def split_sizes(self) -> tuple[int, int]:
         """(train, validation) sample counts; validation rounds up, as scikit-learn does."""
+        if isinstance(self.dataset, ImageDataset):
+            return self.dataset.split_sizes
         n = self.dataset.n_samples
         n_val = math.ceil(n * self.dataset.val_fraction)
         return n - n_val, n_val
@@ -776,7 +954,9 @@ class JobSpec(SpecModel):
         self.model.check_input(self.input_shape)
         n_train, n_val = self.split_sizes
         classes = self.dataset.n_classes
-        if min(n_train, n_val) < classes:
+        if isinstance(self.dataset, ImageDataset):
+            self._check_image_dataset(self.dataset)
+        elif min(n_train, n_val) < classes:
             raise spec_error(
                 "dataset.val_fraction",
                 f"val_fraction {self.dataset.val_fraction} leaves {n_train} training and {n_val} "
@@ -801,6 +981,38 @@ class JobSpec(SpecModel):
                 "schedule.min_lr", f"min_lr ({min_lr}) must be below optimizer.lr ({self.optimizer.lr})"
             )
         return self
+
+    def _check_image_dataset(self, dataset: ImageDataset) -> None:
+        n_train, n_val = self.split_sizes
+        if n_train < dataset.n_classes:
+            raise spec_error(
+                "dataset.subset",
+                f"subset {dataset.subset} is fewer samples than {dataset.name}'s {dataset.n_classes} classes: "
+                "the stratified subset needs at least one sample of each",
+            )
+        if n_val < dataset.n_classes:
+            raise spec_error(
+                "dataset.val_fraction",
+                f"val_fraction {dataset.val_fraction} holds out {n_val} samples, fewer than {dataset.name}'s "
+                f"{dataset.n_classes} classes: the stratified split needs at least one of each",
+            )
+        augment = dataset.augment
+        if augment.active and self.input_shape.kind == ShapeKind.sequence:
+            raise spec_error(
+                "dataset.augment",
+                f"{self.model.arch} reads {dataset.name} as a sequence of rows: crops, flips and cutout are "
+                f"image augmentations ({', '.join(augment.names)}); read the image with a cnn, resnet or mlp",
+            )
+        if augment.cutout is not None and augment.cutout.size > dataset.SIDE:
+            raise spec_error(
+                "dataset.augment.cutout.size",
+                f"cutout size {augment.cutout.size} is larger than {dataset.name}'s {dataset.SIDE}x{dataset.SIDE} images",
+            )
+        if augment.random_crop is not None and augment.random_crop.padding >= dataset.SIDE:
+            raise spec_error(
+                "dataset.augment.random_crop.padding",
+                f"padding {augment.random_crop.padding} is not smaller than the {dataset.SIDE}-pixel image",
+            )
 
     def flat_params(self) -> dict[str, str]:
         """The spec as dotted names (`optimizer.lr`) -> strings, as MLflow records params."""
