@@ -8,10 +8,13 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, ResNet
 
 from jobs.shapes import DataShape, ImageShape, SequenceShape
 from jobs.spec import CNNModel, MLPModel, RecurrentModel, ResNetModel, TransformerModel
+from trainer.vision import models as vision_models
+
+# Through trainer.vision, never `import torchvision` directly: it makes the import work beside a CPU torch.
+BasicBlock, ResNet = vision_models.resnet.BasicBlock, vision_models.resnet.ResNet
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,

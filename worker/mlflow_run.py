@@ -189,7 +189,7 @@ def model_save_options(model: torch.nn.Module) -> dict[str, Any]:
     own_classes = any(not type(module).__module__.startswith("torch.") for module in model.modules())
     requirements = [f"torch=={torch.__version__.split('+')[0]}"]
     if any(type(module).__module__.startswith("torchvision.") for module in model.modules()):
-        import torchvision  # the resnet's blocks are torchvision's: its pickle needs them to load
+        from trainer.vision import torchvision  # the resnet's blocks are torchvision's: its pickle needs them
 
         requirements.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
     return {

@@ -129,11 +129,11 @@ def test_a_model_of_torch_layers_is_saved_without_the_trainer_package_and_loads_
 
 def test_a_resnet_is_saved_with_the_trainer_package_and_torchvision_and_loads(tmp_path: Path) -> None:
     import mlflow.pytorch
-    import torchvision
 
     from jobs.shapes import ImageShape
     from jobs.spec import MODELS
     from trainer.models import MODEL_BUILDERS
+    from trainer.vision import torchvision
 
     model = MODEL_BUILDERS["resnet"](MODELS["resnet"](arch="resnet", width=0.125), ImageShape(1, 8, 8), 3)
     options = model_save_options(model)

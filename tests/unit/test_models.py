@@ -16,7 +16,6 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from torch import nn
-from torchvision.models import resnet18, resnet34
 
 from jobs.settings import settings
 from jobs.shapes import DataShape, ImageShape, SequenceShape, TabularShape
@@ -24,6 +23,7 @@ from jobs.spec import DATASETS, MODELS, JobSpec
 from trainer.data import DATASET_LOADERS, load_split
 from trainer.models import MODEL_BUILDERS
 from trainer.recipe import Trainer, run_training
+from trainer.vision import models as vision_models
 from trainer.reporting import RecordingReporter
 
 CPU = torch.device("cpu")
@@ -304,7 +304,7 @@ def shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
-@pytest.mark.parametrize(("depth", "reference"), [(18, resnet18), (34, resnet34)])
+@pytest.mark.parametrize(("depth", "reference"), [(18, vision_models.resnet18), (34, vision_models.resnet34)])
 def test_resnet_at_width_1_is_torchvisions(depth: int, reference: Callable[..., nn.Module]) -> None:
     theirs = shapes_of(reference(num_classes=10))
     # Images over 64 px get torchvision's own ImageNet stem: the same module, tensor for tensor.
