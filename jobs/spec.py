@@ -306,6 +306,10 @@ class ArchModel(SpecModel):
     def check_input(self, shape: DataShape) -> None:
         """Raise a spec_error when this configuration cannot read data of this shape."""
 
+    def smallest_batch(self, shape: DataShape) -> int:
+        """Fewest samples a training batch of this shape may hold."""
+        return 1
+
     def n_parameters(self, shape: DataShape, n_classes: int) -> int:
         """Exactly sum(p.numel()) of the module trainer/models.py builds for this input."""
         raise NotImplementedError
@@ -499,6 +503,11 @@ class ResNetModel(ArchModel):
                 f"resnet's stages halve the image 3 times: it needs images of at least "
                 f"{self.MIN_SIDE}x{self.MIN_SIDE}; the data is {shape}",
             )
+
+    def smallest_batch(self, shape: DataShape) -> int:
+        # Images up to 8x8 reach the last stage as 1x1 maps: batch norm there needs 2 samples.
+        assert isinstance(shape, ImageShape)
+        return 2 if self.small_stem(shape) and max(shape.height, shape.width) <= self.MIN_SIDE else 1
 
     def n_parameters(self, shape: DataShape, n_classes: int) -> int:
         assert isinstance(shape, ImageShape)
@@ -834,6 +843,14 @@ class JobSpec(SpecModel):
             )
         self.model.check_input(self.input_shape)
         n_train, n_val = self.split_sizes
+        smallest, last = self.model.smallest_batch(self.input_shape), n_train % self.batch_size or self.batch_size
+        if min(last, n_train) < smallest:
+            raise spec_error(
+                "batch_size",
+                f"{self.model.arch} on {self.input_shape} trains on batches of at least {smallest} samples; "
+                f"batch_size {self.batch_size} leaves a last batch of {min(last, n_train)} of the {n_train} "
+                "training samples",
+            )
         classes = self.dataset.n_classes
         if min(n_train, n_val) < classes:
             raise spec_error(

@@ -280,6 +280,19 @@ def test_the_parameter_limit_counts_the_new_models(client: TestClient, monkeypat
     assert f"({size:,})" in response.json()["detail"][0]["msg"]
 
 
+def test_resnet_on_8x8_images_refuses_a_batch_size_that_leaves_a_batch_of_one(client: TestClient) -> None:
+    # digits: 1437 training samples; in 4s the last batch is 1 image, whose 1x1 maps at the
+    # last stage batch norm cannot normalise (torch raises mid-run: refused at submission).
+    response = client.post("/v1/jobs", json={"epochs": 1, "model": {"arch": "resnet"}, "batch_size": 4})
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["detail"]
+    assert detail["field"] == "batch_size"
+    assert "batches of at least 2 samples; batch_size 4 leaves a last batch of 1 of the 1437" in detail["msg"]
+    for batch_size in (5, 5000):  # a last batch of 2; one batch of all 1437
+        assert job(model={"arch": "resnet"}, batch_size=batch_size).batch_size == batch_size
+    assert job(model={"arch": "cnn"}, batch_size=4).batch_size == 4  # the others train on any batch
+
+
 def test_resnet_refuses_images_smaller_than_8x8(client: TestClient) -> None:
     rng = np.random.default_rng(0)
     buffer = io.BytesIO()
