@@ -10,10 +10,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # torch first, in a layer of its own: gigabytes that change far less often than
 # our code. The wheel index picks the CUDA build (bundled CUDA runtime; the host
-# needs only the NVIDIA driver and container toolkit). If pyproject.toml pins a
-# torch this index lacks, the next step replaces it with the one from PyPI.
+# needs only the NVIDIA driver and container toolkit), and torchvision with it from
+# the same index, so the two match (each torchvision requires one torch exactly).
+# If pyproject.toml pins a torch this index lacks, the next step replaces it with the
+# one from PyPI.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
-RUN pip install --index-url "${TORCH_INDEX_URL}" torch
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch torchvision
 
 WORKDIR /app
 COPY pyproject.toml ./

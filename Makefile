@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 # torch goes in first and pinned: this version lies on our machines as a local CPU
 # build, and letting pip pick a newer one pulls gigabytes of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
+# torchvision goes in next, pinned to the release built for that torch (it requires it
+# exactly), with --no-deps so pip never touches torch. PyPI's build is a CUDA one:
+# trainer/vision.py imports it beside the CPU torch.
+TORCHVISION_SPEC ?= torchvision==0.28.0
 
 .PHONY: venv demo up api worker mlflow migrate test test-unit test-integration test-security test-faults bench clean
 
@@ -14,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --no-deps "$(TORCHVISION_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 

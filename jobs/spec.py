@@ -482,6 +482,10 @@ class ArchModel(SpecModel):
     def check_input(self, shape: DataShape) -> None:
         """Raise a spec_error when this configuration cannot read data of this shape."""
 
+    def smallest_batch(self, shape: DataShape) -> int:
+        """Fewest samples a training batch of this shape may hold."""
+        return 1
+
     def n_parameters(self, shape: DataShape, n_classes: int) -> int:
         """Exactly sum(p.numel()) of the module trainer/models.py builds for this input."""
         raise NotImplementedError
@@ -635,8 +639,72 @@ class TransformerModel(ArchModel):
         return embedding + cls_and_positions + self.num_layers * block + 2 * d + d * n_classes + n_classes
 
 
+class ResNetModel(ArchModel):
+    """ResNet (He et al., 2016), torchvision's with basic blocks: a stem, four stages of residual
+    blocks (64, 128, 256, 512 channels times width; stages 2-4 halve H and W), global average
+    pooling, a dense head. Images up to 64 px get the small-image (CIFAR) stem: a 3x3 conv,
+    stride 1, no max-pool; larger ones torchvision's ImageNet stem: a 7x7 conv, stride 2, max-pool."""
+
+    TAKES = (ShapeKind.image,)
+    STAGES: ClassVar[dict[int, tuple[int, ...]]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # blocks per stage
+    SMALL_STEM_MAX_SIDE: ClassVar[int] = 64
+    MIN_SIDE: ClassVar[int] = 8  # the small stem's stages halve 3 times: 8x8 leaves 1x1 for the last
+    arch: Literal["resnet"]
+    depth: Literal[18, 34] = Field(18, description="18 or 34 layers: 2-2-2-2 or 3-4-6-3 basic blocks per stage.")
+    width: float = Field(
+        1.0,
+        ge=0.125,
+        le=4,
+        description="Multiplier of every stage's channels (64, 128, 256, 512); 64 x width must be a whole number.",
+    )
+
+    @model_validator(mode="after")
+    def _whole_channels(self) -> ResNetModel:
+        if not (64 * self.width).is_integer():  # refused, not rounded: the channels are what was asked
+            raise spec_error("model.width", f"64 x width must be a whole number of channels (got {64 * self.width})")
+        return self
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return tuple(int(c * self.width) for c in (64, 128, 256, 512))
+
+    def small_stem(self, shape: ImageShape) -> bool:
+        return min(shape.height, shape.width) <= self.SMALL_STEM_MAX_SIDE
+
+    def check_input(self, shape: DataShape) -> None:
+        assert isinstance(shape, ImageShape)
+        if min(shape.height, shape.width) < self.MIN_SIDE:
+            raise spec_error(
+                "model.arch",
+                f"resnet's stages halve the image 3 times: it needs images of at least "
+                f"{self.MIN_SIDE}x{self.MIN_SIDE}; the data is {shape}",
+            )
+
+    def smallest_batch(self, shape: DataShape) -> int:
+        # Images up to 8x8 reach the last stage as 1x1 maps: batch norm there needs 2 samples.
+        assert isinstance(shape, ImageShape)
+        return 2 if self.small_stem(shape) and max(shape.height, shape.width) <= self.MIN_SIDE else 1
+
+    def n_parameters(self, shape: DataShape, n_classes: int) -> int:
+        assert isinstance(shape, ImageShape)
+        c = self.channels
+        kernel = 3 if self.small_stem(shape) else 7
+        total = kernel**2 * shape.channels * c[0] + 2 * c[0]  # stem conv (no bias) and its batch norm
+        c_in = c[0]
+        for stage, (c_out, blocks) in enumerate(zip(c, self.STAGES[self.depth])):
+            # Each block: two 3x3 convs without bias, each with a batch norm; a stage's first block
+            # changes width (stages 2-4) through a 1x1 conv and batch norm on the shortcut.
+            total += 9 * c_in * c_out + 9 * c_out * c_out + 4 * c_out
+            if stage > 0:
+                total += c_in * c_out + 2 * c_out
+            total += (blocks - 1) * (18 * c_out * c_out + 4 * c_out)
+            c_in = c_out
+        return total + c_in * n_classes + n_classes
+
+
 ModelSpec = Annotated[
-    Union[MLPModel, CNNModel, RNNModel, LSTMModel, GRUModel, TransformerModel], Field(discriminator="arch")
+    Union[MLPModel, CNNModel, RNNModel, LSTMModel, GRUModel, TransformerModel, ResNetModel],
+    Field(discriminator="arch"),
 ]
 
 # --------------------------------------------------------------------------- optimizers
@@ -953,6 +1021,14 @@ class JobSpec(SpecModel):
             )
         self.model.check_input(self.input_shape)
         n_train, n_val = self.split_sizes
+        smallest, last = self.model.smallest_batch(self.input_shape), n_train % self.batch_size or self.batch_size
+        if min(last, n_train) < smallest:
+            raise spec_error(
+                "batch_size",
+                f"{self.model.arch} on {self.input_shape} trains on batches of at least {smallest} samples; "
+                f"batch_size {self.batch_size} leaves a last batch of {min(last, n_train)} of the {n_train} "
+                "training samples",
+            )
         classes = self.dataset.n_classes
         if isinstance(self.dataset, ImageDataset):
             self._check_image_dataset(self.dataset)

@@ -10,7 +10,11 @@ import torch
 from torch import nn
 
 from jobs.shapes import DataShape, ImageShape, SequenceShape
-from jobs.spec import CNNModel, MLPModel, RecurrentModel, TransformerModel
+from jobs.spec import CNNModel, MLPModel, RecurrentModel, ResNetModel, TransformerModel
+from trainer.vision import models as vision_models
+
+# Through trainer.vision, never `import torchvision` directly: it makes the import work beside a CPU torch.
+BasicBlock, ResNet = vision_models.resnet.BasicBlock, vision_models.resnet.ResNet
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
@@ -190,6 +194,48 @@ class TransformerClassifier(nn.Module):
         return self.head(self.norm(h[:, 0]))
 
 
+class ResNetClassifier(ResNet):
+    """torchvision's ResNet with basic blocks, for any number of input channels and any width.
+
+    Its blocks (BasicBlock), stages (`_make_layer`), forward and initialisation are
+    torchvision's; only the widths and the stem are set here, where torchvision's own
+    __init__ has 3 input channels, 64 stem channels and the ImageNet stem written in.
+    The stem (ResNetModel.small_stem): images up to 64 px get the small-image one used
+    for CIFAR (a 3x3 conv, stride 1, no max-pool), so a 32x32 image reaches the last
+    stage at 4x4 rather than 1x1; larger images torchvision's 7x7 conv, stride 2, and
+    3x3 max-pool. At width 1 and the ImageNet stem the module is torchvision's
+    resnet18 / resnet34 (num_classes, in_channels aside), parameter for parameter.
+    """
+
+    def __init__(self, spec: ResNetModel, shape: ImageShape, n_classes: int) -> None:
+        nn.Module.__init__(self)  # not ResNet.__init__: it would build the 64-channel RGB stem first
+        stem, *_, last = widths = spec.channels
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = stem, 1, 1, 64  # what _make_layer reads
+        if spec.small_stem(shape):
+            self.conv1 = nn.Conv2d(shape.channels, stem, kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(shape.channels, stem, kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        # layer1 keeps the stem's width and size: no shortcut conv, as in torchvision's.
+        blocks = spec.STAGES[spec.depth]
+        self.layer1 = self._make_layer(BasicBlock, widths[0], blocks[0])
+        self.layer2 = self._make_layer(BasicBlock, widths[1], blocks[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], blocks[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], blocks[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(last, n_classes)
+        for m in self.modules():  # torchvision's initialisation (zero_init_residual=False)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "mlp": build_mlp,
     "cnn": build_cnn,
@@ -197,4 +243,5 @@ MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "lstm": _recurrent(nn.LSTM),
     "gru": _recurrent(nn.GRU),
     "transformer": TransformerClassifier,
+    "resnet": ResNetClassifier,
 }

@@ -187,9 +187,14 @@ def model_save_options(model: torch.nn.Module) -> dict[str, Any]:
     import trainer
 
     own_classes = any(not type(module).__module__.startswith("torch.") for module in model.modules())
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    if any(type(module).__module__.startswith("torchvision.") for module in model.modules()):
+        from trainer.vision import torchvision  # the resnet's blocks are torchvision's: its pickle needs them
+
+        requirements.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
     return {
         "serialization_format": "pickle",
-        "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}"],
+        "pip_requirements": requirements,
         "code_paths": [str(Path(trainer.__file__).parent)] if own_classes else None,
     }
 

@@ -127,6 +127,28 @@ def test_a_model_of_torch_layers_is_saved_without_the_trainer_package_and_loads_
     assert model_save_options(recurrent)["code_paths"] == [str(REPO_ROOT / "trainer")]
 
 
+def test_a_resnet_is_saved_with_the_trainer_package_and_torchvision_and_loads(tmp_path: Path) -> None:
+    import mlflow.pytorch
+
+    from jobs.shapes import ImageShape
+    from jobs.spec import MODELS
+    from trainer.models import MODEL_BUILDERS
+    from trainer.vision import torchvision
+
+    model = MODEL_BUILDERS["resnet"](MODELS["resnet"](arch="resnet", width=0.125), ImageShape(1, 8, 8), 3)
+    options = model_save_options(model)
+    assert options["code_paths"] == [str(REPO_ROOT / "trainer")]
+    assert options["pip_requirements"][1] == f"torchvision=={torchvision.__version__.split('+')[0]}"
+    mlflow.pytorch.save_model(model, tmp_path / "resnet", **options)
+    loaded = run_python(f"""
+        import json
+        import mlflow.pytorch, torch
+        model = mlflow.pytorch.load_model("{tmp_path / 'resnet'}").eval()
+        print(json.dumps({{"outputs": list(model(torch.zeros(2, 1, 8, 8)).shape)}}))
+    """)  # fmt: skip
+    assert loaded["outputs"] == [2, 3]
+
+
 def test_a_jobs_results_are_all_in_its_run_and_its_model_is_the_runs_and_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -6,7 +6,9 @@ Tiny models and few steps throughout: the file runs in seconds on a shared CPU.
 
 from __future__ import annotations
 
+import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ from jobs.shapes import DataShape, ImageShape, SequenceShape, TabularShape
 from jobs.spec import DATASETS, MODELS, JobSpec
 from trainer.data import DATASET_LOADERS, load_split
 from trainer.models import MODEL_BUILDERS
-from trainer.recipe import Trainer
+from trainer.recipe import Trainer, run_training
+from trainer.vision import models as vision_models
 from trainer.reporting import RecordingReporter
 
 CPU = torch.device("cpu")
@@ -63,6 +66,10 @@ SIZE_CASES = [
         SequenceShape(8, features=8),
     ),
     ({"arch": "transformer", "d_model": 8, "num_heads": 8, "num_layers": 1, "ff_dim": 1}, SequenceShape(2, vocab=2)),
+    ({"arch": "resnet", "width": 0.125}, ImageShape(3, 32, 32)),  # CIFAR
+    ({"arch": "resnet", "depth": 34, "width": 0.25}, ImageShape(1, 28, 28)),  # MNIST
+    ({"arch": "resnet", "width": 0.140625}, ImageShape(1, 8, 8)),  # digits; 9 stem channels
+    ({"arch": "resnet", "depth": 34, "width": 0.125}, ImageShape(2, 65, 80)),  # the ImageNet stem
 ]
 
 
@@ -100,6 +107,7 @@ def test_digits_is_read_as_the_view_each_model_takes() -> None:
         "lstm": SequenceShape(8, features=8),
         "gru": SequenceShape(8, features=8),
         "transformer": SequenceShape(8, features=8),
+        "resnet": ImageShape(1, 8, 8),
     }
 
 
@@ -161,6 +169,7 @@ TRAINING_CASES = [
     ({"arch": "transformer", "d_model": 16, "num_heads": 2, "num_layers": 1, "ff_dim": 32}, MEMORY),
     ({"arch": "transformer", "d_model": 16, "num_heads": 4, "num_layers": 1, "ff_dim": 32}, {"name": "digits"}),
     ({"arch": "mlp", "hidden": [16]}, MEMORY),
+    ({"arch": "resnet", "width": 0.125}, {"name": "digits"}),
 ]
 
 
@@ -243,6 +252,13 @@ def test_gated_cells_start_keeping_their_state_over_the_sequence_length(arch: st
         ({"model": {"arch": "cnn", "kernel_size": 4}}, "model.kernel_size", "odd"),
         ({"model": {"arch": "gru", "hidden": [16]}}, "model.hidden", "Extra inputs are not permitted"),
         ({"model": {"arch": "rnn", "pooling": "max"}}, "model.pooling", "'last' or 'mean'"),
+        ({"dataset": {"name": "iris"}, "model": {"arch": "resnet"}}, "model.arch",
+         "resnet takes image data; dataset 'iris' is tabular"),
+        ({"model": {"arch": "resnet", "width": 0.3}}, "model.width", "64 x width must be a whole number of channels (got 19.2)"),
+        ({"model": {"arch": "resnet", "width": 8.0}}, "model.width", "less than or equal to 4"),
+        ({"model": {"arch": "resnet", "width": 0.0625}}, "model.width", "greater than or equal to 0.125"),
+        ({"model": {"arch": "resnet", "depth": 50}}, "model.depth", "18 or 34"),
+        ({"model": {"arch": "resnet", "depth": "18"}}, "model.depth", "18 or 34"),  # strict: a JSON int
     ],
 )
 def test_a_model_that_cannot_read_the_data_is_a_422_saying_why(
@@ -262,6 +278,100 @@ def test_the_parameter_limit_counts_the_new_models(client: TestClient, monkeypat
     response = client.post("/v1/jobs", json=payload)
     assert response.status_code == 422 and "MAX_MODEL_PARAMETERS" in response.text
     assert f"({size:,})" in response.json()["detail"][0]["msg"]
+
+
+def test_resnet_on_8x8_images_refuses_a_batch_size_that_leaves_a_batch_of_one(client: TestClient) -> None:
+    # digits: 1437 training samples; in 4s the last batch is 1 image, whose 1x1 maps at the
+    # last stage batch norm cannot normalise (torch raises mid-run: refused at submission).
+    response = client.post("/v1/jobs", json={"epochs": 1, "model": {"arch": "resnet"}, "batch_size": 4})
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["detail"]
+    assert detail["field"] == "batch_size"
+    assert "batches of at least 2 samples; batch_size 4 leaves a last batch of 1 of the 1437" in detail["msg"]
+    for batch_size in (5, 5000):  # a last batch of 2; one batch of all 1437
+        assert job(model={"arch": "resnet"}, batch_size=batch_size).batch_size == batch_size
+    assert job(model={"arch": "cnn"}, batch_size=4).batch_size == 4  # the others train on any batch
+
+
+def test_resnet_refuses_images_smaller_than_8x8(client: TestClient) -> None:
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    np.savez(buffer, X=rng.normal(size=(40, 3, 7, 16)), y=np.arange(40) % 2)
+    upload = client.post("/v1/datasets", files={"file": ("small.npz", buffer.getvalue())})
+    assert upload.status_code == 201, upload.text
+    response = client.post("/v1/jobs", json={"dataset": {"id": upload.json()["id"]}, "model": {"arch": "resnet"}})
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["detail"]
+    assert detail["field"] == "model.arch"
+    assert "at least 8x8; the data is image (3x7x16)" in detail["msg"]
+
+
+# --------------------------------------------------------------------------- resnet
+
+
+def resnet(shape: ImageShape, n_classes: int = 10, **fields) -> nn.Module:  # noqa: ANN003
+    return MODEL_BUILDERS["resnet"](MODELS["resnet"](arch="resnet", **fields), shape, n_classes)
+
+
+def shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(("depth", "reference"), [(18, vision_models.resnet18), (34, vision_models.resnet34)])
+def test_resnet_at_width_1_is_torchvisions(depth: int, reference: Callable[..., nn.Module]) -> None:
+    theirs = shapes_of(reference(num_classes=10))
+    # Images over 64 px get torchvision's own ImageNet stem: the same module, tensor for tensor.
+    assert shapes_of(resnet(ImageShape(3, 96, 96), depth=depth)) == theirs
+    # Up to 64 px the small-image stem: only the first conv differs (3x3 instead of 7x7).
+    small = resnet(ImageShape(3, 32, 32), depth=depth)
+    assert shapes_of(small) == theirs | {"conv1.weight": (64, 3, 3, 3)}
+    assert (small.conv1.stride, small.conv1.padding, small.conv1.bias) == ((1, 1), (1, 1), None)
+    assert isinstance(small.maxpool, nn.Identity)
+    assert "layer1.0.downsample.0.weight" not in theirs
+
+
+def test_resnet_sizes_are_the_published_ones() -> None:
+    spec = MODELS["resnet"](arch="resnet")
+    assert spec.n_parameters(ImageShape(3, 224, 224), 1000) == 11_689_512  # torchvision's resnet18
+    assert spec.n_parameters(ImageShape(3, 32, 32), 10) == 11_173_962  # the CIFAR-10 ResNet-18 of the papers
+    assert MODELS["resnet"](arch="resnet", depth=34).n_parameters(ImageShape(3, 224, 224), 1000) == 21_797_672
+
+
+@pytest.mark.parametrize(
+    ("fields", "channels"),
+    [({"width": 0.5}, (32, 64, 128, 256)), ({"width": 2}, (128, 256, 512, 1024)), ({"width": 1.5}, (96, 192, 384, 768))],
+)
+def test_resnet_width_scales_every_stage(fields: dict, channels: tuple[int, ...]) -> None:
+    spec = MODELS["resnet"].model_validate({"arch": "resnet"} | fields)  # a JSON int is a width too
+    assert spec.channels == channels
+    if channels[0] <= 64:  # the wide ones are too slow to build on a shared CPU for this
+        model = resnet(ImageShape(1, 28, 28), **fields)
+        stages = (model.layer1, model.layer2, model.layer3, model.layer4)
+        assert model.conv1.out_channels == channels[0]
+        assert [stage[-1].conv2.out_channels for stage in stages] == list(channels)
+        assert model.fc.in_features == channels[-1]
+        assert model.layer1[0].downsample is None  # the stem's width and size: no shortcut conv
+
+
+@pytest.mark.parametrize(("shape", "last_map"), [(ImageShape(3, 32, 32), 4), (ImageShape(1, 28, 28), 4),
+                                                 (ImageShape(1, 8, 8), 1), (ImageShape(3, 96, 96), 3)])  # fmt: skip
+def test_resnet_reads_a_batch_of_images_into_logits(shape: ImageShape, last_map: int) -> None:
+    torch.manual_seed(0)
+    model = resnet(shape, 10, width=0.125).eval()
+    maps = []
+    model.layer4.register_forward_hook(lambda module, inputs, output: maps.append(output.shape[-2:]))
+    assert model(torch.randn(5, *shape.dims)).shape == (5, 10)
+    assert maps == [(last_map, last_map)]  # 32 px: stride 8 (small stem); 96 px: 32 (ImageNet stem)
+
+
+def test_resnet_on_digits_learns_through_run_training() -> None:
+    spec = job(model={"arch": "resnet", "width": 0.125}, epochs=2, batch_size=128, seed=3)
+    first, again = RecordingReporter(), RecordingReporter()
+    run_training(spec, first)
+    run_training(spec, again)
+    assert first.history["train_loss"] == again.history["train_loss"]  # the same seed, the same run
+    losses = [value for _, value in first.history["train_loss"]]  # 12 steps of 128 images
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
 
 
 # --------------------------------------------------------------------------- examples

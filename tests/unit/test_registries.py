@@ -55,7 +55,7 @@ def test_model_registry_holds_every_model() -> None:
     # MODELS is derived from the `ModelSpec` union; an arch JobSpec accepts must be in it.
     assert JobSpec.model_validate({"model": {"arch": "mlp"}}).model.arch == "mlp"
     assert MODELS["mlp"] is MLPModel
-    assert list(MODELS) == ["mlp", "cnn", "rnn", "lstm", "gru", "transformer"]
+    assert list(MODELS) == ["mlp", "cnn", "rnn", "lstm", "gru", "transformer", "resnet"]
 
 
 def test_tagged_fields_point_at_the_spec_registries() -> None:
@@ -146,11 +146,13 @@ def test_catalog_shows_model_fields(catalog: dict) -> None:
     assert models["cnn"]["channels"]["default"] == [16, 32]
     assert models["lstm"]["pooling"]["enum"] == ["last", "mean"]
     assert models["transformer"]["num_heads"]["default"] == 4
+    assert (models["resnet"]["depth"]["enum"], models["resnet"]["depth"]["default"]) == ([18, 34], 18)
+    assert (models["resnet"]["width"]["minimum"], models["resnet"]["width"]["maximum"]) == (0.125, 4)
 
 
 def test_catalog_says_which_data_each_model_takes_and_each_dataset_is(catalog: dict) -> None:
     takes = {e["name"]: e["takes"] for e in catalog["models"]}
-    assert takes["cnn"] == ["image"] and takes["gru"] == ["sequence"] and takes["transformer"] == ["sequence"]
+    assert takes["cnn"] == takes["resnet"] == ["image"] and takes["gru"] == ["sequence"] and takes["transformer"] == ["sequence"]
     assert takes["mlp"] == ["tabular", "image", "sequence"]  # read flat
     shapes = {e["name"]: e["shapes"] for e in catalog["datasets"]}
     assert shapes["iris"] == ["tabular (4 features)"]
