@@ -291,21 +291,27 @@ class DatasetCache:
     def ensure(self, name: str) -> Path:
         """The cache folder, with the set verified in it; downloads it if missing and allowed.
         Raises DatasetUnavailable, in seconds when offline."""
+        self.fetch(name)
+        return self.root
+
+    def fetch(self, name: str) -> str:
+        """Make the set ready; says how: "ready" (verified earlier), "verified" (its files were
+        there), "downloaded"."""
         if self.is_ready(name):
-            return self.root
+            return "ready"
         self.checksums(name)  # an unknown set fails before any lock or folder is made
         self.root.mkdir(parents=True, exist_ok=True)
         with self._lock(name):
             if self.is_ready(name):  # another worker fetched it while this one waited
-                return self.root
+                return "ready"
             problem = self._verify(self.root, name)
             if problem is None:  # copied in by hand, or a crash between moving and marking
                 self._mark_verified(name)
-                return self.root
+                return "verified"
             if not self.download:
                 raise DatasetUnavailable(name, self.root, f"downloads are off (DATASETS_DOWNLOAD=false); {problem}")
             self._fill(name, lambda staging: self._download_into(staging, name), "what was downloaded is not the set")
-        return self.root
+        return "downloaded"
 
     def copy_from(self, name: str, source: Path) -> Path:
         """Fill the cache from a folder laid out as torchvision's root (e.g. MNIST/raw/..., cifar-10-batches-py/)."""

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +21,8 @@ from tests.dataset_files import dataset_files, write_image_set
 from tests.mirror_server import Mirror, serve_mirror
 from trainer.image_sets import read_image_set
 from worker.dataset_cache import DatasetCache, DatasetUnavailable, SetChecksums, read_checksum_table, torchvision_checksums
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture()
@@ -202,3 +207,73 @@ def test_the_product_table_is_torchvisions_and_a_json_table_replaces_it(tmp_path
     assert read_checksum_table(path) == {"kmnist": SetChecksums(files={"KMNIST/raw/x": "ab" * 16})}
     with pytest.raises(DatasetUnavailable, match="the checksum table has no entry for it"):
         DatasetCache(root=tmp_path, table=read_checksum_table(path)).ensure("mnist")
+
+
+def test_every_built_in_set_is_a_run_input_with_a_stable_digest_and_its_splits() -> None:
+    from jobs.spec import JobSpec
+    from worker.mlflow_run import MLFLOW_DIGEST_CHARS, dataset_input
+
+    def recorded(dataset: dict, seed: int = 0) -> tuple[str, dict, dict]:
+        spec = JobSpec.model_validate({"dataset": dataset, "seed": seed})
+        entity = dataset_input(spec, "default").dataset
+        return entity.digest, json.loads(entity.profile), json.loads(entity.source)
+
+    digest, profile, source = recorded({"name": "mnist", "val_fraction": 0.1, "subset": 1000})
+    assert digest == torchvision_checksums()["mnist"].digest[:MLFLOW_DIGEST_CHARS]
+    assert profile == {"num_rows": 7000, "num_features": 784, "train_samples": 1000, "validation_samples": 6000}
+    assert source["builtin"] == "mnist" and source["reader"] == "torchvision"
+    assert recorded({"name": "mnist"}, seed=5)[0] == digest  # the files, not the job, make an image set's digest
+
+    moons = recorded({"name": "moons", "n_samples": 500})
+    assert moons[1]["train_samples"] == 400 and moons[1]["validation_samples"] == 100
+    assert recorded({"name": "moons", "n_samples": 500})[0] == moons[0]
+    assert recorded({"name": "moons", "n_samples": 500}, seed=1)[0] != moons[0]  # a generated set follows its seed
+    assert recorded({"name": "moons", "n_samples": 501})[0] != moons[0]
+    assert recorded({"name": "digits"}, seed=1)[0] == recorded({"name": "digits"})[0]  # a bundled one does not
+
+
+def admin(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "api.admin", *args], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO_ROOT)  # fmt: skip
+
+
+def test_fetch_datasets_fills_the_cache_from_a_mirror_and_names_what_it_could_not_fetch(
+    tmp_path: Path, mirror: Mirror
+) -> None:
+    table = mirrored_table(mirror, "mnist", "cifar10")
+    checksums = tmp_path / "checksums.json"
+    checksums.write_text(json.dumps({name: entry.model_dump() for name, entry in table.items()}
+                                    | {"kmnist": {"files": {"KMNIST/raw/x": "0" * 32}}}))  # fmt: skip
+    root = tmp_path / "cache"
+    env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "DESCENT_HOME": str(tmp_path / "home"),
+                        "DATASETS_DIR": str(root), "DATASETS_MIRROR": mirror.url,
+                        "DATASETS_CHECKSUMS": str(checksums), "DATASETS_DOWNLOAD": "false"}  # fmt: skip
+    fetched = admin(env, "fetch-datasets", "mnist", "cifar10")
+    assert fetched.returncode == 0, fetched.stderr
+    lines = fetched.stdout.splitlines()
+    assert lines[0].startswith(f"mnist: downloaded and verified in {root} (") and lines[1].startswith("cifar10: downl")
+    cache = DatasetCache(root=root, table=table)
+    assert cache.is_ready("mnist") and cache.is_ready("cifar10")
+
+    again = admin(env, "fetch-datasets", "cifar10", "kmnist", "fashion_mnist")
+    assert again.returncode == 1
+    assert again.stdout.startswith("cifar10: already verified in")
+    assert "kmnist: FAILED: the checksum table lists nothing to download for it" in again.stderr
+    assert "fashion_mnist: FAILED: the checksum table has no entry for it" in again.stderr
+    assert again.stderr.rstrip().endswith("error: could not fetch kmnist, fashion_mnist")
+
+    source = tmp_path / "copied"
+    write_image_set(source, "kmnist")
+    env["DATASETS_CHECKSUMS"] = str(tmp_path / "kmnist.json")
+    Path(env["DATASETS_CHECKSUMS"]).write_text(json.dumps({"kmnist": {"files": write_image_set(source, "kmnist")}}))
+    copied = admin(env, "fetch-datasets", "kmnist", "--from", str(source))
+    assert copied.returncode == 0 and copied.stdout.startswith(f"kmnist: copied from {source} and verified"), copied
+    assert read_image_set("kmnist", root).x_train.shape == (300, 1, 28, 28)
+    assert admin(env, "fetch-datasets", "svhn").returncode == 2  # not a set it knows: argparse says which are
+
+
+def test_the_admin_command_does_not_import_torch_until_it_fetches() -> None:
+    imported = subprocess.run([sys.executable, "-c", "import api.admin, sys; print('torch' in sys.modules)"],
+                              env=os.environ | {"PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+                              cwd=REPO_ROOT)  # fmt: skip
+    assert imported.stdout.strip() == "False", imported.stderr
