@@ -35,7 +35,10 @@ def serve_mirror(folder: Path) -> Iterator[Mirror]:
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             mirror.gets[self.path] += 1
             time.sleep(mirror.delay_s)
-            super().do_GET()
+            try:
+                super().do_GET()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # torchvision's redirect probe hangs up without reading the body
 
         def log_message(self, *args: object) -> None:
             pass

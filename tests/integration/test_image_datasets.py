@@ -112,3 +112,17 @@ def test_fetch_datasets_fills_the_cache_and_the_missing_set_then_trains(image_st
     job = image_stack.submit(image_job("it-mnist-fetched", "mnist"))
     done = image_stack.wait(job["id"], timeout_s=180)
     assert done["status"] == "succeeded", done["error"]
+
+
+def test_a_toy_set_is_a_run_input_too(image_stack: Stack) -> None:
+    job = image_stack.submit({"name": "it-moons-input", "dataset": {"name": "moons", "n_samples": 200}, "epochs": 2,
+                              "seed": 3})  # fmt: skip
+    done = image_stack.wait(job["id"], timeout_s=120)
+    assert done["status"] == "succeeded", done["error"]
+    [recorded] = image_stack.mlflow.get_run(done["mlflow"]["run_id"]).inputs.dataset_inputs
+    assert (recorded.dataset.name, recorded.dataset.source_type) == ("moons", "descent")
+    source = json.loads(recorded.dataset.source)
+    assert (source["seed"], source["spec"]["n_samples"]) == (3, 200)
+    assert json.loads(recorded.dataset.profile) == {"num_rows": 200, "num_features": 2, "train_samples": 160,
+                                                    "validation_samples": 40}  # fmt: skip
+    assert {t.key: t.value for t in recorded.tags}["mlflow.data.context"] == "training"
