@@ -58,7 +58,8 @@ class Outcome(StrEnum):
 def describe_failure(exc: BaseException) -> tuple[str, str]:
     """(error type, message) of a failed job: an exception's own `error_type` when it has one
     (a dataset the worker cannot get is `dataset_unavailable`), else its class name."""
-    return getattr(exc, "error_type", type(exc).__name__), str(exc) or repr(exc)
+    error_type = getattr(exc, "error_type", None)
+    return error_type if isinstance(error_type, str) else type(exc).__name__, str(exc) or repr(exc)
 
 
 def worker_name() -> str:

@@ -277,3 +277,11 @@ def test_the_admin_command_does_not_import_torch_until_it_fetches() -> None:
                               env=os.environ | {"PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
                               cwd=REPO_ROOT)  # fmt: skip
     assert imported.stdout.strip() == "False", imported.stderr
+
+
+def test_the_job_records_the_failure_as_dataset_unavailable(tmp_path: Path) -> None:
+    from worker.execute import describe_failure
+
+    unavailable = DatasetUnavailable("mnist", tmp_path, "no route to host")
+    assert describe_failure(unavailable) == ("dataset_unavailable", str(unavailable))
+    assert describe_failure(ValueError("bad")) == ("ValueError", "bad")
