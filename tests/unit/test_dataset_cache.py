@@ -202,6 +202,18 @@ def test_the_product_table_is_torchvisions_and_a_json_table_replaces_it(tmp_path
     assert table["cifar10"].downloads == {"cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}
     assert table["cifar10"].files["cifar-10-batches-py/test_batch"] == "40351d587109b95175f43aff81a1287e"
     assert len(table["cifar100"].files) == 3
+    product = DatasetCache(root=tmp_path, table=table)  # torchvision's mirrors, or the one DATASETS_MIRROR names
+    assert product._urls("mnist", "t10k-images-idx3-ubyte.gz") == [
+        "https://ossci-datasets.s3.amazonaws.com/mnist/t10k-images-idx3-ubyte.gz",
+        "http://yann.lecun.com/exdb/mnist/t10k-images-idx3-ubyte.gz",
+    ]
+    assert product._urls("cifar100", "cifar-100-python.tar.gz") == ["https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]
+    mirrored = DatasetCache(root=tmp_path, table=table, mirror="http://mirror.internal/datasets/")
+    assert mirrored._urls("kmnist", "x.gz") == ["http://mirror.internal/datasets/kmnist/x.gz"]
+    from jobs.settings import Settings
+
+    assert Settings(descent_home=tmp_path).datasets_dir == tmp_path.resolve() / "datasets"
+    assert Settings(descent_home=tmp_path, datasets_dir=tmp_path / "elsewhere").datasets_dir == tmp_path / "elsewhere"
     path = tmp_path / "checksums.json"
     path.write_text(json.dumps({"kmnist": {"files": {"KMNIST/raw/x": "ab" * 16}}}))
     assert read_checksum_table(path) == {"kmnist": SetChecksums(files={"KMNIST/raw/x": "ab" * 16})}
