@@ -122,7 +122,9 @@ def fetch_datasets(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m api.admin", description="Descent projects, API keys and the dataset cache.")
+    p = argparse.ArgumentParser(
+        prog="python -m api.admin", description="Descent projects, API keys and the dataset cache."
+    )
     commands = p.add_subparsers(dest="command", required=True)
     c = commands.add_parser("create-project", help="create a project")
     c.add_argument("name")

@@ -32,7 +32,7 @@ def serve_mirror(folder: Path) -> Iterator[Mirror]:
     mirror: Mirror
 
     class Handler(SimpleHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:  # http.server's name
             mirror.gets[self.path] += 1
             time.sleep(mirror.delay_s)
             try:

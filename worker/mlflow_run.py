@@ -96,14 +96,15 @@ def builtin_dataset_input(spec: JobSpec) -> DatasetInput:
         recipe = {"spec": dataset.model_dump(mode="json")} | ({"seed": spec.seed} if generated else {})
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
         source = {"builtin": dataset.name, "reader": "scikit-learn" if not generated else "descent"} | recipe
+    profile = {"num_rows": n_train + n_val, "num_features": dataset.n_features, "train_samples": n_train,
+               "validation_samples": n_val}  # fmt: skip
     entity = Dataset(
         name=dataset.name,
         digest=digest[:MLFLOW_DIGEST_CHARS],
         source_type="descent",
         source=json.dumps(source),
         schema=json.dumps({"shape": list(spec.input_shape.dims), "n_classes": dataset.n_classes}),
-        profile=json.dumps({"num_rows": n_train + n_val, "num_features": dataset.n_features,
-                            "train_samples": n_train, "validation_samples": n_val}),  # fmt: skip
+        profile=json.dumps(profile),
     )
     return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
 

@@ -20,7 +20,13 @@ import pytest
 from tests.dataset_files import dataset_files, write_image_set
 from tests.mirror_server import Mirror, serve_mirror
 from trainer.image_sets import read_image_set
-from worker.dataset_cache import DatasetCache, DatasetUnavailable, SetChecksums, read_checksum_table, torchvision_checksums
+from worker.dataset_cache import (
+    DatasetCache,
+    DatasetUnavailable,
+    SetChecksums,
+    read_checksum_table,
+    torchvision_checksums,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -207,7 +213,8 @@ def test_the_product_table_is_torchvisions_and_a_json_table_replaces_it(tmp_path
         "https://ossci-datasets.s3.amazonaws.com/mnist/t10k-images-idx3-ubyte.gz",
         "http://yann.lecun.com/exdb/mnist/t10k-images-idx3-ubyte.gz",
     ]
-    assert product._urls("cifar100", "cifar-100-python.tar.gz") == ["https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]
+    cifar100 = ["https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"]
+    assert product._urls("cifar100", "cifar-100-python.tar.gz") == cifar100
     mirrored = DatasetCache(root=tmp_path, table=table, mirror="http://mirror.internal/datasets/")
     assert mirrored._urls("kmnist", "x.gz") == ["http://mirror.internal/datasets/kmnist/x.gz"]
     from jobs.settings import Settings
@@ -246,7 +253,7 @@ def test_every_built_in_set_is_a_run_input_with_a_stable_digest_and_its_splits()
 
 def admin(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "api.admin", *args], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=REPO_ROOT)  # fmt: skip
+                          check=False, timeout=120, cwd=REPO_ROOT)  # fmt: skip
 
 
 def test_fetch_datasets_fills_the_cache_from_a_mirror_and_names_what_it_could_not_fetch(
@@ -287,7 +294,7 @@ def test_fetch_datasets_fills_the_cache_from_a_mirror_and_names_what_it_could_no
 def test_the_admin_command_does_not_import_torch_until_it_fetches() -> None:
     imported = subprocess.run([sys.executable, "-c", "import api.admin, sys; print('torch' in sys.modules)"],
                               env=os.environ | {"PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
-                              cwd=REPO_ROOT)  # fmt: skip
+                              check=False, cwd=REPO_ROOT)  # fmt: skip
     assert imported.stdout.strip() == "False", imported.stderr
 
 
