@@ -33,8 +33,8 @@ RUN pip install ".[deploy]" && rm -rf build *.egg-info
 # Runs as an unprivileged user. Directories that named volumes mount over are
 # created here with that owner, so Docker initialises the volumes writable.
 RUN useradd --create-home --uid 10001 --user-group descent \
-    && mkdir -p /mlartifacts /var/lib/descent /var/lib/mlflow-auth \
-    && chown descent:descent /mlartifacts /var/lib/descent /var/lib/mlflow-auth
+    && mkdir -p /mlartifacts /var/lib/descent /var/lib/descent-datasets /var/lib/mlflow-auth \
+    && chown descent:descent /mlartifacts /var/lib/descent /var/lib/descent-datasets /var/lib/mlflow-auth
 USER descent
 
 # The copies under /app are what runs (alembic needs alembic.ini and migrations/ there).

@@ -1,6 +1,7 @@
 """Key administration from a shell on the server, for when there is no admin key yet
-(or it was lost): `python -m api.admin create-key --project default --server-admin`; and a
-project's MLflow login, made or reset: `python -m api.admin mlflow-login PROJECT`.
+(or it was lost): `python -m api.admin create-key --project default --server-admin`; a
+project's MLflow login, made or reset: `python -m api.admin mlflow-login PROJECT`; and the
+dataset cache filled ahead: `python -m api.admin fetch-datasets mnist cifar10`.
 
 Talks to the database the settings point at (DATABASE_URL), like the API does.
 """
@@ -10,11 +11,15 @@ from __future__ import annotations
 import argparse
 import sys
 import uuid
+from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
 from jobs import access, mlflow_tenancy
 from jobs.db import session_scope
+from jobs.spec import DATASETS, ImageDataset
+
+IMAGE_SET_NAMES = [name for name, spec in DATASETS.items() if issubclass(spec, ImageDataset)]
 
 
 def _print_login(login: mlflow_tenancy.MlflowLogin) -> None:
@@ -85,8 +90,41 @@ def revoke_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def fetch_datasets(args: argparse.Namespace) -> int:
+    """Fill the dataset cache ahead of the jobs (downloads on, whatever DATASETS_DOWNLOAD says
+    for the workers): download each set, or verify the copy already there, or copy it --from a
+    folder holding torchvision's files. Exits 1 naming the sets it could not fetch."""
+    import dataclasses
+    import time
+
+    from worker.dataset_cache import DatasetCache, DatasetUnavailable  # imports torch: only for this command
+
+    cache = dataclasses.replace(DatasetCache.from_settings(), download=True)
+    failed = []
+    for name in dict.fromkeys(IMAGE_SET_NAMES if "all" in args.names else args.names):
+        started = time.monotonic()
+        try:
+            if args.source is not None:
+                cache.copy_from(name, args.source)
+                done = f"copied from {args.source} and verified"
+            else:
+                done = {"ready": "already verified", "verified": "verified (its files were there)",
+                        "downloaded": "downloaded and verified"}[cache.fetch(name)]  # fmt: skip
+        except DatasetUnavailable as exc:
+            print(f"{name}: FAILED: {exc.reason}", file=sys.stderr)
+            failed.append(name)
+            continue
+        print(f"{name}: {done} in {cache.root} ({time.monotonic() - started:.1f} s)")
+    if failed:
+        print(f"error: could not fetch {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m api.admin", description="Descent projects and API keys.")
+    p = argparse.ArgumentParser(
+        prog="python -m api.admin", description="Descent projects, API keys and the dataset cache."
+    )
     commands = p.add_subparsers(dest="command", required=True)
     c = commands.add_parser("create-project", help="create a project")
     c.add_argument("name")
@@ -108,6 +146,15 @@ def parser() -> argparse.ArgumentParser:
     c = commands.add_parser("revoke-key", help="revoke a key by its id")
     c.add_argument("key_id", type=uuid.UUID)
     c.set_defaults(run=revoke_key)
+    c = commands.add_parser(
+        "fetch-datasets", help="fill the dataset cache (DATASETS_DIR) with standard image sets, verified"
+    )
+    c.add_argument("names", nargs="+", choices=[*IMAGE_SET_NAMES, "all"], metavar="NAME",
+                   help=f"sets to fetch: {', '.join(IMAGE_SET_NAMES)}, or all")  # fmt: skip
+    c.add_argument("--from", dest="source", type=Path, default=None,
+                   help="copy from this folder, laid out as torchvision's root (e.g. MNIST/raw/...), "
+                   "instead of downloading")  # fmt: skip
+    c.set_defaults(run=fetch_datasets)
     return p
 
 

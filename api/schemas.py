@@ -39,7 +39,10 @@ class JobMlflow(BaseModel):
 
 
 class JobError(BaseModel):
-    type: str
+    type: str = Field(
+        description="What failed: the exception's name (e.g. TrainingDiverged, TimeoutError), or "
+        "dataset_unavailable: a standard image set the worker lacks and could not fetch."
+    )
     message: str
 
 

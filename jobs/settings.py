@@ -180,6 +180,28 @@ class Settings(BaseSettings):
         "may use divided by its concurrency, so that jobs sharing a machine do not fight over cores.",
     )
 
+    # The dataset cache (issue 11): torchvision's files of the standard image sets, shared by the
+    # workers of a machine (compose: the `datasets` volume). The worker fills it before a job's
+    # trainer starts; `python -m api.admin fetch-datasets` fills it ahead (README, "The dataset cache").
+    datasets_dir: Path | None = Field(None, description="The dataset cache; default: DESCENT_HOME/datasets.")
+    datasets_download: bool = Field(
+        True, description="A worker that lacks a set downloads it (checksums verified); false: the job fails at once."
+    )
+    datasets_mirror: str = Field(
+        "", description="Base URL of an internal mirror replacing torchvision's: <base>/<set>/<file torchvision "
+        "fetches>, e.g. <base>/cifar10/cifar-10-python.tar.gz; empty: torchvision's own mirrors.",
+    )  # fmt: skip
+    datasets_checksums: Path | None = Field(
+        None, description="A JSON checksum table replacing the one built from torchvision's "
+        "(worker/dataset_cache.py says its form); for a mirror serving other files, and for tests.",
+    )  # fmt: skip
+    datasets_timeout_s: float = Field(
+        15.0, gt=0, description="Network timeout of each connect and read of a dataset download: offline fails fast."
+    )
+    datasets_lock_wait_s: float = Field(
+        3600.0, gt=0, description="How long a worker waits for another one downloading the same set."
+    )
+
     # Crash recovery.
     lease_s: float = Field(30.0, gt=0, description="A running job whose worker is silent this long is lost.")
     reaper_interval_s: float = Field(5.0, gt=0, description="How often workers look for lost and stuck jobs.")
@@ -212,6 +234,7 @@ class Settings(BaseSettings):
                 self.optuna_storage_url = f"sqlite:///{home}/optuna.db"
             else:
                 self.optuna_storage_url = self.database_url
+        self.datasets_dir = self.datasets_dir or home / "datasets"
         if not self.events_url and self.broker_url.startswith(("redis://", "rediss://")):
             self.events_url = self.broker_url
         if not self.mlflow_ui_url and self.mlflow_tracking_uri.startswith(("http://", "https://")):

@@ -54,6 +54,11 @@ def stack_env(s: Settings) -> dict[str, str]:
         "AUTH_FAILURE_WINDOW_S": str(s.auth_failure_window_s),
         "SYSTEM_METRICS_INTERVAL_S": str(s.system_metrics_interval_s),
         "TORCH_THREADS_PER_JOB": str(s.torch_threads_per_job),
+        "DATASETS_DIR": str(s.datasets_dir),
+        "DATASETS_DOWNLOAD": str(s.datasets_download).lower(),
+        "DATASETS_MIRROR": s.datasets_mirror,
+        "DATASETS_TIMEOUT_S": str(s.datasets_timeout_s),
+        "DATASETS_LOCK_WAIT_S": str(s.datasets_lock_wait_s),
         "PYTHONUNBUFFERED": "1",
         # MLflow's server-side job runner (GenAI evaluation, trace roll-ups) is not used
         # by Descent and would start eight more processes beside the server.
@@ -61,6 +66,8 @@ def stack_env(s: Settings) -> dict[str, str]:
     }
     if s.fresh_process_per_job is not None:
         env["FRESH_PROCESS_PER_JOB"] = str(s.fresh_process_per_job).lower()
+    if s.datasets_checksums is not None:
+        env["DATASETS_CHECKSUMS"] = str(s.datasets_checksums)
     if s.bootstrap_key is not None:
         env["DESCENT_BOOTSTRAP_KEY"] = s.bootstrap_key.get_secret_value()
     return env

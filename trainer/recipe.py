@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,8 +50,10 @@ class Trainer:
         reporter: Reporter | None = None,
         checkpoint_every_steps: int | None = None,
         raw_data: RawData | None = None,
+        datasets_dir: Path | None = None,  # placeholder until the trainer's image-set branch lands (theirs wins)
     ) -> None:
         self.spec = spec
+        self.datasets_dir = datasets_dir
         self.raw_data = raw_data  # an uploaded dataset's arrays (trainer/data.py load_split)
         self.reporter = reporter or NullReporter()
         self.device = resolve_device(spec.device)

@@ -27,7 +27,7 @@ from jobs.db import session_scope
 from jobs.models import Job, JobCheckpoint
 from jobs.repository import claim_next_job, get_job, load_checkpoint, parse_uuid, set_mlflow_run, transition
 from jobs.settings import settings
-from jobs.spec import JobSpec, UploadedDataset
+from jobs.spec import ImageDataset, JobSpec, UploadedDataset
 from jobs.states import ACTIVE, JobStatus
 from jobs.tracking import end_run, tracking_client
 from trainer.checkpoint import checkpoint_from_bytes
@@ -35,6 +35,7 @@ from trainer.data import RawData
 from trainer.recipe import Trainer, resolve_device
 from trainer.reporting import TrainingResult
 from worker import study_runs
+from worker.dataset_cache import ensure_image_set
 from worker.metrics_sink import MlflowMetricSink
 from worker.mlflow_run import latest_steps, log_results, open_run, reopen_run
 from worker.monitor import JobMonitor, JobReporter, StopReason
@@ -55,7 +56,10 @@ class Outcome(StrEnum):
 
 
 def describe_failure(exc: BaseException) -> tuple[str, str]:
-    return type(exc).__name__, str(exc) or repr(exc)
+    """(error type, message) of a failed job: an exception's own `error_type` when it has one
+    (a dataset the worker cannot get is `dataset_unavailable`), else its class name."""
+    error_type = getattr(exc, "error_type", None)
+    return error_type if isinstance(error_type, str) else type(exc).__name__, str(exc) or repr(exc)
 
 
 def worker_name() -> str:
@@ -188,6 +192,9 @@ def _run_attempt(
     try:
         spec = JobSpec.model_validate(job.spec)
         resolve_device(spec.device)  # a job this worker cannot run fails before any run is opened
+        # So does a standard image set this worker lacks and cannot fetch (dataset_unavailable, in
+        # seconds); a download happens here, under the job's lease, never in the trainer.
+        datasets_dir = ensure_image_set(spec.dataset.name) if isinstance(spec.dataset, ImageDataset) else None
         if spec.timeout_s:
             monitor.deadline = job.started_at + timedelta(seconds=spec.timeout_s)
         if job.study_id is not None:
@@ -213,7 +220,8 @@ def _run_attempt(
         # Stopped before the run is ended (below), whatever happens to the training.
         with job_system_metrics(client, sink, reporter, monitor):
             raw_data = _uploaded_arrays(spec, job.project)
-            trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps, raw_data=raw_data)
+            trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps, raw_data=raw_data,
+                              datasets_dir=datasets_dir)  # fmt: skip
             trainer.setup()
             if checkpoint is not None:
                 log.info("job %s attempt %d resumes from step %d", job_id, attempt, checkpoint.step)

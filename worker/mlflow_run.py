@@ -3,6 +3,7 @@ active-run stack, which outlives a crashed task in the same process)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
@@ -25,8 +26,15 @@ from jobs.db import session_scope  # noqa: E402
 from jobs.mlflow_tenancy import project_experiment_id  # noqa: E402
 from jobs.models import DEFAULT_PROJECT  # noqa: E402
 from jobs.settings import settings  # noqa: E402
-from jobs.spec import JobSpec, UploadedDataset  # noqa: E402
+from jobs.spec import (  # noqa: E402
+    ImageDataset,
+    JobSpec,
+    SyntheticDataset,
+    TokenSequenceDataset,
+    UploadedDataset,
+)
 from trainer.reporting import TrainingResult  # noqa: E402
+from worker.dataset_cache import image_set_digest  # noqa: E402
 from worker.diagnostic_figures import line_figure, plane_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -60,9 +68,45 @@ def open_run(
     params = [Param(key, value[:6000]) for key, value in spec.flat_params().items()]
     for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
         client.log_batch(run.info.run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
-    if isinstance(spec.dataset, UploadedDataset):
-        client.log_inputs(run.info.run_id, datasets=[uploaded_dataset_input(spec.dataset, project)])
+    client.log_inputs(run.info.run_id, datasets=[dataset_input(spec, project)])
     return experiment_id, run.info.run_id
+
+
+def dataset_input(spec: JobSpec, project: str) -> DatasetInput:
+    """The job's dataset as the run's training input, whatever it is: an upload, a standard
+    image set from the cache, or a bundled or generated set."""
+    if isinstance(spec.dataset, UploadedDataset):
+        return uploaded_dataset_input(spec.dataset, project)
+    return builtin_dataset_input(spec)
+
+
+def builtin_dataset_input(spec: JobSpec) -> DatasetInput:
+    """A built-in set: the digest of an image set is its checksum table's (the same files, the
+    same digest, on every worker); of a bundled or generated set, its spec's parameters (and the
+    seed, which generates a synthetic set). The splits the job trains and validates on are the
+    profile; subset, validation and augmentation are in the run's params."""
+    dataset = spec.dataset
+    n_train, n_val = spec.split_sizes
+    if isinstance(dataset, ImageDataset):
+        digest = image_set_digest(dataset.name)
+        source = {"builtin": dataset.name, "reader": "torchvision", "datasets_dir": str(settings.datasets_dir),
+                  "checksums_sha256": digest}  # fmt: skip
+    else:
+        generated = isinstance(dataset, (SyntheticDataset, TokenSequenceDataset))
+        recipe = {"spec": dataset.model_dump(mode="json")} | ({"seed": spec.seed} if generated else {})
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+        source = {"builtin": dataset.name, "reader": "scikit-learn" if not generated else "descent"} | recipe
+    profile = {"num_rows": n_train + n_val, "num_features": dataset.n_features, "train_samples": n_train,
+               "validation_samples": n_val}  # fmt: skip
+    entity = Dataset(
+        name=dataset.name,
+        digest=digest[:MLFLOW_DIGEST_CHARS],
+        source_type="descent",
+        source=json.dumps(source),
+        schema=json.dumps({"shape": list(spec.input_shape.dims), "n_classes": dataset.n_classes}),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
 
 
 def uploaded_dataset_input(dataset: UploadedDataset, project: str) -> DatasetInput:

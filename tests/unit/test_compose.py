@@ -394,3 +394,17 @@ def test_the_worker_serves_its_metrics_on_the_internal_network_only(services: di
     targets = {c["job_name"]: c for c in scrape["scrape_configs"]}
     assert targets["descent-workers"]["dns_sd_configs"][0]["port"] == int(port)
     assert targets["descent-api"]["static_configs"][0]["targets"] == ["api:8000"]
+
+
+def test_the_workers_read_the_dataset_cache_that_fetch_datasets_fills(services: dict) -> None:
+    def cache_volume(name: str) -> str:
+        directory = environment_of(services[name])["DATASETS_DIR"]
+        mounted = [v.split(":")[0] for v in services[name]["volumes"] if v.split(":")[1] == directory]
+        assert mounted, f"{name}: nothing is mounted at DATASETS_DIR={directory}"
+        return mounted[0]
+
+    assert cache_volume("worker") == cache_volume("fetch-datasets") == "datasets"
+    # The workers have no route out: they do not try to download; fetch-datasets does.
+    assert environment_of(services["worker"])["DATASETS_DOWNLOAD"] == "false"
+    assert command_of(services["fetch-datasets"])[:4] == ["python", "-m", "api.admin", "fetch-datasets"]
+    assert "public" in network_names(services["fetch-datasets"])
