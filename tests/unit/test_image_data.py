@@ -271,7 +271,7 @@ def test_cutout_in_the_step_zeroes_a_square_of_the_normalised_batch(image_cache:
 def test_evaluation_is_never_augmented(image_cache: Path) -> None:
     t = trainer(image_cache, ALL_AUGMENTATIONS)
     before = t.augmentation.generator.get_state()
-    loss, accuracy, predicted = t.evaluate(t.data.x_val, t.data.y_val)
+    loss, _, predicted = t.evaluate(t.data.x_val, t.data.y_val)
     assert torch.equal(t.augmentation.generator.get_state(), before)  # nothing drawn
     t.model.eval()
     with torch.no_grad():
@@ -362,3 +362,20 @@ def test_an_mlp_learns_mnist_and_a_cnn_learns_cifar10_with_augmentation(image_ca
         datasets_dir=image_cache,
     )
     assert cnn.final_metrics["val_accuracy"] > 0.6
+
+
+def test_diagnostics_read_the_stored_images_through_the_same_view(image_cache: Path) -> None:
+    spec = job(
+        {"name": "mnist", "augment": {"random_crop": {"padding": 2}}},
+        model={"arch": "mlp", "hidden": [8]},
+        diagnostics={"hessian": {"top_k": 2, "max_samples": 64}, "landscape": {"kind": "1d", "resolution": 5}},
+    )
+    t = Trainer(spec, datasets_dir=image_cache)
+    t.setup()
+    result = t.train()
+    assert result.diagnostics["hessian"]["samples"] == 64
+    # alpha 1 of the line is the trained weights: its validation loss (every sample, chunked) is
+    # the one evaluate reports, from the same standardised view, not augmented.
+    line = result.landscape["line"]
+    assert line["alpha"][3] == pytest.approx(1.0)
+    assert line["val_loss"][3] == pytest.approx(result.final_metrics["val_loss"], rel=1e-5)
