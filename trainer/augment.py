@@ -40,8 +40,8 @@ class BatchAugmentation:
     def pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Random crop after zero padding, then a flip with probability 1/2, of uint8 N x C x H x W.
 
-        Both are one gather of the (padded) images at per-sample row and column indices: the
-        crop shifts the indices, the flip reverses a sample's columns. No loop over samples.
+        Both are one gather of each (padded) image at per-sample flat pixel indices: the crop
+        shifts a sample's rows and columns, the flip reverses its columns. No loop over samples.
         """
         crop, flip = self.spec.random_crop, self.spec.horizontal_flip
         if crop is None and not flip:
@@ -54,11 +54,12 @@ class BatchAugmentation:
             x = F.pad(x, (pad, pad, pad, pad))  # zeros: black borders come in
             rows = rows + self._draw(2 * pad + 1, n)[:, None]
             cols = cols + self._draw(2 * pad + 1, n)[:, None]
-            x = x.gather(2, rows[:, None, :, None].expand(n, c, h, x.shape[3]))
         if flip:
             flipped = self._draw(2, n).bool()
             cols = torch.where(flipped[:, None], cols.flip(1), cols)
-        return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+        padded_width = x.shape[3]
+        pixels = (rows[:, :, None] * padded_width + cols[:, None, :]).reshape(n, 1, h * w)
+        return x.reshape(n, c, -1).gather(2, pixels.expand(n, c, h * w)).reshape(n, c, h, w)
 
     def normalised(self, x: torch.Tensor) -> torch.Tensor:
         """Cutout of normalised float N x C x H x W: a size x size square at a random centre

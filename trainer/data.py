@@ -141,12 +141,14 @@ class ImageInputs:
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, shape: DataShape) -> None:
         self.mean, self.std = mean, std  # 1 x C x 1 x 1, in [0, 1] units
+        # (x / 255 - mean) / std as one scale and one shift, in place on the batch's float copy.
+        self.scale, self.shift = 1 / (255 * std), mean / std
         self.dims = shape.dims
 
     def __call__(self, x: torch.Tensor, augmentation: BatchAugmentation | None = None) -> torch.Tensor:
         if augmentation is not None:
             x = augmentation.pixels(x)
-        x = (x.float() / 255 - self.mean) / self.std
+        x = x.to(torch.float32, copy=True).mul_(self.scale).sub_(self.shift)  # never the stored tensor
         if augmentation is not None:
             x = augmentation.normalised(x)
         return x.reshape(len(x), *self.dims)
