@@ -8,7 +8,7 @@ inputs -> forward, loss, backward, optimizer step) over the same batches in the 
 order. Rounds alternate the two; each figure is the median over rounds. Also times the
 input preparation alone (gather + augmentation + standardisation), per batch.
 
-  .venv/bin/python bench/augment_cost.py [--batch-size 128] [--steps 200] [--rounds 5] [--device cpu]
+  .venv/bin/python bench/augment_cost.py [--batch-size 128] [--steps 200] [--rounds 5] [--device cpu] [--threads N]
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--hidden", default="256,128", help="the MLP's hidden widths")
+    parser.add_argument("--threads", type=int, default=None, help="torch's CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hidden = [int(w) for w in args.hidden.split(",")]
 
     with tempfile.TemporaryDirectory() as cache:
