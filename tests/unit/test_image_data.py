@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from jobs.spec import Augment, Cutout, JobSpec, RandomCrop
-from tests.unit.conftest import IMAGE_CACHE_SIZES
 from trainer.augment import BatchAugmentation
 from trainer.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
-from trainer.data import channel_statistics, load_split, stratified_choice
+from trainer.data import IMAGE_LOADERS, channel_statistics, load_split, stratified_choice
 from trainer.recipe import Trainer, run_training
 from trainer.reporting import RecordingReporter
 
@@ -59,7 +58,7 @@ SPLITS = [
 
 @pytest.mark.usefixtures("image_sizes")
 @pytest.mark.parametrize("split", SPLITS, ids=lambda s: str(s) or "test")
-@pytest.mark.parametrize("name", sorted(IMAGE_CACHE_SIZES))
+@pytest.mark.parametrize("name", sorted(IMAGE_LOADERS))
 def test_every_image_set_loads_as_stored_uint8_in_the_spec_split_sizes(
     image_cache: Path, name: str, split: dict
 ) -> None:
