@@ -313,11 +313,16 @@ class ImageDataset(SpecModel):
     @property
     def split_sizes(self) -> tuple[int, int]:
         """(train, validation) samples: the validation split is the test split or held out of training."""
+        return self.sizes_of(self.TRAIN, self.TEST)
+
+    def sizes_of(self, official_train: int, official_test: int) -> tuple[int, int]:
+        """(train, validation) samples taken from official splits of these sizes: the one rule
+        the spec (with the official sizes) and the trainer (with the files it reads) share."""
         if self.val_fraction is None:
-            n_train, n_val = self.TRAIN, self.TEST
+            n_train, n_val = official_train, official_test
         else:
-            n_val = math.ceil(self.TRAIN * self.val_fraction)
-            n_train = self.TRAIN - n_val
+            n_val = math.ceil(official_train * self.val_fraction)
+            n_train = official_train - n_val
         return (n_train if self.subset is None else self.subset), n_val
 
     @property

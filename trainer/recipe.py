@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from jobs.lr_range import LossExplosionWatch
-from jobs.spec import JobSpec
+from jobs.spec import ImageDataset, JobSpec
+from trainer.augment import BatchAugmentation
 from trainer.data import RawData, SplitData, load_split
 from trainer.diagnostics import StepProbes
 from trainer.losses import LOSS_FUNCTIONS
@@ -50,11 +51,11 @@ class Trainer:
         reporter: Reporter | None = None,
         checkpoint_every_steps: int | None = None,
         raw_data: RawData | None = None,
-        datasets_dir: Path | None = None,  # placeholder until the trainer's image-set branch lands (theirs wins)
+        datasets_dir: Path | None = None,
     ) -> None:
         self.spec = spec
-        self.datasets_dir = datasets_dir
         self.raw_data = raw_data  # an uploaded dataset's arrays (trainer/data.py load_split)
+        self.datasets_dir = datasets_dir  # the dataset cache an image set is read from
         self.reporter = reporter or NullReporter()
         self.device = resolve_device(spec.device)
         self.loss_fn = LOSS_FUNCTIONS[spec.loss]
@@ -66,7 +67,7 @@ class Trainer:
         random.seed(spec.seed)
         np.random.seed(spec.seed % 2**32)
         torch.manual_seed(spec.seed)  # initial weights and dropout masks
-        self.data: SplitData = load_split(spec, self.device, self.raw_data)
+        self.data: SplitData = load_split(spec, self.device, self.raw_data, self.datasets_dir)
         self.model = MODEL_BUILDERS[spec.model.arch](spec.model, self.data.shape, self.data.n_classes)
         self.model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -76,15 +77,20 @@ class Trainer:
         self.diagnostics = RunDiagnostics(spec, self.model, self.optimizer, self.loss_fn, self.data, self.reporter)
         # Data order has its own generator: changing the model or optimizer never changes it.
         self.order_generator = torch.Generator().manual_seed(spec.seed)
+        # Augmentation draws from a generator of its own too: turning it on never changes the data order.
+        augment = spec.dataset.augment if isinstance(spec.dataset, ImageDataset) else None
+        self.augmentation = (
+            BatchAugmentation(augment, self.device, spec.seed) if augment is not None and augment.active else None
+        )
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-        """(mean loss, accuracy, predictions) over a whole split, in eval mode."""
+        """(mean loss, accuracy, predictions) over a whole split as stored, in eval mode, not augmented."""
         self.model.eval()
         total_loss = torch.zeros((), device=self.device)
         predictions = []
         for start in range(0, len(x), EVAL_CHUNK):
-            logits = self.model(x[start : start + EVAL_CHUNK])
+            logits = self.model(self.data.inputs(x[start : start + EVAL_CHUNK]))
             total_loss += self.loss_fn(logits, y[start : start + EVAL_CHUNK]) * len(logits)
             predictions.append(logits.argmax(dim=1))
         self.model.train()
@@ -111,7 +117,7 @@ class Trainer:
             while pos.batch_start < n_train:
                 step = pos.step
                 batch = pos.order[pos.batch_start : pos.batch_start + spec.batch_size]
-                logits = model(data.x_train[batch])
+                logits = model(data.training_inputs(data.x_train[batch], self.augmentation))
                 loss = self.loss_fn(logits, data.y_train[batch])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -212,6 +218,7 @@ class Trainer:
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "order": self.order_generator.get_state(),
+                "augment": None if self.augmentation is None else self.augmentation.state_dict(),
                 "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
                 "python": random.getstate(),
             },
@@ -225,10 +232,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
+        torch.set_rng_state(rng["torch"].cpu())  # (generator states are CPU tensors, wherever the checkpoint was mapped)
         if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.order_generator.set_state(rng["order"])
+            torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in rng["cuda"]])
+        self.order_generator.set_state(rng["order"].cpu())
+        if self.augmentation is not None and rng.get("augment") is not None:  # (checkpoints before augmentation lack it)
+            self.augmentation.load_state_dict(rng["augment"])
         name, keys, *rest = rng["numpy"]
         np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
         random.setstate(tuple(rng["python"][:1]) + (tuple(rng["python"][1]),) + tuple(rng["python"][2:]))
@@ -317,7 +326,12 @@ def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, n_classes: i
     return counts.reshape(n_classes, n_classes).cpu().tolist()
 
 
-def run_training(spec: JobSpec, reporter: Reporter | None = None, raw_data: RawData | None = None) -> TrainingResult:
-    trainer = Trainer(spec, reporter, raw_data=raw_data)
+def run_training(
+    spec: JobSpec,
+    reporter: Reporter | None = None,
+    raw_data: RawData | None = None,
+    datasets_dir: Path | None = None,
+) -> TrainingResult:
+    trainer = Trainer(spec, reporter, raw_data=raw_data, datasets_dir=datasets_dir)
     trainer.setup()
     return trainer.train()

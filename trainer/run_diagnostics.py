@@ -106,6 +106,7 @@ class RunDiagnostics:
             torch.cuda.synchronize(self.params[0].device)
 
     def _samples(self, split: str, max_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored samples (an image set's uint8): each chunk becomes model inputs as it is used."""
         x, y = (self.data.x_train, self.data.y_train) if split == "train" else (self.data.x_val, self.data.y_val)
         subset = fixed_subset(len(x), max_samples, self.spec.seed)
         if subset is None:
@@ -123,7 +124,7 @@ class RunDiagnostics:
                 raise DiagnosticsInterrupted
             for start in range(0, n, EVAL_CHUNK):
                 xb, yb = x[start : start + EVAL_CHUNK], y[start : start + EVAL_CHUNK]
-                yield self.loss_fn(self.model(xb), yb) * (len(xb) / n)
+                yield self.loss_fn(self.model(self.data.inputs(xb)), yb) * (len(xb) / n)
 
         return terms
 

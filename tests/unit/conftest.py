@@ -81,3 +81,38 @@ def client(migrated_db: str) -> Iterator:
 
     with TestClient(app, raise_server_exceptions=False, headers=ADMIN_HEADERS) as test_client:
         yield test_client
+
+
+# Samples (train, test) of the image sets written for the unit tests: small, and cifar100's
+# large enough that a stratified hold-out can hold every one of its 100 classes.
+IMAGE_CACHE_SIZES = {
+    "mnist": (300, 100),
+    "fashion_mnist": (300, 100),
+    "kmnist": (300, 100),
+    "cifar10": (300, 100),
+    "cifar100": (600, 200),
+}
+
+
+@pytest.fixture(scope="session")
+def image_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dataset cache (DATASETS_DIR) holding every image set, small, in the real file formats."""
+    from tests.dataset_files import write_image_set
+
+    root = tmp_path_factory.mktemp("datasets")
+    for name, (n_train, n_test) in IMAGE_CACHE_SIZES.items():
+        write_image_set(root, name, n_train=n_train, n_test=n_test, seed=len(name))
+    return root
+
+
+@pytest.fixture
+def image_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image sets' spec classes sized as the test cache's files, so that a spec's
+    split_sizes are the sizes the trainer must produce from them."""
+    from jobs.spec import DATASETS, ImageDataset
+
+    for name, (n_train, n_test) in IMAGE_CACHE_SIZES.items():
+        cls = DATASETS[name]
+        assert issubclass(cls, ImageDataset)
+        monkeypatch.setattr(cls, "TRAIN", n_train)
+        monkeypatch.setattr(cls, "TEST", n_test)

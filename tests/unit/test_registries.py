@@ -19,18 +19,19 @@ from jobs.spec import (
     SCHEDULES,
     TAGGED_FIELDS,
     BundledDataset,
+    ImageDataset,
     JobSpec,
     LossName,
     MLPModel,
 )
-from trainer.data import DATASET_LOADERS, load_split
+from trainer.data import DATASET_LOADERS, IMAGE_LOADERS, load_split
 from trainer.losses import LOSS_FUNCTIONS
 from trainer.models import MODEL_BUILDERS
 from trainer.optim import OPTIMIZER_BUILDERS
 from trainer.schedules import SCHEDULE_BUILDERS
 
 PAIRS = {
-    "datasets": (DATASETS, DATASET_LOADERS),
+    "datasets": (DATASETS, DATASET_LOADERS | IMAGE_LOADERS),  # generated or bundled | read from the cache
     "models": (MODELS, MODEL_BUILDERS),
     "optimizers": (OPTIMIZERS, OPTIMIZER_BUILDERS),
     "schedules": (SCHEDULES, SCHEDULE_BUILDERS),
@@ -49,6 +50,11 @@ def test_every_spec_name_has_exactly_one_trainer_factory_and_vice_versa(concept:
     assert sorted(spec_names) == sorted(factories)
     assert len(set(spec_names)) == len(list(spec_names))
     assert all(callable(f) for f in factories.values())
+
+
+def test_a_dataset_is_generated_or_read_from_the_cache_never_both() -> None:
+    assert not set(DATASET_LOADERS) & set(IMAGE_LOADERS)
+    assert sorted(IMAGE_LOADERS) == sorted(n for n, cls in DATASETS.items() if issubclass(cls, ImageDataset))
 
 
 def test_model_registry_holds_every_model() -> None:
@@ -180,7 +186,7 @@ def test_catalog_losses_and_job(catalog: dict) -> None:
 
 
 def dataset_specs() -> list:
-    specs = [cls(name=name) for name, cls in DATASETS.items()]
+    specs = [cls(name=name) for name, cls in DATASETS.items() if name in DATASET_LOADERS]
     specs += [
         DATASETS["blobs"](name="blobs", classes=5, features=7, n_samples=250),
         DATASETS["spirals"](name="spirals", arms=4, n_samples=200),
@@ -211,6 +217,18 @@ def test_loader_output_matches_the_spec(dataset) -> None:  # noqa: ANN001
         assert x.shape[1] == dataset.length and 0 <= x.min() and x.max() < dataset.vocab
     else:
         assert x.shape[1] == 2
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_LOADERS))
+def test_image_loader_output_matches_the_spec(name: str, image_cache) -> None:  # noqa: ANN001
+    dataset = DATASETS[name](name=name)
+    arrays = IMAGE_LOADERS[name](image_cache)
+    for x, y in ((arrays.x_train, arrays.y_train), (arrays.x_test, arrays.y_test)):
+        assert x.dtype == np.uint8 and x.shape[1:] == dataset.image.dims and y.dtype == np.int64
+        assert y.shape == (len(x),) and sorted(set(y.tolist())) == list(range(dataset.n_classes))
+    # Every view of the dataset is a reshape of the stored image.
+    assert {math.prod(view.dims) for view in dataset.views} == {dataset.n_features}
+    assert len(arrays.classes) == dataset.n_classes
 
 
 @pytest.mark.parametrize("name", ["moons", "blobs", "spirals"])
