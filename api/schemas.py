@@ -57,7 +57,14 @@ class JobTrial(BaseModel):
 class HessianSummary(BaseModel):
     """The training loss's Hessian at the end (trainer/hessian.py says how the verdict is decided)."""
 
-    verdict: str = Field(description="local_minimum, saddle_point or not_critical.")
+    verdict: str = Field(description="local_minimum, saddle_point, not_critical or no_finite_minimum.")
+    # None on jobs that ran before these were reported.
+    verdict_reason: str | None = Field(None, description="What decided the verdict, with its numbers.")
+    predicted_decrease_ratio: float | None = Field(
+        None, description="gradient_norm^2 / (2 max_eig) / loss: the share of the loss a gradient step of 1/max_eig "
+        "would remove; above gradient_tolerance the point is not critical.",
+    )  # fmt: skip
+    fits_every_sample: bool | None = Field(None, description="Every evaluated sample classified correctly.")
     # None where a value was not finite (JSON has no NaN).
     max_eig: float | None
     min_eig: float | None

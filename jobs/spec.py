@@ -895,7 +895,7 @@ EvalSamples = Annotated[
 
 class HessianDiagnostic(SpecModel):
     """Extreme eigenvalues of the training loss's Hessian (Lanczos on Hessian-vector products),
-    and a verdict: local_minimum, saddle_point or not_critical."""
+    and a verdict: local_minimum, saddle_point, not_critical or no_finite_minimum (trainer/hessian.py)."""
 
     at: Literal["end"] = Field("end", description="Always computed at the end of training.")
     every_epochs: int | None = Field(
@@ -907,7 +907,8 @@ class HessianDiagnostic(SpecModel):
         1e-2,
         gt=0,
         le=1,
-        description="not_critical when the full gradient's norm exceeds this times max(loss, 1).",
+        description="not_critical (no_finite_minimum when every sample is classified right) when a gradient "
+        "step of 1/lambda_max would lower the loss by more than this share of it: |grad|^2 / (2 lambda_max) > this * loss.",
     )
     curvature_tolerance: float = Field(
         1e-2,

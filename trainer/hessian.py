@@ -12,10 +12,13 @@ eigenvalues by magnitude. If those include a negative one, the most negative
 eigenvalue is among them (its magnitude is at least that one's), and likewise for the
 largest; only a missing end needs a second Lanczos run.
 
-The verdict (thresholds relative to the loss's scale, see `critical_point_verdict`):
-  not_critical    ||grad L|| > gradient_tolerance * max(L, 1)
-  saddle_point    else, lambda_min < -curvature_tolerance * max |lambda|
-  local_minimum   else (no direction of significant negative curvature)
+The verdict (scale-free thresholds, see `critical_point_verdict`), from the decrease a
+gradient step of 1/lambda_max promises, ||grad L||^2 / (2 lambda_max), as a share of L:
+  no_finite_minimum  that share > gradient_tolerance, and every sample is classified right:
+                     the loss falls toward 0 as the logits grow and never reaches it
+  not_critical       that share > gradient_tolerance otherwise: still descending
+  saddle_point       else, lambda_min < -curvature_tolerance * max |lambda|
+  local_minimum      else (no direction of significant negative curvature)
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Verdict(StrEnum):
     local_minimum = "local_minimum"
     saddle_point = "saddle_point"
     not_critical = "not_critical"
+    no_finite_minimum = "no_finite_minimum"
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,36 @@ class HessianSpectrum:
         """Fraction of positive eigenvalues among the top-k by magnitude (the "minimum ratio")."""
         return sum(1 for e in self.top_eigenvalues if e > 0) / len(self.top_eigenvalues)
 
+    @property
+    def predicted_decrease(self) -> float:
+        """||grad L||^2 / (2 lambda_max): how much a gradient step of 1/lambda_max lowers the
+        loss on its quadratic model, and at least how much it lowers the loss itself where
+        lambda_max bounds the curvature along the step (the descent lemma). The largest
+        curvature, not the curvature along the gradient: the step it sets is one gradient
+        descent can take, where g'Hg of a flat direction would extrapolate a quadratic far
+        beyond where it holds. inf when the gradient meets no positive curvature at all."""
+        if self.gradient_norm == 0:
+            return 0.0
+        if self.max_eig <= 0:
+            return math.inf
+        return self.gradient_norm**2 / (2 * self.max_eig)
+
+    @property
+    def predicted_decrease_ratio(self) -> float:
+        """`predicted_decrease` as a share of the loss: the same number for a loss scaled by
+        any factor, and for a cross-entropy near a separable fit, where the gradient, the
+        curvature and the loss all shrink together."""
+        decrease = self.predicted_decrease
+        if decrease == 0:
+            return 0.0
+        return decrease / abs(self.loss) if self.loss != 0 else math.inf
+
     def as_dict(self) -> dict[str, object]:
-        return asdict(self) | {"positive_fraction": self.positive_fraction}
+        return asdict(self) | {
+            "positive_fraction": self.positive_fraction,
+            "predicted_decrease": self.predicted_decrease,
+            "predicted_decrease_ratio": self.predicted_decrease_ratio,
+        }
 
 
 def flat_gradient(loss_terms: LossTerms, params: Sequence[torch.Tensor]) -> tuple[float, torch.Tensor]:
@@ -156,22 +188,52 @@ def extreme_eigenvalues(
 
 
 def critical_point_verdict(
-    spectrum: HessianSpectrum, gradient_tolerance: float = 1e-2, curvature_tolerance: float = 1e-2
+    spectrum: HessianSpectrum,
+    gradient_tolerance: float = 1e-2,
+    curvature_tolerance: float = 1e-2,
+    fits_every_sample: bool = False,
 ) -> Verdict:
-    """Thresholds relative to the loss's scale, so that they mean the same for any loss:
+    """Scale-free thresholds, so that they mean the same for any loss and at any depth:
 
-    - the gradient is "still large" when ||grad L|| > gradient_tolerance * max(L, 1): the
-      loss's own size (1 below a loss of 1, where cross-entropy near a fit lives) sets
-      how small a gradient has to be;
+    - a point is critical only when a gradient step would barely move the loss: the
+      decrease a step of 1/lambda_max promises, ||grad L||^2 / (2 lambda_max), at most
+      `gradient_tolerance` times |L|. Relative to the loss and to the curvature both: a
+      gradient comparable to the loss is large (cross-entropy near a separable fit has
+      ||g|| ~ L ~ lambda_max, all tiny in absolute terms, and falls by a steady share of
+      itself every step), and a gradient along which the loss curves sharply is not;
+    - past that test, a point that is not critical and at which every sample is
+      classified correctly (`fits_every_sample`, the caller's to say: the logits' margins
+      all positive) is `no_finite_minimum`: scaling the last layer scales the logits and
+      drives cross-entropy, or the softmax's squared error, toward 0 without reaching it.
+      There is no minimum ahead to be near, only a loss still descending;
     - curvature is "significantly negative" when lambda_min < -curvature_tolerance *
       max |lambda|: Lanczos and float32 leave tiny negative eigenvalues in the flat
       directions of any network, which say nothing about a saddle.
     """
-    if not math.isfinite(spectrum.gradient_norm) or spectrum.gradient_norm > gradient_tolerance * max(
-        spectrum.loss, 1.0
-    ):
+    if not (math.isfinite(spectrum.gradient_norm) and math.isfinite(spectrum.loss)):
         return Verdict.not_critical
+    if not spectrum.predicted_decrease_ratio <= gradient_tolerance:
+        return Verdict.no_finite_minimum if fits_every_sample else Verdict.not_critical
     scale = max(abs(spectrum.max_eig), abs(spectrum.min_eig))
     if spectrum.min_eig < -curvature_tolerance * scale:
         return Verdict.saddle_point
     return Verdict.local_minimum
+
+
+def verdict_reason(
+    spectrum: HessianSpectrum, verdict: Verdict, gradient_tolerance: float, curvature_tolerance: float
+) -> str:
+    """One sentence a person can check against the numbers: what decided the verdict."""
+    step = f"a gradient step of 1/λ_max would lower the loss by {spectrum.predicted_decrease_ratio:.3g} of it"
+    scale = max(abs(spectrum.max_eig), abs(spectrum.min_eig))
+    curvature = f"λ_min/max|λ| = {spectrum.min_eig / scale:.3g}" if scale > 0 else "the Hessian is zero"
+    if verdict == Verdict.no_finite_minimum:
+        return (f"every sample is classified correctly and {step} (tolerance {gradient_tolerance:g}): "
+                "the loss falls toward 0 as the logits grow, with no minimum to reach")  # fmt: skip
+    if verdict == Verdict.not_critical:
+        if not (math.isfinite(spectrum.gradient_norm) and math.isfinite(spectrum.loss)):
+            return "the loss or its gradient is not finite"
+        return f"still descending: {step} (tolerance {gradient_tolerance:g})"
+    if verdict == Verdict.saddle_point:
+        return f"critical ({step}), with negative curvature: {curvature} (tolerance -{curvature_tolerance:g})"
+    return f"critical ({step}), no significant negative curvature: {curvature} (tolerance -{curvature_tolerance:g})"

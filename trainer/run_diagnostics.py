@@ -20,7 +20,7 @@ from torch import nn
 from jobs.spec import JobSpec
 from trainer.data import SplitData
 from trainer.diagnostics import StepProbes, per_class_metric_values, per_class_metrics
-from trainer.hessian import critical_point_verdict, extreme_eigenvalues
+from trainer.hessian import critical_point_verdict, extreme_eigenvalues, verdict_reason
 from trainer.landscape import line_slice, plane_slice
 from trainer.reporting import Reporter
 
@@ -128,6 +128,19 @@ class RunDiagnostics:
 
         return terms
 
+    @torch.no_grad()
+    def _fits_every_sample(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Every sample's own logit strictly above all others (a tie is no fit: scaling the
+        logits keeps it a tie, and the loss then has a floor above 0)."""
+        for start in range(0, len(x), EVAL_CHUNK):
+            logits = self.model(x[start : start + EVAL_CHUNK])
+            labels = y[start : start + EVAL_CHUNK]
+            own = logits.gather(1, labels.unsqueeze(1))
+            others = logits.scatter(1, labels.unsqueeze(1), -math.inf)
+            if not bool((own.squeeze(1) > others.max(dim=1).values).all()):
+                return False
+        return True
+
     def _mean_loss(self, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN202
         terms = self._loss_terms(x, y)
 
@@ -185,21 +198,25 @@ class RunDiagnostics:
         try:
             with self._timed("hessian"), double_backward_kernels():
                 spectrum = extreme_eigenvalues(self._loss_terms(x, y), self.params, spec.top_k, seed=self.spec.seed)
+                fits = self._fits_every_sample(x, y)
         finally:
             self.model.train(was_training)
         lr = self.optimizer.param_groups[0]["lr"]
-        verdict = critical_point_verdict(spectrum, spec.gradient_tolerance, spec.curvature_tolerance)
+        verdict = critical_point_verdict(spectrum, spec.gradient_tolerance, spec.curvature_tolerance, fits)
         metrics = {
             "hessian_max_eig": spectrum.max_eig,
             "hessian_min_eig": spectrum.min_eig,
             "hessian_positive_fraction": spectrum.positive_fraction,
             "hessian_sharpness_ratio": spectrum.max_eig * lr / 2,  # > 1: plain GD at this lr is unstable
             "hessian_gradient_norm": spectrum.gradient_norm,
+            "hessian_predicted_decrease_ratio": spectrum.predicted_decrease_ratio,
         }
         self.reporter.log_metrics(step, metrics)
         if final:
             self.summary["hessian"] = spectrum.as_dict() | {
                 "verdict": str(verdict),
+                "verdict_reason": verdict_reason(spectrum, verdict, spec.gradient_tolerance, spec.curvature_tolerance),
+                "fits_every_sample": fits,
                 "sharpness_ratio": metrics["hessian_sharpness_ratio"],
                 "lr": lr,
                 "samples": len(x),
