@@ -16,7 +16,17 @@ import math
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainValidator,
+    Tag,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from jobs.shapes import DataShape, ImageShape, SequenceShape, ShapeKind, TabularShape, either
@@ -258,6 +268,27 @@ class Augment(SpecModel):
 HOLD_OUT = "val_fraction"  # `validation: "val_fraction"` names the held-out split explicitly
 
 
+def _validation_choice(value: Any) -> str | float:  # noqa: ANN401
+    """One error naming `validation` (a plain union would report one per member)."""
+    if isinstance(value, str) and value in ("test", HOLD_OUT):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1:
+        return float(value)
+    raise PydanticCustomError(
+        "validation_choice", '"test", "val_fraction" or a fraction between 0 and 1 (exclusive), not {value!r}',
+        {"value": value},
+    )
+
+
+ValidationChoice = Annotated[
+    str | float,
+    PlainValidator(_validation_choice),
+    WithJsonSchema(
+        {"anyOf": [{"enum": ["test", HOLD_OUT]}, {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}]}
+    ),
+]
+
+
 class ImageDataset(SpecModel):
     """A standard image set read through torchvision's dataset classes from the dataset cache
     (DATASETS_DIR); a worker that lacks it downloads it there (checksums verified)."""
@@ -267,7 +298,7 @@ class ImageDataset(SpecModel):
     CHANNELS: ClassVar[int]
     SIDE: ClassVar[int]
     CLASSES: ClassVar[int]
-    validation: Literal["test", "val_fraction"] | ValFraction = Field(
+    validation: ValidationChoice = Field(
         "test",
         description='"test": the official test split is the validation set (as papers report); a fraction '
         "(or \"val_fraction\" with val_fraction set): that share of the training split is held out "
