@@ -21,7 +21,7 @@ one worker with two job slots, the reaper), then measures side by side in one ru
 The last two lines are `api overhead per job: <seconds> s` and
 `two concurrent jobs, each vs alone: <ratio>`.
 
-  PYTHONPATH=$PWD .venv/bin/python bench/job_cost.py [--quick] [--jobs 50] [--pairs 2] [--fresh-process-per-job]
+  PYTHONPATH=$PWD .venv/bin/python bench/job_cost.py [--quick | --study-only] [--jobs 50] [--pairs 2] [--fresh-process-per-job]
 
 --fresh-process-per-job runs the worker as it runs with a CUDA build of torch (a new
 process for every job, FRESH_PROCESS_PER_JOB=true), to measure what that costs on CPU.
@@ -218,13 +218,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer jobs (20), one pair, an 8-trial study")
     parser.add_argument("--jobs", type=int, help="sequential short jobs (default 50; --quick 20)")
     parser.add_argument("--pairs", type=int, help="alone/together rounds of the concurrent test (default 2; --quick 1)")
+    parser.add_argument("--study-only", action="store_true",
+                        help="only the study (after 4 jobs in a row and one pair, to warm the worker)")  # fmt: skip
     parser.add_argument("--long-epochs", type=int, default=60, help="epochs of the concurrent test's job")
     parser.add_argument("--fresh-process-per-job", action="store_true",
                         help="the worker runs each job in a new process, as it does with a CUDA build")  # fmt: skip
     args = parser.parse_args()
-    n_jobs = args.jobs or (20 if args.quick else 50)
-    pairs = args.pairs or (1 if args.quick else 2)
+    n_jobs = args.jobs or (4 if args.study_only else 20 if args.quick else 50)
+    pairs = args.pairs or (1 if args.quick or args.study_only else 2)
     study_repeats = 1 if args.quick else 2
+    long_epochs = 5 if args.study_only else args.long_epochs
 
     cores = len(os.sched_getaffinity(0))
     threads = max(1, cores // CONCURRENCY)  # what a job of the stack's worker gets by default
@@ -251,7 +254,7 @@ def main() -> None:
             bench = Bench(api, settings)
             seq = sequential_jobs(bench, n_jobs)
             local_times += in_process(spec, repeats=5)
-            alone, together = concurrent_ratio(bench, args.long_epochs, pairs)
+            alone, together = concurrent_ratio(bench, long_epochs, pairs)
             wall, trials = study_wall(bench, study_repeats)
     finally:
         group.stop_all()
@@ -278,7 +281,7 @@ def main() -> None:
           + "".join(f"\n    {job}: missing {', '.join(m)}" for job, m in seq["incomplete"]))  # fmt: skip
     print(f"submit -> running: p50 {statistics.median(seq['claim']) * 1000:.0f} ms, "
           f"p95 {percentile(seq['claim'], 95) * 1000:.0f} ms over {n_jobs} jobs")  # fmt: skip
-    print(f"concurrent: digits {args.long_epochs} epochs; alone "
+    print(f"concurrent: digits {long_epochs} epochs; alone "
           + ", ".join(f"{a:.0f}" for a in alone) + " steps/s; two at once "
           + ", ".join(f"{p[0]:.0f} + {p[1]:.0f}" for p in together) + " steps/s")  # fmt: skip
     print(f"study: {trials} trials, parallelism {CONCURRENCY}: wall {wall:.1f} s, pure training "
