@@ -39,7 +39,7 @@ from worker.metrics_sink import MlflowMetricSink
 from worker.mlflow_run import latest_steps, log_results, open_run, reopen_run
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
-from worker.system_metrics import job_system_metrics
+from worker.system_metrics import JobSystemMetrics, job_system_metrics
 from worker.trial_pruning import TrialPruning
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,8 @@ def _follow_trial(job: Job, spec: JobSpec, reporter: JobReporter, monitor: JobMo
         row = studies.get_study(session=session, study_id=job.study_id)
         study = studies.parse_study(row)
     reporter.objective, reporter.total_steps = study.objective.metric, spec.total_steps
+    if study.pruning.method == "none":
+        return  # its reports to Optuna would serve only a pruner (the leaderboard reads the job's curve)
     try:
         monitor.pruning = TrialPruning(job.study_id, study, spec, job.trial_number or 0)
     except Exception as exc:  # noqa: BLE001 - Optuna's storage unreachable: the trial runs unpruned
@@ -185,6 +187,7 @@ def _run_attempt(
     job_id = job.id
     client = tracking_client()
     sink: MlflowMetricSink | None = None
+    system_metrics: JobSystemMetrics | None = None
     try:
         spec = JobSpec.model_validate(job.spec)
         resolve_device(spec.device)  # a job this worker cannot run fails before any run is opened
@@ -210,8 +213,12 @@ def _run_attempt(
             client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
             may_send=monitor.lease_is_fresh,
         )  # fmt: skip
-        # Stopped before the run is ended (below), whatever happens to the training.
-        with job_system_metrics(client, sink, reporter, monitor):
+        # Stopped when the training ends, whatever happens to it; its last sample goes while
+        # the results do, and is waited for before the run is ended (below).
+        system_metrics = job_system_metrics(client, sink, reporter, monitor)
+        if system_metrics is not None:
+            system_metrics.start()
+        try:
             raw_data = _uploaded_arrays(spec, job.project)
             trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps, raw_data=raw_data)
             trainer.setup()
@@ -219,6 +226,9 @@ def _run_attempt(
                 log.info("job %s attempt %d resumes from step %d", job_id, attempt, checkpoint.step)
                 trainer.load_state_dict(checkpoint_from_bytes(checkpoint.data, trainer.device))
             result: TrainingResult = trainer.train()
+        finally:
+            if system_metrics is not None:
+                system_metrics.stop()
 
         if reporter.stop_reason == StopReason.lease_lost:
             sink.discard()  # the attempt that owns the job now reports these steps
@@ -250,10 +260,14 @@ def _run_attempt(
         log.exception("job %s failed", job_id)
         if sink is not None:
             sink.close(timeout_s=10)
+        if system_metrics is not None:
+            system_metrics.wait()
         error_type, message = describe_failure(exc)
         run_id = sink.run_id if sink is not None else job.mlflow_run_id
         _conclude(client, run_id, job_id, attempt, Outcome.failed, reporter, error_type=error_type, error_message=message)
         return Outcome.failed
     extra = {"diagnostics": result.diagnostics} if result.diagnostics else {}
+    if system_metrics is not None:
+        system_metrics.wait()
     _conclude(client, sink.run_id, job_id, attempt, outcome, reporter, **extra)
     return outcome
