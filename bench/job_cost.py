@@ -179,6 +179,38 @@ def concurrent_ratio(bench: Bench, epochs: int, pairs: int) -> tuple[list[float]
     return alone, together
 
 
+def stack_cpu(databases: list[str]) -> dict[str, float]:
+    """CPU seconds used so far by the stack's processes (this one's descendants) and by
+    the PostgreSQL backends serving its databases, by kind of process."""
+    import psutil
+
+    used: dict[str, float] = {}
+
+    def add(kind: str, process: psutil.Process) -> None:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # ended meanwhile
+            return
+        used[kind] = used.get(kind, 0.0) + times.user + times.system
+
+    for process in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        kind = next((k for k, marker in (("worker", "celery"), ("reaper", "worker.reaper"), ("mlflow", "mlflow"),
+                                         ("api", "api")) if marker in command), "other")  # fmt: skip
+        add(kind, process)
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres") as conn:
+        pids = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = ANY(%s)", (databases,)).fetchall()
+    for (pid,) in pids:
+        try:
+            add("postgres", psutil.Process(pid))
+        except psutil.Error:
+            continue
+    return used
+
+
 def study_wall(bench: Bench, repeats: int) -> tuple[float, int]:
     study = {
         "name": f"job-cost-{uuid.uuid4().hex[:6]}",
@@ -255,7 +287,9 @@ def main() -> None:
             seq = sequential_jobs(bench, n_jobs)
             local_times += in_process(spec, repeats=5)
             alone, together = concurrent_ratio(bench, long_epochs, pairs)
+            cpu_before = stack_cpu(databases)
             wall, trials = study_wall(bench, study_repeats)
+            cpu_after = stack_cpu(databases)
     finally:
         group.stop_all()
         for name in databases:
@@ -286,6 +320,9 @@ def main() -> None:
           + ", ".join(f"{p[0]:.0f} + {p[1]:.0f}" for p in together) + " steps/s")  # fmt: skip
     print(f"study: {trials} trials, parallelism {CONCURRENCY}: wall {wall:.1f} s, pure training "
           f"{pure:.1f} s ({trials} x in-process), wall / pure training {wall / pure:.1f}x")  # fmt: skip
+    cpu = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in sorted(cpu_after)}
+    print("  CPU during the study (s, PostgreSQL: the backends open at its end): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()) + f"; {sum(cpu.values()) / trials:.3f} s a trial")
     print(f"api overhead per job: {overhead:.3f} s")
     print(f"two concurrent jobs, each vs alone: {statistics.median(ratios):.2f}")
 
