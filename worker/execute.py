@@ -36,7 +36,7 @@ from trainer.recipe import Trainer, resolve_device
 from trainer.reporting import TrainingResult
 from worker import study_runs
 from worker.metrics_sink import MlflowMetricSink
-from worker.mlflow_run import latest_steps, log_results, open_run, reopen_run
+from worker.mlflow_run import RunFacts, latest_steps, log_results, open_run, reopen_run
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
 from worker.system_metrics import JobSystemMetrics, job_system_metrics
@@ -104,14 +104,15 @@ def mlflow_unreachable(exc: BaseException) -> bool:
 
 
 def _log_results_while_mlflow_returns(
-    client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, job_id: uuid.UUID, until: float
+    client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, job_id: uuid.UUID, until: float,
+    opened: list[RunFacts],
 ) -> None:
     """The end-of-job artifacts. MLflow going down now delays the job, it does not fail
     it: the training is done and its metrics are in. Past `until` the job succeeds
     without them (the reaper ends the run once MLflow is back)."""
     while True:
         try:
-            log_results(client, run_id, spec, result)
+            log_results(client, run_id, spec, result, opened[-1] if opened else None)
             return
         except Exception as exc:
             if not mlflow_unreachable(exc):
@@ -196,6 +197,7 @@ def _run_attempt(
         if job.study_id is not None:
             _follow_trial(job, spec, reporter, monitor)
         earlier_run = job.mlflow_run_id
+        opened: list[RunFacts] = []  # the run, when this attempt opens it: its end need not read it back
 
         def connect() -> tuple[str, dict[str, int]]:
             """Open the job's MLflow run, or continue an earlier attempt's without repeating its steps."""
@@ -203,7 +205,9 @@ def _run_attempt(
                 reopen_run(client, earlier_run, attempt)
                 return earlier_run, latest_steps(client, earlier_run)
             tags = study_runs.trial_tags(job, study_runs.ensure_parent_run(client, job.study_id)) if job.study_id else {}
-            experiment_id, new_run = open_run(client, spec, job_id, attempt, job.project, tags)
+            run = open_run(client, spec, job_id, attempt, job.project, tags)
+            opened.append(run)
+            experiment_id, new_run = run.experiment_id, run.run_id
             with session_scope() as session:
                 set_mlflow_run(session=session, job_id=job_id, experiment_id=experiment_id, run_id=new_run)
             return new_run, {}
@@ -243,7 +247,7 @@ def _run_attempt(
             results = None
             if not result.stopped_early and sink.run_id is not None:
                 results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result, job_id,
-                                      wait_until)  # fmt: skip
+                                      wait_until, opened)  # fmt: skip
             sink.close(timeout_s=settings.mlflow_wait_at_end_s)
             if result.stopped_early:
                 outcome = Outcome.pruned if reporter.stop_reason == StopReason.pruned else Outcome.cancelled
@@ -253,7 +257,7 @@ def _run_attempt(
             else:
                 if results is None:  # the sink opened the run only while sending the last metrics
                     results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result,
-                                          job_id, wait_until)  # fmt: skip
+                                          job_id, wait_until, opened)  # fmt: skip
                 results.result()
                 outcome = Outcome.succeeded
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words

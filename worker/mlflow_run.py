@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # no display on a worker
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Param, Run, RunStatus  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Param, RunStatus  # noqa: E402
 from mlflow.store.artifact.artifact_repo import ArtifactRepository  # noqa: E402
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -40,6 +40,20 @@ MAX_PARAMS_PER_BATCH = 100
 MLFLOW_DIGEST_CHARS = 36  # the longest dataset digest MLflow stores
 
 
+class RunFacts(NamedTuple):
+    """What a job's end needs to know of its run; known without asking MLflow when this attempt opened it."""
+
+    experiment_id: str
+    run_id: str
+    artifact_uri: str
+    params: dict[str, str]
+
+
+def read_run_facts(client: MlflowClient, run_id: str) -> RunFacts:
+    run = client.get_run(run_id)
+    return RunFacts(run.info.experiment_id, run_id, run.info.artifact_uri, dict(run.data.params))
+
+
 def open_run(
     client: MlflowClient,
     spec: JobSpec,
@@ -47,8 +61,8 @@ def open_run(
     attempt: int,
     project: str = DEFAULT_PROJECT,
     extra_tags: dict[str, str] | None = None,
-) -> tuple[str, str]:
-    """Create the job's run with the spec as dotted params and searchable tags; (experiment_id, run_id)."""
+) -> RunFacts:
+    """Create the job's run with the spec as dotted params and searchable tags."""
     with session_scope() as session:  # `<project>/<experiment>`, made by Descent for this project only
         experiment_id = project_experiment_id(client, session, project, spec.experiment or settings.default_experiment)
     tags = {
@@ -67,7 +81,7 @@ def open_run(
         client.log_batch(run.info.run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
     if isinstance(spec.dataset, UploadedDataset):
         client.log_inputs(run.info.run_id, datasets=[uploaded_dataset_input(spec.dataset, project)])
-    return experiment_id, run.info.run_id
+    return RunFacts(experiment_id, run.info.run_id, run.info.artifact_uri, {p.key: p.value for p in params})
 
 
 def uploaded_dataset_input(dataset: UploadedDataset, project: str) -> DatasetInput:
@@ -105,15 +119,18 @@ class _Upload(NamedTuple):
     artifact_dir: str | None
 
 
-def log_results(client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult) -> None:
+def log_results(
+    client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, run: RunFacts | None = None
+) -> None:
     """The spec, the confusion matrix (data and figure), the diagnostics and (optionally)
     the model, at the end of a job. The job says `succeeded` only once they are in, so
     this is every job's fixed cost, and a study's pays it once a round. So everything is
-    made locally first and then sent at once: one read of the run (its artifact location,
-    experiment and params), the model's record, and every file (the run's and the model's)
-    PUT from a few threads, instead of MLflow's one file after another with a lookup
-    before each group (12 requests one after another). The first failure is raised."""
-    run = client.get_run(run_id)
+    made locally first and then sent at once: the model's record, then every file (the
+    run's and the model's) PUT from a few threads, instead of MLflow's one file after
+    another with a lookup before each group (12 requests one after another). `run`, when
+    this attempt opened the run, spares reading it back. The first failure is raised."""
+    if run is None or run.run_id != run_id:
+        run = read_run_facts(client, run_id)
     tracking_uri = client.tracking_uri
     hessian = result.diagnostics.get("hessian")
     if hessian is not None:
@@ -121,12 +138,14 @@ def log_results(client: MlflowClient, run_id: str, spec: JobSpec, result: Traini
     with tempfile.TemporaryDirectory(prefix="job-results-") as directory, \
             ThreadPoolExecutor(RESULT_UPLOAD_THREADS, thread_name_prefix="mlflow-results") as pool:  # fmt: skip
         local = Path(directory)
-        run_repository = get_artifact_repository(run.info.artifact_uri, tracking_uri=tracking_uri)
+        run_repository = get_artifact_repository(run.artifact_uri, tracking_uri=tracking_uri)
         sent = [pool.submit(_put, upload) for upload in _run_files(local / "run", run_repository, spec, result)]
         model_id = None
         if settings.log_model:  # its record is made while the run's files go
             model_id, model_uploads = _model_files(client, local / "model", run, result)
             sent += [pool.submit(_put, upload) for upload in model_uploads]
+            output = LoggedModelOutput(model_id, step=result.steps)
+            sent.append(pool.submit(client.log_outputs, run_id, models=[output]))  # the model as the run's output
         try:
             for future in sent:
                 future.result()
@@ -183,7 +202,7 @@ def _json(value: Any) -> bytes:
 
 
 def _model_files(
-    client: MlflowClient, directory: Path, run: Run, result: TrainingResult
+    client: MlflowClient, directory: Path, run: RunFacts, result: TrainingResult
 ) -> tuple[str, list[_Upload]]:
     """The model as a LoggedModel of the job's run, addressed by ids only, saved under
     `directory` the way `mlflow.pytorch.log_model` saves it: (its id, its files to send).
@@ -196,12 +215,9 @@ def _model_files(
     from mlflow.models import Model
 
     model = result.model.to("cpu").eval()
-    logged = client.create_logged_model(
-        run.info.experiment_id, name="model", source_run_id=run.info.run_id, params=dict(run.data.params)
-    )
-    client.log_outputs(run.info.run_id, models=[LoggedModelOutput(logged.model_id, step=result.steps)])
+    logged = client.create_logged_model(run.experiment_id, name="model", source_run_id=run.run_id, params=run.params)
     saved = directory
-    description = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run.info.run_id,
+    description = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run.run_id,
                         model_id=logged.model_id)  # fmt: skip
     mlflow.pytorch.save_model(model, saved, mlflow_model=description, **model_save_options(model))
     repository = get_artifact_repository(logged.artifact_location, tracking_uri=client.tracking_uri)
