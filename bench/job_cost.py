@@ -179,19 +179,19 @@ def concurrent_ratio(bench: Bench, epochs: int, pairs: int) -> tuple[list[float]
     return alone, together
 
 
-def stack_cpu(databases: list[str]) -> dict[str, float]:
-    """CPU seconds used so far by the stack's processes (this one's descendants) and by
-    the PostgreSQL backends serving its databases, by kind of process."""
+def stack_cpu(databases: list[str]) -> dict[int, tuple[str, float]]:
+    """{pid: (kind, CPU seconds so far)} of the stack's processes (this one's descendants)
+    and of the PostgreSQL backends serving its databases."""
     import psutil
 
-    used: dict[str, float] = {}
+    used: dict[int, tuple[str, float]] = {}
 
     def add(kind: str, process: psutil.Process) -> None:
         try:
             times = process.cpu_times()
         except psutil.Error:  # ended meanwhile
             return
-        used[kind] = used.get(kind, 0.0) + times.user + times.system
+        used[process.pid] = (kind, times.user + times.system)
 
     for process in psutil.Process().children(recursive=True):
         try:
@@ -209,6 +209,15 @@ def stack_cpu(databases: list[str]) -> dict[str, float]:
         except psutil.Error:
             continue
     return used
+
+
+def cpu_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds by kind of process between two snapshots, of the processes alive at the
+    second (one that ended in between is not counted)."""
+    used: dict[str, float] = {}
+    for pid, (kind, seconds) in after.items():
+        used[kind] = used.get(kind, 0.0) + seconds - before.get(pid, (kind, 0.0))[1]
+    return dict(sorted(used.items()))
 
 
 def study_wall(bench: Bench, repeats: int) -> tuple[float, int]:
@@ -320,8 +329,8 @@ def main() -> None:
           + ", ".join(f"{p[0]:.0f} + {p[1]:.0f}" for p in together) + " steps/s")  # fmt: skip
     print(f"study: {trials} trials, parallelism {CONCURRENCY}: wall {wall:.1f} s, pure training "
           f"{pure:.1f} s ({trials} x in-process), wall / pure training {wall / pure:.1f}x")  # fmt: skip
-    cpu = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in sorted(cpu_after)}
-    print("  CPU during the study (s, PostgreSQL: the backends open at its end): "
+    cpu = cpu_between(cpu_before, cpu_after)
+    print("  CPU during the study (s; processes alive at its end, PostgreSQL: its backends): "
           + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()) + f"; {sum(cpu.values()) / trials:.3f} s a trial")
     print(f"api overhead per job: {overhead:.3f} s")
     print(f"two concurrent jobs, each vs alone: {statistics.median(ratios):.2f}")
