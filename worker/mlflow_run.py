@@ -19,7 +19,18 @@ matplotlib.use("Agg")  # no display on a worker
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, Param, RunStatus  # noqa: E402
+from mlflow.entities import (  # noqa: E402
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModel,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Param,
+    RunStatus,
+)
+from mlflow.models import Model  # noqa: E402
+from mlflow.models.model import MLMODEL_FILE_NAME  # noqa: E402
 from mlflow.store.artifact.artifact_repo import ArtifactRepository  # noqa: E402
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -125,8 +136,8 @@ def log_results(
     """The spec, the confusion matrix (data and figure), the diagnostics and (optionally)
     the model, at the end of a job. The job says `succeeded` only once they are in, so
     this is every job's fixed cost, and a study's pays it once a round. So everything is
-    made locally first and then sent at once: the model's record, then every file (the
-    run's and the model's) PUT from a few threads, instead of MLflow's one file after
+    made locally (while the model's record is made) and then sent at once: every file, the
+    run's and the model's, PUT from a few threads, instead of MLflow's one file after
     another with a lookup before each group (12 requests one after another). `run`, when
     this attempt opened the run, spares reading it back. The first failure is raised."""
     if run is None or run.run_id != run_id:
@@ -138,15 +149,22 @@ def log_results(
     with tempfile.TemporaryDirectory(prefix="job-results-") as directory, \
             ThreadPoolExecutor(RESULT_UPLOAD_THREADS, thread_name_prefix="mlflow-results") as pool:  # fmt: skip
         local = Path(directory)
+        record = None
+        if settings.log_model:  # the model's record is made while its files and the run's are written
+            record = pool.submit(client.create_logged_model, run.experiment_id, name="model", source_run_id=run_id,
+                                 params=run.params)  # fmt: skip
         run_repository = get_artifact_repository(run.artifact_uri, tracking_uri=tracking_uri)
         sent = [pool.submit(_put, upload) for upload in _run_files(local / "run", run_repository, spec, result)]
         model_id = None
-        if settings.log_model:  # its record is made while the run's files go
-            model_id, model_uploads = _model_files(client, local / "model", run, result)
-            sent += [pool.submit(_put, upload) for upload in model_uploads]
-            output = LoggedModelOutput(model_id, step=result.steps)
-            sent.append(pool.submit(client.log_outputs, run_id, models=[output]))  # the model as the run's output
         try:
+            if record is not None:
+                description = _save_model(local / "model", result)
+                logged = record.result()
+                model_id = logged.model_id
+                sent += [pool.submit(_put, upload) for upload in _model_files(client, local / "model", description,
+                                                                              logged, run_id)]  # fmt: skip
+                output = LoggedModelOutput(model_id, step=result.steps)
+                sent.append(pool.submit(client.log_outputs, run_id, models=[output]))  # the model as the run's output
             for future in sent:
                 future.result()
         except Exception:
@@ -201,29 +219,33 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, indent=2).encode()  # as MlflowClient.log_dict writes it
 
 
-def _model_files(
-    client: MlflowClient, directory: Path, run: RunFacts, result: TrainingResult
-) -> tuple[str, list[_Upload]]:
-    """The model as a LoggedModel of the job's run, addressed by ids only, saved under
-    `directory` the way `mlflow.pytorch.log_model` saves it: (its id, its files to send).
+def _save_model(directory: Path, result: TrainingResult) -> Model:
+    """The model saved under `directory` as `mlflow.pytorch.log_model` saves it, before its
+    LoggedModel exists (its ids go into MLmodel once it does: `_model_files`).
 
     Not `log_model` itself: given the run (or the fluent API's active run), MLflow reads
     every metric's whole history to tag the points of one step with the model (one
     request a metric, each as long as the run); given a model id instead, it looks the
     model up twice and sends its files one after another."""
     import mlflow.pytorch
-    from mlflow.models import Model
 
     model = result.model.to("cpu").eval()
-    logged = client.create_logged_model(run.experiment_id, name="model", source_run_id=run.run_id, params=run.params)
-    saved = directory
-    description = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run.run_id,
-                        model_id=logged.model_id)  # fmt: skip
-    mlflow.pytorch.save_model(model, saved, mlflow_model=description, **model_save_options(model))
+    description = Model()
+    mlflow.pytorch.save_model(model, directory, mlflow_model=description, **model_save_options(model))
+    return description
+
+
+def _model_files(
+    client: MlflowClient, directory: Path, description: Model, logged: LoggedModel, run_id: str
+) -> list[_Upload]:
+    """The saved model's files to send to its LoggedModel, its MLmodel now naming it."""
+    description.artifact_path, description.run_id = logged.artifact_location, run_id
+    description.model_uuid = description.model_id = logged.model_id
+    description.save(str(directory / MLMODEL_FILE_NAME))
     repository = get_artifact_repository(logged.artifact_location, tracking_uri=client.tracking_uri)
-    return logged.model_id, [
-        _Upload(repository, path, posixpath.dirname(path.relative_to(saved).as_posix()) or None)
-        for path in sorted(saved.rglob("*"))
+    return [
+        _Upload(repository, path, posixpath.dirname(path.relative_to(directory).as_posix()) or None)
+        for path in sorted(directory.rglob("*"))
         if path.is_file() and "__pycache__" not in path.parts
     ]
 
