@@ -21,7 +21,7 @@ one worker with two job slots, the reaper), then measures side by side in one ru
 The last two lines are `api overhead per job: <seconds> s` and
 `two concurrent jobs, each vs alone: <ratio>`.
 
-  PYTHONPATH=$PWD .venv/bin/python bench/job_cost.py [--quick] [--jobs 50] [--pairs 2] [--fresh-process-per-job]
+  PYTHONPATH=$PWD .venv/bin/python bench/job_cost.py [--quick | --study-only] [--jobs 50] [--pairs 2] [--fresh-process-per-job]
 
 --fresh-process-per-job runs the worker as it runs with a CUDA build of torch (a new
 process for every job, FRESH_PROCESS_PER_JOB=true), to measure what that costs on CPU.
@@ -179,6 +179,47 @@ def concurrent_ratio(bench: Bench, epochs: int, pairs: int) -> tuple[list[float]
     return alone, together
 
 
+def stack_cpu(databases: list[str]) -> dict[int, tuple[str, float]]:
+    """{pid: (kind, CPU seconds so far)} of the stack's processes (this one's descendants)
+    and of the PostgreSQL backends serving its databases."""
+    import psutil
+
+    used: dict[int, tuple[str, float]] = {}
+
+    def add(kind: str, process: psutil.Process) -> None:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:  # ended meanwhile
+            return
+        used[process.pid] = (kind, times.user + times.system)
+
+    for process in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        kind = next((k for k, marker in (("worker", "celery"), ("reaper", "worker.reaper"), ("mlflow", "mlflow"),
+                                         ("api", "api")) if marker in command), "other")  # fmt: skip
+        add(kind, process)
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres") as conn:
+        pids = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = ANY(%s)", (databases,)).fetchall()
+    for (pid,) in pids:
+        try:
+            add("postgres", psutil.Process(pid))
+        except psutil.Error:
+            continue
+    return used
+
+
+def cpu_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds by kind of process between two snapshots, of the processes alive at the
+    second (one that ended in between is not counted)."""
+    used: dict[str, float] = {}
+    for pid, (kind, seconds) in after.items():
+        used[kind] = used.get(kind, 0.0) + seconds - before.get(pid, (kind, 0.0))[1]
+    return dict(sorted(used.items()))
+
+
 def study_wall(bench: Bench, repeats: int) -> tuple[float, int]:
     study = {
         "name": f"job-cost-{uuid.uuid4().hex[:6]}",
@@ -218,13 +259,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer jobs (20), one pair, an 8-trial study")
     parser.add_argument("--jobs", type=int, help="sequential short jobs (default 50; --quick 20)")
     parser.add_argument("--pairs", type=int, help="alone/together rounds of the concurrent test (default 2; --quick 1)")
+    parser.add_argument("--study-only", action="store_true",
+                        help="only the study (after 4 jobs in a row and one pair, to warm the worker)")  # fmt: skip
     parser.add_argument("--long-epochs", type=int, default=60, help="epochs of the concurrent test's job")
     parser.add_argument("--fresh-process-per-job", action="store_true",
                         help="the worker runs each job in a new process, as it does with a CUDA build")  # fmt: skip
     args = parser.parse_args()
-    n_jobs = args.jobs or (20 if args.quick else 50)
-    pairs = args.pairs or (1 if args.quick else 2)
+    n_jobs = args.jobs or (4 if args.study_only else 20 if args.quick else 50)
+    pairs = args.pairs or (1 if args.quick or args.study_only else 2)
     study_repeats = 1 if args.quick else 2
+    long_epochs = 5 if args.study_only else args.long_epochs
 
     cores = len(os.sched_getaffinity(0))
     threads = max(1, cores // CONCURRENCY)  # what a job of the stack's worker gets by default
@@ -251,8 +295,10 @@ def main() -> None:
             bench = Bench(api, settings)
             seq = sequential_jobs(bench, n_jobs)
             local_times += in_process(spec, repeats=5)
-            alone, together = concurrent_ratio(bench, args.long_epochs, pairs)
+            alone, together = concurrent_ratio(bench, long_epochs, pairs)
+            cpu_before = stack_cpu(databases)
             wall, trials = study_wall(bench, study_repeats)
+            cpu_after = stack_cpu(databases)
     finally:
         group.stop_all()
         for name in databases:
@@ -278,11 +324,14 @@ def main() -> None:
           + "".join(f"\n    {job}: missing {', '.join(m)}" for job, m in seq["incomplete"]))  # fmt: skip
     print(f"submit -> running: p50 {statistics.median(seq['claim']) * 1000:.0f} ms, "
           f"p95 {percentile(seq['claim'], 95) * 1000:.0f} ms over {n_jobs} jobs")  # fmt: skip
-    print(f"concurrent: digits {args.long_epochs} epochs; alone "
+    print(f"concurrent: digits {long_epochs} epochs; alone "
           + ", ".join(f"{a:.0f}" for a in alone) + " steps/s; two at once "
           + ", ".join(f"{p[0]:.0f} + {p[1]:.0f}" for p in together) + " steps/s")  # fmt: skip
     print(f"study: {trials} trials, parallelism {CONCURRENCY}: wall {wall:.1f} s, pure training "
           f"{pure:.1f} s ({trials} x in-process), wall / pure training {wall / pure:.1f}x")  # fmt: skip
+    cpu = cpu_between(cpu_before, cpu_after)
+    print("  CPU during the study (s; processes alive at its end, PostgreSQL: its backends): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()) + f"; {sum(cpu.values()) / trials:.3f} s a trial")
     print(f"api overhead per job: {overhead:.3f} s")
     print(f"two concurrent jobs, each vs alone: {statistics.median(ratios):.2f}")
 

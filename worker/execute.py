@@ -37,10 +37,10 @@ from trainer.reporting import TrainingResult
 from worker import study_runs
 from worker.dataset_cache import ensure_image_set
 from worker.metrics_sink import MlflowMetricSink
-from worker.mlflow_run import latest_steps, log_results, open_run, reopen_run
+from worker.mlflow_run import RunFacts, latest_steps, log_results, open_run, reopen_run
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
-from worker.system_metrics import job_system_metrics
+from worker.system_metrics import JobSystemMetrics, job_system_metrics
 from worker.trial_pruning import TrialPruning
 
 log = logging.getLogger(__name__)
@@ -108,14 +108,15 @@ def mlflow_unreachable(exc: BaseException) -> bool:
 
 
 def _log_results_while_mlflow_returns(
-    client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, job_id: uuid.UUID, until: float
+    client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, job_id: uuid.UUID, until: float,
+    opened: list[RunFacts],
 ) -> None:
     """The end-of-job artifacts. MLflow going down now delays the job, it does not fail
     it: the training is done and its metrics are in. Past `until` the job succeeds
     without them (the reaper ends the run once MLflow is back)."""
     while True:
         try:
-            log_results(client, run_id, spec, result)
+            log_results(client, run_id, spec, result, opened[-1] if opened else None)
             return
         except Exception as exc:
             if not mlflow_unreachable(exc):
@@ -177,6 +178,8 @@ def _follow_trial(job: Job, spec: JobSpec, reporter: JobReporter, monitor: JobMo
         row = studies.get_study(session=session, study_id=job.study_id)
         study = studies.parse_study(row)
     reporter.objective, reporter.total_steps = study.objective.metric, spec.total_steps
+    if study.pruning.method == "none":
+        return  # its reports to Optuna would serve only a pruner (the leaderboard reads the job's curve)
     try:
         monitor.pruning = TrialPruning(job.study_id, study, spec, job.trial_number or 0)
     except Exception as exc:  # noqa: BLE001 - Optuna's storage unreachable: the trial runs unpruned
@@ -189,6 +192,7 @@ def _run_attempt(
     job_id = job.id
     client = tracking_client()
     sink: MlflowMetricSink | None = None
+    system_metrics: JobSystemMetrics | None = None
     try:
         spec = JobSpec.model_validate(job.spec)
         resolve_device(spec.device)  # a job this worker cannot run fails before any run is opened
@@ -200,6 +204,7 @@ def _run_attempt(
         if job.study_id is not None:
             _follow_trial(job, spec, reporter, monitor)
         earlier_run = job.mlflow_run_id
+        opened: list[RunFacts] = []  # the run, when this attempt opens it: its end need not read it back
 
         def connect() -> tuple[str, dict[str, int]]:
             """Open the job's MLflow run, or continue an earlier attempt's without repeating its steps."""
@@ -207,7 +212,9 @@ def _run_attempt(
                 reopen_run(client, earlier_run, attempt)
                 return earlier_run, latest_steps(client, earlier_run)
             tags = study_runs.trial_tags(job, study_runs.ensure_parent_run(client, job.study_id)) if job.study_id else {}
-            experiment_id, new_run = open_run(client, spec, job_id, attempt, job.project, tags)
+            run = open_run(client, spec, job_id, attempt, job.project, tags)
+            opened.append(run)
+            experiment_id, new_run = run.experiment_id, run.run_id
             with session_scope() as session:
                 set_mlflow_run(session=session, job_id=job_id, experiment_id=experiment_id, run_id=new_run)
             return new_run, {}
@@ -217,8 +224,12 @@ def _run_attempt(
             client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
             may_send=monitor.lease_is_fresh,
         )  # fmt: skip
-        # Stopped before the run is ended (below), whatever happens to the training.
-        with job_system_metrics(client, sink, reporter, monitor):
+        # Stopped when the training ends, whatever happens to it; its last sample goes while
+        # the results do, and is waited for before the run is ended (below).
+        system_metrics = job_system_metrics(client, sink, reporter, monitor)
+        if system_metrics is not None:
+            system_metrics.start()
+        try:
             raw_data = _uploaded_arrays(spec, job.project)
             trainer = Trainer(spec, reporter, checkpoint_every_steps=spec.checkpoint_every_steps, raw_data=raw_data,
                               datasets_dir=datasets_dir)  # fmt: skip
@@ -227,6 +238,9 @@ def _run_attempt(
                 log.info("job %s attempt %d resumes from step %d", job_id, attempt, checkpoint.step)
                 trainer.load_state_dict(checkpoint_from_bytes(checkpoint.data, trainer.device))
             result: TrainingResult = trainer.train()
+        finally:
+            if system_metrics is not None:
+                system_metrics.stop()
 
         if reporter.stop_reason == StopReason.lease_lost:
             sink.discard()  # the attempt that owns the job now reports these steps
@@ -241,7 +255,7 @@ def _run_attempt(
             results = None
             if not result.stopped_early and sink.run_id is not None:
                 results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result, job_id,
-                                      wait_until)  # fmt: skip
+                                      wait_until, opened)  # fmt: skip
             sink.close(timeout_s=settings.mlflow_wait_at_end_s)
             if result.stopped_early:
                 outcome = Outcome.pruned if reporter.stop_reason == StopReason.pruned else Outcome.cancelled
@@ -251,17 +265,21 @@ def _run_attempt(
             else:
                 if results is None:  # the sink opened the run only while sending the last metrics
                     results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result,
-                                          job_id, wait_until)  # fmt: skip
+                                          job_id, wait_until, opened)  # fmt: skip
                 results.result()
                 outcome = Outcome.succeeded
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
         log.exception("job %s failed", job_id)
         if sink is not None:
             sink.close(timeout_s=10)
+        if system_metrics is not None:
+            system_metrics.wait()
         error_type, message = describe_failure(exc)
         run_id = sink.run_id if sink is not None else job.mlflow_run_id
         _conclude(client, run_id, job_id, attempt, Outcome.failed, reporter, error_type=error_type, error_message=message)
         return Outcome.failed
     extra = {"diagnostics": result.diagnostics} if result.diagnostics else {}
+    if system_metrics is not None:
+        system_metrics.wait()
     _conclude(client, sink.run_id, job_id, attempt, outcome, reporter, **extra)
     return outcome

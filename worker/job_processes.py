@@ -77,11 +77,13 @@ def warm_up_for_children() -> None:
         import mlflow.pytorch
     finally:
         root.removeHandler(placeholder)
-    from worker.mlflow_run import confusion_figure, model_save_options
+    from worker.confusion_plot import confusion_png
+    from worker.mlflow_run import model_save_options
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     torch.optim.Adam(model.parameters())  # the first optimizer imports torch._dynamo
-    figure = confusion_figure([[1, 0], [0, 1]], ["a", "b"])
+    confusion_png([[1, 0], [0, 1]], ["a", "b"])  # its font, loaded once
+    figure, _ = plt.subplots()  # the diagnostics' figures: matplotlib's first figure
     try:
         figure.savefig(io.BytesIO(), format="png")
     finally:

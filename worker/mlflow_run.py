@@ -4,21 +4,36 @@ active-run stack, which outlives a crashed task in the same process)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import posixpath
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on a worker
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, Param, RunStatus  # noqa: E402
+from mlflow.entities import (  # noqa: E402
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LoggedModel,
+    LoggedModelOutput,
+    LoggedModelStatus,
+    Param,
+    RunStatus,
+)
+from mlflow.models import Model  # noqa: E402
+from mlflow.models.model import MLMODEL_FILE_NAME  # noqa: E402
+from mlflow.store.artifact.artifact_repo import ArtifactRepository  # noqa: E402
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 
@@ -34,6 +49,7 @@ from jobs.spec import (  # noqa: E402
     UploadedDataset,
 )
 from trainer.reporting import TrainingResult  # noqa: E402
+from worker.confusion_plot import confusion_png  # noqa: E402
 from worker.dataset_cache import image_set_digest  # noqa: E402
 from worker.diagnostic_figures import line_figure, plane_figure  # noqa: E402
 
@@ -43,6 +59,20 @@ MAX_PARAMS_PER_BATCH = 100
 MLFLOW_DIGEST_CHARS = 36  # the longest dataset digest MLflow stores
 
 
+class RunFacts(NamedTuple):
+    """What a job's end needs to know of its run; known without asking MLflow when this attempt opened it."""
+
+    experiment_id: str
+    run_id: str
+    artifact_uri: str
+    params: dict[str, str]
+
+
+def read_run_facts(client: MlflowClient, run_id: str) -> RunFacts:
+    run = client.get_run(run_id)
+    return RunFacts(run.info.experiment_id, run_id, run.info.artifact_uri, dict(run.data.params))
+
+
 def open_run(
     client: MlflowClient,
     spec: JobSpec,
@@ -50,8 +80,8 @@ def open_run(
     attempt: int,
     project: str = DEFAULT_PROJECT,
     extra_tags: dict[str, str] | None = None,
-) -> tuple[str, str]:
-    """Create the job's run with the spec as dotted params and searchable tags; (experiment_id, run_id)."""
+) -> RunFacts:
+    """Create the job's run with the spec as dotted params and searchable tags."""
     with session_scope() as session:  # `<project>/<experiment>`, made by Descent for this project only
         experiment_id = project_experiment_id(client, session, project, spec.experiment or settings.default_experiment)
     tags = {
@@ -69,7 +99,7 @@ def open_run(
     for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
         client.log_batch(run.info.run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
     client.log_inputs(run.info.run_id, datasets=[dataset_input(spec, project)])
-    return experiment_id, run.info.run_id
+    return RunFacts(experiment_id, run.info.run_id, run.info.artifact_uri, {p.key: p.value for p in params})
 
 
 def dataset_input(spec: JobSpec, project: str) -> DatasetInput:
@@ -135,87 +165,133 @@ def latest_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
     return {m.key: m.step for m in client.get_run(run_id).data.to_proto().metrics}
 
 
-# The plot stays bounded at any class count (MAX_CLASSES = 1000 drew a 450-inch figure with a
-# million text labels): counts in the cells up to CONFUSION_COUNTS_MAX_CLASSES classes, names on
-# the axes up to CONFUSION_NAMES_MAX_CLASSES (cut to CONFUSION_NAME_CHARS), the figure at most
-# CONFUSION_MAX_INCHES a side. Every count is in confusion_matrix.json.
-CONFUSION_COUNTS_MAX_CLASSES = 30
-CONFUSION_NAMES_MAX_CLASSES = 100
-CONFUSION_NAME_CHARS = 24
-CONFUSION_MAX_INCHES = 16.0
+RESULT_UPLOAD_THREADS = 8  # the end's files go at once: each PUT is mostly a wait on the server
 
 
-def confusion_figure(matrix: list[list[int]], class_names: list[str]) -> plt.Figure:
-    counts = np.array(matrix)
-    n = len(class_names)
-    size = min(CONFUSION_MAX_INCHES, max(4.0, 0.45 * n + 2))
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(counts, cmap="Blues", interpolation="nearest")
-    if n <= CONFUSION_NAMES_MAX_CLASSES:
-        names = [name if len(name) <= CONFUSION_NAME_CHARS else name[: CONFUSION_NAME_CHARS - 1] + "…"
-                 for name in class_names]  # fmt: skip
-        fontsize = 8 if n <= CONFUSION_COUNTS_MAX_CLASSES else 5
-        ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=fontsize)
-        ax.set_yticks(range(n), names, fontsize=fontsize)
-    ax.set_xlabel("predicted" if n <= CONFUSION_NAMES_MAX_CLASSES else f"predicted (class 0..{n - 1})")
-    ax.set_ylabel("true" if n <= CONFUSION_NAMES_MAX_CLASSES else f"true (class 0..{n - 1})")
-    ax.set_title("validation confusion matrix")
-    if n <= CONFUSION_COUNTS_MAX_CLASSES:
-        for (i, j), count in np.ndenumerate(counts):
-            color = "white" if count > counts.max() / 2 else "black"
-            ax.text(j, i, str(count), ha="center", va="center", color=color, fontsize=8)
-    # Margins from the longest tick label, in inches (~0.09 in a character at 10 pt):
-    # tight_layout would measure them by drawing the whole figure once more (~40% of its cost).
-    shown = names if n <= CONFUSION_NAMES_MAX_CLASSES else [str(n)]
-    label = 0.09 * max((len(name) for name in shown), default=1)
-    fig.subplots_adjust(left=(0.6 + label) / size, bottom=(0.6 + 0.75 * label) / size, right=1 - 0.2 / size,
-                        top=1 - 0.45 / size)  # fmt: skip
-    return fig
+class _Upload(NamedTuple):
+    repository: ArtifactRepository
+    local_file: Path
+    artifact_dir: str | None
 
 
-def log_results(client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult) -> None:
-    """The spec, the confusion matrix, the diagnostics and (optionally) the model, at the
-    end of a job. The job says `succeeded` only once they are in, so they are sent at
-    once from a few threads (each part is mostly a wait on MLflow); the first failure is
-    raised, as if they had been sent one after another."""
-    parts = [lambda: log_records(client, run_id, spec, result), lambda: log_figures(client, run_id, result)]
-    if settings.log_model:
-        parts.append(lambda: log_model(client, run_id, result))
-    with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="mlflow-results") as pool:
-        futures = [pool.submit(part) for part in parts]
-    for future in futures:
-        future.result()
-
-
-def log_records(client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult) -> None:
-    """The spec, the confusion matrix and the diagnostics as data, the Hessian's verdict as a tag."""
-    client.log_text(run_id, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "spec.yaml")
-    client.log_dict(
-        run_id, {"labels": result.class_names, "matrix": result.confusion_matrix}, "confusion_matrix.json"
-    )
-    if result.diagnostics:
-        client.log_dict(run_id, result.diagnostics, "diagnostics/summary.json")
+def log_results(
+    client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, run: RunFacts | None = None
+) -> None:
+    """The spec, the confusion matrix (data and figure), the diagnostics and (optionally)
+    the model, at the end of a job. The job says `succeeded` only once they are in, so
+    this is every job's fixed cost, and a study's pays it once a round. So everything is
+    made locally (while the model's record is made) and then sent at once: every file, the
+    run's and the model's, PUT from a few threads, instead of MLflow's one file after
+    another with a lookup before each group (12 requests one after another). `run`, when
+    this attempt opened the run, spares reading it back. The first failure is raised."""
+    if run is None or run.run_id != run_id:
+        run = read_run_facts(client, run_id)
+    tracking_uri = client.tracking_uri
     hessian = result.diagnostics.get("hessian")
     if hessian is not None:
         client.set_tag(run_id, "descent.hessian_verdict", hessian["verdict"])
-    if result.landscape is not None:
-        client.log_dict(run_id, result.landscape, "diagnostics/landscape.json")
-
-
-def log_figures(client: MlflowClient, run_id: str, result: TrainingResult) -> None:
-    """The confusion matrix and the loss landscape's slices, drawn one after another
-    (pyplot's figure registry is shared by the threads of a process)."""
-    figures = [("confusion_matrix.png", lambda: confusion_figure(result.confusion_matrix, result.class_names))]
-    for key, draw in (("line", line_figure), ("plane", plane_figure)):
-        if result.landscape is not None and key in result.landscape:
-            name = f"diagnostics/landscape_{'1d' if key == 'line' else '2d'}.png"
-            figures.append((name, lambda draw=draw, key=key: draw(result.landscape[key])))
-    for name, draw in figures:
-        fig = draw()
+    with tempfile.TemporaryDirectory(prefix="job-results-") as directory, \
+            ThreadPoolExecutor(RESULT_UPLOAD_THREADS, thread_name_prefix="mlflow-results") as pool:  # fmt: skip
+        local = Path(directory)
+        record = None
+        if settings.log_model:  # the model's record is made while its files and the run's are written
+            record = pool.submit(client.create_logged_model, run.experiment_id, name="model", source_run_id=run_id,
+                                 params=run.params)  # fmt: skip
+        run_repository = get_artifact_repository(run.artifact_uri, tracking_uri=tracking_uri)
+        sent = [pool.submit(_put, upload) for upload in _run_files(local / "run", run_repository, spec, result)]
+        model_id = None
         try:
-            client.log_figure(run_id, fig, name)
-        finally:
-            plt.close(fig)
+            if record is not None:
+                description = _save_model(local / "model", result)
+                logged = record.result()
+                model_id = logged.model_id
+                sent += [pool.submit(_put, upload) for upload in _model_files(client, local / "model", description,
+                                                                              logged, run_id)]  # fmt: skip
+                output = LoggedModelOutput(model_id, step=result.steps)
+                sent.append(pool.submit(client.log_outputs, run_id, models=[output]))  # the model as the run's output
+            for future in sent:
+                future.result()
+        except Exception:
+            if model_id is not None:  # as mlflow's log_model leaves a model whose files did not all arrive
+                _finalize_quietly(client, model_id, LoggedModelStatus.FAILED)
+            raise
+    if model_id is not None:
+        client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+
+
+def _finalize_quietly(client: MlflowClient, model_id: str, status: LoggedModelStatus) -> None:
+    try:
+        client.finalize_logged_model(model_id, status)
+    except Exception as exc:  # noqa: BLE001 - MLflow down: the model stays PENDING, the cause is raised
+        log.warning("could not mark model %s %s: %s", model_id, status, exc)
+
+
+def _put(upload: _Upload) -> None:
+    upload.repository.log_artifact(str(upload.local_file), upload.artifact_dir)
+
+
+def _run_files(directory: Path, repository: ArtifactRepository, spec: JobSpec, result: TrainingResult) -> list[_Upload]:
+    """The run's own files, written under `directory` as they will be named in the run."""
+    files: dict[str, bytes] = {
+        "spec.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).encode(),
+        "confusion_matrix.json": _json({"labels": result.class_names, "matrix": result.confusion_matrix}),
+        "confusion_matrix.png": confusion_png(result.confusion_matrix, result.class_names),
+    }
+    if result.diagnostics:
+        files["diagnostics/summary.json"] = _json(result.diagnostics)
+    if result.landscape is not None:
+        files["diagnostics/landscape.json"] = _json(result.landscape)
+        for key, draw in (("line", line_figure), ("plane", plane_figure)):
+            if key in result.landscape:
+                fig = draw(result.landscape[key])
+                try:
+                    buffer = io.BytesIO()
+                    fig.savefig(buffer, format="png")
+                finally:
+                    plt.close(fig)
+                files[f"diagnostics/landscape_{'1d' if key == 'line' else '2d'}.png"] = buffer.getvalue()
+    uploads = []
+    for name, content in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        uploads.append(_Upload(repository, path, posixpath.dirname(name) or None))
+    return uploads
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, indent=2).encode()  # as MlflowClient.log_dict writes it
+
+
+def _save_model(directory: Path, result: TrainingResult) -> Model:
+    """The model saved under `directory` as `mlflow.pytorch.log_model` saves it, before its
+    LoggedModel exists (its ids go into MLmodel once it does: `_model_files`).
+
+    Not `log_model` itself: given the run (or the fluent API's active run), MLflow reads
+    every metric's whole history to tag the points of one step with the model (one
+    request a metric, each as long as the run); given a model id instead, it looks the
+    model up twice and sends its files one after another."""
+    import mlflow.pytorch
+
+    model = result.model.to("cpu").eval()
+    description = Model()
+    mlflow.pytorch.save_model(model, directory, mlflow_model=description, **model_save_options(model))
+    return description
+
+
+def _model_files(
+    client: MlflowClient, directory: Path, description: Model, logged: LoggedModel, run_id: str
+) -> list[_Upload]:
+    """The saved model's files to send to its LoggedModel, its MLmodel now naming it."""
+    description.artifact_path, description.run_id = logged.artifact_location, run_id
+    description.model_uuid = description.model_id = logged.model_id
+    description.save(str(directory / MLMODEL_FILE_NAME))
+    repository = get_artifact_repository(logged.artifact_location, tracking_uri=client.tracking_uri)
+    return [
+        _Upload(repository, path, posixpath.dirname(path.relative_to(directory).as_posix()) or None)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts
+    ]
 
 
 def model_save_options(model: torch.nn.Module) -> dict[str, Any]:
@@ -241,23 +317,3 @@ def model_save_options(model: torch.nn.Module) -> dict[str, Any]:
         "pip_requirements": requirements,
         "code_paths": [str(Path(trainer.__file__).parent)] if own_classes else None,
     }
-
-
-def log_model(client: MlflowClient, run_id: str, result: TrainingResult) -> None:
-    """The model as a LoggedModel of the job's run, addressed by ids only.
-
-    Made here and then filled by `log_model(model_id=...)`: given the run instead (or the
-    fluent API's active run), MLflow reads every metric's whole history to tag the points
-    of one step with the model (one request a metric, each as long as the run) and
-    starts and ends the run around it: most of a short job's end, and growing with the run.
-    """
-    import mlflow.pytorch
-
-    model = result.model.to("cpu").eval()
-    run = client.get_run(run_id)
-    logged = client.create_logged_model(
-        run.info.experiment_id, name="model", source_run_id=run_id, params=dict(run.data.params)
-    )
-    client.log_outputs(run_id, models=[LoggedModelOutput(logged.model_id, step=result.steps)])
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)  # the uploads go where the client points
-    mlflow.pytorch.log_model(model, name="model", model_id=logged.model_id, **model_save_options(model))

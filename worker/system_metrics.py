@@ -16,7 +16,6 @@ holds the job's lease.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -102,7 +101,15 @@ class JobSystemMetrics(SystemMetricsMonitor):
         self._thread.start()
 
     def finish(self) -> None:
+        self.stop()
+        self.wait()
+
+    def stop(self) -> None:
+        """Stop sampling; the thread takes its last sample and sends it meanwhile."""
         self._stop.set()
+
+    def wait(self) -> None:
+        """Until the last sample is sent (at most STOP_WAIT_S)."""
         self._thread.join(STOP_WAIT_S)
         if self._thread.is_alive():
             log.warning("system metrics: the last sample did not reach MLflow within %.0f s", STOP_WAIT_S)
@@ -117,10 +124,11 @@ class JobSystemMetrics(SystemMetricsMonitor):
 
 def job_system_metrics(
     client: MlflowClient, sink: MlflowMetricSink, reporter: JobReporter, monitor: JobMonitor
-) -> JobSystemMetrics | contextlib.nullcontext[None]:
-    """A running job's samples: into the run the sink opens, while this attempt holds the job."""
+) -> JobSystemMetrics | None:
+    """A running job's samples (not started): into the run the sink opens, while this attempt
+    holds the job. None when the settings turn them off."""
     if not settings.system_metrics_interval_s:
-        return contextlib.nullcontext()
+        return None
     return JobSystemMetrics(
         client, lambda: sink.run_id, lambda: reporter.step, settings.system_metrics_interval_s,
         may_send=lambda: monitor.lease_is_fresh() and reporter.stop_reason != StopReason.lease_lost,

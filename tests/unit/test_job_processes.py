@@ -179,7 +179,14 @@ def test_a_jobs_results_are_all_in_its_run_and_its_model_is_the_runs_and_loads(
     }
     [logged] = client.search_logged_models(experiment_ids=[experiment_id])
     assert logged.source_run_id == run_id and logged.params == {"optimizer.name": spec.optimizer.name}
+    assert str(logged.status) == "READY"
+    assert {"MLmodel", "data", "requirements.txt"} <= {a.path for a in client.list_logged_model_artifacts(logged.model_id)}
     assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [logged.model_id]
     mlflow.set_tracking_uri(uri)
+    from mlflow.models import Model
+
+    description = Model.load(f"models:/{logged.model_id}")  # its MLmodel names it, as log_model's does
+    assert (description.model_id, description.run_id) == (logged.model_id, run_id)
+    assert description.artifact_path == logged.artifact_location
     model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
     assert model(torch.zeros(2, 4)).shape == (2, 3)
