@@ -1,0 +1,131 @@
+"""K copies of one model as one computation: the stacked network a pack trains.
+
+Every trial's weights live in one row of a flat [K, P] leaf tensor. The forward splits
+it into the layers' weights (one `split`, whose backward is one `cat`: the gradient
+arrives as one [K, P] tensor, which the stacked optimizer updates in a handful of ops
+whatever the number of layers) and runs the layers as batched kernels:
+
+  Linear     [K, B, in] -> baddbmm with [K, out, in]        (one kernel for all trials)
+  Conv2d     [B, K*C, H, W] -> conv2d with groups=K         (HFTA's grouped convolution)
+  BatchNorm  [B, K*C, H, W] -> batch_norm over K*C channels (per-trial batch and running statistics)
+  Dropout    a mask per trial, drawn from the trial's own generator as torch's dropout draws it
+  elementwise activations, max-pooling, flattening, one-hot reading: any layout
+
+The models packed are the nn.Sequential ones trainer/models.py builds (mlp, cnn);
+`unsupported_layers` names what a model holds beyond these, for packable()'s reasons.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.models import OneHot
+
+ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Identity)
+PACKED_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.Flatten, nn.Dropout, OneHot, *ELEMENTWISE)
+
+
+def unsupported_layers(model: nn.Module) -> list[str]:
+    """Why this model cannot be stacked: the layers it holds that the stacked forward does not run."""
+    if not isinstance(model, nn.Sequential):
+        return [type(model).__name__]
+    return sorted({type(m).__name__ for m in model if not isinstance(m, PACKED_LAYERS)})
+
+
+class StackedNetwork:
+    """The trials' models as one flat parameter tensor plus stacked buffers."""
+
+    def __init__(self, models: list[nn.Module], device: torch.device) -> None:
+        template = models[0]
+        self.layers = list(template)
+        self.device = device
+        self.names = [name for name, _ in template.named_parameters()]
+        self.shapes = [p.shape for p in template.parameters()]
+        self.sizes = [p.numel() for p in template.parameters()]
+        self.flat = torch.stack([self._row(m) for m in models]).to(device).requires_grad_(True)
+        # BatchNorm running statistics, [K * C] each (the layout batch_norm reads); counters [K].
+        self.buffer_names = [name for name, _ in template.named_buffers()]
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.load_buffers(models)
+
+    @property
+    def k(self) -> int:
+        return self.flat.shape[0]
+
+    @staticmethod
+    def _row(model: nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def load_buffers(self, models: list[nn.Module]) -> None:
+        for name in self.buffer_names:
+            rows = [dict(m.named_buffers())[name].detach() for m in models]
+            self.buffers[name] = torch.stack(rows).to(self.device).reshape(-1)
+
+    def load_rows(self, models: list[nn.Module]) -> None:
+        with torch.no_grad():
+            self.flat.copy_(torch.stack([self._row(m) for m in models]).to(self.device))
+        self.load_buffers(models)
+
+    def write_row(self, k: int, model: nn.Module) -> None:
+        """Trial k's weights and buffers into a solo model (for its checkpoint or its result)."""
+        with torch.no_grad():
+            for p, piece in zip(model.parameters(), self.flat[k].split(self.sizes)):
+                p.copy_(piece.view(p.shape))
+            own = dict(model.named_buffers())
+            for name, stacked in self.buffers.items():
+                own[name].copy_(stacked.view(self.k, -1)[k].view(own[name].shape))
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these trials only: the dropped ones cost nothing from here on."""
+        k = self.k
+        self.flat = self.flat.detach()[rows].clone().requires_grad_(True)
+        self.buffers = {name: b.view(k, -1)[rows].reshape(-1) for name, b in self.buffers.items()}
+
+    def forward(self, x: torch.Tensor, training: bool, generators: list[torch.Generator] | None = None) -> torch.Tensor:
+        """x: [K, B, ...] (each trial its own batch) -> logits [K, B, classes]."""
+        k = self.k
+        weights = iter(w.view(k, *s) for w, s in zip(self.flat.split(self.sizes, dim=1), self.shapes))
+        buffers = iter(self.buffers[n] for n in self.buffer_names)
+        grouped = False  # False: [K, B, ...]; True: [B, K*C, H, W], the layout of grouped convolutions
+        for layer in self.layers:
+            if isinstance(layer, nn.Linear):
+                weight, bias = next(weights), next(weights)
+                x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+            elif isinstance(layer, nn.Conv2d):
+                if not grouped:
+                    x = x.transpose(0, 1).reshape(x.shape[1], k * x.shape[2], *x.shape[3:])
+                    grouped = True
+                weight = next(weights)
+                bias = next(weights).reshape(-1) if layer.bias is not None else None
+                x = F.conv2d(
+                    x, weight.reshape(-1, *weight.shape[2:]), bias, layer.stride, layer.padding, layer.dilation,
+                    layer.groups * k,
+                )
+            elif isinstance(layer, nn.BatchNorm2d):
+                weight, bias = next(weights), next(weights)
+                mean, var, counter = next(buffers), next(buffers), next(buffers)
+                if training:
+                    counter.add_(1)  # num_batches_tracked, as the solo layer counts it
+                x = F.batch_norm(
+                    x, mean, var, weight.reshape(-1), bias.reshape(-1), training, layer.momentum, layer.eps
+                )
+            elif isinstance(layer, nn.Flatten):
+                x = x.reshape(x.shape[0], k, -1).transpose(0, 1) if grouped else x.reshape(k, x.shape[1], -1)
+                grouped = False
+            elif isinstance(layer, nn.Dropout):
+                if training and layer.p > 0:
+                    x = x * self._dropout_masks(x, layer.p, generators)
+            else:  # elementwise, pooling, one-hot: the layer itself, on either layout
+                x = layer(x)
+        return x
+
+    @staticmethod
+    def _dropout_masks(x: torch.Tensor, p: float, generators: list[torch.Generator] | None) -> torch.Tensor:
+        # torch's dropout (CPU) is `input * empty_like(input).bernoulli_(1 - p).div_(1 - p)`: drawn
+        # per trial from the trial's generator, each mask is the one the trial draws alone.
+        mask = torch.empty_like(x)
+        for row, generator in zip(mask, generators or [None] * len(mask)):
+            row.bernoulli_(1 - p, generator=generator)
+        return mask.div_(1 - p)

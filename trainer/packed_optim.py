@@ -1,0 +1,264 @@
+"""The optimizers of a pack: torch.optim's update rules over [K, P] tensors, one row per trial.
+
+Each rule is the one torch.optim runs for a CPU tensor (its single-tensor path, the one a
+solo job takes), written once over the whole pack: every hyperparameter is a [K, 1] column,
+so trials with different lr, momentum, betas, eps, weight decay step together in the same
+few kernels, and a flag that differs between trials (nesterov, amsgrad, centered) selects
+per row. The per-step scalars torch computes in Python (bias corrections, Adagrad's decayed
+lr) are computed here the same way, in double precision on the host, a window of steps at
+a time: no host sync inside the step.
+
+A trial's state goes to and from a solo torch optimizer (`export_to`, `import_from`), so a
+pack's checkpoint is a solo checkpoint: a trial resumes alone or packed.
+
+Measured alternative (bench/packing.py --optimizer-variants): torch.optim itself, one
+optimizer per trial over views of the stacked rows, is exact by construction but spends
+K Python-level steps per step; these stacked rules take the same few kernels for any K.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+
+def _column(values: Sequence[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor([float(v) for v in values], dtype=torch.float32, device=device).view(-1, 1)
+
+
+def _flag(values: Sequence[bool], device: torch.device) -> bool | torch.Tensor:
+    """One bool when every trial agrees (the branch is static), else a [K, 1] mask."""
+    if all(values) or not any(values):
+        return bool(values[0])
+    return torch.tensor(list(values), device=device).view(-1, 1)
+
+
+def _select(flag: bool | torch.Tensor, if_true: torch.Tensor, if_false: torch.Tensor) -> torch.Tensor:
+    if isinstance(flag, bool):
+        return if_true if flag else if_false
+    return torch.where(flag, if_true, if_false)
+
+
+class StackedOptimizer:
+    """Base: state tensors [K, P] by torch's state names, hyperparameters per trial."""
+
+    STATE: tuple[str, ...] = ()
+    HAS_STEP = True  # torch keeps a 'step' tensor in each parameter's state
+
+    def __init__(self, groups: list[dict], n_params: int, device: torch.device) -> None:
+        self.groups = groups  # each trial's param_groups[0], without 'params'
+        self.device = device
+        self.steps_done = 0  # steps taken (the same for every trial of a pack)
+        self.state = {name: torch.zeros(len(groups), n_params, device=device) for name in self.STATE}
+        self._hyper()
+
+    def _hyper(self) -> None:
+        """Columns and flags from self.groups (again after trials are dropped)."""
+
+    def _value(self, name: str) -> torch.Tensor:
+        return _column([g[name] for g in self.groups], self.device)
+
+    def keeps(self, name: str, group: dict) -> bool:
+        """Whether torch keeps this state for a trial with these hyperparameters."""
+        return True
+
+    def coefficients(self, lrs: np.ndarray) -> dict[str, torch.Tensor]:
+        """Per-step scalars for the next len(lrs) steps: {name: [n, K, 1]}; lrs is [n, K]."""
+        return {"neg_lr": self._tensor(-lrs)}
+
+    def _tensor(self, values: np.ndarray) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device).unsqueeze(-1)
+
+    def _step_numbers(self, n: int) -> np.ndarray:
+        """torch's `step` as each of the next n updates sees it (incremented first): [n, 1]."""
+        return np.arange(self.steps_done + 1, self.steps_done + n + 1, dtype=np.float64)[:, None]
+
+    def update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _decayed(self, flat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """L2 weight decay folded into the gradient (grad + wd * param), as torch's coupled form."""
+        return grad.addcmul(flat, self.weight_decay) if self.any_weight_decay else grad
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.groups = [self.groups[i] for i in rows.tolist()]
+        self.state = {name: s[rows] for name, s in self.state.items()}
+        self._hyper()
+
+    # -- solo optimizers' state, in and out
+
+    def import_from(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.groups = [{k: v for k, v in opt.param_groups[0].items() if k != "params"} for opt in optimizers]
+        self._hyper()
+        params = optimizers[0].param_groups[0]["params"]
+        for name in self.STATE:
+            rows = []
+            for opt in optimizers:
+                own = opt.param_groups[0]["params"]
+                rows.append(
+                    torch.cat([opt.state[p][name].reshape(-1) if name in opt.state[p] else torch.zeros(p.numel()) for p in own])
+                )
+            self.state[name] = torch.stack(rows).to(self.device)
+        first = optimizers[0].state[params[0]]
+        self.steps_done = int(first["step"]) if "step" in first else self._steps_from_state(optimizers)
+
+    def _steps_from_state(self, optimizers: list[torch.optim.Optimizer]) -> int:
+        return 0
+
+    def export_to(self, k: int, optimizer: torch.optim.Optimizer, sizes: list[int]) -> None:
+        """Trial k's state into a solo optimizer, in torch's own format."""
+        group = optimizer.param_groups[0]
+        for i, p in enumerate(group["params"]):
+            entry: dict[str, torch.Tensor] = {}
+            if self.HAS_STEP:
+                entry["step"] = torch.tensor(float(self.steps_done))
+            for name in self.STATE:
+                if self.keeps(name, self.groups[k]):
+                    entry[name] = self.state[name][k].split(sizes)[i].view(p.shape).clone().to(p.device)
+            optimizer.state[p] = entry
+
+
+class StackedSGD(StackedOptimizer):
+    STATE = ("momentum_buffer",)
+    HAS_STEP = False
+
+    def _hyper(self) -> None:
+        self.momentum = self._value("momentum")
+        self.any_momentum = any(g["momentum"] != 0 for g in self.groups)
+        self.nesterov = _flag([g["nesterov"] for g in self.groups], self.device)
+        self.weight_decay = self._value("weight_decay")
+        self.any_weight_decay = any(g["weight_decay"] != 0 for g in self.groups)
+
+    def keeps(self, name: str, group: dict) -> bool:
+        return group["momentum"] != 0 and self.steps_done > 0
+
+    def _steps_from_state(self, optimizers: list[torch.optim.Optimizer]) -> int:
+        # SGD keeps no step count: only whether its momentum buffers exist matters.
+        return int(any(opt.state for opt in optimizers))
+
+    def update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
+        g = self._decayed(flat, grad)
+        if self.any_momentum:
+            buf = self.state["momentum_buffer"]
+            if self.steps_done == 0:
+                buf.copy_(g)  # torch's first step: the buffer is the gradient
+            else:
+                buf.mul_(self.momentum).add_(g)  # (the spec has no dampening)
+            g = _select(self.nesterov, g + self.momentum * buf, buf)
+        flat.add_(g * c["neg_lr"])
+        self.steps_done += 1
+
+
+class StackedAdam(StackedOptimizer):
+    STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def _hyper(self) -> None:
+        self.one_minus_beta1 = _column([1 - g["betas"][0] for g in self.groups], self.device)
+        self.beta2 = _column([g["betas"][1] for g in self.groups], self.device)
+        self.one_minus_beta2 = _column([1 - g["betas"][1] for g in self.groups], self.device)
+        self.eps = self._value("eps")
+        self.amsgrad = _flag([g["amsgrad"] for g in self.groups], self.device)
+        self.decoupled = self.groups[0].get("decoupled_weight_decay", False)  # AdamW (the family is the pack's)
+        self.weight_decay = self._value("weight_decay")
+        self.any_weight_decay = any(g["weight_decay"] != 0 for g in self.groups)
+
+    def keeps(self, name: str, group: dict) -> bool:
+        return name != "max_exp_avg_sq" or group["amsgrad"]
+
+    def coefficients(self, lrs: np.ndarray) -> dict[str, torch.Tensor]:
+        step = self._step_numbers(len(lrs))
+        beta1 = np.array([g["betas"][0] for g in self.groups])
+        beta2 = np.array([g["betas"][1] for g in self.groups])
+        weight_decay = np.array([g["weight_decay"] for g in self.groups])
+        return {
+            "neg_step_size": self._tensor(-(lrs / (1 - beta1**step))),
+            "bias_correction2_sqrt": self._tensor((1 - beta2**step) ** 0.5),
+            "decay": self._tensor(1 - lrs * weight_decay),
+        }
+
+    def update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
+        if self.decoupled and self.any_weight_decay:
+            with torch.no_grad():
+                flat.mul_(c["decay"])
+            g = grad
+        else:
+            g = self._decayed(flat, grad)
+        exp_avg, exp_avg_sq = self.state["exp_avg"], self.state["exp_avg_sq"]
+        exp_avg.lerp_(g, self.one_minus_beta1)
+        exp_avg_sq.mul_(self.beta2).addcmul_(g * self.one_minus_beta2, g)
+        second = exp_avg_sq
+        if self.amsgrad is not False:
+            torch.maximum(self.state["max_exp_avg_sq"], exp_avg_sq, out=self.state["max_exp_avg_sq"])
+            second = _select(self.amsgrad, self.state["max_exp_avg_sq"], exp_avg_sq)
+        denom = (second.sqrt() / c["bias_correction2_sqrt"]).add_(self.eps)
+        flat.add_((exp_avg / denom).mul_(c["neg_step_size"]))
+        self.steps_done += 1
+
+
+class StackedRMSprop(StackedOptimizer):
+    STATE = ("square_avg", "momentum_buffer", "grad_avg")
+
+    def _hyper(self) -> None:
+        self.alpha = self._value("alpha")
+        self.one_minus_alpha = _column([1 - g["alpha"] for g in self.groups], self.device)
+        self.eps = self._value("eps")
+        self.momentum = self._value("momentum")
+        self.any_momentum = any(g["momentum"] > 0 for g in self.groups)
+        self.centered = _flag([g["centered"] for g in self.groups], self.device)
+        self.weight_decay = self._value("weight_decay")
+        self.any_weight_decay = any(g["weight_decay"] != 0 for g in self.groups)
+
+    def keeps(self, name: str, group: dict) -> bool:
+        return {"momentum_buffer": group["momentum"] > 0, "grad_avg": group["centered"]}.get(name, True)
+
+    def update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
+        g = self._decayed(flat, grad)
+        square_avg = self.state["square_avg"]
+        square_avg.mul_(self.alpha).addcmul_(g * self.one_minus_alpha, g)
+        if self.centered is not False:
+            grad_avg = self.state["grad_avg"]
+            grad_avg.lerp_(g, self.one_minus_alpha)
+            avg = _select(self.centered, square_avg.addcmul(grad_avg, grad_avg, value=-1), square_avg).sqrt()
+        else:
+            avg = square_avg.sqrt()
+        avg = avg.add_(self.eps)
+        if self.any_momentum:  # a trial without momentum: its buffer is grad / avg each step, the same update
+            buf = self.state["momentum_buffer"]
+            buf.mul_(self.momentum).addcdiv_(g, avg)
+            flat.add_(buf * c["neg_lr"])
+        else:
+            flat.add_((g / avg).mul_(c["neg_lr"]))
+        self.steps_done += 1
+
+
+class StackedAdagrad(StackedOptimizer):
+    STATE = ("sum",)
+
+    def _hyper(self) -> None:
+        self.eps = self._value("eps")
+        self.weight_decay = self._value("weight_decay")
+        self.any_weight_decay = any(g["weight_decay"] != 0 for g in self.groups)
+
+    def coefficients(self, lrs: np.ndarray) -> dict[str, torch.Tensor]:
+        step = self._step_numbers(len(lrs))
+        lr_decay = np.array([g["lr_decay"] for g in self.groups])
+        return {"neg_lr": self._tensor(-(lrs / (1 + (step - 1) * lr_decay)))}
+
+    def update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
+        g = self._decayed(flat, grad)
+        state_sum = self.state["sum"]
+        state_sum.addcmul_(g, g)
+        std = state_sum.sqrt().add_(self.eps)
+        flat.add_((g / std).mul_(c["neg_lr"]))
+        self.steps_done += 1
+
+
+STACKED_OPTIMIZERS: dict[str, type[StackedOptimizer]] = {
+    "sgd": StackedSGD,
+    "adam": StackedAdam,
+    "adamw": StackedAdam,
+    "rmsprop": StackedRMSprop,
+    "adagrad": StackedAdagrad,
+}
