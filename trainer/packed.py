@@ -167,8 +167,17 @@ class PackedTrainer:
             self.position.order = torch.stack([p.order for p in positions])
             if first.predictions:
                 self.position.predictions = [torch.stack([torch.cat(p.predictions) for p in positions])]
-        self.rows = torch.arange(len(shadows), device=self.device).view(-1, 1)  # for gathering each trial's batch
         self.generators_active = [self.generators[k] for k in self.active]
+        self._index_samples()
+
+    def _index_samples(self) -> None:
+        """Each trial's order as indices into all trials' samples laid end to end: one
+        index_select gathers every trial's own batch."""
+        k, n = self.x_train.shape[:2]
+        self.x_samples = self.x_train.reshape(k * n, *self.x_train.shape[2:])
+        self.y_samples = self.y_train.reshape(k * n)
+        if self.position.order is not None:
+            self.gather_order = self.position.order + torch.arange(k, device=self.device).view(-1, 1) * n
 
     # -- resuming
 
@@ -214,6 +223,7 @@ class PackedTrainer:
                 pos.epoch += 1
                 orders = [torch.randperm(n_train, generator=self.shadows[k].order_generator) for k in self.active]
                 pos.order = torch.stack(orders).to(self.device)
+                self._index_samples()
                 pos.batch_start = 0
                 pos.predictions = []
             while pos.batch_start < n_train and self.active:
@@ -255,13 +265,16 @@ class PackedTrainer:
         n = self._window_length(n_train)
         clocks = [(self.shadows[k].schedule.state_dict(), self.shadows[k].optimizer.param_groups[0]["lr"]) for k in self.active]
         lrs = self._lr_clock(n)
-        coefficients = opt.coefficients(lrs)
+        plan = opt.window(lrs)
         losses, norms, steps = [], [], []
         stopping: list[int] = []
         for i in range(n):
-            batch = pos.order[:, pos.batch_start : pos.batch_start + spec.batch_size]
-            logits = net.forward(self.x_train[self.rows, batch], True, self.generators_active)
-            loss = self.loss_fn(logits, self.y_train[self.rows, batch])
+            batch = self.gather_order[:, pos.batch_start : pos.batch_start + spec.batch_size]
+            k, b = batch.shape
+            flat_batch = batch.reshape(-1)
+            inputs = self.x_samples.index_select(0, flat_batch).view(k, b, *self.x_samples.shape[1:])
+            logits = net.forward(inputs, True, self.generators_active)
+            loss = self.loss_fn(logits, self.y_samples.index_select(0, flat_batch).view(k, b))
             net.flat.grad = None
             loss.sum().backward()  # trials are independent: each row's gradient is its own loss's
             grad = net.flat.grad
@@ -269,7 +282,7 @@ class PackedTrainer:
                 norm = torch.linalg.vector_norm(grad, dim=1)  # each trial's global gradient norm, before clipping
                 if self.clip is not None:  # clip_grad_norm_'s rule, per trial (inf: not clipped)
                     grad.mul_((self.clip / (norm.unsqueeze(1) + 1e-6)).clamp_(max=1.0))
-                opt.update(net.flat, grad, {name: c[i] for name, c in coefficients.items()})
+                opt.update(net.flat, grad, plan, i)
             losses.append(loss.detach())
             norms.append(norm)
             steps.append(pos.step)
@@ -388,5 +401,5 @@ class PackedTrainer:
         pos = self.position
         pos.order = None if pos.order is None else pos.order[rows]
         pos.predictions = [p[rows] for p in pos.predictions]
-        self.rows = torch.arange(len(self.active), device=self.device).view(-1, 1)
         self.generators_active = [self.generators[k] for k in self.active]
+        self._index_samples()

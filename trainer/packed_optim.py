@@ -18,7 +18,9 @@ K Python-level steps per step; these stacked rules take the same few kernels for
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +41,13 @@ def _select(flag: bool | torch.Tensor, if_true: torch.Tensor, if_false: torch.Te
     if isinstance(flag, bool):
         return if_true if flag else if_false
     return torch.where(flag, if_true, if_false)
+
+
+@dataclass
+class WindowPlan:
+    lrs: np.ndarray  # [n, K]
+    coefficients: dict[str, torch.Tensor] | None = None  # the broadcast rule's, [n, K, 1] each
+    fused_calls: list[list[int]] | None = None  # the trials of each kernel call
 
 
 class StackedOptimizer:
@@ -64,8 +73,65 @@ class StackedOptimizer:
         """Whether torch keeps this state for a trial with these hyperparameters."""
         return True
 
+    # torch's fused kernel for this rule (one pass over memory for all of a call's tensors), and
+    # the scalars it takes besides lr; trials whose scalars and lr agree share one call.
+    FUSED: Callable[..., None] | None = None
+    use_fused = True  # False: the broadcast rules below (bench/packing.py measures both)
+
+    def fused_scalars(self, group: dict) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def fused_state(self, group: dict) -> list[str | None]:
+        """The state lists the fused kernel takes after params and grads, by torch's names (None: empty)."""
+        raise NotImplementedError
+
+    def window(self, lrs: np.ndarray) -> WindowPlan:
+        """What the next len(lrs) steps need (lrs: [n, K]): per-step scalars, computed on the host."""
+        if self.FUSED is not None and self.use_fused:
+            return WindowPlan(lrs=lrs, fused_calls=self._fused_calls(lrs))
+        return WindowPlan(lrs=lrs, coefficients=self.coefficients(lrs))
+
+    def _fused_calls(self, lrs: np.ndarray) -> list[list[int]]:
+        """Trials that can share a kernel call in this window: equal scalars and equal lrs."""
+        calls: dict[Any, list[int]] = {}
+        for k, group in enumerate(self.groups):
+            scalars = self.fused_scalars(group)
+            key = (tuple(sorted(scalars.items())), tuple(self.fused_state(group)), lrs[:, k].tobytes())
+            calls.setdefault(key, []).append(k)
+        return list(calls.values())
+
+    def update(self, flat: torch.Tensor, grad: torch.Tensor, plan: WindowPlan, i: int) -> None:
+        """Step i of the window: the fused kernels, or the broadcast rule."""
+        if plan.fused_calls is None:
+            self.broadcast_update(flat, grad, {name: c[i] for name, c in plan.coefficients.items()})
+            self.steps_done += 1
+            return
+        params, grads = flat.unbind(0), grad.unbind(0)
+        rows = {name: s.unbind(0) for name, s in self.state.items()}
+        if self.HAS_STEP:
+            torch._foreach_add_(self.step_tensors, 1)
+        for members in plan.fused_calls:
+            group = self.groups[members[0]]
+            state_lists = [[rows[name][k] for k in members] if name else [] for name in self.fused_state(group)]
+            extra = [[self.step_tensors[k] for k in members]] if self.HAS_STEP else []
+            self.FUSED(
+                [params[k] for k in members], [grads[k] for k in members], *state_lists, *extra,
+                lr=float(plan.lrs[i, members[0]]), **self.fused_scalars(group),
+            )
+        self.steps_done += 1
+
+    @property
+    def steps_done(self) -> int:
+        return self._steps_done
+
+    @steps_done.setter
+    def steps_done(self, value: int) -> None:
+        self._steps_done = value
+        if self.HAS_STEP:  # the fused kernels read (and keep) each trial's step as a tensor
+            self.step_tensors = [torch.tensor(float(value), device=self.device) for _ in self.groups]
+
     def coefficients(self, lrs: np.ndarray) -> dict[str, torch.Tensor]:
-        """Per-step scalars for the next len(lrs) steps: {name: [n, K, 1]}; lrs is [n, K]."""
+        """Per-step scalars of the broadcast rule for the next len(lrs) steps: {name: [n, K, 1]}."""
         return {"neg_lr": self._tensor(-lrs)}
 
     def _tensor(self, values: np.ndarray) -> torch.Tensor:
@@ -75,7 +141,7 @@ class StackedOptimizer:
         """torch's `step` as each of the next n updates sees it (incremented first): [n, 1]."""
         return np.arange(self.steps_done + 1, self.steps_done + n + 1, dtype=np.float64)[:, None]
 
-    def update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
+    def broadcast_update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
     def _decayed(self, flat: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -85,6 +151,7 @@ class StackedOptimizer:
     def keep(self, rows: torch.Tensor) -> None:
         self.groups = [self.groups[i] for i in rows.tolist()]
         self.state = {name: s[rows] for name, s in self.state.items()}
+        self.steps_done = self.steps_done
         self._hyper()
 
     # -- solo optimizers' state, in and out
@@ -123,6 +190,16 @@ class StackedOptimizer:
 class StackedSGD(StackedOptimizer):
     STATE = ("momentum_buffer",)
     HAS_STEP = False
+    FUSED = torch._fused_sgd_
+
+    def fused_scalars(self, group: dict) -> dict[str, Any]:
+        return {
+            "weight_decay": group["weight_decay"], "momentum": group["momentum"], "dampening": 0.0,
+            "nesterov": group["nesterov"], "maximize": False, "is_first_step": self.steps_done == 0,
+        }
+
+    def fused_state(self, group: dict) -> list[str | None]:
+        return ["momentum_buffer" if group["momentum"] != 0 else None]
 
     def _hyper(self) -> None:
         self.momentum = self._value("momentum")
@@ -138,7 +215,7 @@ class StackedSGD(StackedOptimizer):
         # SGD keeps no step count: only whether its momentum buffers exist matters.
         return int(any(opt.state for opt in optimizers))
 
-    def update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
+    def broadcast_update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
         g = self._decayed(flat, grad)
         if self.any_momentum:
             buf = self.state["momentum_buffer"]
@@ -148,11 +225,24 @@ class StackedSGD(StackedOptimizer):
                 buf.mul_(self.momentum).add_(g)  # (the spec has no dampening)
             g = _select(self.nesterov, g + self.momentum * buf, buf)
         flat.add_(g * c["neg_lr"])
-        self.steps_done += 1
 
 
 class StackedAdam(StackedOptimizer):
     STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    @property
+    def FUSED(self) -> Callable[..., None]:  # noqa: N802 - the class attribute of the others
+        return torch._fused_adamw_ if self.decoupled else torch._fused_adam_
+
+    def fused_scalars(self, group: dict) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return {
+            "beta1": beta1, "beta2": beta2, "weight_decay": group["weight_decay"], "eps": group["eps"],
+            "amsgrad": group["amsgrad"], "maximize": False,
+        }
+
+    def fused_state(self, group: dict) -> list[str | None]:
+        return ["exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None]
 
     def _hyper(self) -> None:
         self.one_minus_beta1 = _column([1 - g["betas"][0] for g in self.groups], self.device)
@@ -178,7 +268,7 @@ class StackedAdam(StackedOptimizer):
             "decay": self._tensor(1 - lrs * weight_decay),
         }
 
-    def update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
+    def broadcast_update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
         if self.decoupled and self.any_weight_decay:
             with torch.no_grad():
                 flat.mul_(c["decay"])
@@ -194,7 +284,6 @@ class StackedAdam(StackedOptimizer):
             second = _select(self.amsgrad, self.state["max_exp_avg_sq"], exp_avg_sq)
         denom = (second.sqrt() / c["bias_correction2_sqrt"]).add_(self.eps)
         flat.add_((exp_avg / denom).mul_(c["neg_step_size"]))
-        self.steps_done += 1
 
 
 class StackedRMSprop(StackedOptimizer):
@@ -213,7 +302,7 @@ class StackedRMSprop(StackedOptimizer):
     def keeps(self, name: str, group: dict) -> bool:
         return {"momentum_buffer": group["momentum"] > 0, "grad_avg": group["centered"]}.get(name, True)
 
-    def update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
+    def broadcast_update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
         g = self._decayed(flat, grad)
         square_avg = self.state["square_avg"]
         square_avg.mul_(self.alpha).addcmul_(g * self.one_minus_alpha, g)
@@ -230,11 +319,17 @@ class StackedRMSprop(StackedOptimizer):
             flat.add_(buf * c["neg_lr"])
         else:
             flat.add_((g / avg).mul_(c["neg_lr"]))
-        self.steps_done += 1
 
 
 class StackedAdagrad(StackedOptimizer):
     STATE = ("sum",)
+    FUSED = torch._fused_adagrad_
+
+    def fused_scalars(self, group: dict) -> dict[str, Any]:
+        return {"lr_decay": group["lr_decay"], "weight_decay": group["weight_decay"], "eps": group["eps"], "maximize": False}
+
+    def fused_state(self, group: dict) -> list[str | None]:
+        return ["sum"]
 
     def _hyper(self) -> None:
         self.eps = self._value("eps")
@@ -246,13 +341,12 @@ class StackedAdagrad(StackedOptimizer):
         lr_decay = np.array([g["lr_decay"] for g in self.groups])
         return {"neg_lr": self._tensor(-(lrs / (1 + (step - 1) * lr_decay)))}
 
-    def update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
+    def broadcast_update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
         g = self._decayed(flat, grad)
         state_sum = self.state["sum"]
         state_sum.addcmul_(g, g)
         std = state_sum.sqrt().add_(self.eps)
         flat.add_((g / std).mul_(c["neg_lr"]))
-        self.steps_done += 1
 
 
 STACKED_OPTIMIZERS: dict[str, type[StackedOptimizer]] = {
