@@ -107,6 +107,7 @@ class PackedTrainer:
         checkpoint_every_steps: int | None = None,
         raw_data: RawData | None = None,
         datasets_dir: Path | None = None,
+        fused_optimizer: bool = True,
     ) -> None:
         groups, reasons = packable(specs, max_size=len(specs))
         if reasons:
@@ -117,6 +118,7 @@ class PackedTrainer:
         self.spec = specs[0]  # what the trials share
         self.reporters = list(reporters or [NullReporter() for _ in specs])
         self.checkpoint_every = checkpoint_every_steps
+        self.fused_optimizer = fused_optimizer  # torch's fused kernels where they exist (False: broadcast rules)
         self.shadows = [Trainer(s, NullReporter(), raw_data=raw_data, datasets_dir=datasets_dir) for s in specs]
         self.results: list[TrainingResult | TrainingDiverged | None] = [None] * len(specs)
 
@@ -150,6 +152,7 @@ class PackedTrainer:
         groups = [{k: v for k, v in s.optimizer.param_groups[0].items() if k != "params"} for s in shadows]
         self.optimizer: StackedOptimizer = optimizer_class(groups, sum(self.sizes), self.device)
         self.optimizer.import_from([s.optimizer for s in shadows])
+        self.optimizer.use_fused = self.fused_optimizer
         self.x_train = torch.stack([s.data.x_train for s in shadows])
         self.y_train = torch.stack([s.data.y_train for s in shadows])
         self.x_val = torch.stack([s.data.x_val for s in shadows])
