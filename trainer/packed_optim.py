@@ -104,7 +104,7 @@ class StackedOptimizer:
         """Step i of the window: the fused kernels, or the broadcast rule."""
         if plan.fused_calls is None:
             self.broadcast_update(flat, grad, {name: c[i] for name, c in plan.coefficients.items()})
-            self.steps_done += 1
+            self._steps_done += 1  # (not the setter: the step tensors are the fused path's)
             return
         params, grads = flat.unbind(0), grad.unbind(0)
         rows = {name: s.unbind(0) for name, s in self.state.items()}
@@ -118,7 +118,7 @@ class StackedOptimizer:
                 [params[k] for k in members], [grads[k] for k in members], *state_lists, *extra,
                 lr=float(plan.lrs[i, members[0]]), **self.fused_scalars(group),
             )
-        self.steps_done += 1
+        self._steps_done += 1
 
     @property
     def steps_done(self) -> int:
