@@ -147,11 +147,10 @@ class PackedTrainer:
         """Stack the active trials' shadows: weights, optimizer state, data, position."""
         shadows = [self.shadows[i] for i in self.active]
         self.network = StackedNetwork([s.model for s in shadows], self.device)
-        self.sizes = self.network.sizes
         optimizer_class = STACKED_OPTIMIZERS[self.spec.optimizer.name]
         groups = [{k: v for k, v in s.optimizer.param_groups[0].items() if k != "params"} for s in shadows]
-        self.optimizer: StackedOptimizer = optimizer_class(groups, sum(self.sizes), self.device)
-        self.optimizer.import_from([s.optimizer for s in shadows])
+        self.optimizer: StackedOptimizer = optimizer_class(groups, sum(self.network.sizes), self.device)
+        self.optimizer.import_from([s.optimizer for s in shadows], self.network.flatten)
         self.optimizer.use_fused = self.fused_optimizer
         self.x_train = torch.stack([s.data.x_train for s in shadows])
         self.y_train = torch.stack([s.data.y_train for s in shadows])
@@ -200,7 +199,7 @@ class PackedTrainer:
         row = self.active.index(k)
         shadow, pos = self.shadows[k], self.position
         self.network.write_row(row, shadow.model)
-        self.optimizer.export_to(row, shadow.optimizer, self.sizes)
+        self.optimizer.export_to(row, shadow.optimizer, self.network.unflatten)
         shadow.position = TrainingPosition(
             step=pos.step,
             epoch=pos.epoch,

@@ -42,9 +42,14 @@ class StackedNetwork:
         self.layers = list(template)
         self.device = device
         self.names = [name for name, _ in template.named_parameters()]
-        self.shapes = [p.shape for p in template.parameters()]
+        self.shapes = [p.shape for p in template.parameters()]  # the solo model's
         self.sizes = [p.numel() for p in template.parameters()]
-        self.flat = torch.stack([self._row(m) for m in models]).to(device).requires_grad_(True)
+        # Linear weights are kept transposed, [in, out]: baddbmm reads them as they lie and the
+        # gradient it makes for them is contiguous, so none of them is copied on its way to the flat row.
+        linear_weights = {id(m.weight) for m in template.modules() if isinstance(m, nn.Linear)}
+        self.transposed = [id(p) in linear_weights for p in template.parameters()]
+        self.stored_shapes = [s[::-1] if t else s for s, t in zip(self.shapes, self.transposed)]
+        self.flat = torch.stack([self.flatten(list(m.parameters())) for m in models]).to(device).requires_grad_(True)
         # BatchNorm running statistics, [K * C] each (the layout batch_norm reads); counters [K].
         self.buffer_names = [name for name, _ in template.named_buffers()]
         self.buffers: dict[str, torch.Tensor] = {}
@@ -54,25 +59,25 @@ class StackedNetwork:
     def k(self) -> int:
         return self.flat.shape[0]
 
-    @staticmethod
-    def _row(model: nn.Module) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    def flatten(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One trial's per-parameter tensors (solo shapes: weights, or optimizer state) -> its flat row."""
+        return torch.cat([(t.detach().T if tr else t.detach()).reshape(-1) for t, tr in zip(tensors, self.transposed)])
+
+    def unflatten(self, row: torch.Tensor) -> list[torch.Tensor]:
+        """A flat row -> per-parameter tensors in the solo shapes (views where the layout allows)."""
+        pieces = row.split(self.sizes)
+        return [p.view(s).T if tr else p.view(s) for p, s, tr in zip(pieces, self.stored_shapes, self.transposed)]
 
     def load_buffers(self, models: list[nn.Module]) -> None:
         for name in self.buffer_names:
             rows = [dict(m.named_buffers())[name].detach() for m in models]
             self.buffers[name] = torch.stack(rows).to(self.device).reshape(-1)
 
-    def load_rows(self, models: list[nn.Module]) -> None:
-        with torch.no_grad():
-            self.flat.copy_(torch.stack([self._row(m) for m in models]).to(self.device))
-        self.load_buffers(models)
-
     def write_row(self, k: int, model: nn.Module) -> None:
         """Trial k's weights and buffers into a solo model (for its checkpoint or its result)."""
         with torch.no_grad():
-            for p, piece in zip(model.parameters(), self.flat[k].split(self.sizes)):
-                p.copy_(piece.view(p.shape))
+            for p, piece in zip(model.parameters(), self.unflatten(self.flat[k])):
+                p.copy_(piece)
             own = dict(model.named_buffers())
             for name, stacked in self.buffers.items():
                 own[name].copy_(stacked.view(self.k, -1)[k].view(own[name].shape))
@@ -86,13 +91,13 @@ class StackedNetwork:
     def forward(self, x: torch.Tensor, training: bool, generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """x: [K, B, ...] (each trial its own batch) -> logits [K, B, classes]."""
         k = self.k
-        weights = iter(w.view(k, *s) for w, s in zip(self.flat.split(self.sizes, dim=1), self.shapes))
+        weights = iter(w.view(k, *s) for w, s in zip(self.flat.split(self.sizes, dim=1), self.stored_shapes))
         buffers = iter(self.buffers[n] for n in self.buffer_names)
         grouped = False  # False: [K, B, ...]; True: [B, K*C, H, W], the layout of grouped convolutions
         for layer in self.layers:
             if isinstance(layer, nn.Linear):
                 weight, bias = next(weights), next(weights)
-                x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+                x = torch.baddbmm(bias.unsqueeze(1), x, weight)  # (weight stored [K, in, out])
             elif isinstance(layer, nn.Conv2d):
                 if not grouped:
                     x = x.transpose(0, 1).reshape(x.shape[1], k * x.shape[2], *x.shape[3:])
@@ -117,6 +122,8 @@ class StackedNetwork:
             elif isinstance(layer, nn.Dropout):
                 if training and layer.p > 0:
                     x = x * self._dropout_masks(x, layer.p, generators)
+            elif isinstance(layer, nn.ReLU):
+                x = torch.relu_(x)  # in place: what it overwrites (a matmul's, a norm's output) no backward needs
             else:  # elementwise, pooling, one-hot: the layer itself, on either layout
                 x = layer(x)
         return x

@@ -156,34 +156,32 @@ class StackedOptimizer:
 
     # -- solo optimizers' state, in and out
 
-    def import_from(self, optimizers: list[torch.optim.Optimizer]) -> None:
+    def import_from(self, optimizers: list[torch.optim.Optimizer], flatten: Callable[[list[torch.Tensor]], torch.Tensor]) -> None:
+        """Stack the solo optimizers' state; `flatten` lays one trial's per-parameter tensors out as a row."""
         self.groups = [{k: v for k, v in opt.param_groups[0].items() if k != "params"} for opt in optimizers]
         self._hyper()
-        params = optimizers[0].param_groups[0]["params"]
         for name in self.STATE:
             rows = []
             for opt in optimizers:
                 own = opt.param_groups[0]["params"]
-                rows.append(
-                    torch.cat([opt.state[p][name].reshape(-1) if name in opt.state[p] else torch.zeros(p.numel()) for p in own])
-                )
+                rows.append(flatten([opt.state[p].get(name, torch.zeros_like(p)) for p in own]))
             self.state[name] = torch.stack(rows).to(self.device)
-        first = optimizers[0].state[params[0]]
+        first = optimizers[0].state[optimizers[0].param_groups[0]["params"][0]]
         self.steps_done = int(first["step"]) if "step" in first else self._steps_from_state(optimizers)
 
     def _steps_from_state(self, optimizers: list[torch.optim.Optimizer]) -> int:
         return 0
 
-    def export_to(self, k: int, optimizer: torch.optim.Optimizer, sizes: list[int]) -> None:
+    def export_to(self, k: int, optimizer: torch.optim.Optimizer, unflatten: Callable[[torch.Tensor], list[torch.Tensor]]) -> None:
         """Trial k's state into a solo optimizer, in torch's own format."""
         group = optimizer.param_groups[0]
+        kept = {name: unflatten(self.state[name][k]) for name in self.STATE if self.keeps(name, self.groups[k])}
         for i, p in enumerate(group["params"]):
             entry: dict[str, torch.Tensor] = {}
             if self.HAS_STEP:
                 entry["step"] = torch.tensor(float(self.steps_done))
-            for name in self.STATE:
-                if self.keeps(name, self.groups[k]):
-                    entry[name] = self.state[name][k].split(sizes)[i].view(p.shape).clone().to(p.device)
+            for name, tensors in kept.items():
+                entry[name] = tensors[i].to(p.device, copy=True).contiguous()
             optimizer.state[p] = entry
 
 
