@@ -17,6 +17,7 @@ schedule, gradient clipping, the logging interval, the name and bookkeeping fiel
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -250,12 +251,24 @@ class PackedTrainer:
         return length
 
     def _lr_clock(self, n: int) -> np.ndarray:
-        """The next n steps' learning rates [n, K], from each trial's own solo schedule."""
+        """The next n steps' learning rates [n, K], from each trial's own solo schedule.
+
+        Trials with the same schedule and base lr (seed repeats) have the same learning rates:
+        one of them steps its schedule, the others take a copy of its state."""
         lrs = np.empty((n, len(self.active)))
+        leaders: dict[str, int] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the schedule stepped without its optimizer: on purpose
             for j, k in enumerate(self.active):
                 shadow = self.shadows[k]
+                key = shadow.spec.schedule.model_dump_json() + repr(shadow.spec.optimizer.lr)
+                leader = leaders.setdefault(key, j)
+                if leader != j:
+                    source = self.shadows[self.active[leader]]
+                    lrs[:, j] = lrs[:, leader]
+                    shadow.schedule.load_state_dict(copy.deepcopy(source.schedule.state_dict()))
+                    shadow.optimizer.param_groups[0]["lr"] = source.optimizer.param_groups[0]["lr"]
+                    continue
                 group = shadow.optimizer.param_groups[0]
                 for i in range(n):
                     lrs[i, j] = group["lr"]

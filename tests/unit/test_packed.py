@@ -247,3 +247,18 @@ def test_packable_groups_what_can_train_together_and_says_why_not() -> None:
     assert "lstm" in reasons[4] and "diagnostics" in reasons[5]
     with pytest.raises(ValueError, match="packable fields"):
         PackedTrainer([jobs[0], jobs[2]])
+
+
+def test_seed_repeats_share_a_schedule_and_each_checkpoint_keeps_its_own_state() -> None:
+    schedule = {"name": "warmup_linear", "warmup_steps": 6, "min_lr": 0.001}
+    jobs = [spec(seed=s, optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}, schedule=schedule) for s in range(3)]
+    reporters = [StoppingReporter(), StoppingReporter(stop_at=13), StoppingReporter()]
+    results, _ = packed(jobs, reporters, every=4)
+    for k, job in enumerate(jobs):
+        alone, alone_reporter = solo(job, StoppingReporter(stop_at=reporters[k].stop_at))
+        assert_close_losses(reporters[k], alone_reporter)  # the lr of every step included
+        assert_close_weights(results[k].model, alone.model)
+    resumed, resumed_reporter = solo(jobs[2], StoppingReporter(), resume=reporters[2].checkpoints[16])
+    whole = solo(jobs[2])[1]
+    assert [v for s, v in resumed_reporter.history["lr"]] == [v for s, v in whole.history["lr"] if s >= 16]
+    assert_close_weights(resumed.model, results[2].model)
