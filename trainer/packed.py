@@ -40,11 +40,8 @@ PACKABLE_FIELDS = {
     "name", "experiment", "seed", "optimizer", "schedule", "clip_grad_norm", "log_every_steps",
     "max_attempts", "timeout_s",
 }
-PACKED_ARCHS = ("mlp", "cnn")
+PACKED_ARCHS = ("mlp", "cnn", "rnn", "lstm", "gru")
 NOT_PACKED_ARCHS = {
-    "rnn": "recurrent layers run as one fused kernel per model; no batched form over trials yet",
-    "lstm": "recurrent layers run as one fused kernel per model; no batched form over trials yet",
-    "gru": "recurrent layers run as one fused kernel per model; no batched form over trials yet",
     "transformer": "attention blocks are not stacked over trials yet",
     "resnet": "residual blocks are not stacked over trials yet",
 }
@@ -60,6 +57,11 @@ def pack_key(spec: JobSpec) -> str:
 def unpackable_reason(spec: JobSpec) -> str | None:
     if spec.model.arch not in PACKED_ARCHS:
         return f"{spec.model.arch}: {NOT_PACKED_ARCHS.get(spec.model.arch, 'not stacked over trials')}"
+    model = spec.model
+    if getattr(model, "bidirectional", False):
+        return f"{model.arch}: bidirectional recurrent layers are not stacked over trials yet"
+    if getattr(model, "num_layers", 1) > 1 and getattr(model, "dropout", 0) > 0 and model.arch in ("rnn", "lstm", "gru"):
+        return f"{model.arch}: dropout between recurrent layers draws inside torch's fused kernel; it runs alone"
     if isinstance(spec.dataset, ImageDataset):
         return "image sets are standardised and augmented per batch on the device; packs take in-memory sets"
     if spec.diagnostics.in_loop or spec.diagnostics.hessian or spec.diagnostics.landscape or spec.diagnostics.per_class:

@@ -11,8 +11,13 @@ whatever the number of layers) and runs the layers as batched kernels:
   Dropout    a mask per trial, drawn from the trial's own generator as torch's dropout draws it
   elementwise activations, max-pooling, flattening, one-hot reading: any layout
 
-The models packed are the nn.Sequential ones trainer/models.py builds (mlp, cnn);
-`unsupported_layers` names what a model holds beyond these, for packable()'s reasons.
+  rnn/lstm/gru  the input projection of every time step as one baddbmm, then per time step
+             one baddbmm for the recurrent projection and the cell's gate arithmetic, as
+             ATen's CPU cells compute it (unidirectional; no dropout between layers)
+
+The models packed are the nn.Sequential ones trainer/models.py builds (mlp, cnn) and its
+RecurrentClassifier; `unsupported_layers` names what a model holds beyond these, for
+packable()'s reasons.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models import OneHot
+from trainer.models import OneHot, RecurrentClassifier
 
 ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.GELU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Identity)
 PACKED_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.Flatten, nn.Dropout, OneHot, *ELEMENTWISE)
@@ -29,6 +34,10 @@ PACKED_LAYERS = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.Flatten,
 
 def unsupported_layers(model: nn.Module) -> list[str]:
     """Why this model cannot be stacked: the layers it holds that the stacked forward does not run."""
+    if isinstance(model, RecurrentClassifier):
+        rnn = model.rnn
+        reasons = ["bidirectional recurrent layers"] if rnn.bidirectional else []
+        return reasons + (["dropout between recurrent layers"] if rnn.num_layers > 1 and rnn.dropout > 0 else [])
     if not isinstance(model, nn.Sequential):
         return [type(model).__name__]
     return sorted({type(m).__name__ for m in model if not isinstance(m, PACKED_LAYERS)})
@@ -39,7 +48,8 @@ class StackedNetwork:
 
     def __init__(self, models: list[nn.Module], device: torch.device) -> None:
         template = models[0]
-        self.layers = list(template)
+        self.template = template
+        self.layers = list(template) if isinstance(template, nn.Sequential) else []
         self.device = device
         self.names = [name for name, _ in template.named_parameters()]
         self.shapes = [p.shape for p in template.parameters()]  # the solo model's
@@ -47,7 +57,9 @@ class StackedNetwork:
         # Linear weights are kept transposed, [in, out]: baddbmm reads them as they lie and the
         # gradient it makes for them is contiguous, so none of them is copied on its way to the flat row.
         linear_weights = {id(m.weight) for m in template.modules() if isinstance(m, nn.Linear)}
-        self.transposed = [id(p) in linear_weights for p in template.parameters()]
+        self.transposed = [
+            id(p) in linear_weights or name.startswith("rnn.weight_") for name, p in template.named_parameters()
+        ]
         self.stored_shapes = [s[::-1] if t else s for s, t in zip(self.shapes, self.transposed)]
         self.flat = torch.stack([self.flatten(list(m.parameters())) for m in models]).to(device).requires_grad_(True)
         # BatchNorm running statistics, [K * C] each (the layout batch_norm reads); counters [K].
@@ -92,6 +104,8 @@ class StackedNetwork:
         """x: [K, B, ...] (each trial its own batch) -> logits [K, B, classes]."""
         k = self.k
         weights = iter(w.view(k, *s) for w, s in zip(self.flat.split(self.sizes, dim=1), self.stored_shapes))
+        if isinstance(self.template, RecurrentClassifier):
+            return self._recurrent_forward(x, training, generators, dict(zip(self.names, weights)))
         buffers = iter(self.buffers[n] for n in self.buffer_names)
         grouped = False  # False: [K, B, ...]; True: [B, K*C, H, W], the layout of grouped convolutions
         for layer in self.layers:
@@ -128,6 +142,32 @@ class StackedNetwork:
                 x = layer(x)
         return x
 
+    def _recurrent_forward(
+        self, x: torch.Tensor, training: bool, generators: list[torch.Generator] | None, w: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        model, k = self.template, self.k
+        rnn = model.rnn
+        h_in = model.read(x)  # [K, B, T, features]
+        _, b, t = h_in.shape[:3]
+        cell = {nn.LSTM: _lstm_step, nn.GRU: _gru_step}.get(type(rnn), _rnn_step)
+        for layer in range(rnn.num_layers):
+            # ATen's CPU layer: every step's input projection first (x W_ih^T + b_ih), then step by step.
+            projected = torch.baddbmm(
+                w[f"rnn.bias_ih_l{layer}"].unsqueeze(1), h_in.reshape(k, b * t, -1), w[f"rnn.weight_ih_l{layer}"]
+            ).view(k, b, t, -1)
+            hidden = h_in.new_zeros(k, b, rnn.hidden_size)
+            state = hidden if isinstance(rnn, nn.LSTM) else None
+            outputs = []
+            for step in range(t):
+                recurrent = torch.baddbmm(w[f"rnn.bias_hh_l{layer}"].unsqueeze(1), hidden, w[f"rnn.weight_hh_l{layer}"])
+                hidden, state = cell(projected[:, :, step], recurrent, hidden, state)
+                outputs.append(hidden)
+            h_in = torch.stack(outputs, dim=2)
+        features = h_in.mean(dim=2) if model.pooling == "mean" else hidden
+        if training and model.dropout.p > 0:
+            features = features * self._dropout_masks(features, model.dropout.p, generators)
+        return torch.baddbmm(w["head.bias"].unsqueeze(1), features, w["head.weight"])
+
     @staticmethod
     def _dropout_masks(x: torch.Tensor, p: float, generators: list[torch.Generator] | None) -> torch.Tensor:
         # torch's dropout (CPU) is `input * empty_like(input).bernoulli_(1 - p).div_(1 - p)`: drawn
@@ -136,3 +176,27 @@ class StackedNetwork:
         for row, generator in zip(mask, generators or [None] * len(mask)):
             row.bernoulli_(1 - p, generator=generator)
         return mask.div_(1 - p)
+
+
+# The cells as ATen computes them on the CPU (aten/src/ATen/native/RNN.cpp): `projected` is
+# x W_ih^T + b_ih, `recurrent` is h W_hh^T + b_hh, gates in torch's order.
+
+
+def _lstm_step(projected, recurrent, hidden, cell):  # noqa: ANN001, ANN202
+    gates = recurrent + projected
+    i, f, g, o = gates.chunk(4, dim=2)
+    cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(cell), cell
+
+
+def _gru_step(projected, recurrent, hidden, _state):  # noqa: ANN001, ANN202
+    ir, iz, in_ = projected.chunk(3, dim=2)
+    hr, hz, hn = recurrent.chunk(3, dim=2)
+    reset = torch.sigmoid(hr + ir)
+    update = torch.sigmoid(hz + iz)
+    new = torch.tanh(in_ + hn * reset)
+    return (hidden - new) * update + new, None
+
+
+def _rnn_step(projected, recurrent, hidden, _state):  # noqa: ANN001, ANN202
+    return torch.tanh(recurrent + projected), None
