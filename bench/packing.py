@@ -40,10 +40,12 @@ from jobs.spec import JobSpec  # noqa: E402
 from trainer.packed import PackedTrainer, packable  # noqa: E402
 from trainer.recipe import Trainer  # noqa: E402
 
+# name -> (spec fields, epochs): the MLP as in examples/studies/five-optimizers-digits.yaml; the
+# slower models train fewer epochs so that a round stays under a minute.
 MODELS = {
-    "digits MLP": {"dataset": {"name": "digits"}, "model": {"arch": "mlp", "hidden": [128, 64]}},
-    "digits CNN": {"dataset": {"name": "digits"}, "model": {"arch": "cnn", "channels": [16, 32], "hidden": [64]}},
-    "sequence_memory LSTM": {"dataset": {"name": "sequence_memory"}, "model": {"arch": "lstm", "hidden_size": 64}},
+    "digits MLP": ({"dataset": {"name": "digits"}, "model": {"arch": "mlp", "hidden": [128, 64]}}, 15),
+    "digits CNN": ({"dataset": {"name": "digits"}, "model": {"arch": "cnn", "channels": [16, 32], "hidden": [64]}}, 3),
+    "sequence_memory LSTM": ({"dataset": {"name": "sequence_memory"}, "model": {"arch": "lstm", "hidden_size": 64}}, 2),
 }
 
 
@@ -112,7 +114,7 @@ def optimizer_variants(k: int = 16, repeats: int = 200) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of every model (default: each its own)")
     parser.add_argument("--ks", default="1,4,16")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--device", default="cpu")
@@ -130,18 +132,19 @@ def main() -> None:
     header = f"{'model':22s} {'K':>3s} {'packed trials/h':>16s} {'seq trials/h':>13s} {'packed steps/s':>15s} {'seq steps/s':>12s} {'ratio':>6s}"
     headline = None
     for model in args.models.split(","):
-        base = MODELS[model]
-        probe = sweep(base, 1, args.epochs, args.device)
+        base, epochs = MODELS[model]
+        epochs = args.epochs or epochs
+        probe = sweep(base, 1, epochs, args.device)
         _, reasons = packable(probe)
         if reasons:
             print(f"{model}: runs solo, not packed: {reasons[0]}")
             continue
         warm = sweep(base, 2, 1, args.device)  # data read and kernels primed before either side is timed
         packed(warm), sequential(warm)
-        print(f"\n{model}, {args.epochs} epochs, load average {os.getloadavg()[0]:.1f}")
+        print(f"\n{model}, {epochs} epochs, load average {os.getloadavg()[0]:.1f}")
         print(header)
         for k in ks:
-            specs = sweep(base, k, args.epochs, args.device)
+            specs = sweep(base, k, epochs, args.device)
             steps = specs[0].total_steps
             packed_times, sequential_times, ratios = [], [], []
             for _ in range(args.rounds):

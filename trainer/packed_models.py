@@ -154,13 +154,13 @@ class StackedNetwork:
             # ATen's CPU layer: every step's input projection first (x W_ih^T + b_ih), then step by step.
             projected = torch.baddbmm(
                 w[f"rnn.bias_ih_l{layer}"].unsqueeze(1), h_in.reshape(k, b * t, -1), w[f"rnn.weight_ih_l{layer}"]
-            ).view(k, b, t, -1)
+            ).view(k, b, t, -1).unbind(2)  # one unbind: its backward stacks the steps' gradients once
             hidden = h_in.new_zeros(k, b, rnn.hidden_size)
             state = hidden if isinstance(rnn, nn.LSTM) else None
             outputs = []
             for step in range(t):
                 recurrent = torch.baddbmm(w[f"rnn.bias_hh_l{layer}"].unsqueeze(1), hidden, w[f"rnn.weight_hh_l{layer}"])
-                hidden, state = cell(projected[:, :, step], recurrent, hidden, state)
+                hidden, state = cell(projected[step], recurrent, hidden, state)
                 outputs.append(hidden)
             h_in = torch.stack(outputs, dim=2)
         features = h_in.mean(dim=2) if model.pooling == "mean" else hidden
