@@ -135,7 +135,7 @@ def main() -> None:
         base, epochs = MODELS[model]
         epochs = args.epochs or epochs
         probe = sweep(base, 1, epochs, args.device)
-        _, reasons = packable(probe)
+        _, reasons = packable(probe, worthwhile=False)  # measured here even where the worker would not pack
         if reasons:
             print(f"{model}: runs solo, not packed: {reasons[0]}")
             continue

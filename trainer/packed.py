@@ -31,7 +31,7 @@ from jobs.spec import ImageDataset, JobSpec
 from trainer.data import RawData
 from trainer.packed_models import StackedNetwork, unsupported_layers
 from trainer.packed_optim import STACKED_OPTIMIZERS, StackedOptimizer
-from trainer.recipe import EVAL_CHUNK, SYNC_WINDOW_STEPS, Trainer, TrainingPosition, confusion_matrix
+from trainer.recipe import EVAL_CHUNK, SYNC_WINDOW_STEPS, Trainer, TrainingPosition, confusion_matrix, resolve_device
 from trainer.reporting import NullReporter, Reporter, TrainingDiverged, TrainingResult
 
 # Spec fields a pack's trials may differ in; every other field (including ones added later)
@@ -71,12 +71,28 @@ def unpackable_reason(spec: JobSpec) -> str | None:
     return None
 
 
-def packable(specs: list[JobSpec], max_size: int = 16) -> tuple[list[list[int]], dict[int, str]]:
-    """(groups of indices into specs that can train as packs of at most max_size, {index: why not})."""
+# Measured with bench/packing.py on this 2-core CPU: a pack of recurrent trials ran at 0.5x of
+# the same trials one after another (the stacked cell steps from Python, and K trials' gates
+# outgrow the caches that torch's own cell works in); on a GPU the launches it saves dominate.
+SLOWER_PACKED_ON_CPU = {"rnn", "lstm", "gru"}
+
+
+def not_worthwhile_reason(spec: JobSpec) -> str | None:
+    if spec.model.arch in SLOWER_PACKED_ON_CPU and resolve_device(spec.device).type == "cpu":
+        return f"{spec.model.arch} on a CPU trains faster alone than packed (bench/packing.py)"
+    return None
+
+
+def packable(
+    specs: list[JobSpec], max_size: int = 16, worthwhile: bool = True
+) -> tuple[list[list[int]], dict[int, str]]:
+    """(groups of indices into specs to train as packs of at most max_size, {index: why not}).
+
+    worthwhile=False: every pack that trains correctly, even where packing is measured slower."""
     reasons: dict[int, str] = {}
     by_key: dict[str, list[int]] = {}
     for i, spec in enumerate(specs):
-        reason = unpackable_reason(spec)
+        reason = unpackable_reason(spec) or (not_worthwhile_reason(spec) if worthwhile else None)
         if reason is not None:
             reasons[i] = reason
         else:
@@ -112,7 +128,7 @@ class PackedTrainer:
         datasets_dir: Path | None = None,
         fused_optimizer: bool = True,
     ) -> None:
-        groups, reasons = packable(specs, max_size=len(specs))
+        groups, reasons = packable(specs, max_size=len(specs), worthwhile=False)
         if reasons:
             raise ValueError("; ".join(f"trial {i}: {why}" for i, why in sorted(reasons.items())))
         if len(groups) != 1:

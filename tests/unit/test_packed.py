@@ -260,11 +260,14 @@ def test_packable_groups_what_can_train_together_and_says_why_not() -> None:
         spec(dataset={"name": "sequence_memory"}, model={"arch": "transformer"}),
         spec(seed=4, diagnostics={"per_class": True}),
         spec(seed=5),
+        spec(dataset={"name": "sequence_memory"}, model={"arch": "lstm"}),
     ]
     groups, reasons = packable(jobs, max_size=2)
     assert sorted(groups) == [[0, 1], [2], [3], [6]]
-    assert set(reasons) == {4, 5}
+    assert set(reasons) == {4, 5, 7}
     assert "transformer" in reasons[4] and "diagnostics" in reasons[5]
+    assert "faster alone" in reasons[7]  # correct packed (tested above), but measured slower on a CPU
+    assert [7] in packable(jobs, worthwhile=False)[0]
     with pytest.raises(ValueError, match="packable fields"):
         PackedTrainer([jobs[0], jobs[2]])
 
