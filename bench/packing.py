@@ -9,16 +9,19 @@ the ratio is the packing alone. Rounds alternate the two sides and the median of
 round's ratio is the figure (this shared VM's speed drifts; paired rounds cancel most of it).
 The machine's load average is printed with each model, since other processes share it.
 
-Columns: trials/hour (K / wall time), trial-steps/s (K x steps / wall time: per trial, the
-packed trials each advance at this rate / K... both are printed per side), ratio (packed
-throughput / sequential throughput).
+Columns: trials/hour (K / wall time of the side), steps/s (trial-steps per second: K x
+steps / wall time; per trial, divide by K), ratio (the median of the rounds' sequential /
+packed wall times). Setup (data, models) is counted on both sides: a pack sets up each trial
+as its solo run would. Recurrent models are measured here although `packable` leaves them
+alone on a CPU, where this bench measured them slower packed.
 
 --optimizer-variants also times one optimizer step of a K=16 digits-MLP Adam pack three
 ways: torch.optim (one Adam per trial over views of the stacked rows), the broadcast rule
 (trainer/packed_optim.py, hyperparameters as [K, 1] columns), torch's fused kernel called
 per group of trials (the default).
 
-  PYTHONPATH=. .venv/bin/python bench/packing.py [--rounds 3] [--epochs 5] [--threads N] [--optimizer-variants]
+  PYTHONPATH=. .venv/bin/python bench/packing.py [--rounds 3] [--epochs N] [--threads N] [--ks 1,4,16]
+      [--models "digits MLP,digits CNN,sequence_memory LSTM"] [--optimizer-variants]
 
 The last line reads `speedup at K=16, digits MLP: <ratio>x`.
 """
