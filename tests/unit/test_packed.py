@@ -5,7 +5,8 @@ each final weight tensor within 1e-5 of the solo tensor's largest magnitude. Not
 pack runs the same arithmetic through other kernels (baddbmm over trials instead of addmm,
 a grouped convolution, a loss reduced per row, torch's fused optimizer kernels instead of
 the single-tensor path), whose summation orders and fused multiply-adds round differently
-in the last bit; training then carries those differences along. Measured here: about 3e-7.
+in the last bit; training then carries those differences along. Measured here: losses within
+4.2e-7, weights within 7.4e-7 (optimizer x schedule tests) and 9.8e-7 (recurrent).
 """
 
 from __future__ import annotations
