@@ -62,6 +62,9 @@ def unpackable_reason(spec: JobSpec) -> str | None:
         return f"{model.arch}: bidirectional recurrent layers are not stacked over trials yet"
     if getattr(model, "num_layers", 1) > 1 and getattr(model, "dropout", 0) > 0 and model.arch in ("rnn", "lstm", "gru"):
         return f"{model.arch}: dropout between recurrent layers draws inside torch's fused kernel; it runs alone"
+    # The speed settings of issue 12 (precision, compile) are the solo loop's; a pack trains fp32, eager.
+    if getattr(spec, "compile", False) or getattr(spec, "precision", None) not in (None, "fp32", "float32"):
+        return "reduced precision and torch.compile are the solo loop's settings; packs train fp32, eager"
     if isinstance(spec.dataset, ImageDataset):
         return "image sets are standardised and augmented per batch on the device; packs take in-memory sets"
     if spec.diagnostics.in_loop or spec.diagnostics.hessian or spec.diagnostics.landscape or spec.diagnostics.per_class:
