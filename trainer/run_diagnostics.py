@@ -133,7 +133,7 @@ class RunDiagnostics:
         """Every sample's own logit strictly above all others (a tie is no fit: scaling the
         logits keeps it a tie, and the loss then has a floor above 0)."""
         for start in range(0, len(x), EVAL_CHUNK):
-            logits = self.model(x[start : start + EVAL_CHUNK])
+            logits = self.model(self.data.inputs(x[start : start + EVAL_CHUNK]))
             labels = y[start : start + EVAL_CHUNK]
             own = logits.gather(1, labels.unsqueeze(1))
             others = logits.scatter(1, labels.unsqueeze(1), -math.inf)

@@ -74,3 +74,28 @@ SCHEDULE_BUILDERS: dict[str, Callable[[torch.optim.Optimizer, object, int], LRSc
 
 def build_schedule(optimizer: torch.optim.Optimizer, spec, total_steps: int) -> LRScheduler:  # noqa: ANN001
     return SCHEDULE_BUILDERS[spec.name](optimizer, spec, total_steps)
+
+
+def schedule_stepper(schedule: LRScheduler) -> Callable[[], None]:
+    """`schedule.step`, as the training step calls it.
+
+    LambdaLR.step costs ~10 us a step in bookkeeping (warnings, context managers,
+    re-reading every group): ~1.5% of a small model's CPU step. For LambdaLR (constant
+    and the warm-up schedules) this does what LambdaLR.step does -- the same counters,
+    the same lr = base_lr * lambda(last_epoch) -- so the state_dict, and resuming, are
+    unchanged; the others keep torch's own step (their recursive forms stay torch's).
+    """
+    if type(schedule) is not LambdaLR or any(isinstance(g["lr"], torch.Tensor) for g in schedule.optimizer.param_groups):
+        return schedule.step
+
+    def step() -> None:
+        # Looked up on every call: loading a state_dict replaces the optimizer's groups and the base lrs.
+        schedule._step_count += 1
+        schedule.last_epoch += 1
+        epoch = schedule.last_epoch
+        lrs = [base_lr * lmbda(epoch) for lmbda, base_lr in zip(schedule.lr_lambdas, schedule.base_lrs)]
+        for group, lr in zip(schedule.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        schedule._last_lr = lrs
+
+    return step
