@@ -56,8 +56,14 @@ def _base_lr(optimizer: torch.optim.Optimizer) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
+def constant_schedule(optimizer: torch.optim.Optimizer) -> LambdaLR:
+    schedule = LambdaLR(optimizer, lambda step: 1.0)
+    schedule.constant = True  # schedule_stepper: the lr never changes, only the counters move
+    return schedule
+
+
 SCHEDULE_BUILDERS: dict[str, Callable[[torch.optim.Optimizer, object, int], LRScheduler]] = {
-    "constant": lambda opt, s, total: LambdaLR(opt, lambda step: 1.0),
+    "constant": lambda opt, s, total: constant_schedule(opt),
     "step": lambda opt, s, total: StepLR(opt, step_size=s.step_size, gamma=s.gamma),
     "exponential": lambda opt, s, total: ExponentialLR(opt, gamma=s.gamma),
     "cosine": lambda opt, s, total: CosineAnnealingLR(opt, T_max=max(1, total - 1), eta_min=s.min_lr),
@@ -87,6 +93,14 @@ def schedule_stepper(schedule: LRScheduler) -> Callable[[], None]:
     """
     if type(schedule) is not LambdaLR or any(isinstance(g["lr"], torch.Tensor) for g in schedule.optimizer.param_groups):
         return schedule.step
+
+    if getattr(schedule, "constant", False):
+
+        def step_counters() -> None:  # base_lr * 1.0 is what every group holds already
+            schedule._step_count += 1
+            schedule.last_epoch += 1
+
+        return step_counters
 
     def step() -> None:
         # Looked up on every call: loading a state_dict replaces the optimizer's groups and the base lrs.

@@ -6,6 +6,7 @@ outage delays metrics instead of failing or slowing the job.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -27,11 +28,25 @@ MAX_METRICS_PER_BATCH = 1000
 RETRY_BACKOFF_MAX_S = 30.0
 
 
-def _json_number(value: float) -> float | str:
-    # The REST API's JSON (protobuf mapping) spells non-finite doubles as strings.
+def _json_number(value: float) -> str:
+    # repr() of a finite float is a JSON number ("0.1", "1e-05"); the REST API's JSON
+    # (protobuf mapping) spells non-finite doubles as strings.
     if math.isfinite(value):
-        return value
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return repr(value)
+    return '"NaN"' if math.isnan(value) else ('"Infinity"' if value > 0 else '"-Infinity"')
+
+
+def log_batch_body(run_id: str, batch: list[MetricPoint], key_json: dict[str, str]) -> str:
+    """The log-batch request's JSON, written directly: one format per point instead of a
+    dict per point walked by json.dumps (a third less CPU on the sink's thread, which
+    shares the training process)."""
+    for key, *_ in batch:
+        if key not in key_json:
+            key_json[key] = json.dumps(key)
+    points = ",".join(
+        f'{{"key":{key_json[k]},"value":{_json_number(v)},"timestamp":{ts},"step":{step}}}' for k, v, ts, step in batch
+    )
+    return f'{{"run_id":{json.dumps(run_id)},"metrics":[{points}]}}'
 
 
 def rest_batch_writer(tracking_uri: str) -> Callable[[str, list[MetricPoint]], None]:
@@ -43,15 +58,13 @@ def rest_batch_writer(tracking_uri: str) -> Callable[[str, list[MetricPoint]], N
     own credentials and http_request keep auth, TLS and retry settings as the client has them.
     """
     host_creds = get_default_host_creds(tracking_uri)
+    key_json: dict[str, str] = {}
 
     def write(run_id: str, batch: list[MetricPoint]) -> None:
-        payload = {
-            "run_id": run_id,
-            "metrics": [{"key": k, "value": _json_number(v), "timestamp": ts, "step": step} for k, v, ts, step in batch],
-        }
+        body = log_batch_body(run_id, batch, key_json).encode()
         response = http_request(
-            host_creds, "/api/2.0/mlflow/runs/log-batch", "POST", json=payload, max_retries=0, timeout=30,
-            raise_on_status=False,
+            host_creds, "/api/2.0/mlflow/runs/log-batch", "POST", data=body, max_retries=0, timeout=30,
+            raise_on_status=False, extra_headers={"Content-Type": "application/json"},
         )  # fmt: skip
         if response.status_code != 200:
             raise RuntimeError(f"MLflow answered {response.status_code}: {response.text[:300]}")
@@ -142,6 +155,10 @@ class MlflowMetricSink:
 
     def _take_batch(self) -> tuple[list[MetricPoint], int]:
         """Up to a request's worth of points to send, and how many were taken in all."""
+        if not self.skip_through:  # (the usual case: nothing to skip, no test per point)
+            pending = self._pending
+            batch = [pending.popleft() for _ in range(min(len(pending), MAX_METRICS_PER_BATCH))]
+            return batch, len(batch)
         batch, taken = [], 0
         while self._pending and len(batch) < MAX_METRICS_PER_BATCH:
             point = self._pending.popleft()
