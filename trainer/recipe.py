@@ -66,7 +66,17 @@ class Trainer:
         self.speed = SpeedSettings(spec.precision, spec.compile, spec.model.arch, self.device)
 
     def setup(self) -> None:
+        try:
+            self._setup()
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise self._out_of_memory(exc) from None
+            raise
+
+    def _setup(self) -> None:
         spec = self.spec
+        if self.device.type == "cuda":  # this job's peak, whatever ran in this process before
+            torch.cuda.reset_peak_memory_stats(self.device)
         random.seed(spec.seed)
         np.random.seed(spec.seed % 2**32)
         torch.manual_seed(spec.seed)  # initial weights and dropout masks
@@ -137,10 +147,15 @@ class Trainer:
         try:
             return self._train()
         except Exception as exc:
-            if self.device.type == "cuda" and is_out_of_memory(exc):
-                parameters = sum(p.numel() for p in self.model.parameters())
-                raise DeviceOutOfMemory(self.device, self.spec.batch_size, parameters, self.spec.precision) from None
+            if is_out_of_memory(exc):
+                raise self._out_of_memory(exc) from None
             raise
+
+    def _out_of_memory(self, exc: BaseException) -> DeviceOutOfMemory:
+        """The job's failure in words: the traceback of an allocation says nothing to the person who sent it."""
+        model = getattr(self, "model", None)
+        parameters = None if model is None else sum(p.numel() for p in model.parameters())
+        return DeviceOutOfMemory(self.device, self.spec.batch_size, parameters, self.spec.precision, str(exc))
 
     def _train(self) -> TrainingResult:
         spec, data, model, pos = self.spec, self.data, self.model, self.position
@@ -158,6 +173,8 @@ class Trainer:
         optimizer, params, step_schedule = self.optimizer, self.params, self.step_schedule
         autocast, scaler = self.speed.autocast, self.speed.scaler
         reporter, checkpoint_every = self.reporter, self.checkpoint_every
+        if self.speed.compile_seconds is not None:  # (spent in setup: no step's rate includes it)
+            reporter.log_metrics(pos.step, {"compile_seconds": self.speed.compile_seconds})
         stopped = False
         model.train()
         while not stopped and (pos.order is not None or pos.epoch < spec.epochs):
@@ -233,6 +250,9 @@ class Trainer:
         val_loss, val_acc, predicted = self.evaluate(data.x_val, data.y_val)
         train_loss, train_acc, _ = self.evaluate(data.x_train, data.y_train)
         confusion = confusion_matrix(data.y_val, predicted, data.n_classes)
+        if self.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.reporter.log_metrics(pos.step, {"gpu_peak_memory_mb": peak_mb})
         summary: dict[str, Any] = {}  # a cancelled job stops now: no end-of-run diagnostics
         if self.diagnostics.active and not stopped:
             summary = self.diagnostics.at_end(pos.step, confusion, data.class_names)
@@ -409,7 +429,7 @@ class StepWindow:
             parts = torch.stack(self.norm_parts).reshape(len(self.logged), -1)
             norms = torch.linalg.vector_norm(parts, dim=1).tolist()
         if self.scales:
-            scales = [self.scale_before, *torch.cat(self.scales).tolist()]
+            scales = [self.scale_before, *torch.cat([s.reshape(1) for s in self.scales]).tolist()]
             self.position.skipped_steps += sum(after < before for before, after in zip(scales, scales[1:]))
             self.scale_before, self.scales = scales[-1], []
         first_bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)

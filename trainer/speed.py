@@ -32,11 +32,17 @@ class DeviceOutOfMemory(RuntimeError):
 
     error_type = "out_of_memory"
 
-    def __init__(self, device: torch.device, batch_size: int, parameters: int, precision: str) -> None:
+    def __init__(
+        self, device: torch.device, batch_size: int, parameters: int | None, precision: str, detail: str = ""
+    ) -> None:
         self.batch_size, self.parameters = batch_size, parameters
+        model = "building the model" if parameters is None else f"training a model of {parameters:,} parameters"
+        # torch's own first line says how much was asked for and how much was free.
+        asked = detail.splitlines()[0].rstrip(".") if detail else ""
         super().__init__(
-            f"{device} ran out of memory training {parameters:,} parameters at batch_size {batch_size} "
-            f"(precision {precision}); a smaller batch_size, a smaller model or precision bf16 needs less memory"
+            f"{device} ran out of memory {model} at batch_size {batch_size} (precision {precision})"
+            + (f": {asked}" if asked else "")
+            + ". A smaller batch_size, a smaller model or precision bf16 needs less memory."
         )
 
 
@@ -100,3 +106,12 @@ class SpeedSettings:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "CUDA out of memory" in str(exc)
+
+
+def release_device_memory() -> None:
+    """Give the job's cached CUDA memory back (the next job in this process, or another process, gets it)."""
+    if torch.cuda.is_initialized():
+        import gc
+
+        gc.collect()  # tensors held only by reference cycles (a traceback's frames) go first
+        torch.cuda.empty_cache()
