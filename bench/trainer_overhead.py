@@ -28,11 +28,13 @@ same torch thread count for both loops. --no-isolate lets everything share.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -147,6 +149,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def mlflow_server(isolate: bool, port: int = 5077) -> Iterator[tuple[object, str]]:
+    """A real MLflow server (SQLite store, in a temporary home) and an experiment in it:
+    (client, experiment_id). Isolated: the server is pinned to the last core and this
+    process (and torch's threads) to the others, as when the server runs on its own host."""
+    from mlflow.tracking import MlflowClient
+
+    cores = sorted(os.sched_getaffinity(0))
+    server_prefix: list[str] = []
+    if isolate:
+        server_prefix = ["taskset", "-c", str(cores[-1])]
+        os.sched_setaffinity(0, cores[:-1])
+        torch.set_num_threads(len(cores) - 1)
+    with tempfile.TemporaryDirectory() as home:
+        s = Settings(descent_home=Path(home), mlflow_port=port)
+        group = ProcessGroup(log_dir=Path(home) / "logs", env={"PATH": "/usr/bin:/bin"})
+        server = group.start("mlflow", server_prefix + mlflow_command(s))
+        try:
+            wait_http(f"{s.mlflow_tracking_uri}/health", server, timeout_s=120)
+            client = MlflowClient(s.mlflow_tracking_uri)
+            yield client, client.create_experiment("bench")
+        finally:
+            group.stop_all()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # 100 epochs (2,300 steps, a few seconds): long enough for the sink to send batches while
@@ -158,12 +185,6 @@ def main() -> None:
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=os.cpu_count() >= 2)
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
-    server_prefix: list[str] = []
-    if args.isolate:
-        server_prefix = ["taskset", "-c", str(cores[-1])]
-        os.sched_setaffinity(0, cores[:-1])
-        torch.set_num_threads(len(cores) - 1)
-
     spec = JobSpec.model_validate(
         {"name": "bench", "dataset": {"name": "digits"}, "model": {"arch": "mlp", "hidden": [128, 64]},
          "optimizer": {"name": "adam", "lr": 0.001}, "epochs": args.epochs, "batch_size": 64,
@@ -171,37 +192,26 @@ def main() -> None:
     )  # fmt: skip
     device = resolve_device(spec.device)
 
-    from mlflow.tracking import MlflowClient
-
-    with tempfile.TemporaryDirectory() as home:
-        s = Settings(descent_home=Path(home), mlflow_port=5077)
-        group = ProcessGroup(log_dir=Path(home) / "logs", env={"PATH": "/usr/bin:/bin"})
-        server = group.start("mlflow", server_prefix + mlflow_command(s))
-        try:
-            wait_http(f"{s.mlflow_tracking_uri}/health", server, timeout_s=120)
-            client = MlflowClient(s.mlflow_tracking_uri)
-            experiment_id = client.create_experiment("bench")
-            bare_rates, same_rates, descent_rates, flushes = [], [], [], []
-            cpu_rates: dict[str, list[float]] = {"bare": [], "same": [], "descent": []}
-            bare_loop(spec, device)  # warm-up: first-call costs land in no measurement
-            same_metrics_loop(spec, device)
-            sides = ["bare", "same", "descent"]
-            for round_ in range(args.rounds):
-                # Which side runs first rotates, so that none gains from its place.
-                for side in sides[round_ % 3 :] + sides[: round_ % 3]:
-                    if side == "bare":
-                        steps, elapsed, cpu = bare_loop(spec, device)
-                        bare_rates.append(steps / elapsed)
-                    elif side == "same":
-                        steps, elapsed, cpu = same_metrics_loop(spec, device)
-                        same_rates.append(steps / elapsed)
-                    else:
-                        steps, elapsed, cpu, flush = descent_trainer(spec, client, experiment_id)
-                        descent_rates.append(steps / elapsed)
-                        flushes.append(flush)
-                    cpu_rates[side].append(steps / cpu)
-        finally:
-            group.stop_all()
+    with mlflow_server(args.isolate) as (client, experiment_id):
+        bare_rates, same_rates, descent_rates, flushes = [], [], [], []
+        cpu_rates: dict[str, list[float]] = {"bare": [], "same": [], "descent": []}
+        bare_loop(spec, device)  # warm-up: first-call costs land in no measurement
+        same_metrics_loop(spec, device)
+        sides = ["bare", "same", "descent"]
+        for round_ in range(args.rounds):
+            # Which side runs first rotates, so that none gains from its place.
+            for side in sides[round_ % 3 :] + sides[: round_ % 3]:
+                if side == "bare":
+                    steps, elapsed, cpu = bare_loop(spec, device)
+                    bare_rates.append(steps / elapsed)
+                elif side == "same":
+                    steps, elapsed, cpu = same_metrics_loop(spec, device)
+                    same_rates.append(steps / elapsed)
+                else:
+                    steps, elapsed, cpu, flush = descent_trainer(spec, client, experiment_id)
+                    descent_rates.append(steps / elapsed)
+                    flushes.append(flush)
+                cpu_rates[side].append(steps / cpu)
 
     bare, same, descent = (statistics.median(r) for r in (bare_rates, same_rates, descent_rates))
     ratios = [d / b for d, b in zip(descent_rates, bare_rates)]
