@@ -17,7 +17,6 @@ from tests.unit.test_resume import CheckpointingReporter
 from trainer.checkpoint import checkpoint_from_bytes
 from trainer.recipe import Trainer
 from trainer.speed import DeviceOutOfMemory, release_device_memory
-from worker.execute import describe_failure
 
 pytestmark = [
     pytest.mark.gpu,
@@ -99,7 +98,8 @@ def test_running_out_of_gpu_memory_is_a_failure_in_words() -> None:
         job = cnn_job(batch_size=898, model={"arch": "cnn", "channels": [256, 512], "hidden": [1024]})
         with pytest.raises(DeviceOutOfMemory) as info:
             run(job, every=None, reporter=CheckpointingReporter())
-        error_type, message = describe_failure(info.value)
+        # (worker/execute.py describe_failure takes the error_type; tests/unit/test_speed.py checks that)
+        error_type, message = info.value.error_type, str(info.value)
         assert error_type == "out_of_memory"
         assert "batch_size 898" in message and "parameters" in message and "smaller batch_size" in message
     finally:
