@@ -216,7 +216,7 @@ class Trainer:
                 step_schedule()
                 window.add(step, lr, loss.detach(), norm_parts if logged else None, scaler)
                 # The running train accuracy: the logits are kept (detached) and reduced to
-                # predictions once per epoch, not one argmax per step.
+                # predictions once per window, not one argmax per step.
                 logits_seen.append(logits.detach())
                 batch_start += batch_size
                 step += 1
