@@ -51,6 +51,8 @@ def check_runnable(precision: Precision, device: torch.device) -> None:
         raise UnsupportedSetting(
             f"precision {precision} runs on CUDA only and this job runs on {device}; use fp32 (exact) or bf16"
         )
+    if precision == Precision.bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UnsupportedSetting(f"precision bf16 needs a GPU with bfloat16 (Ampere or later); {device} has none: use fp16")
 
 
 class SpeedSettings:

@@ -30,7 +30,7 @@ def cnn_job(**overrides) -> JobSpec:  # noqa: ANN003
         "dataset": {"name": "digits", "val_fraction": 0.5},
         "model": {"arch": "cnn", "channels": [8, 16], "hidden": [32], "dropout": 0.1},
         "optimizer": {"name": "adam", "lr": 0.003},
-        "epochs": 4,
+        "epochs": 8,
         "batch_size": 128,  # 898 samples: 7 full batches and a last one of 2, two shapes to compile
         "seed": 5,
         "device": "cuda",
@@ -55,7 +55,7 @@ def test_each_precision_and_compile_setting_trains_and_resumes(precision: str, c
     straight_reporter = CheckpointingReporter()
     straight, result = run(job, every=5, reporter=straight_reporter)
     history = straight_reporter.history
-    assert result.final_metrics["val_accuracy"] > 0.8, result.final_metrics
+    assert result.final_metrics["val_accuracy"] > 0.85, result.final_metrics  # (0.90 on CPU in fp32 and bf16)
     assert all(math.isfinite(v) for _, v in history["train_loss"])
     first_conv = next(m for m in straight.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert first_conv.weight.is_contiguous(memory_format=torch.channels_last)  # NHWC on CUDA, automatically
@@ -65,7 +65,7 @@ def test_each_precision_and_compile_setting_trains_and_resumes(precision: str, c
     if precision == "fp16":
         assert history["fp16_skipped_steps"][-1][1] >= 0 and history["loss_scale"][-1][1] > 0
 
-    at = 5 + job.steps_per_epoch  # mid epoch 2
+    at = 10  # mid epoch 2 (8 steps an epoch)
     resumed_reporter = CheckpointingReporter()
     resumed, resumed_result = run(job, every=5, reporter=resumed_reporter, resume=straight_reporter.checkpoints[at])
     assert resumed_result.steps == result.steps
