@@ -8,6 +8,7 @@ optimizer), `train()` runs the loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -169,9 +170,17 @@ class Trainer:
         if self.speed.scaler is not None:
             window.count_skipped_steps(self.speed.scaler, pos)
         # The step's callables, looked up once: each attribute lookup is paid on every step.
-        step_model, loss_fn, inputs, augmentation = self.step_model, self.loss_fn, data.training_inputs, self.augmentation
+        step_model, loss_fn, augmentation = self.step_model, self.loss_fn, self.augmentation
+        inputs = None if data.images is None else data.training_inputs  # None: stored as the model reads them
         optimizer, params, step_schedule = self.optimizer, self.params, self.step_schedule
-        autocast, scaler = self.speed.autocast, self.speed.scaler
+        # The optimizer's own step, not the wrapper a torch scheduler puts around it (~3 us a
+        # step, only to notice a scheduler stepped before the optimizer; said once here).
+        optimizer_step = type(optimizer).step.__get__(optimizer)
+        optimizer._opt_called = True
+        scaler = self.speed.scaler
+        autocast = self.speed.autocast if self.speed.autocast_dtype is not None else None
+        no_autocast = contextlib.nullcontext()  # (reusable: one object for every step)
+        window_steps = window.steps
         reporter, checkpoint_every = self.reporter, self.checkpoint_every
         if self.speed.compile_seconds is not None:  # (spent in setup: no step's rate includes it)
             reporter.log_metrics(pos.step, {"compile_seconds": self.speed.compile_seconds})
@@ -186,8 +195,9 @@ class Trainer:
             order, batch_start, step, logits_seen = pos.order, pos.batch_start, pos.step, pos.logits
             while batch_start < n_train:
                 batch = order[batch_start : batch_start + batch_size]
-                with autocast():
-                    logits = step_model(inputs(x_train[batch], augmentation))
+                with no_autocast if autocast is None else autocast():
+                    x = x_train[batch] if inputs is None else inputs(x_train[batch], augmentation)
+                    logits = step_model(x)
                     loss = loss_fn(logits, y_train[batch])
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is None:
@@ -207,13 +217,14 @@ class Trainer:
                     norm_parts = torch._foreach_norm([p.grad for p in params if p.grad is not None])
                 lr = optimizer.param_groups[0]["lr"]
                 if scaler is None:
-                    optimizer.step()
+                    optimizer_step()
                 else:
                     scaler.step(optimizer)  # skips the step when the gradients overflowed
                     scaler.update()
                 if probing:
                     probes.after_step()  # the update just made, at the lr it was made with
-                step_schedule()
+                if step_schedule is not None:
+                    step_schedule()
                 window.add(step, lr, loss.detach(), norm_parts if logged else None, scaler)
                 # The running train accuracy: the logits are kept (detached) and reduced to
                 # predictions once per window, not one argmax per step.
@@ -221,7 +232,7 @@ class Trainer:
                 batch_start += batch_size
                 step += 1
                 pos.batch_start, pos.step = batch_start, step
-                if len(window) >= SYNC_WINDOW_STEPS:
+                if len(window_steps) >= SYNC_WINDOW_STEPS:
                     window.drain()
                     pos.fold_logits()  # memory stays bounded by one window's logits
                 if checkpoint_every and step % checkpoint_every == 0 and batch_start < n_train:
@@ -247,6 +258,7 @@ class Trainer:
                 if self.checkpoint_every:
                     self._checkpoint(window)
 
+        self._sync_schedule()
         val_loss, val_acc, predicted = self.evaluate(data.x_val, data.y_val)
         train_loss, train_acc, _ = self.evaluate(data.x_train, data.y_train)
         confusion = confusion_matrix(data.y_val, predicted, data.n_classes)
@@ -281,6 +293,12 @@ class Trainer:
         window.drain()  # every metric up to this step is reported before the state that follows it
         self.reporter.save_checkpoint(self.position.step, self.state_dict)
 
+    def _sync_schedule(self) -> None:
+        """A schedule that is not stepped per step (constant) gets the counters it would have."""
+        if self.step_schedule is None:
+            self.schedule.last_epoch = self.position.step
+            self.schedule._step_count = self.position.step + 1
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly from here (between two steps).
 
@@ -289,6 +307,7 @@ class Trainer:
         that code added later which draws from them resumes exactly too.
         """
         pos = self.position
+        self._sync_schedule()
         numpy_state = np.random.get_state()
         return {
             "format": CHECKPOINT_FORMAT,
@@ -380,6 +399,8 @@ class StepWindow:
         self, reporter: Reporter, probes: StepProbes | None = None, explosion: LossExplosionWatch | None = None
     ) -> None:
         self.reporter = reporter
+        # Optional on a reporter: log_metric_rows([(step, metrics), ...]) takes a window's rows at once.
+        self.log_rows = getattr(reporter, "log_metric_rows", None)
         self.probes = probes  # their values are read back with the window's
         self.explosion = explosion
         self.exploded_at: tuple[int, float] | None = None  # (step, lr) where the range test's loss blew up
@@ -435,10 +456,16 @@ class StepWindow:
         first_bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
         if self.explosion is not None:  # the range test: a loss that blows up is its end, not a failure
             first_bad = next((i for i, loss in enumerate(losses) if self.explosion.exploded(loss)), None)
-        for i, norm in zip(self.logged, norms):
-            if first_bad is not None and i >= first_bad:
-                break  # the steps up to the divergence are logged: the charts show it coming
-            self.reporter.log_metrics(self.steps[i], {"train_loss": losses[i], "lr": self.lrs[i], "grad_norm": norm})
+        rows = [
+            (self.steps[i], {"train_loss": losses[i], "lr": self.lrs[i], "grad_norm": norm})
+            for i, norm in zip(self.logged, norms)
+            if first_bad is None or i < first_bad  # the steps up to a divergence are logged: the charts show it coming
+        ]
+        if self.log_rows is not None:
+            self.log_rows(rows)  # the window's rows in one call (a reporter that offers it)
+        else:
+            for step, metrics in rows:
+                self.reporter.log_metrics(step, metrics)
         if first_bad is not None and self.explosion is not None:
             self.exploded_at = self.exploded_at or (self.steps[first_bad], self.lrs[first_bad])
         elif first_bad is not None:

@@ -58,7 +58,7 @@ def _base_lr(optimizer: torch.optim.Optimizer) -> float:
 
 def constant_schedule(optimizer: torch.optim.Optimizer) -> LambdaLR:
     schedule = LambdaLR(optimizer, lambda step: 1.0)
-    schedule.constant = True  # schedule_stepper: the lr never changes, only the counters move
+    schedule.constant = True  # schedule_stepper: the lr never changes, nothing to step
     return schedule
 
 
@@ -82,8 +82,9 @@ def build_schedule(optimizer: torch.optim.Optimizer, spec, total_steps: int) -> 
     return SCHEDULE_BUILDERS[spec.name](optimizer, spec, total_steps)
 
 
-def schedule_stepper(schedule: LRScheduler) -> Callable[[], None]:
-    """`schedule.step`, as the training step calls it.
+def schedule_stepper(schedule: LRScheduler) -> Callable[[], None] | None:
+    """`schedule.step`, as the training step calls it; None for a constant schedule, whose
+    lr never changes (the caller sets its counters from the step when its state is taken).
 
     LambdaLR.step costs ~10 us a step in bookkeeping (warnings, context managers,
     re-reading every group): ~1.5% of a small model's CPU step. For LambdaLR (constant
@@ -95,12 +96,7 @@ def schedule_stepper(schedule: LRScheduler) -> Callable[[], None]:
         return schedule.step
 
     if getattr(schedule, "constant", False):
-
-        def step_counters() -> None:  # base_lr * 1.0 is what every group holds already
-            schedule._step_count += 1
-            schedule.last_epoch += 1
-
-        return step_counters
+        return None  # base_lr * 1.0 is what every group holds already
 
     def step() -> None:
         # Looked up on every call: loading a state_dict replaces the optimizer's groups and the base lrs.

@@ -183,6 +183,18 @@ class MlflowMetricSink:
             self.dropped += 1
             overflow -= 1
 
+    def add_rows(self, rows: list[tuple[int, Mapping[str, float]]]) -> None:
+        """Many steps' metrics at once, stamped with one time (they were read back together)."""
+        timestamp = int(time.time() * 1000)
+        points = [(key, float(value), timestamp, step) for step, metrics in rows for key, value in metrics.items()]
+        self._pending.extend(points)
+        self.added += len(points)
+        overflow = len(self._pending) - self._buffer_limit
+        while overflow > 0:
+            self._pending.popleft()
+            self.dropped += 1
+            overflow -= 1
+
     def _take_batch(self) -> tuple[list[MetricPoint], int]:
         """Up to a request's worth of points to send, and how many were taken in all."""
         if not self.skip_through:  # (the usual case: nothing to skip, no test per point)
