@@ -86,7 +86,8 @@ def bare_loop(spec: JobSpec, device: torch.device) -> tuple[int, float, float]:
 def same_metrics_loop(spec: JobSpec, device: torch.device) -> tuple[int, float, float]:
     """The minimal loop plus what a Descent job reports, computed the cheapest way: the
     per-step values stay on the device (the loss, the per-parameter gradient norms, the
-    logits for the running train accuracy) and are reduced and read back once an epoch."""
+    logits for the running train accuracy) and are reduced and read back once an epoch.
+    The gradient norm on the job's logged steps (log_every_steps), as the trainer does."""
     data = load_split(spec, device)
     torch.manual_seed(spec.seed)
     model = nn.Sequential(
@@ -108,14 +109,15 @@ def same_metrics_loop(spec: JobSpec, device: torch.device) -> tuple[int, float, 
             loss = nn.functional.cross_entropy(logits, data.y_train[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            norm_parts.extend(torch._foreach_norm([p.grad for p in params]))
+            if steps % spec.log_every_steps == 0:  # the job's logged steps
+                norm_parts.extend(torch._foreach_norm([p.grad for p in params]))
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
             losses.append(loss.detach())
             logits_seen.append(logits.detach())
             steps += 1
         with torch.no_grad():
-            grad_norms = torch.linalg.vector_norm(torch.stack(norm_parts).reshape(len(losses), -1), dim=1)
+            grad_norms = torch.linalg.vector_norm(torch.stack(norm_parts).reshape(-1, len(params)), dim=1)
             train_acc = (torch.cat(logits_seen).argmax(dim=1) == data.y_train[order]).float().mean()
             model.eval()
             logits = model(data.x_val)
