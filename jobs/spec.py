@@ -900,6 +900,19 @@ ScheduleSpec = Annotated[
 # --------------------------------------------------------------------------- losses
 
 
+class Precision(StrEnum):
+    """The number format of the forward and backward passes (the weights and the optimizer stay fp32)."""
+
+    fp32 = "fp32"  # today's exact arithmetic: bit-identical runs on CPU
+    tf32 = "tf32"  # fp32 tensors, TF32 matrix multiplies and convolutions on CUDA (Ampere and later)
+    bf16 = "bf16"  # autocast to bfloat16 (CUDA; CPU where torch supports it)
+    fp16 = "fp16"  # autocast to float16 with a gradient scaler (CUDA only)
+
+
+# Precisions that run only on CUDA: on a CPU they would either fail or silently mean fp32.
+CUDA_ONLY_PRECISIONS = (Precision.tf32, Precision.fp16)
+
+
 class LossName(StrEnum):
     cross_entropy = "cross_entropy"
     mse = "mse"
@@ -1007,6 +1020,14 @@ class JobSpec(SpecModel):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto takes CUDA when present.")
     log_every_steps: int = Field(1, ge=1, le=1_000_000, description="Interval of the per-step metrics.")
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip the global gradient norm to this value.")
+    precision: Precision = Field(
+        Precision.fp32,
+        strict=False,  # the name as a string is the enum
+        description="fp32 (exact) | tf32 | bf16 | fp16 (CUDA; bf16 also on CPU): faster, not bit-exact.",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model: compile time is reported as compile_seconds, then faster steps."
+    )
     checkpoint_every_steps: int = Field(
         200, ge=1, le=10_000_000, description="Checkpoint interval (also at every epoch end), for crash recovery."
     )
@@ -1074,6 +1095,11 @@ class JobSpec(SpecModel):
                 "dataset.val_fraction",
                 f"val_fraction {self.dataset.val_fraction} leaves {n_train} training and {n_val} "
                 f"validation samples; each split needs at least one sample per class ({classes})",
+            )
+        if self.precision in CUDA_ONLY_PRECISIONS and self.device == "cpu":
+            raise spec_error(
+                "precision",
+                f"{self.precision} runs on CUDA only; on device cpu use fp32 (exact) or bf16 (autocast)",
             )
         warmup = getattr(self.schedule, "warmup_steps", None)
         if warmup is not None and warmup >= self.total_steps:

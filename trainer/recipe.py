@@ -8,6 +8,7 @@ optimizer), `train()` runs the loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from trainer.models import MODEL_BUILDERS
 from trainer.optim import build_optimizer
 from trainer.reporting import NullReporter, Reporter, TrainingDiverged, TrainingResult
 from trainer.run_diagnostics import RunDiagnostics
-from trainer.schedules import build_schedule
+from trainer.schedules import build_schedule, schedule_stepper
+from trainer.speed import DeviceOutOfMemory, SpeedSettings, is_out_of_memory
 
 # Per-step values stay on the device and are read back in windows of this many
 # steps: one host sync per window instead of one per step.
@@ -61,18 +63,33 @@ class Trainer:
         self.loss_fn = LOSS_FUNCTIONS[spec.loss]
         self.checkpoint_every = checkpoint_every_steps
         self.position = TrainingPosition()
+        # A precision this device cannot run is refused here, before any data is read.
+        self.speed = SpeedSettings(spec.precision, spec.compile, spec.model.arch, self.device)
 
     def setup(self) -> None:
+        try:
+            self._setup()
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise self._out_of_memory(exc) from None
+            raise
+
+    def _setup(self) -> None:
         spec = self.spec
+        if self.device.type == "cuda":  # this job's peak, whatever ran in this process before
+            torch.cuda.reset_peak_memory_stats(self.device)
         random.seed(spec.seed)
         np.random.seed(spec.seed % 2**32)
         torch.manual_seed(spec.seed)  # initial weights and dropout masks
         self.data: SplitData = load_split(spec, self.device, self.raw_data, self.datasets_dir)
         self.model = MODEL_BUILDERS[spec.model.arch](spec.model, self.data.shape, self.data.n_classes)
-        self.model.to(self.device)
+        self.model = self.speed.prepare(self.model.to(self.device))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, spec.optimizer)
         self.schedule = build_schedule(self.optimizer, spec.schedule, spec.total_steps)
+        self.step_schedule = schedule_stepper(self.schedule)
+        # The module the training step calls (compiled ahead of the first step when the spec asks).
+        self.step_model = self.speed.compiled(self.model, self._warm_up)
         # Draws from no global random stream: the same job trains the same with diagnostics on or off.
         self.diagnostics = RunDiagnostics(spec, self.model, self.optimizer, self.loss_fn, self.data, self.reporter)
         # Data order has its own generator: changing the model or optimizer never changes it.
@@ -83,29 +100,90 @@ class Trainer:
             BatchAugmentation(augment, self.device, spec.seed) if augment is not None and augment.active else None
         )
 
+    def _warm_up(self, compiled: torch.nn.Module) -> None:
+        """Compile for every batch shape of the run (the full batch and the epoch's last one)
+        with a forward and backward pass that leaves no trace: no optimizer step, the random
+        streams and the buffers (batch-norm statistics) restored, the gradients dropped."""
+        n_train, batch_size = len(self.data.x_train), self.spec.batch_size
+        sizes = sorted({min(batch_size, n_train), n_train % batch_size or batch_size}, reverse=True)
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        for size in sizes:
+            with self.speed.autocast():
+                loss = self.loss_fn(compiled(self.data.inputs(self.data.x_train[:size])), self.data.y_train[:size])
+            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, b in self.model.named_buffers():
+                b.copy_(buffers[name])
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.Tensor]:
-        """(mean loss, accuracy, predictions) over a whole split as stored, in eval mode, not augmented."""
+    def evaluate_on_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean loss, accuracy, predictions) over a whole split as stored, in eval mode, not
+        augmented, as tensors on the device: the caller reads them back in one sync."""
         self.model.eval()
         total_loss = torch.zeros((), device=self.device)
         predictions = []
-        for start in range(0, len(x), EVAL_CHUNK):
-            logits = self.model(self.data.inputs(x[start : start + EVAL_CHUNK]))
-            total_loss += self.loss_fn(logits, y[start : start + EVAL_CHUNK]) * len(logits)
-            predictions.append(logits.argmax(dim=1))
+        with self.speed.autocast():
+            for start in range(0, len(x), EVAL_CHUNK):
+                logits = self.model(self.data.inputs(x[start : start + EVAL_CHUNK]))
+                total_loss += self.loss_fn(logits, y[start : start + EVAL_CHUNK]).float() * len(logits)
+                predictions.append(logits.argmax(dim=1))
         self.model.train()
         predicted = torch.cat(predictions)
         accuracy = (predicted == y).float().mean()
-        return (total_loss / len(x)).item(), accuracy.item(), predicted
+        return total_loss / len(x), accuracy, predicted
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+        """(mean loss, accuracy, predictions) over a whole split as stored, in eval mode, not augmented."""
+        loss, accuracy, predicted = self.evaluate_on_device(x, y)
+        loss_value, accuracy_value = torch.stack([loss, accuracy]).tolist()
+        return loss_value, accuracy_value, predicted
 
     def train(self) -> TrainingResult:
+        try:
+            return self._train()
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                raise self._out_of_memory(exc) from None
+            raise
+
+    def _out_of_memory(self, exc: BaseException) -> DeviceOutOfMemory:
+        """The job's failure in words: the traceback of an allocation says nothing to the person who sent it."""
+        model = getattr(self, "model", None)
+        parameters = None if model is None else sum(p.numel() for p in model.parameters())
+        return DeviceOutOfMemory(self.device, self.spec.batch_size, parameters, self.spec.precision, str(exc))
+
+    def _train(self) -> TrainingResult:
         spec, data, model, pos = self.spec, self.data, self.model, self.position
-        n_train = len(data.x_train)
+        n_train, batch_size = len(data.x_train), spec.batch_size
+        x_train, y_train = data.x_train, data.y_train
         log_every = spec.log_every_steps
         clip = spec.clip_grad_norm
         probes = self.diagnostics.probes  # None unless the spec asks for in-loop probes
         stop_factor = getattr(spec.schedule, "stop_factor", None)  # the lr range test's ramp
         window = StepWindow(self.reporter, probes, LossExplosionWatch(stop_factor) if stop_factor else None)
+        if self.speed.scaler is not None:
+            window.count_skipped_steps(self.speed.scaler, pos)
+        # The step's callables, looked up once: each attribute lookup is paid on every step.
+        step_model, loss_fn, augmentation = self.step_model, self.loss_fn, self.augmentation
+        inputs = None if data.images is None else data.training_inputs  # None: stored as the model reads them
+        optimizer, params, step_schedule = self.optimizer, self.params, self.step_schedule
+        # The optimizer's own step, not the wrapper a torch scheduler puts around it (~3 us a
+        # step, only to notice a scheduler stepped before the optimizer; said once here).
+        optimizer_step = type(optimizer).step.__get__(optimizer)
+        optimizer._opt_called = True
+        scaler = self.speed.scaler
+        autocast = self.speed.autocast if self.speed.autocast_dtype is not None else None
+        no_autocast = contextlib.nullcontext()  # (reusable: one object for every step)
+        window_steps = window.steps
+        reporter, checkpoint_every = self.reporter, self.checkpoint_every
+        if self.speed.compile_seconds is not None:  # (spent in setup: no step's rate includes it)
+            reporter.log_metrics(pos.step, {"compile_seconds": self.speed.compile_seconds})
         stopped = False
         model.train()
         while not stopped and (pos.order is not None or pos.epoch < spec.epochs):
@@ -113,58 +191,80 @@ class Trainer:
                 pos.epoch += 1
                 pos.order = torch.randperm(n_train, generator=self.order_generator).to(self.device)
                 pos.batch_start = 0
-                pos.predictions = []  # for the epoch's running train accuracy
-            while pos.batch_start < n_train:
-                step = pos.step
-                batch = pos.order[pos.batch_start : pos.batch_start + spec.batch_size]
-                logits = model(data.training_inputs(data.x_train[batch], self.augmentation))
-                loss = self.loss_fn(logits, data.y_train[batch])
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                pos.predictions, pos.logits = [], []  # for the epoch's running train accuracy
+            order, batch_start, step, logits_seen = pos.order, pos.batch_start, pos.step, pos.logits
+            while batch_start < n_train:
+                batch = order[batch_start : batch_start + batch_size]
+                with no_autocast if autocast is None else autocast():
+                    x = x_train[batch] if inputs is None else inputs(x_train[batch], augmentation)
+                    logits = step_model(x)
+                    loss = loss_fn(logits, y_train[batch])
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is None:
+                    loss.backward()
+                else:
+                    scaler.scale(loss).backward()
                 probing = probes is not None and probes.due(step)
+                logged = step % log_every == 0
+                if scaler is not None and (probing or logged or clip is not None):
+                    scaler.unscale_(optimizer)  # the gradients' true values, for the norm, clipping and probes
                 if probing:
                     probes.before_step(step)  # gradients as backward left them, before any clipping
-                logged = step % log_every == 0
                 norm_parts = None
                 if clip is not None:  # clip_grad_norm_ returns the norm from before clipping
-                    norm_parts = [torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True)]
-                elif logged:
-                    norm_parts = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.step()
+                    norm_parts = [torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)]
+                elif logged:  # per-parameter norms; one global norm per step is made once per window
+                    norm_parts = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+                lr = optimizer.param_groups[0]["lr"]
+                if scaler is None:
+                    optimizer_step()
+                else:
+                    scaler.step(optimizer)  # skips the step when the gradients overflowed
+                    scaler.update()
                 if probing:
                     probes.after_step()  # the update just made, at the lr it was made with
-                self.schedule.step()
-                window.add(step, lr, loss.detach(), norm_parts if logged else None)
-                pos.predictions.append(logits.argmax(dim=1))  # argmax carries no autograd graph
-                pos.batch_start += spec.batch_size
-                pos.step = step + 1
-                if len(window) >= SYNC_WINDOW_STEPS:
+                if step_schedule is not None:
+                    step_schedule()
+                window.add(step, lr, loss.detach(), norm_parts if logged else None, scaler)
+                # The running train accuracy: the logits are kept (detached) and reduced to
+                # predictions once per window, not one argmax per step.
+                logits_seen.append(logits.detach())
+                batch_start += batch_size
+                step += 1
+                pos.batch_start, pos.step = batch_start, step
+                if len(window_steps) >= SYNC_WINDOW_STEPS:
                     window.drain()
-                if self.checkpoint_every and pos.step % self.checkpoint_every == 0 and pos.batch_start < n_train:
+                    pos.fold_logits()  # memory stays bounded by one window's logits
+                if checkpoint_every and step % checkpoint_every == 0 and batch_start < n_train:
                     self._checkpoint(window)  # (an epoch's last step is checkpointed at the epoch's end)
-                self.reporter.progress(pos.epoch, pos.step)
-                if (self.reporter.should_stop() or window.exploded_at) and pos.step < spec.total_steps:
+                reporter.progress(pos.epoch, step)
+                if (reporter.should_stop() or window.exploded_at) and step < spec.total_steps:
                     stopped = True  # (after the last step there is nothing left to stop)
                     break
             window.drain()
             stopped = stopped or window.exploded_at is not None
-            predicted = torch.cat(pos.predictions)
-            train_acc = (predicted == data.y_train[pos.order[: len(predicted)]]).float().mean().item()
-            val_loss, val_acc, _ = self.evaluate(data.x_val, data.y_val)
-            self.reporter.log_metrics(
-                pos.step,
-                {"epoch": pos.epoch, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc},
-            )
+            predicted = pos.epoch_predictions()
+            train_acc = (predicted == y_train[order[: len(predicted)]]).float().mean()
+            val_loss, val_acc, _ = self.evaluate_on_device(data.x_val, data.y_val)
+            # One read-back for the epoch's three values.
+            train_acc, val_loss, val_acc = torch.stack([train_acc, val_loss, val_acc]).tolist()
+            epoch_metrics = {"epoch": pos.epoch, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc}
+            if scaler is not None:
+                epoch_metrics |= {"fp16_skipped_steps": pos.skipped_steps, "loss_scale": scaler.get_scale()}
+            reporter.log_metrics(pos.step, epoch_metrics)
             if not stopped:
                 stopped = self.diagnostics.at_epoch_end(pos.epoch, pos.step)  # True: told to stop meanwhile
                 pos.order = None
                 if self.checkpoint_every:
                     self._checkpoint(window)
 
+        self._sync_schedule()
         val_loss, val_acc, predicted = self.evaluate(data.x_val, data.y_val)
         train_loss, train_acc, _ = self.evaluate(data.x_train, data.y_train)
         confusion = confusion_matrix(data.y_val, predicted, data.n_classes)
+        if self.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.reporter.log_metrics(pos.step, {"gpu_peak_memory_mb": peak_mb})
         summary: dict[str, Any] = {}  # a cancelled job stops now: no end-of-run diagnostics
         if self.diagnostics.active and not stopped:
             summary = self.diagnostics.at_end(pos.step, confusion, data.class_names)
@@ -193,6 +293,12 @@ class Trainer:
         window.drain()  # every metric up to this step is reported before the state that follows it
         self.reporter.save_checkpoint(self.position.step, self.state_dict)
 
+    def _sync_schedule(self) -> None:
+        """A schedule that is not stepped per step (constant) gets the counters it would have."""
+        if self.step_schedule is None:
+            self.schedule.last_epoch = self.position.step
+            self.schedule._step_count = self.position.step + 1
+
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly from here (between two steps).
 
@@ -201,6 +307,7 @@ class Trainer:
         that code added later which draws from them resumes exactly too.
         """
         pos = self.position
+        self._sync_schedule()
         numpy_state = np.random.get_state()
         return {
             "format": CHECKPOINT_FORMAT,
@@ -209,11 +316,13 @@ class Trainer:
                 "epoch": pos.epoch,
                 "batch_start": pos.batch_start,
                 "order": None if pos.order is None else pos.order.cpu(),
-                "predictions": torch.cat(pos.predictions).cpu() if pos.predictions else None,
+                "predictions": pos.epoch_predictions().cpu() if pos.predictions or pos.logits else None,
+                "skipped_steps": pos.skipped_steps,
             },
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
+            "scaler": None if self.speed.scaler is None else self.speed.scaler.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -231,6 +340,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        if self.speed.scaler is not None and state.get("scaler"):  # (checkpoints before fp16 lack it)
+            self.speed.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())  # (generator states are CPU tensors, wherever the checkpoint was mapped)
         if rng["cuda"] and torch.cuda.is_available():
@@ -248,6 +359,7 @@ class Trainer:
             batch_start=saved["batch_start"],
             order=None if saved["order"] is None else saved["order"].to(self.device),
             predictions=[] if saved["predictions"] is None else [saved["predictions"].to(self.device)],
+            skipped_steps=saved.get("skipped_steps", 0),
         )
 
 
@@ -259,7 +371,19 @@ class TrainingPosition:
     epoch: int = 0  # the current epoch (1-based) once started
     batch_start: int = 0  # first sample of the next batch in `order`
     order: torch.Tensor | None = None  # this epoch's data order; None between epochs
-    predictions: list[torch.Tensor] = field(default_factory=list)
+    predictions: list[torch.Tensor] = field(default_factory=list)  # this epoch's predicted labels so far
+    logits: list[torch.Tensor] = field(default_factory=list)  # the latest steps' logits, not yet reduced
+    skipped_steps: int = 0  # fp16 steps the gradient scaler skipped (overflowed gradients), in all
+
+    def fold_logits(self) -> None:
+        """The kept logits become predicted labels: one argmax for many steps."""
+        if self.logits:
+            self.predictions.append(torch.cat(self.logits).argmax(dim=1))
+            self.logits.clear()  # (the loop holds this list: cleared, never replaced)
+
+    def epoch_predictions(self) -> torch.Tensor:
+        self.fold_logits()
+        return torch.cat(self.predictions)
 
 
 class StepWindow:
@@ -275,6 +399,8 @@ class StepWindow:
         self, reporter: Reporter, probes: StepProbes | None = None, explosion: LossExplosionWatch | None = None
     ) -> None:
         self.reporter = reporter
+        # Optional on a reporter: log_metric_rows([(step, metrics), ...]) takes a window's rows at once.
+        self.log_rows = getattr(reporter, "log_metric_rows", None)
         self.probes = probes  # their values are read back with the window's
         self.explosion = explosion
         self.exploded_at: tuple[int, float] | None = None  # (step, lr) where the range test's loss blew up
@@ -283,11 +409,28 @@ class StepWindow:
         self.losses: list[torch.Tensor] = []
         self.logged: list[int] = []  # positions of the steps whose metrics are logged
         self.norm_parts: list[torch.Tensor] = []
+        # fp16: the loss scale after each step; a step that lowered it was skipped by the scaler.
+        self.scales: list[torch.Tensor] = []
+        self.scale_before = 0.0
+        self.position: TrainingPosition | None = None
+
+    def count_skipped_steps(self, scaler: torch.amp.GradScaler, position: TrainingPosition) -> None:
+        self.scale_before = scaler.get_scale()  # (one read-back, before the loop)
+        self.position = position
 
     def __len__(self) -> int:
         return len(self.steps)
 
-    def add(self, step: int, lr: float, loss: torch.Tensor, norm_parts: list[torch.Tensor] | None) -> None:
+    def add(
+        self,
+        step: int,
+        lr: float,
+        loss: torch.Tensor,
+        norm_parts: list[torch.Tensor] | None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        if scaler is not None:
+            self.scales.append(scaler._scale.clone())  # the live scale is updated in place
         if norm_parts is not None:
             self.logged.append(len(self.steps))
             self.norm_parts.extend(norm_parts)
@@ -306,13 +449,23 @@ class StepWindow:
         if self.logged:  # every logged step has the same number of parts
             parts = torch.stack(self.norm_parts).reshape(len(self.logged), -1)
             norms = torch.linalg.vector_norm(parts, dim=1).tolist()
+        if self.scales:
+            scales = [self.scale_before, *torch.cat([s.reshape(1) for s in self.scales]).tolist()]
+            self.position.skipped_steps += sum(after < before for before, after in zip(scales, scales[1:]))
+            self.scale_before, self.scales = scales[-1], []
         first_bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
         if self.explosion is not None:  # the range test: a loss that blows up is its end, not a failure
             first_bad = next((i for i, loss in enumerate(losses) if self.explosion.exploded(loss)), None)
-        for i, norm in zip(self.logged, norms):
-            if first_bad is not None and i >= first_bad:
-                break  # the steps up to the divergence are logged: the charts show it coming
-            self.reporter.log_metrics(self.steps[i], {"train_loss": losses[i], "lr": self.lrs[i], "grad_norm": norm})
+        rows = [
+            (self.steps[i], {"train_loss": losses[i], "lr": self.lrs[i], "grad_norm": norm})
+            for i, norm in zip(self.logged, norms)
+            if first_bad is None or i < first_bad  # the steps up to a divergence are logged: the charts show it coming
+        ]
+        if self.log_rows is not None:
+            self.log_rows(rows)  # the window's rows in one call (a reporter that offers it)
+        else:
+            for step, metrics in rows:
+                self.reporter.log_metrics(step, metrics)
         if first_bad is not None and self.explosion is not None:
             self.exploded_at = self.exploded_at or (self.steps[first_bad], self.lrs[first_bad])
         elif first_bad is not None:

@@ -56,8 +56,14 @@ def _base_lr(optimizer: torch.optim.Optimizer) -> float:
     return optimizer.param_groups[0]["lr"]
 
 
+def constant_schedule(optimizer: torch.optim.Optimizer) -> LambdaLR:
+    schedule = LambdaLR(optimizer, lambda step: 1.0)
+    schedule.constant = True  # schedule_stepper: the lr never changes, nothing to step
+    return schedule
+
+
 SCHEDULE_BUILDERS: dict[str, Callable[[torch.optim.Optimizer, object, int], LRScheduler]] = {
-    "constant": lambda opt, s, total: LambdaLR(opt, lambda step: 1.0),
+    "constant": lambda opt, s, total: constant_schedule(opt),
     "step": lambda opt, s, total: StepLR(opt, step_size=s.step_size, gamma=s.gamma),
     "exponential": lambda opt, s, total: ExponentialLR(opt, gamma=s.gamma),
     "cosine": lambda opt, s, total: CosineAnnealingLR(opt, T_max=max(1, total - 1), eta_min=s.min_lr),
@@ -74,3 +80,32 @@ SCHEDULE_BUILDERS: dict[str, Callable[[torch.optim.Optimizer, object, int], LRSc
 
 def build_schedule(optimizer: torch.optim.Optimizer, spec, total_steps: int) -> LRScheduler:  # noqa: ANN001
     return SCHEDULE_BUILDERS[spec.name](optimizer, spec, total_steps)
+
+
+def schedule_stepper(schedule: LRScheduler) -> Callable[[], None] | None:
+    """`schedule.step`, as the training step calls it; None for a constant schedule, whose
+    lr never changes (the caller sets its counters from the step when its state is taken).
+
+    LambdaLR.step costs ~10 us a step in bookkeeping (warnings, context managers,
+    re-reading every group): ~1.5% of a small model's CPU step. For LambdaLR (constant
+    and the warm-up schedules) this does what LambdaLR.step does -- the same counters,
+    the same lr = base_lr * lambda(last_epoch) -- so the state_dict, and resuming, are
+    unchanged; the others keep torch's own step (their recursive forms stay torch's).
+    """
+    if type(schedule) is not LambdaLR or any(isinstance(g["lr"], torch.Tensor) for g in schedule.optimizer.param_groups):
+        return schedule.step
+
+    if getattr(schedule, "constant", False):
+        return None  # base_lr * 1.0 is what every group holds already
+
+    def step() -> None:
+        # Looked up on every call: loading a state_dict replaces the optimizer's groups and the base lrs.
+        schedule._step_count += 1
+        schedule.last_epoch += 1
+        epoch = schedule.last_epoch
+        lrs = [base_lr * lmbda(epoch) for lmbda, base_lr in zip(schedule.lr_lambdas, schedule.base_lrs)]
+        for group, lr in zip(schedule.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        schedule._last_lr = lrs
+
+    return step

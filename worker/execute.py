@@ -34,6 +34,7 @@ from trainer.checkpoint import checkpoint_from_bytes
 from trainer.data import RawData
 from trainer.recipe import Trainer, resolve_device
 from trainer.reporting import TrainingResult
+from trainer.speed import check_runnable, release_device_memory
 from worker import study_runs
 from worker.dataset_cache import ensure_image_set
 from worker.metrics_sink import MlflowMetricSink
@@ -162,7 +163,10 @@ def execute_job(raw_job_id: str) -> Outcome:
         JobMonitor(job_id, reporter, settings.progress_interval_s, attempt, settings.lease_s) as monitor,
         RunningJobGauges(str(job_id), lambda: reporter.step),
     ):
-        outcome = _run_attempt(job, attempt, checkpoint, reporter, monitor)
+        try:
+            outcome = _run_attempt(job, attempt, checkpoint, reporter, monitor)
+        finally:
+            release_device_memory()  # all of the job's GPU memory, whatever way it ended
     record_outcome(outcome, time.monotonic() - started)
     if job.study_id is not None and outcome not in (Outcome.lost, Outcome.skipped):
         try:  # the next trials start now, not at the reaper's next pass
@@ -195,7 +199,8 @@ def _run_attempt(
     system_metrics: JobSystemMetrics | None = None
     try:
         spec = JobSpec.model_validate(job.spec)
-        resolve_device(spec.device)  # a job this worker cannot run fails before any run is opened
+        # A job this worker cannot run (no CUDA; fp16 on a CPU) fails before any run is opened.
+        check_runnable(spec.precision, resolve_device(spec.device))
         # So does a standard image set this worker lacks and cannot fetch (dataset_unavailable, in
         # seconds); a download happens here, under the job's lease, never in the trainer.
         datasets_dir = ensure_image_set(spec.dataset.name) if isinstance(spec.dataset, ImageDataset) else None

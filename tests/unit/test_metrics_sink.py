@@ -43,3 +43,32 @@ def test_the_monitor_says_a_lease_is_fresh_only_within_half_of_it() -> None:
     monitor.last_renewed = time.monotonic() - 2.5  # the process slept through 2.5 s of a 4 s lease
     assert not monitor.lease_is_fresh()
     assert JobMonitor(uuid.uuid4(), JobReporter(None), interval_s=0.5).lease_is_fresh()  # no lease: in-process runs
+
+
+def test_a_window_of_rows_reaches_the_sink_as_the_same_points_row_by_row(store: MlflowClient) -> None:
+    # The trainer hands the worker's reporter each window's per-step rows at once
+    # (log_metric_rows); what the sink buffers is what log_metrics row by row gives.
+    from jobs.spec import JobSpec
+    from trainer.recipe import Trainer
+    from trainer.reporting import RecordingReporter
+
+    spec = JobSpec.model_validate({"dataset": {"name": "iris"}, "model": {"arch": "mlp", "hidden": [8]}, "epochs": 3,
+                                   "batch_size": 16, "device": "cpu"})  # fmt: skip
+    sink = MlflowMetricSink(store, lambda: ("no-run", {}), flush_interval_s=3600, buffer_limit=10_000,
+                            may_send=lambda: False)  # fmt: skip
+    try:
+        reporter = JobReporter(sink)
+        trainer = Trainer(spec, reporter)
+        trainer.setup()
+        trainer.train()
+        recorded = RecordingReporter()
+        trainer = Trainer(spec, recorded)
+        trainer.setup()
+        trainer.train()
+        buffered = [(key, value, step) for key, value, _, step in sink._pending]
+        expected = [(key, value, step) for key, points in recorded.history.items() for step, value in points]
+        assert sorted(buffered) == sorted(expected)
+        assert sink.added == len(expected)
+        assert reporter.latest["train_loss"] == recorded.history["train_loss"][-1][1]
+    finally:
+        sink.discard()
