@@ -112,7 +112,7 @@ def _with_choices(part: BaseModel, kind_field: str, every: bool = False) -> str:
     `every`: every field, defaults too -- a model's few fields are its shape)."""
     values = part.model_dump(mode="json", exclude_defaults=not every, exclude={kind_field})
     if "lr" in type(part).model_fields:
-        values = {"lr": getattr(part, "lr")} | values
+        values = {"lr": part.lr} | values  # type: ignore[attr-defined]
     choices = ", ".join(f"{key} {_plain(value)}" for key, value in values.items())
     return f"{getattr(part, kind_field)} ({choices})" if choices else str(getattr(part, kind_field))
 

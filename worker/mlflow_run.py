@@ -41,7 +41,6 @@ from jobs.db import session_scope  # noqa: E402
 from jobs.mlflow_tenancy import project_experiment_id  # noqa: E402
 from jobs.models import DEFAULT_PROJECT  # noqa: E402
 from jobs.settings import settings  # noqa: E402
-from jobs.tracking import standard_run_tags  # noqa: E402
 from jobs.spec import (  # noqa: E402
     ImageDataset,
     JobSpec,
@@ -49,6 +48,7 @@ from jobs.spec import (  # noqa: E402
     TokenSequenceDataset,
     UploadedDataset,
 )
+from jobs.tracking import standard_run_tags  # noqa: E402
 from trainer.reporting import TrainingResult  # noqa: E402
 from worker.confusion_plot import confusion_png  # noqa: E402
 from worker.dataset_cache import image_set_digest  # noqa: E402
@@ -89,7 +89,7 @@ def open_run(
     metrics) would cost one more request at every job's end, and the UI shows both anyway."""
     with session_scope() as session:  # `<project>/<experiment>`, made by Descent for this project only
         experiment_id = project_experiment_id(client, session, project, spec.experiment or settings.default_experiment)
-    tags = {
+    tags = {  # a study's trial adds its parent run, study, configuration and seed (extra_tags)
         "descent.job_id": str(job_id),
         "descent.project": project,
         "descent.attempt": str(attempt),
@@ -98,7 +98,8 @@ def open_run(
         "dataset": spec.dataset.name,
         "model": spec.model.arch,
         "loss": str(spec.loss),
-    } | standard_run_tags(spec, project) | (extra_tags or {})  # a study's trial: its parent run, study, configuration and seed
+    }
+    tags |= standard_run_tags(spec, project) | (extra_tags or {})
     run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
     params = [Param(key, value[:6000]) for key, value in spec.flat_params().items()]
     for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
