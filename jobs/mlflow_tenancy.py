@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from jobs.models import MlflowName, Project, utcnow
 from jobs.settings import settings
+from jobs.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
 if TYPE_CHECKING:
     from mlflow.server.auth.client import AuthServiceClient
@@ -148,7 +149,8 @@ def _own_name(session: Session, kind: str, name: str, project: str, make: Callab
 
 
 def _make_experiment(client: MlflowClient, name: str, project: str) -> str:
-    tags = {"descent.project": project}
+    # The kind: MLflow's UI opens the experiment's model-training view, not its GenAI one.
+    tags = {"descent.project": project, EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
     try:
         return client.create_experiment(name, tags=tags)
     except MlflowException as exc:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from mlflow.entities import RunStatus
+from mlflow.entities import RunStatus, SourceType
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+from pydantic import BaseModel
 
 from jobs.settings import settings
+from jobs.spec import ImageDataset, JobSpec
 from jobs.states import JobStatus
 
 # MLflow's client retries a failed request 7 times with exponential backoff (minutes).
@@ -61,3 +64,62 @@ RUN_STATUS_OF_JOB = {
 def end_run(client: MlflowClient, run_id: str, job_status: JobStatus) -> None:
     """FINISHED, FAILED or KILLED with the job; never left RUNNING."""
     client.set_terminated(run_id, status=RunStatus.to_string(RUN_STATUS_OF_JOB[job_status]))
+
+
+# -- what MLflow's UI shows of a run and an experiment (its standard tags)
+
+# MLflow 3's UI opens an experiment in its GenAI view (traces, evaluation runs) unless the
+# experiment says it holds model training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+SOURCE_NAME = "descent"  # the job's own name is the run's name; the source is what made the run
+MAX_NOTE_CHARS = 5000  # MLflow keeps tag values up to 8000 characters
+
+
+def standard_run_tags(spec: JobSpec, project: str) -> dict[str, str]:
+    """MLflow's own run tags, for its UI's "Created by", "Source" and "Description". The job row
+    does not say which API key submitted it, so the user is the project."""
+    return {
+        MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB),
+        MLFLOW_SOURCE_NAME: SOURCE_NAME,
+        MLFLOW_USER: project,
+        MLFLOW_RUN_NOTE: run_note(spec, project),
+    }
+
+
+def run_note(spec: JobSpec, project: str) -> str:
+    """One paragraph (markdown) saying what the job trains: its spec's main choices."""
+    dataset = spec.dataset
+    n_train, n_val = spec.split_sizes
+    dataset_name = getattr(dataset, "name", "") or getattr(dataset, "id", "")
+    if isinstance(dataset, ImageDataset) and dataset.val_fraction is None:
+        validation = "validated on the official test split"
+    else:
+        validation = f"{dataset.val_fraction:.0%} held out of it for validation"
+    if getattr(dataset, "subset", None) is not None:
+        validation += f", a subset of {dataset.subset} training samples"
+    note = (
+        f"Descent job `{spec.name}` of project `{project}`: model {_with_choices(spec.model, 'arch', every=True)} "
+        f"trained on {dataset_name} ({n_train} training / {n_val} validation samples, {validation}) "
+        f"with {_with_choices(spec.optimizer, 'name')}, schedule {_with_choices(spec.schedule, 'name')}, "
+        f"for {spec.epochs} epochs of batch size {spec.batch_size} ({spec.total_steps} steps), seed {spec.seed}."
+    )
+    return note[:MAX_NOTE_CHARS]
+
+
+def _with_choices(part: BaseModel, kind_field: str, every: bool = False) -> str:
+    """`adam (lr 0.001)`: the kind, then what the spec sets it to (the learning rate always;
+    `every`: every field, defaults too -- a model's few fields are its shape)."""
+    values = part.model_dump(mode="json", exclude_defaults=not every, exclude={kind_field})
+    if "lr" in type(part).model_fields:
+        values = {"lr": part.lr} | values  # type: ignore[attr-defined]
+    choices = ", ".join(f"{key} {_plain(value)}" for key, value in values.items())
+    return f"{getattr(part, kind_field)} ({choices})" if choices else str(getattr(part, kind_field))
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {_plain(v)}" for k, v in value.items()) + "}"
+    return str(value)

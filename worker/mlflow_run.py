@@ -48,6 +48,7 @@ from jobs.spec import (  # noqa: E402
     TokenSequenceDataset,
     UploadedDataset,
 )
+from jobs.tracking import standard_run_tags  # noqa: E402
 from trainer.reporting import TrainingResult  # noqa: E402
 from worker.confusion_plot import confusion_png  # noqa: E402
 from worker.dataset_cache import image_set_digest  # noqa: E402
@@ -81,10 +82,14 @@ def open_run(
     project: str = DEFAULT_PROJECT,
     extra_tags: dict[str, str] | None = None,
 ) -> RunFacts:
-    """Create the job's run with the spec as dotted params and searchable tags."""
+    """Create the job's run with the spec as dotted params and searchable tags, and MLflow's own
+    tags (source, user, the description its UI shows) in the same request.
+
+    The description stays what the job was asked to do: its outcome (the run's status, its
+    metrics) would cost one more request at every job's end, and the UI shows both anyway."""
     with session_scope() as session:  # `<project>/<experiment>`, made by Descent for this project only
         experiment_id = project_experiment_id(client, session, project, spec.experiment or settings.default_experiment)
-    tags = {
+    tags = {  # a study's trial adds its parent run, study, configuration and seed (extra_tags)
         "descent.job_id": str(job_id),
         "descent.project": project,
         "descent.attempt": str(attempt),
@@ -93,7 +98,8 @@ def open_run(
         "dataset": spec.dataset.name,
         "model": spec.model.arch,
         "loss": str(spec.loss),
-    } | (extra_tags or {})  # a study's trial: its parent run, study, configuration and seed
+    }
+    tags |= standard_run_tags(spec, project) | (extra_tags or {})
     run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
     params = [Param(key, value[:6000]) for key, value in spec.flat_params().items()]
     for start in range(0, len(params), MAX_PARAMS_PER_BATCH):

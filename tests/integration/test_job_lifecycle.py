@@ -71,6 +71,16 @@ def test_job_trains_to_success_and_metrics_reach_mlflow(stack: Stack) -> None:
     assert run.data.tags["optimizer"] == "adam" and run.data.tags["dataset"] == "digits"
     assert run.data.tags["descent.job_id"] == job["id"]
     assert run.data.tags["descent.project"] == job["project"] == "default"
+    # MLflow's own tags: its UI's "Source", "Created by" and description, and the experiment's model-training view.
+    assert run.data.tags["mlflow.source.type"] == "JOB" and run.data.tags["mlflow.source.name"] == "descent"
+    assert run.data.tags["mlflow.user"] == "default"
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("Descent job `it-adam-digits` of project `default`: model mlp (hidden [128, 64], ")
+    assert "digits (1437 training / 360 validation samples, 20% held out" in note
+    assert "with adam (lr 0.001), schedule warmup_cosine (warmup_steps 50), for 15 epochs of batch size 64" in note
+    assert note.endswith("seed 0.")
+    experiment = stack.mlflow.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {a.path for a in stack.mlflow.list_artifacts(run.info.run_id)}
     assert {"spec.yaml", "confusion_matrix.json", "confusion_matrix.png"} <= artifacts
     assert job["mlflow"]["run_url"].endswith(f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
