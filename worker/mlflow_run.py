@@ -9,6 +9,7 @@ import json
 import logging
 import posixpath
 import tempfile
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +35,8 @@ from mlflow.models import Model  # noqa: E402
 from mlflow.models.model import MLMODEL_FILE_NAME  # noqa: E402
 from mlflow.store.artifact.artifact_repo import ArtifactRepository  # noqa: E402
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, ErrorCode  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 
@@ -57,6 +60,7 @@ from worker.diagnostic_figures import line_figure, plane_figure  # noqa: E402
 log = logging.getLogger(__name__)
 
 MAX_PARAMS_PER_BATCH = 100
+DATASET_INPUT_TRIES = 3
 MLFLOW_DIGEST_CHARS = 36  # the longest dataset digest MLflow stores
 
 
@@ -104,8 +108,28 @@ def open_run(
     params = [Param(key, value[:6000]) for key, value in spec.flat_params().items()]
     for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
         client.log_batch(run.info.run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
-    client.log_inputs(run.info.run_id, datasets=[dataset_input(spec, project)])
+    _log_dataset_input(client, run.info.run_id, dataset_input(spec, project))
     return RunFacts(experiment_id, run.info.run_id, run.info.artifact_uri, {p.key: p.value for p in params})
+
+
+def _log_dataset_input(client: MlflowClient, run_id: str, dataset: DatasetInput) -> None:
+    """The run's dataset as its input. The first run of an experiment to log a dataset makes
+    its row; two runs that start together race for that insert and MLflow answers the loser
+    BAD_REQUEST (a unique violation). The row exists by then, so the next try only links it.
+    Refused again, the run goes on without its input record: it is a description of the run,
+    not a reason to open a second one (an exception here would leave this run open and the
+    metric sink would open another). MLflow unreachable is raised as before."""
+    for attempt in range(DATASET_INPUT_TRIES):
+        try:
+            client.log_inputs(run_id, datasets=[dataset])
+            return
+        except MlflowException as exc:
+            if exc.error_code != ErrorCode.Name(BAD_REQUEST):
+                raise
+            if attempt + 1 == DATASET_INPUT_TRIES:
+                log.warning("run %s: MLflow refused its dataset input %s: %s", run_id, dataset.dataset.name, exc)
+                return
+            time.sleep(0.05 * (attempt + 1))
 
 
 def dataset_input(spec: JobSpec, project: str) -> DatasetInput:
