@@ -38,7 +38,7 @@ from trainer.speed import check_runnable, release_device_memory
 from worker import study_runs
 from worker.dataset_cache import ensure_image_set
 from worker.metrics_sink import MlflowMetricSink
-from worker.mlflow_run import RunFacts, latest_steps, log_results, open_run, reopen_run
+from worker.mlflow_run import RunFacts, describe_run, latest_steps, log_results, open_run, reopen_run
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
 from worker.system_metrics import JobSystemMetrics, job_system_metrics
@@ -211,18 +211,25 @@ def _run_attempt(
         earlier_run = job.mlflow_run_id
         opened: list[RunFacts] = []  # the run, when this attempt opens it: its end need not read it back
 
+        created: list[RunFacts] = []  # the run this attempt made, once it is on the job
+
         def connect() -> tuple[str, dict[str, int]]:
             """Open the job's MLflow run, or continue an earlier attempt's without repeating its steps."""
             if earlier_run is not None:
                 reopen_run(client, earlier_run, attempt)
+                describe_run(client, earlier_run, spec, job.project)  # the attempt before may have died describing it
                 return earlier_run, latest_steps(client, earlier_run)
-            tags = study_runs.trial_tags(job, study_runs.ensure_parent_run(client, job.study_id)) if job.study_id else {}
-            run = open_run(client, spec, job_id, attempt, job.project, tags)
-            opened.append(run)
-            experiment_id, new_run = run.experiment_id, run.run_id
-            with session_scope() as session:
-                set_mlflow_run(session=session, job_id=job_id, experiment_id=experiment_id, run_id=new_run)
-            return new_run, {}
+            if not created:
+                tags = study_runs.trial_tags(job, study_runs.ensure_parent_run(client, job.study_id)) if job.study_id else {}
+                run = open_run(client, spec, job_id, attempt, job.project, tags)
+                # On the job before anything else: killed from here on, the next attempt reopens
+                # this run; failing from here on, this attempt's next try describes it again.
+                with session_scope() as session:
+                    set_mlflow_run(session=session, job_id=job_id, experiment_id=run.experiment_id, run_id=run.run_id)
+                created.append(run)
+            describe_run(client, created[0].run_id, spec, job.project)
+            opened.append(created[0])
+            return created[0].run_id, {}
 
         # MLflow down now: the job trains anyway; the sink opens the run when MLflow is back.
         sink = reporter.sink = MlflowMetricSink(

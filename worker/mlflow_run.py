@@ -86,8 +86,10 @@ def open_run(
     project: str = DEFAULT_PROJECT,
     extra_tags: dict[str, str] | None = None,
 ) -> RunFacts:
-    """Create the job's run with the spec as dotted params and searchable tags, and MLflow's own
-    tags (source, user, the description its UI shows) in the same request.
+    """Create the job's run with searchable tags, and MLflow's own tags (source, user, the
+    description its UI shows) in the same request; `describe_run` adds the params and the
+    dataset. The caller records the run on the job in between, so that an attempt killed
+    while describing it leaves a run the next attempt reopens, not an orphan.
 
     The description stays what the job was asked to do: its outcome (the run's status, its
     metrics) would cost one more request at every job's end, and the UI shows both anyway."""
@@ -105,11 +107,21 @@ def open_run(
     }
     tags |= standard_run_tags(spec, project) | (extra_tags or {})
     run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
-    params = [Param(key, value[:6000]) for key, value in spec.flat_params().items()]
+    return RunFacts(experiment_id, run.info.run_id, run.info.artifact_uri, run_params(spec))
+
+
+def run_params(spec: JobSpec) -> dict[str, str]:
+    return {key: value[:6000] for key, value in spec.flat_params().items()}
+
+
+def describe_run(client: MlflowClient, run_id: str, spec: JobSpec, project: str = DEFAULT_PROJECT) -> None:
+    """The spec as dotted params and the dataset as the run's input. Safe to repeat (same
+    params, same input): an attempt that stopped half-way through is followed by one that
+    sends them again."""
+    params = [Param(key, value) for key, value in run_params(spec).items()]
     for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run.info.run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
-    _log_dataset_input(client, run.info.run_id, dataset_input(spec, project))
-    return RunFacts(experiment_id, run.info.run_id, run.info.artifact_uri, {p.key: p.value for p in params})
+        client.log_batch(run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
+    _log_dataset_input(client, run_id, dataset_input(spec, project))
 
 
 def _log_dataset_input(client: MlflowClient, run_id: str, dataset: DatasetInput) -> None:
