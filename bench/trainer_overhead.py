@@ -51,13 +51,18 @@ from worker.metrics_sink import MlflowMetricSink  # noqa: E402
 from worker.monitor import JobReporter  # noqa: E402
 
 
+def bench_mlp(n_features: int, n_classes: int, device: torch.device) -> nn.Module:
+    """The job's MLP [128, 64], as a skilled person would write it, for both bare loops."""
+    return nn.Sequential(
+        nn.Linear(n_features, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, n_classes)
+    ).to(device)
+
+
 def bare_loop(spec: JobSpec, device: torch.device) -> tuple[int, float, float]:
     """The minimal loop."""
     data = load_split(spec, device)
     torch.manual_seed(spec.seed)
-    model = nn.Sequential(
-        nn.Linear(data.n_features, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, data.n_classes)
-    ).to(device)
+    model = bench_mlp(data.n_features, data.n_classes, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.optimizer.lr)
     generator = torch.Generator().manual_seed(spec.seed)
     n = len(data.x_train)
@@ -90,9 +95,7 @@ def same_metrics_loop(spec: JobSpec, device: torch.device) -> tuple[int, float, 
     The gradient norm on the job's logged steps (log_every_steps), as the trainer does."""
     data = load_split(spec, device)
     torch.manual_seed(spec.seed)
-    model = nn.Sequential(
-        nn.Linear(data.n_features, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, data.n_classes)
-    ).to(device)
+    model = bench_mlp(data.n_features, data.n_classes, device)
     params = list(model.parameters())
     optimizer = torch.optim.Adam(params, lr=spec.optimizer.lr)
     generator = torch.Generator().manual_seed(spec.seed)

@@ -37,6 +37,7 @@ ADMIN_HEADERS = {"Authorization": "Bearer unit-admin-4f1c9e7a2b6d8053e1a7c4f92d6
 os.environ.update(UNIT_ENV)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def _migrate() -> None:
@@ -116,3 +117,12 @@ def image_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
         assert issubclass(cls, ImageDataset)
         monkeypatch.setattr(cls, "TRAIN", n_train)
         monkeypatch.setattr(cls, "TEST", n_test)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Small models on a CPU shared with other test runs: a second thread mostly waits on the first."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

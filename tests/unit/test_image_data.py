@@ -19,18 +19,14 @@ from trainer.data import IMAGE_LOADERS, channel_statistics, load_split, stratifi
 from trainer.recipe import Trainer, run_training
 from trainer.reporting import RecordingReporter
 
+from tests.unit.test_resume import CheckpointingReporter
+
 CPU = torch.device("cpu")
 MNIST_FAMILY = ("mnist", "fashion_mnist", "kmnist")
 ALL_AUGMENTATIONS = {"random_crop": {"padding": 4}, "horizontal_flip": True, "cutout": {"size": 8}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small models on a CPU shared with other test runs: a second thread mostly waits on the first.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def job(dataset: dict, **overrides) -> JobSpec:  # noqa: ANN003
@@ -281,15 +277,6 @@ def test_evaluation_is_never_augmented(image_cache: Path) -> None:
 
 
 # --------------------------------------------------------------------------- exact resume
-
-
-class CheckpointingReporter(RecordingReporter):
-    def __init__(self) -> None:
-        super().__init__()
-        self.checkpoints: dict[int, bytes] = {}
-
-    def save_checkpoint(self, step: int, make_state) -> None:  # noqa: ANN001
-        self.checkpoints[step] = checkpoint_to_bytes(make_state())
 
 
 def resume_spec() -> JobSpec:

@@ -29,13 +29,7 @@ from trainer.reporting import RecordingReporter
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models on a CPU shared with other test runs: a second thread mostly waits on the first.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def job(**overrides) -> JobSpec:  # noqa: ANN003

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from jobs.spec import JobSpec
-from trainer.checkpoint import checkpoint_from_bytes, checkpoint_to_bytes
+from trainer.checkpoint import checkpoint_from_bytes
 from trainer.packed import PackedTrainer, packable
 from trainer.recipe import Trainer
 from trainer.reporting import RecordingReporter, TrainingDiverged
+
+from tests.unit.test_resume import CheckpointingReporter
 
 CPU = torch.device("cpu")
 RTOL = 1e-5
@@ -81,22 +83,18 @@ def family_specs(family: str) -> list[JobSpec]:
     ]
 
 
-class StoppingReporter(RecordingReporter):
+class StoppingReporter(CheckpointingReporter):
     """Records, checkpoints, and says stop once `stop_at` steps are done."""
 
     def __init__(self, stop_at: int | None = None) -> None:
         super().__init__()
         self.stop_at, self.step = stop_at, 0
-        self.checkpoints: dict[int, bytes] = {}
 
     def progress(self, epoch: int, step: int) -> None:
         self.step = step
 
     def should_stop(self) -> bool:
         return self.stop_at is not None and self.step >= self.stop_at
-
-    def save_checkpoint(self, step: int, make_state) -> None:  # noqa: ANN001
-        self.checkpoints[step] = checkpoint_to_bytes(make_state())
 
 
 def solo(job: JobSpec, reporter: RecordingReporter | None = None, resume: bytes | None = None):  # noqa: ANN201
