@@ -286,7 +286,7 @@ class StudyPublic(BaseModel):
             invalid_configurations=result.get("invalid_configurations", []),
             registered_model=result.get("registered_model"),
             mlflow=JobMlflow(experiment_id=study.mlflow_experiment_id, run_id=study.mlflow_run_id,
-                             run_url=run_url(study.mlflow_experiment_id, study.mlflow_run_id)),
+                             run_url=run_url(study.mlflow_experiment_id, study.mlflow_run_id, tab="")),
         )  # fmt: skip
 
 

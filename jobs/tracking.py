@@ -33,10 +33,19 @@ def tracking_client() -> MlflowClient:
     return MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
 
 
-def run_url(experiment_id: str | None, run_id: str | None) -> str | None:
+# MLflow 3's UI opens in its GenAI view (traces, evaluations) unless told otherwise: the
+# experiment's `mlflow.experimentKind` tag does not choose it (checked in headless Chromium,
+# MLflow 3.17), the link's `workflowType` does. A Descent run is model training.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def run_url(experiment_id: str | None, run_id: str | None, tab: str = "model-metrics") -> str | None:
+    """The run's page in the MLflow UI in the model-training view, opened on `tab` (a job's
+    metric charts; "" for the overview, where a study's report is)."""
     if not (experiment_id and run_id and settings.mlflow_ui_url):
         return None
-    return f"{settings.mlflow_ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    page = f"{settings.mlflow_ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{page}/{tab}?{MODEL_TRAINING_VIEW}" if tab else f"{page}?{MODEL_TRAINING_VIEW}"
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:

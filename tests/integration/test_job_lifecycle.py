@@ -83,7 +83,9 @@ def test_job_trains_to_success_and_metrics_reach_mlflow(stack: Stack) -> None:
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     artifacts = {a.path for a in stack.mlflow.list_artifacts(run.info.run_id)}
     assert {"spec.yaml", "confusion_matrix.json", "confusion_matrix.png"} <= artifacts
-    assert job["mlflow"]["run_url"].endswith(f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
+    assert job["mlflow"]["run_url"].endswith(
+        f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/model-metrics?workflowType=machine_learning"
+    )
     logged_models = stack.mlflow.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run.info.run_id for m in logged_models)
 

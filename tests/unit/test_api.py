@@ -238,7 +238,9 @@ def test_progress_metrics_and_mlflow_link_show_in_the_job(client: TestClient) ->
     assert body["metrics"] == {"train_loss": 0.5, "train_accuracy": None, "val_loss": None, "val_accuracy": 0.75}
     assert body["mlflow"]["experiment_id"] == "7" and body["mlflow"]["run_id"] == "abc123"
     if settings.mlflow_ui_url:
-        assert body["mlflow"]["run_url"] == f"{settings.mlflow_ui_url.rstrip('/')}/#/experiments/7/runs/abc123"
+        assert body["mlflow"]["run_url"] == (
+            f"{settings.mlflow_ui_url.rstrip('/')}/#/experiments/7/runs/abc123/model-metrics?workflowType=machine_learning"
+        )
     else:
         assert body["mlflow"]["run_url"] is None
 
