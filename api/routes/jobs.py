@@ -16,7 +16,7 @@ from api.deps import CallerDep, SessionDep
 from api.errors import problem, too_many, unprocessable
 from api.routes.operator import SUBMISSION_SECONDS
 from api.schemas import AUTH_RESPONSES, QUOTA_RESPONSES, JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
-from jobs import dataset_store, repository
+from jobs import dataset_store, pools, repository
 from jobs.limits import LimitExceeded, QuotaExceeded
 from jobs.models import Job
 from jobs.queue import enqueue_job
@@ -79,6 +79,8 @@ def submit_job(
             spec = _validated_spec(body, session, caller)
         except dataset_store.UnknownDataset as exc:
             return unprocessable([problem("body", "dataset.id", str(exc), "dataset_unknown")])
+        if unknown := pools.unknown_pool_message(session=session, pool=spec.resources.pool):
+            return unprocessable([problem("body", "resources.pool", unknown, "pool_unknown")])
         return _submit(spec, session, caller, response, idempotency_key)
 
 
@@ -122,7 +124,7 @@ def _submit(
         response.status_code = status.HTTP_200_OK
         return JobPublic.from_row(job)
     try:
-        enqueue_job(job.id)
+        enqueue_job(job.id, job.pool)
     except Exception as exc:  # noqa: BLE001
         log.warning("job %s recorded but not yet enqueued (broker unreachable: %s); the reaper will send it", job.id, exc)
     return JobPublic.from_row(job)
@@ -144,12 +146,16 @@ def list_jobs(
         )  # fmt: skip
     except repository.InvalidCursor as exc:
         return unprocessable([problem("query", "cursor", str(exc), "cursor")])
-    return JobsPublic(items=[JobPublic.from_row(j) for j in items], next_cursor=next_cursor)
+    reasons = {pool: pools.waiting_reason(session=session, pool=pool)
+               for pool in {j.pool for j in items if j.status == JobStatus.queued}}  # fmt: skip
+    return JobsPublic(items=[JobPublic.from_row(j, reasons.get(j.pool)) for j in items], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
 def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobPublic:
-    return JobPublic.from_row(_job_or_404(session, caller, job_id))
+    job = _job_or_404(session, caller, job_id)
+    waiting = pools.waiting_reason(session=session, pool=job.pool) if job.status == JobStatus.queued else None
+    return JobPublic.from_row(job, waiting)
 
 
 @router.post(

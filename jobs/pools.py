@@ -1,0 +1,130 @@
+"""Device pools: which workers serve which pool (their heartbeats, worker/heartbeat.py),
+which pools are known, and why a queued job waits.
+
+A pool is a name a job asks for (`resources.pool`) and a worker serves (`WORKER_POOL`);
+nothing else declares it. A pool is *known* once a worker has served it (its row stays in
+`workers` after it is gone), and the default pool always is: a fresh deployment takes
+jobs before its first worker says hello. A worker is *live* while its heartbeats keep
+coming: it said nothing for LIVE_AFTER_MISSED heartbeat intervals, or it said it stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from jobs.models import Job, Worker, utcnow
+from jobs.pool_names import DEFAULT_POOL
+from jobs.settings import settings
+from jobs.states import ACTIVE, JobStatus
+
+LIVE_AFTER_MISSED = 3  # heartbeats a live worker may miss (a busy machine, a slow database)
+
+
+def live_since(now: datetime | None = None) -> datetime:
+    return (now or utcnow()) - timedelta(seconds=LIVE_AFTER_MISSED * settings.worker_heartbeat_interval_s)
+
+
+# --------------------------------------------------------------------------- a worker's heartbeats
+
+
+def record_heartbeat(
+    *, session: Session, name: str, pool: str, devices: list[dict[str, Any]], concurrency: int, starting: bool = False
+) -> None:
+    """The worker `name` is alive now; `starting`: it has just started (again), so its start
+    time and its stop mark are reset. One row per worker name."""
+    now = utcnow()
+    values: dict[str, Any] = {"pool": pool, "devices": devices, "concurrency": concurrency, "last_seen": now}
+    if starting:
+        values |= {"started_at": now, "stopped_at": None}
+    written = session.execute(
+        update(Worker).where(Worker.name == name).values(**values).execution_options(synchronize_session=False)
+    )
+    if written.rowcount == 0:
+        session.add(Worker(name=name, started_at=now, **values))
+        session.flush()
+
+
+def record_stopped(*, session: Session, name: str) -> None:
+    """A clean stop: the worker is no longer live at once, not three heartbeats later."""
+    session.execute(
+        update(Worker).where(Worker.name == name).values(stopped_at=utcnow()).execution_options(synchronize_session=False)
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def known_pools(*, session: Session) -> list[str]:
+    """Every pool a worker has ever served, and the default pool, sorted."""
+    served = set(session.scalars(select(Worker.pool).distinct()))
+    return sorted(served | {DEFAULT_POOL})
+
+
+def unknown_pool_message(*, session: Session, pool: str) -> str | None:
+    """Why a job may not ask for `pool` (no worker has ever served it), or None."""
+    if settings.allow_unknown_pools:
+        return None
+    known = known_pools(session=session)
+    if pool in known:
+        return None
+    return (f"no worker has ever served pool '{pool}'; known pools: {', '.join(known)} "
+            "(a worker serves the pool its WORKER_POOL names)")  # fmt: skip
+
+
+def waiting_reason(*, session: Session, pool: str, now: datetime | None = None) -> str | None:
+    """Why a queued job of `pool` cannot start now when that is for want of a worker, else None."""
+    now = now or utcnow()
+    live = session.scalar(
+        select(func.count()).select_from(Worker)
+        .where(Worker.pool == pool, Worker.stopped_at.is_(None), Worker.last_seen >= live_since(now))
+    )  # fmt: skip
+    if live:
+        return None
+    last_seen = session.scalar(select(func.max(func.coalesce(Worker.stopped_at, Worker.last_seen))).where(Worker.pool == pool))
+    if last_seen is None:
+        return f"no live worker serves pool '{pool}' (no worker has served it yet)"
+    return f"no live worker serves pool '{pool}' (last seen {last_seen.isoformat(timespec='seconds')})"
+
+
+@dataclass
+class PoolView:
+    name: str
+    live_workers: list[Worker] = field(default_factory=list)
+    last_seen: datetime | None = None  # of any of its workers, live or not
+    running: int = 0
+    queued: int = 0
+    project_running: int = 0
+    project_queued: int = 0
+
+
+def pool_views(*, session: Session, project: str, now: datetime | None = None) -> list[PoolView]:
+    """Each known pool (and each pool that holds active jobs): its live workers, and its
+    running and queued jobs, of every project and of `project`."""
+    now = now or utcnow()
+    views: dict[str, PoolView] = {name: PoolView(name) for name in known_pools(session=session)}
+    since = live_since(now)
+    for worker in session.scalars(select(Worker).order_by(Worker.pool, Worker.name)):
+        view = views.setdefault(worker.pool, PoolView(worker.pool))
+        seen = worker.stopped_at or worker.last_seen
+        view.last_seen = max(view.last_seen, seen) if view.last_seen else seen
+        if worker.stopped_at is None and worker.last_seen >= since:
+            view.live_workers.append(worker)
+    counts = session.execute(
+        select(Job.pool, Job.status, Job.project == project, func.count())
+        .where(Job.status.in_([JobStatus.queued, *ACTIVE]))
+        .group_by(Job.pool, Job.status, Job.project == project)
+    ).all()
+    for pool, status, own, count in counts:
+        view = views.setdefault(pool, PoolView(pool))
+        if status == JobStatus.queued:
+            view.queued += count
+            view.project_queued += count if own else 0
+        else:
+            view.running += count
+            view.project_running += count if own else 0
+    return sorted(views.values(), key=lambda v: v.name)
