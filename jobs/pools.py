@@ -45,7 +45,7 @@ def record_heartbeat(
         update(Worker).where(Worker.name == name).values(**values).execution_options(synchronize_session=False)
     )
     if written.rowcount == 0:
-        session.add(Worker(name=name, started_at=now, **values))
+        session.add(Worker(name=name, **({"started_at": now} | values)))
         session.flush()
 
 
