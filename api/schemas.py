@@ -115,7 +115,6 @@ class JobPublic(BaseModel):
     mlflow: JobMlflow
     error: JobError | None
     diagnostics: JobDiagnostics | None = None
-    worker: str | None = Field(None, description="The worker process running the job (`<host>:<pid>`), while it runs.")
     waiting_reason: str | None = Field(
         None, description="Why a queued job cannot start: no live worker serves its device pool (README, \"Device pools\")."
     )
@@ -123,7 +122,6 @@ class JobPublic(BaseModel):
     @classmethod
     def from_row(cls, job: Job, waiting_reason: str | None = None) -> JobPublic:
         return cls(
-            worker=job.worker,
             waiting_reason=waiting_reason if job.status == JobStatus.queued else None,
             id=job.id,
             project=job.project,

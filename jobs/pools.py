@@ -115,11 +115,12 @@ def pool_views(*, session: Session, project: str, now: datetime | None = None) -
         if worker.stopped_at is None and worker.last_seen >= since:
             view.live_workers.append(worker)
     counts = session.execute(
-        select(Job.pool, Job.status, Job.project == project, func.count())
+        select(Job.pool, Job.status, Job.project, func.count())
         .where(Job.status.in_([JobStatus.queued, *ACTIVE]))
-        .group_by(Job.pool, Job.status, Job.project == project)
+        .group_by(Job.pool, Job.status, Job.project)
     ).all()
-    for pool, status, own, count in counts:
+    for pool, status, job_project, count in counts:
+        own = job_project == project
         view = views.setdefault(pool, PoolView(pool))
         if status == JobStatus.queued:
             view.queued += count

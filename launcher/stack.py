@@ -55,6 +55,7 @@ def stack_env(s: Settings) -> dict[str, str]:
         "AUTH_FAILURE_LIMIT": str(s.auth_failure_limit),
         "AUTH_FAILURE_WINDOW_S": str(s.auth_failure_window_s),
         "SYSTEM_METRICS_INTERVAL_S": str(s.system_metrics_interval_s),
+        "LOG_MODEL": str(s.log_model).lower(),
         "TORCH_THREADS_PER_JOB": str(s.torch_threads_per_job),
         "DATASETS_DIR": str(s.datasets_dir),
         "DATASETS_DOWNLOAD": str(s.datasets_download).lower(),
