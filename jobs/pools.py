@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.orm import Session
 
 from jobs.models import Job, Worker, utcnow
@@ -59,36 +59,42 @@ def record_stopped(*, session: Session, name: str) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-def known_pools(*, session: Session) -> list[str]:
+@dataclass(frozen=True)
+class PoolState:
+    live_workers: int
+    last_seen: datetime | None  # of any of its workers, live or not (a stop counts as seen)
+
+
+def pool_states(*, session: Session, now: datetime | None = None) -> dict[str, PoolState]:
+    """{pool: its state} of every pool a worker ever served: one query over a small table,
+    all a submission or a queued job's answer needs."""
+    live = func.sum(case((and_(Worker.stopped_at.is_(None), Worker.last_seen >= live_since(now)), 1), else_=0))
+    seen = func.max(func.coalesce(Worker.stopped_at, Worker.last_seen))
+    rows = session.execute(select(Worker.pool, live, seen).group_by(Worker.pool)).all()
+    return {pool: PoolState(int(n or 0), last) for pool, n, last in rows}
+
+
+def known_pools(states: dict[str, PoolState]) -> list[str]:
     """Every pool a worker has ever served, and the default pool, sorted."""
-    served = set(session.scalars(select(Worker.pool).distinct()))
-    return sorted(served | {DEFAULT_POOL})
+    return sorted(set(states) | {DEFAULT_POOL})
 
 
-def unknown_pool_message(*, session: Session, pool: str) -> str | None:
+def unknown_pool_message(pool: str, states: dict[str, PoolState]) -> str | None:
     """Why a job may not ask for `pool` (no worker has ever served it), or None."""
-    if settings.allow_unknown_pools:
+    if settings.allow_unknown_pools or pool == DEFAULT_POOL or pool in states:
         return None
-    known = known_pools(session=session)
-    if pool in known:
-        return None
-    return (f"no worker has ever served pool '{pool}'; known pools: {', '.join(known)} "
+    return (f"no worker has ever served pool '{pool}'; known pools: {', '.join(known_pools(states))} "
             "(a worker serves the pool its WORKER_POOL names)")  # fmt: skip
 
 
-def waiting_reason(*, session: Session, pool: str, now: datetime | None = None) -> str | None:
+def waiting_reason(pool: str, states: dict[str, PoolState]) -> str | None:
     """Why a queued job of `pool` cannot start now when that is for want of a worker, else None."""
-    now = now or utcnow()
-    live = session.scalar(
-        select(func.count()).select_from(Worker)
-        .where(Worker.pool == pool, Worker.stopped_at.is_(None), Worker.last_seen >= live_since(now))
-    )  # fmt: skip
-    if live:
+    state = states.get(pool)
+    if state is not None and state.live_workers:
         return None
-    last_seen = session.scalar(select(func.max(func.coalesce(Worker.stopped_at, Worker.last_seen))).where(Worker.pool == pool))
-    if last_seen is None:
+    if state is None or state.last_seen is None:
         return f"no live worker serves pool '{pool}' (no worker has served it yet)"
-    return f"no live worker serves pool '{pool}' (last seen {last_seen.isoformat(timespec='seconds')})"
+    return f"no live worker serves pool '{pool}' (last seen {state.last_seen.isoformat(timespec='seconds')})"
 
 
 @dataclass
@@ -106,7 +112,7 @@ def pool_views(*, session: Session, project: str, now: datetime | None = None) -
     """Each known pool (and each pool that holds active jobs): its live workers, and its
     running and queued jobs, of every project and of `project`."""
     now = now or utcnow()
-    views: dict[str, PoolView] = {name: PoolView(name) for name in known_pools(session=session)}
+    views: dict[str, PoolView] = {name: PoolView(name) for name in known_pools(pool_states(session=session, now=now))}
     since = live_since(now)
     for worker in session.scalars(select(Worker).order_by(Worker.pool, Worker.name)):
         view = views.setdefault(worker.pool, PoolView(worker.pool))

@@ -105,7 +105,7 @@ def submit_study(
     spec = spec.model_copy(update={"base": base})
     if problems := _problems(spec):
         return unprocessable(problems)
-    if unknown := pools.unknown_pool_message(session=session, pool=spec.pool):
+    if unknown := pools.unknown_pool_message(spec.pool, pools.pool_states(session=session)):
         field = "resources.pool" if spec.resources is not None else "base.resources.pool"
         return unprocessable([problem("body", field, unknown, "pool_unknown")])
     try:
