@@ -74,6 +74,8 @@ def _serve_worker_metrics(**_: object) -> None:
 def _start_heartbeats(sender: object, **_: object) -> None:
     """Celery logs "<name> ready." after this returns: by then the first heartbeat is recorded."""
     global _heartbeat
+    if _heartbeat is not None and _heartbeat.poll() is None:
+        return  # ready again after a broker reconnection: it is beating already
     name = str(getattr(sender, "hostname", None) or f"worker@{os.uname().nodename}")
     _heartbeat = subprocess.Popen(
         [sys.executable, "-m", "worker.heartbeat", name, settings.worker_pool, str(_concurrency), str(os.getpid())],

@@ -96,8 +96,11 @@ def main(argv: list[str]) -> int:
         if beat(name, pool, concurrency, devices, starting=not registered) and not registered:
             registered = True
             log.info("worker %s serves pool '%s' with %s", name, pool, devices)
-            print(REGISTERED, flush=True)
-            sys.stdout.close()  # the parent stops reading after this line
+            try:
+                print(REGISTERED, flush=True)
+                sys.stdout.close()  # the parent stops reading after this line
+            except OSError:  # the parent stopped waiting (the database was slow): beat on all the same
+                pass
         stop.wait(settings.worker_heartbeat_interval_s)
     if stopped_cleanly.is_set():
         try:
