@@ -20,6 +20,7 @@ from jobs.queue import pool_queue, queue_depth
 from jobs.settings import Settings, settings
 from jobs.spec import JobSpec
 from jobs.study_spec import StudySpec, sampled_spec
+from worker import heartbeat as heartbeat_process
 from worker import reaper
 
 IRIS = {"dataset": {"name": "iris"}, "epochs": 1}
@@ -241,3 +242,26 @@ def test_the_reaper_sends_a_lost_message_to_the_jobs_own_pool_queue(migrated_db:
 
 def test_each_pool_has_its_own_queue() -> None:
     assert pool_queue("gpu") == f"{settings.queue_name}.gpu"
+
+
+# --------------------------------------------------------------------------- the heartbeat's devices
+
+
+def test_a_worker_without_gpus_reports_its_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi
+    (device,) = heartbeat_process.detect_devices()
+    assert device["kind"] == "cpu" and device["memory_mb"] > 0
+
+
+def test_a_worker_reports_the_gpus_nvidia_smi_lists_within_cuda_visible_devices(
+    monkeypatch: pytest.MonkeyPatch, tmp_path  # noqa: ANN001
+) -> None:
+    # nvidia-smi's answer to the query the heartbeat makes, as an H200 machine with two GPUs gives it.
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '0, GPU-aaaa, NVIDIA H200, 143771'\necho '1, GPU-bbbb, NVIDIA H200, 143771'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert heartbeat_process.detect_devices() == [{"kind": "cuda", "name": "NVIDIA H200", "memory_mb": 143771}]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert len(heartbeat_process.detect_devices()) == 2
