@@ -14,7 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.errors import database_busy_handler, database_unavailable_handler, http_error_handler, validation_error_handler
-from api.routes import datasets, events, jobs, meta, operator, projects, studies
+from api.routes import datasets, events, jobs, meta, operator, pools, projects, studies
 from jobs import study_search
 from jobs.settings import settings
 
@@ -55,3 +55,4 @@ app.include_router(projects.router)
 app.include_router(operator.router)
 app.include_router(studies.router)
 app.include_router(datasets.router)
+app.include_router(pools.router)

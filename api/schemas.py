@@ -115,10 +115,14 @@ class JobPublic(BaseModel):
     mlflow: JobMlflow
     error: JobError | None
     diagnostics: JobDiagnostics | None = None
+    waiting_reason: str | None = Field(
+        None, description="Why a queued job cannot start: no live worker serves its device pool (README, \"Device pools\")."
+    )
 
     @classmethod
-    def from_row(cls, job: Job) -> JobPublic:
+    def from_row(cls, job: Job, waiting_reason: str | None = None) -> JobPublic:
         return cls(
+            waiting_reason=waiting_reason if job.status == JobStatus.queued else None,
             id=job.id,
             project=job.project,
             name=job.name,

@@ -43,6 +43,7 @@ class Base(DeclarativeBase):
 
 
 DEFAULT_PROJECT = "default"
+DEFAULT_POOL = "default"  # jobs/pool_names.py's, repeated: a migration's server default must not move
 
 
 class Project(Base):
@@ -153,6 +154,9 @@ class Job(Base):
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
     worker: Mapped[str | None] = mapped_column(String(200))
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The device pool (spec.resources.pool), a column so that a worker's claim filters on it
+    # cheaply (ix_jobs_pool_status).
+    pool: Mapped[str] = mapped_column(String(32), default=DEFAULT_POOL, server_default=DEFAULT_POOL)
 
     # A client's Idempotency-Key: a retried submission returns this job instead of a new one.
     # Unique per project: two projects may well pick the same key.
@@ -171,6 +175,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_project_created_at_id", "project", "created_at", "id"),
+        Index("ix_jobs_pool_status", "pool", "status"),
         Index("uq_jobs_project_idempotency_key", "project", "idempotency_key", unique=True),
         Index(
             "ix_jobs_mlflow_run_to_end",
@@ -233,3 +238,19 @@ class Dataset(Base):
         Index("uq_datasets_project_sha256_label_column", "project", "sha256", "label_column", unique=True),
         Index("ix_datasets_project_created_at", "project", "created_at"),
     )
+
+
+class Worker(Base):
+    """A worker as its heartbeats describe it (worker/heartbeat.py): the pool it serves, its
+    devices, when it was last seen. Rows stay after the worker is gone: a pool that ever had
+    a worker is a known pool (a job for it waits; one for a pool never seen is a 422)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # Celery's node name, `<name>@<host>`
+    pool: Mapped[str] = mapped_column(String(32), index=True)
+    devices: Mapped[list[dict[str, Any]]] = mapped_column(JSONDocument, default=list)  # [{kind, name, memory_mb}]
+    concurrency: Mapped[int] = mapped_column(Integer, default=1)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a clean stop said so; a crash says nothing

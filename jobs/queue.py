@@ -8,6 +8,10 @@ duplicated message still cannot run a job twice (a message that finds nothing qu
 is a no-op). What keeps every queued job served is that the broker holds at least as
 many messages as PostgreSQL has queued jobs: one is sent per job created or requeued,
 and the reaper sends one more for each that went missing.
+
+Device pools: each pool has its own queue, `<QUEUE_NAME>.<pool>`, which only that pool's
+workers consume; a message of it is a slot of that pool (the worker claims the fairest
+queued job *of its pool*). The count above holds per pool.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from functools import lru_cache
 
 from celery import Celery
 
+from jobs.pool_names import DEFAULT_POOL
 from jobs.settings import settings
 
 RUN_JOB_TASK = "descent.run_job"
@@ -30,7 +35,8 @@ def make_celery(name: str = "descent") -> Celery:
     settings.ensure_home()
     app = Celery(name, broker=settings.broker_url)
     app.conf.update(
-        task_default_queue=settings.queue_name,
+        # A worker started without -Q consumes its own pool's queue; senders always name one.
+        task_default_queue=pool_queue(settings.worker_pool),
         task_ignore_result=True,  # PostgreSQL is the job store, not a result backend
         task_acks_late=True,  # a job whose worker dies before the end is delivered again
         task_reject_on_worker_lost=True,  # ... also when the process was killed (SIGKILL, OOM)
@@ -57,8 +63,14 @@ def producer() -> Celery:
     return make_celery("descent-producer")
 
 
-def enqueue_job(job_id: uuid.UUID) -> None:
-    producer().send_task(RUN_JOB_TASK, args=[str(job_id)], queue=settings.queue_name)
+def pool_queue(pool: str) -> str:
+    """The Celery queue of a device pool's jobs (README, "Device pools")."""
+    return f"{settings.queue_name}.{pool}"
+
+
+def enqueue_job(job_id: uuid.UUID, pool: str = DEFAULT_POOL) -> None:
+    """A slot for the job in its pool's queue (`pool`: the job's, spec.resources.pool)."""
+    producer().send_task(RUN_JOB_TASK, args=[str(job_id)], queue=pool_queue(pool))
 
 
 def ping_broker(timeout_s: float = 2.0) -> None:
@@ -66,9 +78,15 @@ def ping_broker(timeout_s: float = 2.0) -> None:
         connection.ensure_connection(max_retries=1, timeout=timeout_s)
 
 
-def queue_depth() -> int:
-    """Messages waiting in the job queue (not those a worker has reserved)."""
+def queue_depth(pool: str = DEFAULT_POOL) -> int:
+    """Messages waiting in a pool's queue (not those a worker has reserved)."""
+    return queue_depths([pool])[pool]
+
+
+def queue_depths(pools: list[str]) -> dict[str, int]:
+    """{pool: messages waiting in its queue}, over one broker connection."""
     with producer().connection_for_write() as connection:
         connection.ensure_connection(max_retries=1, timeout=2)
         # Declaring is idempotent; a passive declare fails on Redis before any worker declared it.
-        return connection.default_channel.queue_declare(queue=settings.queue_name).message_count
+        channel = connection.default_channel
+        return {pool: channel.queue_declare(queue=pool_queue(pool)).message_count for pool in pools}

@@ -87,6 +87,7 @@ def create_job(
         enqueued_at=utcnow(),
         idempotency_key=idempotency_key,
         spec_sha256=digest,
+        pool=spec.resources.pool,
     )
     session.add(job)
     session.flush()  # a concurrent twin with the same key fails here, on the unique index
@@ -227,20 +228,21 @@ class Claim:
     attempt: int
 
 
-def fairest_queued_job(*, session: Session) -> uuid.UUID | None:
+def fairest_queued_job(*, session: Session, pool: str | None = None) -> uuid.UUID | None:
     """The queued job to run next: the oldest of the project with the fewest jobs running
-    (fair share between projects, first come first served within one). Locked until the
-    session ends; rows other claimers hold are skipped."""
-    running = (
-        select(Job.project, func.count().label("running"))
-        .where(Job.status.in_(list(ACTIVE)))
-        .group_by(Job.project)
-        .subquery()
-    )
+    (fair share between projects, first come first served within one). With `pool`, only
+    that pool's jobs, and the share counts the jobs running in that pool (its devices are
+    what projects share). Locked until the session ends; rows other claimers hold are skipped."""
+    running_query = select(Job.project, func.count().label("running")).where(Job.status.in_(list(ACTIVE)))
+    queued = [Job.status == JobStatus.queued]
+    if pool is not None:
+        running_query = running_query.where(Job.pool == pool)
+        queued.append(Job.pool == pool)
+    running = running_query.group_by(Job.project).subquery()
     query = (
         select(Job.id)
         .outerjoin(running, running.c.project == Job.project)
-        .where(Job.status == JobStatus.queued)
+        .where(*queued)
         .order_by(func.coalesce(running.c.running, 0), Job.created_at, Job.id)
         .limit(1)
         .with_for_update(of=Job, skip_locked=True)
@@ -248,10 +250,14 @@ def fairest_queued_job(*, session: Session) -> uuid.UUID | None:
     return session.scalar(query)
 
 
-def claim_next_job(*, session: Session, worker: str | None = None, lease_s: float | None = None) -> Claim | None:
+def claim_next_job(
+    *, session: Session, worker: str | None = None, lease_s: float | None = None, pool: str | None = None
+) -> Claim | None:
     """A delivered message is a slot, not an order: the worker runs the fairest queued job
     (see fairest_queued_job), which need not be the one the message named. None when
     nothing is queued (a duplicate delivery, jobs cancelled while queued): a no-op.
+    A worker passes the pool it serves: a message of its pool's queue is a slot of that
+    pool, never another pool's job (None: any pool, for tools and tests).
 
     Claims are taken one at a time (a transaction-scoped advisory lock on PostgreSQL;
     SQLite serialises writers anyway), so that two workers starting together count each
@@ -260,7 +266,7 @@ def claim_next_job(*, session: Session, worker: str | None = None, lease_s: floa
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
     for _ in range(3):  # a job cancelled between the pick and the claim: pick again
-        job_id = fairest_queued_job(session=session)
+        job_id = fairest_queued_job(session=session, pool=pool)
         if job_id is None:
             return None
         attempt = claim_job(session=session, job_id=job_id, worker=worker, lease_s=lease_s)
@@ -372,6 +378,7 @@ def load_checkpoint(*, session: Session, job_id: uuid.UUID) -> JobCheckpoint | N
 class ReapedJob:
     job_id: uuid.UUID
     status: JobStatus  # what the reaper made of it: queued (to run again), failed or cancelled
+    pool: str  # whose queue a requeued job goes back to
 
 
 def reap_lost_jobs(*, session: Session, now: datetime | None = None) -> list[ReapedJob]:
@@ -398,7 +405,7 @@ def reap_lost_jobs(*, session: Session, now: datetime | None = None) -> list[Rea
         values |= {"lease_until": None, "worker": None}
         if transition(session=session, job_id=job.id, expected=[JobStatus(job.status)], to=to,
                       detail=f"worker lost: {where}", values=values):  # fmt: skip
-            reaped.append(ReapedJob(job.id, to))  # its run is ended by runs_to_end's pass
+            reaped.append(ReapedJob(job.id, to, job.pool))  # its run is ended by runs_to_end's pass
     return reaped
 
 
@@ -420,23 +427,37 @@ def mark_run_ended(*, session: Session, job_id: uuid.UUID) -> None:
     )
 
 
-def count_queued(*, session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.queued)) or 0
+def count_queued(*, session: Session, pool: str | None = None) -> int:
+    query = select(func.count()).select_from(Job).where(Job.status == JobStatus.queued)
+    if pool is not None:
+        query = query.where(Job.pool == pool)
+    return session.scalar(query) or 0
+
+
+def queued_by_pool(*, session: Session) -> dict[str, int]:
+    """{pool: queued jobs} of the pools that have any."""
+    rows = session.execute(
+        select(Job.pool, func.count()).where(Job.status == JobStatus.queued).group_by(Job.pool)
+    ).all()
+    return {pool: count for pool, count in rows}
 
 
 def claim_unclaimed(
-    *, session: Session, older_than_s: float, limit: int, now: datetime | None = None
+    *, session: Session, older_than_s: float, limit: int, now: datetime | None = None, pool: str | None = None
 ) -> list[uuid.UUID]:
-    """Up to `limit` queued jobs, oldest first, that waited `older_than_s` since they
-    were last sent (the broker lost their message): their enqueue time is bumped and
-    the ids returned, to be enqueued again."""
+    """Up to `limit` queued jobs (of `pool`, when given), oldest first, that waited
+    `older_than_s` since they were last sent (the broker lost their message): their
+    enqueue time is bumped and the ids returned, to be enqueued again."""
     now = now or utcnow()
     if limit <= 0:
         return []
+    waiting = [Job.status == JobStatus.queued, Job.enqueued_at < now - timedelta(seconds=older_than_s)]
+    if pool is not None:
+        waiting.append(Job.pool == pool)
     ids = list(
         session.scalars(
             select(Job.id)
-            .where(Job.status == JobStatus.queued, Job.enqueued_at < now - timedelta(seconds=older_than_s))
+            .where(*waiting)
             .order_by(Job.enqueued_at)
             .limit(limit)
             .with_for_update(skip_locked=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobs.pool_names import DEFAULT_POOL, POOL_NAME_MAX_LENGTH, POOL_NAME_PATTERN
+
 
 # Values that documentation shows: a key or password equal to one of them is refused.
 EXAMPLE_SECRETS = frozenset(
@@ -41,7 +43,9 @@ class Settings(BaseSettings):
     descent_home: Path = Field(Path(".descent"), description="Where the embedded stores live.")
     database_url: str = ""
     broker_url: str = ""
-    queue_name: str = Field("descent", description="Celery queue the jobs go to.")
+    queue_name: str = Field(
+        "descent", description="Prefix of the Celery queues: the jobs of pool P go to `<QUEUE_NAME>.<P>`."
+    )
     mlflow_port: int = 5000
     api_port: int = 8000
     mlflow_tracking_uri: str = ""
@@ -201,6 +205,20 @@ class Settings(BaseSettings):
     datasets_lock_wait_s: float = Field(
         3600.0, gt=0, description="How long a worker waits for another one downloading the same set."
     )
+
+    # Device pools (README, "Growing past one machine").
+    worker_pool: str = Field(
+        DEFAULT_POOL, min_length=1, max_length=POOL_NAME_MAX_LENGTH, pattern=POOL_NAME_PATTERN,
+        description="The device pool this worker serves: it consumes the queue `<QUEUE_NAME>.<WORKER_POOL>` "
+        "and claims only that pool's jobs.",
+    )  # fmt: skip
+    worker_heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="How often a worker says it is alive (GET /v1/pools); three missed: not live."
+    )
+    allow_unknown_pools: bool = Field(
+        False, description="Accept jobs for a pool no worker has ever served (they wait for one); "
+        "false: such a submission is a 422 naming the known pools.",
+    )  # fmt: skip
 
     # Crash recovery.
     lease_s: float = Field(30.0, gt=0, description="A running job whose worker is silent this long is lost.")

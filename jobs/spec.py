@@ -29,6 +29,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from jobs.pool_names import DEFAULT_POOL, POOL_NAME_MAX_LENGTH, POOL_NAME_PATTERN
 from jobs.shapes import DataShape, ImageShape, SequenceShape, ShapeKind, TabularShape, either
 
 
@@ -993,6 +994,19 @@ class DiagnosticsSpec(SpecModel):
 # --------------------------------------------------------------------------- the job
 
 
+class Resources(SpecModel):
+    """Where a job may run. `device` (on the spec) keeps its meaning inside the pool."""
+
+    pool: str = Field(
+        DEFAULT_POOL,
+        min_length=1,
+        max_length=POOL_NAME_MAX_LENGTH,
+        pattern=POOL_NAME_PATTERN,
+        description="The device pool whose workers run the job (a worker serves the pool WORKER_POOL names): "
+        "lower-case letters, digits and '-'.",
+    )
+
+
 class JobSpec(SpecModel):
     """Everything needed to run one training job, with every default filled in."""
 
@@ -1036,6 +1050,7 @@ class JobSpec(SpecModel):
     diagnostics: DiagnosticsSpec = Field(
         DiagnosticsSpec(), description="Diagnostics of what the optimizer is doing (all off by default)."
     )
+    resources: Resources = Field(Resources(), description="Where the job runs: its device pool.")
 
     # -- sizes, computed once so the API, the trainer and the schedules agree
 

@@ -26,6 +26,7 @@ from jobs.db import session_scope
 from jobs.events import stage_to, study_stream_key
 from jobs.leaderboard import TrialRecord, build_leaderboard
 from jobs.models import Job, Study, utcnow
+from jobs.pool_names import DEFAULT_POOL
 from jobs.queue import enqueue_job
 from jobs.limits import check_room_for_study, room_for_jobs, study_parallelism
 from jobs.repository import create_job, request_cancel
@@ -155,6 +156,7 @@ def counts_by_status(jobs: list[Job]) -> dict[str, int]:
 @dataclass
 class Advance:
     new_jobs: list[uuid.UUID] = field(default_factory=list)  # to enqueue once committed
+    pool: str = DEFAULT_POOL  # the trials' device pool: whose queue they go to
     ended: bool = False  # the study ended in this step: its MLflow report is due
 
 
@@ -178,6 +180,7 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
     if study is None or study.status in STUDY_TERMINAL:
         return advance
     spec = parse_study(study)
+    advance.pool = spec.pool
     jobs = trial_jobs(session=session, study_id=study.id)
     untold = [j for j in jobs if j.status in TERMINAL and not j.trial_told and j.trial_number is not None]
     active = sum(job.status not in TERMINAL for job in jobs)
@@ -241,12 +244,12 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
     return advance
 
 
-def enqueue_trials(study_id: uuid.UUID, job_ids: list[uuid.UUID]) -> None:
-    """Send the messages of committed trial jobs. The broker down: they stay queued in
-    PostgreSQL and the reaper sends them."""
+def enqueue_trials(study_id: uuid.UUID, job_ids: list[uuid.UUID], pool: str = DEFAULT_POOL) -> None:
+    """Send the messages of committed trial jobs to their pool's queue. The broker down:
+    they stay queued in PostgreSQL and the reaper sends them."""
     for job_id in job_ids:
         try:
-            enqueue_job(job_id)
+            enqueue_job(job_id, pool)
         except Exception as exc:  # noqa: BLE001 - still queued: the reaper sends it
             log.warning("trial %s of study %s not yet enqueued (%s); the reaper will send it", job_id, study_id, exc)
             break
@@ -257,7 +260,7 @@ def move_on(study_id: uuid.UUID) -> Advance:
     a worker never sees an id the database lacks)."""
     with session_scope() as session:
         step = advance_study(session=session, study_id=study_id)
-    enqueue_trials(study_id, step.new_jobs)
+    enqueue_trials(study_id, step.new_jobs, step.pool)
     return step
 
 

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import ConfigDict, Discriminator, Field, Tag, model_validator
 
-from jobs.spec import TAGGED_FIELDS, JobSpec, SpecModel, members_by_tag, spec_error
+from jobs.spec import TAGGED_FIELDS, JobSpec, Resources, SpecModel, members_by_tag, spec_error
 
 JSONScalar = Union[str, int, float, bool, None]
 JSONValue = Union[JSONScalar, list[Any], dict[str, Any]]
@@ -216,9 +216,19 @@ class StudySpec(SpecModel):
     repeats: int = Field(1, ge=1, le=50, description="Seeds per configuration: base seed, base seed + 1, ...")
     objective: Objective = Field(default_factory=Objective)
     pruning: Pruning = Field(default_factory=Pruning)
+    resources: Resources | None = Field(
+        None, description="Where every trial runs (its device pool); the same as setting base.resources."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> StudySpec:
+        pooled = [p for p in self.space if p == "resources" or p.startswith("resources.")]
+        if pooled:
+            raise spec_error(f"space.{pooled[0]}", "a study runs in one device pool: set `resources`, not a space over it")
+        base_resources = self.base.get("resources")
+        if self.resources is not None and base_resources is not None:
+            if not isinstance(base_resources, dict) or base_resources != self.resources.model_dump():
+                raise spec_error("resources", "the study's resources and base.resources differ: set one of them")
         if "seed" in self.space:
             raise spec_error("space.seed", "seeds come from `repeats` (base seed, base seed + 1, ...), not the space")
         uploads = [p for p, d in self.space.items() if p == "dataset.id" or (
@@ -254,6 +264,15 @@ class StudySpec(SpecModel):
         if isinstance(self.search, GridSearch):
             return math.prod(len(dim.grid) for dim in self.space.values())  # type: ignore[union-attr]
         return self.search.max_trials
+
+    @property
+    def pool(self) -> str:
+        """The device pool of every trial."""
+        if self.resources is not None:
+            return self.resources.pool
+        base = self.base.get("resources")
+        pool = base.get("pool") if isinstance(base, dict) else None
+        return pool if isinstance(pool, str) else Resources().pool
 
     @property
     def n_jobs(self) -> int:
@@ -313,6 +332,8 @@ def sampled_spec(study: StudySpec, values: dict[str, Any], seed: int) -> JobSpec
     """The job spec of one trial: the base, the configuration's values, the seed.
     Raises pydantic's ValidationError (or a spec_error for a bad path)."""
     raw = copy.deepcopy(study.base)
+    if study.resources is not None:  # the study's resources are every trial's
+        raw["resources"] = study.resources.model_dump()
     for path, value in tag_paths_first(values):
         _set_path(raw, path, value)
     raw["seed"] = seed

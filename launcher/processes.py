@@ -42,12 +42,17 @@ def api_command(s: Settings) -> list[str]:
             "--timeout-graceful-shutdown", "3"]  # fmt: skip
 
 
-def worker_command(s: Settings, concurrency: int = 1, name: str = "worker") -> list[str]:
+def worker_command(s: Settings, concurrency: int = 1, name: str = "worker", pool: str | None = None) -> list[str]:
+    """A worker of `pool` (default: WORKER_POOL of the settings): the pool travels in its
+    environment (`env WORKER_POOL=...`, which execs Celery: the same pid, the same
+    process group), so that a restart by `make up` keeps it."""
+    pool = pool or s.worker_pool
     return [
+        "env", f"WORKER_POOL={pool}",
         str(BIN / "celery"), "-A", "worker.app", "worker",
         # Whether a child runs one job or many is worker/app.py's choice (CUDA builds: one).
         "--loglevel=INFO", "--pool=prefork", f"--concurrency={concurrency}",
-        "-Q", s.queue_name, "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
+        "-Q", f"{s.queue_name}.{pool}", "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
 
 

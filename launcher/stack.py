@@ -44,6 +44,8 @@ def stack_env(s: Settings) -> dict[str, str]:
         "UNCLAIMED_REQUEUE_S": str(s.unclaimed_requeue_s),
         "CHECKPOINT_MIN_INTERVAL_S": str(s.checkpoint_min_interval_s),
         "PROGRESS_INTERVAL_S": str(s.progress_interval_s),
+        "WORKER_HEARTBEAT_INTERVAL_S": str(s.worker_heartbeat_interval_s),
+        "ALLOW_UNKNOWN_POOLS": str(s.allow_unknown_pools).lower(),
         "WORKER_METRICS_PORT": str(s.worker_metrics_port),  # one worker per port: further workers serve none
         "WORKER_METRICS_HOST": s.worker_metrics_host,
         "DATABASE_POOL_SIZE": str(s.database_pool_size),
@@ -53,6 +55,7 @@ def stack_env(s: Settings) -> dict[str, str]:
         "AUTH_FAILURE_LIMIT": str(s.auth_failure_limit),
         "AUTH_FAILURE_WINDOW_S": str(s.auth_failure_window_s),
         "SYSTEM_METRICS_INTERVAL_S": str(s.system_metrics_interval_s),
+        "LOG_MODEL": str(s.log_model).lower(),
         "TORCH_THREADS_PER_JOB": str(s.torch_threads_per_job),
         "DATASETS_DIR": str(s.datasets_dir),
         "DATASETS_DOWNLOAD": str(s.datasets_download).lower(),
@@ -74,13 +77,21 @@ def stack_env(s: Settings) -> dict[str, str]:
 
 
 def start_stack(s: Settings, log_dir: Path, workers: int = 1, concurrency: int = 1,
-                start_mlflow: bool = True, group: ProcessGroup | None = None) -> ProcessGroup:  # fmt: skip
+                start_mlflow: bool = True, group: ProcessGroup | None = None,
+                worker_pools: list[str] | None = None) -> ProcessGroup:  # fmt: skip
     """Migrate, then start MLflow, the API, `workers` workers and the reaper; wait until each is ready.
+
+    `worker_pools`: one worker per entry, serving that device pool (["cpu", "gpu"]: two
+    workers, worker-0 in pool cpu, worker-1 in gpu), in place of `workers` workers of
+    WORKER_POOL. The workers start side by side (each imports torch for seconds), and
+    each is ready once its first heartbeat is recorded: its pool takes jobs from then on.
 
     Into `group` if given (`make up` holds it before, to stop it from a signal handler):
     a stop requested meanwhile ends the waiting with StopRequested, everything stopped."""
     s.ensure_home()
     env = stack_env(s)
+    pools = list(worker_pools) if worker_pools is not None else [s.worker_pool] * workers
+    workers = len(pools)
     if workers > 1 and not s.torch_threads_per_job:
         # These workers share this machine's cores: each job gets its share of all their slots.
         env["TORCH_THREADS_PER_JOB"] = str(max(1, len(os.sched_getaffinity(0)) // (workers * concurrency)))
@@ -92,8 +103,9 @@ def start_stack(s: Settings, log_dir: Path, workers: int = 1, concurrency: int =
             wait_http(f"{s.mlflow_tracking_uri}/health", mlflow, timeout_s=120, group=group)
         api = group.start("api", api_command(s))
         wait_http(f"http://127.0.0.1:{s.api_port}/healthz", api, group=group)
-        for i in range(workers):
-            worker = group.start(f"worker-{i}", worker_command(s, concurrency, name=f"worker-{i}"))
+        started = [group.start(f"worker-{i}", worker_command(s, concurrency, name=f"worker-{i}", pool=pool))
+                   for i, pool in enumerate(pools)]  # fmt: skip
+        for worker in started:
             wait_worker_ready(worker, group=group)
         group.start("reaper", reaper_command())
     except BaseException:

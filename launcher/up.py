@@ -13,11 +13,14 @@ child dies (as this did before).
 
 from __future__ import annotations
 
+import argparse
+import re
 import signal
 import sys
 import time
 from datetime import datetime
 
+from jobs.pool_names import POOL_NAME_PATTERN
 from jobs.settings import settings
 from launcher.processes import ProcessGroup, StopRequested
 from launcher.stack import local_api_key, stack_env, start_stack
@@ -30,14 +33,27 @@ def say(message: str) -> None:
     print(f"[make up {datetime.now().strftime('%H:%M:%S.%f')[:-3]}] {message}", flush=True)
 
 
-def main() -> int:
+def worker_pools(raw: str) -> list[str]:
+    """`--worker-pools cpu,gpu` -> ["cpu", "gpu"]: one worker per name, in that pool."""
+    pools = [part.strip() for part in raw.split(",") if part.strip()]
+    bad = [p for p in pools if not re.match(POOL_NAME_PATTERN, p)]
+    if not pools or bad:
+        raise argparse.ArgumentTypeError(f"pool names are lower-case letters, digits and '-': {bad or raw!r}")
+    return pools
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make up", description="The whole stack in the foreground.")
+    parser.add_argument("--worker-pools", type=worker_pools, default=None, metavar="POOL,POOL",
+                        help="one worker per pool named (default: one worker of WORKER_POOL)")  # fmt: skip
+    args = parser.parse_args(argv)
     log_dir = settings.descent_home.resolve() / "logs"
     group = ProcessGroup(log_dir=log_dir, env=stack_env(settings))
     for signum in STOP_SIGNALS:
         signal.signal(signum, lambda *_: group.request_stop())
     try:
         say("starting Descent (MLflow server, API, worker, reaper)...")
-        start_stack(settings, log_dir, group=group)
+        start_stack(settings, log_dir, group=group, worker_pools=args.worker_pools)
         api = f"http://127.0.0.1:{settings.api_port}"
         key = local_api_key(settings)
         print(f"\n  API        {api}   (docs: {api}/docs)")

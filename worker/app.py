@@ -1,7 +1,9 @@
 """The Celery worker application.
 
 Start one worker process per GPU:
-  CUDA_VISIBLE_DEVICES=0 celery -A worker.app worker --concurrency=1 --pool=prefork
+  CUDA_VISIBLE_DEVICES=0 WORKER_POOL=gpu celery -A worker.app worker --concurrency=1 --pool=prefork
+It consumes its pool's queue, `<QUEUE_NAME>.<WORKER_POOL>` (jobs/queue.py), and says so
+in heartbeats (worker/heartbeat.py, a process it starts once ready).
 The parent process never touches CUDA (jobs run in forked children), so children can
 initialise CUDA themselves. Before it forks, the parent pays the first-use costs that
 every job would otherwise pay again in its child (worker/job_processes.py); each child
@@ -11,13 +13,17 @@ limits its threads to its share of the cores; with a CUDA build each child runs 
 from __future__ import annotations
 
 import logging
+import os
+import select
+import subprocess
+import sys
 
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from jobs.db import get_engine
 from jobs.queue import make_celery
 from jobs.settings import settings
-from worker import job_processes, prometheus_metrics
+from worker import heartbeat, job_processes, prometheus_metrics
 
 celery_app = make_celery()
 celery_app.conf.include = ["worker.tasks"]
@@ -27,6 +33,11 @@ celery_app.conf.worker_max_tasks_per_child = 1 if job_processes.children_run_one
 # Threads of each job, set by the parent at start (its concurrency is known then) and
 # inherited by the children it forks.
 _threads_per_job = 1
+_concurrency = 1
+_heartbeat: subprocess.Popen | None = None
+# How long the parent waits for its first heartbeat to be recorded before it says it is
+# ready (then a job for its pool is accepted at once); the database down: it goes on without.
+FIRST_HEARTBEAT_WAIT_S = 30.0
 
 
 @worker_process_init.connect
@@ -43,10 +54,11 @@ def _prepare_child(**_: object) -> None:
 
 @worker_init.connect
 def _prepare_children(sender: object, **_: object) -> None:
-    global _threads_per_job
+    global _threads_per_job, _concurrency
     concurrency = getattr(sender, "concurrency", None)
     if not isinstance(concurrency, int):  # --concurrency=auto, resolved after this signal: a job per core
         concurrency = job_processes.cores_available()
+    _concurrency = concurrency
     _threads_per_job = job_processes.threads_per_job(concurrency)
     job_processes.warm_up_for_children()
 
@@ -56,6 +68,34 @@ def _serve_worker_metrics(**_: object) -> None:
     # In the main process, before the pool forks: the children inherit the metrics directory.
     if settings.worker_metrics_port:
         prometheus_metrics.start_exporter(settings.worker_metrics_port, settings.worker_metrics_host)
+
+
+@worker_ready.connect
+def _start_heartbeats(sender: object, **_: object) -> None:
+    """Celery logs "<name> ready." after this returns: by then the first heartbeat is recorded."""
+    global _heartbeat
+    if _heartbeat is not None and _heartbeat.poll() is None:
+        return  # ready again after a broker reconnection: it is beating already
+    name = str(getattr(sender, "hostname", None) or f"worker@{os.uname().nodename}")
+    _heartbeat = subprocess.Popen(
+        [sys.executable, "-m", "worker.heartbeat", name, settings.worker_pool, str(_concurrency), str(os.getpid())],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    readable, _, _ = select.select([_heartbeat.stdout], [], [], FIRST_HEARTBEAT_WAIT_S)
+    said = _heartbeat.stdout.readline().strip() if readable else ""
+    _heartbeat.stdout.close()
+    if said != heartbeat.REGISTERED:
+        logging.getLogger("worker").warning("first heartbeat of %s not recorded yet; the pool's jobs still run", name)
+
+
+@worker_shutdown.connect
+def _stop_heartbeats(**_: object) -> None:
+    if _heartbeat is not None and _heartbeat.poll() is None:
+        _heartbeat.terminate()  # it marks the worker stopped
+        try:
+            _heartbeat.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            _heartbeat.kill()
 
 
 @worker_process_shutdown.connect

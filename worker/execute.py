@@ -148,7 +148,7 @@ def execute_job(raw_job_id: str) -> Outcome:
         return Outcome.skipped
     with session_scope() as session:
         # The message is a slot: the fairest queued job runs, not necessarily the one it names.
-        claim = claim_next_job(session=session, worker=worker_name(), lease_s=settings.lease_s)
+        claim = claim_next_job(session=session, worker=worker_name(), lease_s=settings.lease_s, pool=settings.worker_pool)
         job_id, attempt = (claim.job_id, claim.attempt) if claim else (job_id, None)
         job = get_job(session=session, job_id=job_id) if attempt else None
         checkpoint = load_checkpoint(session=session, job_id=job_id) if attempt and attempt > 1 else None

@@ -29,8 +29,8 @@ from sqlalchemy.orm import Session
 
 from jobs import study_search
 from jobs.db import session_scope
-from jobs.queue import enqueue_job, queue_depth
-from jobs.repository import claim_unclaimed, count_queued, mark_run_ended, reap_lost_jobs, runs_to_end
+from jobs.queue import enqueue_job, queue_depths
+from jobs.repository import claim_unclaimed, mark_run_ended, queued_by_pool, reap_lost_jobs, runs_to_end
 from jobs.settings import settings
 from jobs.states import JobStatus
 from jobs.studies import running_study_ids, studies_to_report
@@ -51,29 +51,39 @@ def recover_once() -> tuple[int, int]:
         log.warning("job %s: worker lost -> %s", job.job_id, job.status)
         if job.status == JobStatus.queued:
             try:
-                enqueue_job(job.job_id)
+                enqueue_job(job.job_id, job.pool)  # back to its own pool's queue
             except Exception as exc:  # noqa: BLE001 - still queued: the unclaimed sweep sends it later
                 log.warning("could not enqueue job %s: %s", job.job_id, exc)
     move_studies_on()
-    # Messages lost = queued jobs in PostgreSQL - messages in the broker. Re-sending only
-    # that many keeps a long, healthy backlog from filling the broker with duplicates.
+    return len(reaped), resend_lost_messages()
+
+
+def resend_lost_messages() -> int:
+    """Per pool, messages lost = queued jobs in PostgreSQL - messages in the pool's queue.
+    Re-sending only that many keeps a long, healthy backlog (or a pool whose workers are
+    all gone) from filling the broker with duplicates. Returns the messages sent."""
+    with session_scope() as session:
+        queued = queued_by_pool(session=session)
+    if not queued:
+        return 0
     try:
-        depth = queue_depth()
+        depths = queue_depths(sorted(queued))
     except Exception as exc:  # noqa: BLE001 - broker down: nothing can be sent this pass anyway
         log.info("broker unreachable (%s); queued jobs wait for it", exc)
-        return len(reaped), 0
-    with session_scope() as session:
-        lost = count_queued(session=session) - depth
-        unclaimed = claim_unclaimed(session=session, older_than_s=settings.unclaimed_requeue_s, limit=lost)
+        return 0
     sent = 0
-    for job_id in unclaimed:
-        try:
-            enqueue_job(job_id)
-            sent += 1
-        except Exception as exc:  # noqa: BLE001 - the broker is down: the next pass tries again
-            log.warning("could not enqueue unclaimed job %s: %s", job_id, exc)
-            break
-    return len(reaped), sent
+    for pool, count in sorted(queued.items()):
+        with session_scope() as session:
+            unclaimed = claim_unclaimed(session=session, older_than_s=settings.unclaimed_requeue_s,
+                                        limit=count - depths[pool], pool=pool)  # fmt: skip
+        for job_id in unclaimed:
+            try:
+                enqueue_job(job_id, pool)
+                sent += 1
+            except Exception as exc:  # noqa: BLE001 - the broker is down: the next pass tries again
+                log.warning("could not enqueue unclaimed job %s: %s", job_id, exc)
+                return sent
+    return sent
 
 
 def move_studies_on() -> None:

@@ -16,7 +16,7 @@ from api.deps import CallerDep, SessionDep
 from api.errors import problem, too_many, unprocessable
 from api.routes.operator import SUBMISSION_SECONDS
 from api.schemas import AUTH_RESPONSES, QUOTA_RESPONSES, JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
-from jobs import dataset_store, repository
+from jobs import dataset_store, pools, repository
 from jobs.limits import LimitExceeded, QuotaExceeded
 from jobs.models import Job
 from jobs.queue import enqueue_job
@@ -79,7 +79,11 @@ def submit_job(
             spec = _validated_spec(body, session, caller)
         except dataset_store.UnknownDataset as exc:
             return unprocessable([problem("body", "dataset.id", str(exc), "dataset_unknown")])
-        return _submit(spec, session, caller, response, idempotency_key)
+        states = pools.pool_states(session=session)
+        if unknown := pools.unknown_pool_message(spec.resources.pool, states):
+            return unprocessable([problem("body", "resources.pool", unknown, "pool_unknown")])
+        waiting = pools.waiting_reason(spec.resources.pool, states)
+        return _submit(spec, session, caller, response, idempotency_key, waiting)
 
 
 def _validated_spec(body: dict[str, Any], session: SessionDep, caller: CallerDep) -> JobSpec:
@@ -91,7 +95,8 @@ def _validated_spec(body: dict[str, Any], session: SessionDep, caller: CallerDep
 
 
 def _submit(
-    spec: JobSpec, session: SessionDep, caller: CallerDep, response: Response, idempotency_key: str | None
+    spec: JobSpec, session: SessionDep, caller: CallerDep, response: Response, idempotency_key: str | None,
+    waiting_reason: str | None = None,
 ) -> JobPublic | JSONResponse:
     # The row is committed before the message is sent: a worker never sees an id
     # that is not in the database yet. PostgreSQL is the truth: if the broker is
@@ -120,12 +125,12 @@ def _submit(
         return too_many(exc)
     if not created:
         response.status_code = status.HTTP_200_OK
-        return JobPublic.from_row(job)
+        return JobPublic.from_row(job, waiting_reason)
     try:
-        enqueue_job(job.id)
+        enqueue_job(job.id, job.pool)
     except Exception as exc:  # noqa: BLE001
         log.warning("job %s recorded but not yet enqueued (broker unreachable: %s); the reaper will send it", job.id, exc)
-    return JobPublic.from_row(job)
+    return JobPublic.from_row(job, waiting_reason)
 
 
 @router.get("", response_model=JobsPublic, responses={422: {"description": "Bad status, limit or cursor."}})
@@ -144,12 +149,18 @@ def list_jobs(
         )  # fmt: skip
     except repository.InvalidCursor as exc:
         return unprocessable([problem("query", "cursor", str(exc), "cursor")])
-    return JobsPublic(items=[JobPublic.from_row(j) for j in items], next_cursor=next_cursor)
+    queued_pools = {j.pool for j in items if j.status == JobStatus.queued}
+    states = pools.pool_states(session=session) if queued_pools else {}
+    reasons = {pool: pools.waiting_reason(pool, states) for pool in queued_pools}
+    return JobsPublic(items=[JobPublic.from_row(j, reasons.get(j.pool)) for j in items], next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
 def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobPublic:
-    return JobPublic.from_row(_job_or_404(session, caller, job_id))
+    job = _job_or_404(session, caller, job_id)
+    queued = job.status == JobStatus.queued
+    waiting = pools.waiting_reason(job.pool, pools.pool_states(session=session)) if queued else None
+    return JobPublic.from_row(job, waiting)
 
 
 @router.post(

@@ -23,7 +23,8 @@ from api.deps import server_admin_caller
 from api.schemas import ADMIN_RESPONSES
 from jobs.db import session_scope
 from jobs.models import Job, Study
-from jobs.queue import queue_depth
+from jobs.pools import known_pools, pool_states
+from jobs.queue import queue_depths
 from jobs.states import JobStatus, StudyStatus
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,11 @@ class JobStateCollector(Collector):
         except Exception as exc:  # noqa: BLE001
             log.warning("metrics: could not count studies: %s", type(exc).__name__)
         yield studies
-        depth = GaugeMetricFamily("descent_queue_depth", "Job messages waiting in the broker.")
+        depth = GaugeMetricFamily("descent_queue_depth", "Job messages waiting in the broker (every pool's queue).")
         try:
-            depth.add_metric([], queue_depth())
+            with session_scope() as session:
+                pools = known_pools(pool_states(session=session))
+            depth.add_metric([], sum(queue_depths(pools).values()))
         except Exception as exc:  # noqa: BLE001
             log.warning("metrics: could not read the queue depth: %s", type(exc).__name__)
         yield depth

@@ -24,7 +24,7 @@ from api.routes.events import (
     KEEPALIVE_S, POLL_WITHOUT_REDIS_S, STREAM_ID, STREAM_RESPONSES, Followed, event_stream_response, follow_stream, sse,
 )
 from api.schemas import AUTH_RESPONSES, BODY_RESPONSES, QUOTA_RESPONSES, Problem, StudiesPublic, StudyPublic
-from jobs import dataset_store, studies
+from jobs import dataset_store, pools, studies
 from jobs.access import Caller
 from jobs.db import session_factory
 from jobs.events import events_enabled, study_stream_key
@@ -105,13 +105,16 @@ def submit_study(
     spec = spec.model_copy(update={"base": base})
     if problems := _problems(spec):
         return unprocessable(problems)
+    if unknown := pools.unknown_pool_message(spec.pool, pools.pool_states(session=session)):
+        field = "resources.pool" if spec.resources is not None else "base.resources.pool"
+        return unprocessable([problem("body", field, unknown, "pool_unknown")])
     try:
         study, job_ids = studies.create_study(session=session, spec=spec, project=caller.project)
     except QuotaExceeded as exc:
         session.rollback()
         return too_many(exc)
     session.commit()
-    studies.enqueue_trials(study.id, job_ids)  # committed first: a worker never sees an id the database lacks
+    studies.enqueue_trials(study.id, job_ids, spec.pool)  # committed first: a worker never sees an id the database lacks
     background.add_task(_move_on, study.id)
     return _public(session, study)
 

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class ProcessWatch(threading.Thread):
         super().__init__(name="process-watch", daemon=True)
         self.interval_s = interval_s
         self.last_alive: dict[int, float] = {}
+        self.groups: dict[int, int] = {}  # pid -> its process group (a worker's: the Celery parent's pid)
         self._stop_event = threading.Event()
 
     def sample(self) -> None:
@@ -62,6 +64,7 @@ class ProcessWatch(threading.Thread):
         for pid, fields in process_stats():
             if fields[0] not in ("Z", "X"):
                 self.last_alive[pid] = now
+                self.groups[pid] = int(fields[2])
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
@@ -127,7 +130,9 @@ class ChaosStack(JobCalls):
     worker_kills: list[str] = field(default_factory=list)
     killed_pids: set[int] = field(default_factory=set)  # every process those kills ended
     mlflow_restarts: int = 0
-    _next_worker: int = 1  # start_stack names its worker worker-0
+    _next_worker: int = 1  # start_stack names its workers worker-0, worker-1, ...
+    # Every worker's device pool, by its process group (the Celery parent's pid), dead ones too.
+    pool_of_group: dict[int, str] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ reading
 
@@ -154,11 +159,13 @@ class ChaosStack(JobCalls):
         self.killed_pids |= pids
         return pids
 
-    def start_worker(self, wait: bool = True) -> ChildProcess:
+    def start_worker(self, wait: bool = True, pool: str | None = None) -> ChildProcess:
         """A replacement, so that capacity stays: a new name, so each has its own log."""
         name = f"worker-{self._next_worker}"
         self._next_worker += 1
-        worker = self.group.start(name, worker_command(self.settings, CONCURRENCY, name=name))
+        pool = pool or self.settings.worker_pool
+        worker = self.group.start(name, worker_command(self.settings, CONCURRENCY, name=name, pool=pool))
+        self.pool_of_group[worker.process.pid] = pool
         if wait:
             wait_worker_ready(worker)
         return worker
@@ -172,9 +179,10 @@ class ChaosStack(JobCalls):
         self.mlflow_restarts += 1
 
 
-@pytest.fixture(scope="module")
-def chaos_stack(make_database, tmp_path_factory) -> Iterator[ChaosStack]:  # noqa: F811 - the re-exported fixture
-    home = tmp_path_factory.mktemp("descent-chaos")
+@contextmanager
+def open_chaos_stack(make_database, home: Path, worker_pools: list[str], **overrides) -> Iterator[ChaosStack]:  # noqa: ANN001, F811
+    """A stack with a Redis of its own and one worker per entry of `worker_pools` (serving
+    that device pool), the faults' handles on it; `overrides`: settings on top."""
     log_dir = Path(home) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     broker = RedisServer(free_port(), log_dir / "redis.log")
@@ -196,18 +204,18 @@ def chaos_stack(make_database, tmp_path_factory) -> Iterator[ChaosStack]:  # noq
             unclaimed_requeue_s=5.0,
             checkpoint_min_interval_s=0.0,
             bootstrap_key=ADMIN_KEY,
+            **overrides,
         )
-        # One worker through start_stack, the others started side by side: each takes
-        # seconds to import torch, and start_stack waits for one after the other.
-        group = start_stack(settings, log_dir, workers=1, concurrency=CONCURRENCY)
+        # start_stack starts the workers side by side (each takes seconds to import torch).
+        group = start_stack(settings, log_dir, concurrency=CONCURRENCY, worker_pools=worker_pools)
         with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30,
                           headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as api:  # fmt: skip
             watch = ProcessWatch()
             watch.start()
-            stack = ChaosStack(settings, group, broker, api, MlflowClient(settings.mlflow_tracking_uri), log_dir, watch)
+            stack = ChaosStack(settings, group, broker, api, MlflowClient(settings.mlflow_tracking_uri), log_dir, watch,
+                               _next_worker=len(worker_pools))  # fmt: skip
+            stack.pool_of_group = {w.process.pid: pool for w, pool in zip(stack.workers(), worker_pools)}
             try:
-                for worker in [stack.start_worker(wait=False) for _ in range(WORKERS - 1)]:
-                    wait_worker_ready(worker)
                 yield stack
             finally:
                 watch.stop()
@@ -216,3 +224,9 @@ def chaos_stack(make_database, tmp_path_factory) -> Iterator[ChaosStack]:  # noq
             group.stop_all()
         broker.kill()
         print("chaos stack logs:", *sorted(log_dir.glob("*.log")))
+
+
+@pytest.fixture(scope="module")
+def chaos_stack(make_database, tmp_path_factory) -> Iterator[ChaosStack]:  # noqa: F811 - the re-exported fixture
+    with open_chaos_stack(make_database, tmp_path_factory.mktemp("descent-chaos"), ["default"] * WORKERS) as stack:
+        yield stack

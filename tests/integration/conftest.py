@@ -101,7 +101,7 @@ class Stack(JobCalls):
 
     def enqueue_raw(self, job_id: str) -> None:
         """Send a run message directly, as a duplicating broker would."""
-        self.producer.send_task(RUN_JOB_TASK, args=[job_id], queue=self.settings.queue_name)
+        self.producer.send_task(RUN_JOB_TASK, args=[job_id], queue=f"{self.settings.queue_name}.{self.settings.worker_pool}")
 
 
 def stack_settings(make_database, home: Path, name: str, *, mlflow_store: bool = True, **overrides) -> Settings:

@@ -74,7 +74,7 @@ def test_submit_returns_the_job_with_every_default_filled(client: TestClient) ->
 
     assert set(body) == {
         "id", "project", "name", "status", "spec", "created_at", "started_at", "finished_at",
-        "attempts", "progress", "metrics", "mlflow", "error", "study", "diagnostics",
+        "attempts", "progress", "metrics", "mlflow", "error", "study", "diagnostics", "waiting_reason",
     }  # fmt: skip
     uuid.UUID(body["id"])
     assert body["name"] == "unit-iris"

@@ -408,3 +408,18 @@ def test_the_workers_read_the_dataset_cache_that_fetch_datasets_fills(services: 
     assert environment_of(services["worker"])["DATASETS_DOWNLOAD"] == "false"
     assert command_of(services["fetch-datasets"])[:4] == ["python", "-m", "api.admin", "fetch-datasets"]
     assert "public" in network_names(services["fetch-datasets"])
+
+
+def test_two_worker_services_serve_two_device_pools_one_with_the_gpu(services: dict) -> None:
+    workers = {name: s for name, s in services.items()
+               if s.get("command") and command_of(s)[:4] == ["celery", "-A", "worker.app", "worker"]}  # fmt: skip
+    pools = {name: environment_of(s).get("WORKER_POOL") for name, s in workers.items()}
+    assert sorted(pools.values()) == ["cpu", "gpu"], pools
+    gpu_reserved = {
+        name for name, s in workers.items()
+        if any(d.get("driver") == "nvidia" for d in s.get("deploy", {}).get("resources", {}).get("reservations", {})
+               .get("devices", []))
+    }  # fmt: skip
+    assert {pools[name] for name in gpu_reserved} == {"gpu"}, "only the gpu pool's worker reserves a GPU"
+    for name, service in workers.items():
+        assert "-Q" not in command_of(service), f"{name}: its pool's queue comes from WORKER_POOL, not -Q"
