@@ -150,6 +150,7 @@ def _train_pack(client: Any, trials: list[PackedTrial], started: float) -> None:
             checkpoint_every_steps=first.spec.checkpoint_every_steps, raw_data=_uploaded_arrays(first.spec, first.job.project),
         )  # fmt: skip
         trainer.setup()
+        log.info("pack of %d trials set up in %.2f s", len(ready), time.monotonic() - started)
     except Exception as exc:  # noqa: BLE001 - the pack cannot be built: each of its trials fails with why
         for t in ready:
             t.outcome = fail_attempt(client, t.job, t.attempt, t.reporter, t.sink, None, exc)
@@ -187,10 +188,12 @@ def _train_pack(client: Any, trials: list[PackedTrial], started: float) -> None:
         else:
             done.set()
             watcher.join()
+            log.info("pack of %d trials trained at %.2f s", len(ready), time.monotonic() - started)
             conclude_ended(early=False)
         for t in ready:
             if t.ending is not None:
                 t.ending.result()
+        log.info("pack of %d trials ended at %.2f s", len(ready), time.monotonic() - started)
 
 
 def _end_trial(
