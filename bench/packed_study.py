@@ -7,7 +7,7 @@ submitted twice to one stack (fresh PostgreSQL databases, a private Redis queue,
 wall time from submission to the study's end, and the largest difference between the two
 leaderboards' means (what packing must not change).
 
-    PYTHONPATH=$PWD .venv/bin/python bench/packed_study.py [--epochs N]
+    PYTHONPATH=$PWD .venv/bin/python bench/packed_study.py [--epochs N] [--log-every-steps N]
 
 Needs the local PostgreSQL (127.0.0.1:5432, trust) and Redis (127.0.0.1:6379).
 """
@@ -69,10 +69,14 @@ def run_study(api: httpx.Client, body: dict, timeout_s: float = 3600) -> tuple[f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=None, help="override the study's epochs (default: its own)")
+    parser.add_argument("--log-every-steps", type=int, default=None,
+                        help="the trials' log_every_steps (default: theirs, 1): per-step points cost the MLflow server")  # fmt: skip
     args = parser.parse_args()
     spec = load_spec(STUDY)
     if args.epochs:
         spec["base"]["epochs"] = args.epochs
+    if args.log_every_steps:
+        spec["base"]["log_every_steps"] = args.log_every_steps
 
     home = Path(tempfile.mkdtemp(prefix="packed-study-"))
     databases = [f"packbench_{uuid.uuid4().hex[:8]}", f"packbench_mlflow_{uuid.uuid4().hex[:8]}"]
@@ -103,7 +107,8 @@ def main() -> None:
 
     (packed_s, packed), (alone_s, alone) = results[16], results[1]
     trials = sum(packed["trials"].values())
-    print(f"study {spec['name']}: {trials} trials, {spec['base'].get('epochs')} epochs, one worker with "
+    print(f"study {spec['name']}: {trials} trials, {spec['base'].get('epochs')} epochs, "
+          f"log_every_steps {spec['base'].get('log_every_steps', 1)}, one worker with "
           f"{CONCURRENCY} job slots, parallelism {spec['search'].get('parallelism')}")  # fmt: skip
     print(f"{'':24}{'pack_size 16':>14}{'pack_size 1':>14}")
     print(f"{'wall time (s)':24}{packed_s:>14.1f}{alone_s:>14.1f}")
