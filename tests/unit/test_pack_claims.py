@@ -99,7 +99,7 @@ def test_only_trials_that_pass_the_callers_rule_are_claimed(client: TestClient) 
     assert claimed == {j["id"] for j in jobs if j["spec"]["seed"] == 1 and j["id"] != lead["id"]}
     with session_scope() as session:
         job = session.get(Job, uuid.UUID(jobs[-1]["id"]))
-        alone, none = repository.claim_pack_mates(session=session, job=job, fits=lambda spec: False, max_size=16)
+        _, none = repository.claim_pack_mates(session=session, job=job, fits=lambda spec: False, max_size=16)
         assert none == [] and session.get(Job, job.id).pack_id is None
 
 
