@@ -52,6 +52,10 @@ class JobTrial(BaseModel):
     study_id: uuid.UUID
     config_id: str | None
     trial_number: int | None
+    pack_id: uuid.UUID | None = Field(
+        None, description="The pack the trial trained in: trials with the same pack_id were trained together as one "
+        "computation by one worker (search.pack_size); null: it trained alone.",
+    )  # fmt: skip
 
 
 class HessianSummary(BaseModel):
@@ -147,7 +151,8 @@ class JobPublic(BaseModel):
                 run_url=run_url(job.mlflow_experiment_id, job.mlflow_run_id),
             ),
             error=JobError(type=job.error_type, message=job.error_message or "") if job.error_type else None,
-            study=JobTrial(study_id=job.study_id, config_id=job.config_id, trial_number=job.trial_number)
+            study=JobTrial(study_id=job.study_id, config_id=job.config_id, trial_number=job.trial_number,
+                           pack_id=job.pack_id)
             if job.study_id
             else None,
             diagnostics=JobDiagnostics.model_validate(job.diagnostics) if job.diagnostics else None,
@@ -258,6 +263,13 @@ class Readiness(BaseModel):
 Catalog = dict[str, Any]
 
 
+class StudyPack(BaseModel):
+    """Trials one worker trained together as one computation (issue 13)."""
+
+    pack_id: uuid.UUID
+    job_ids: list[uuid.UUID]
+
+
 class StudyPublic(BaseModel):
     """A study as people read it: where it stands, and the leaderboard so far."""
 
@@ -276,10 +288,14 @@ class StudyPublic(BaseModel):
     lr_range_test: dict[str, Any] | None = None
     invalid_configurations: list[dict[str, Any]] = []
     registered_model: dict[str, Any] | None = None
+    packs: list[StudyPack] = Field([], description="The trials that trained packed, pack by pack; a trial in none "
+                                                   "trained alone.")  # fmt: skip
     mlflow: JobMlflow
 
     @classmethod
-    def from_row(cls, study: Study, trials: dict[str, int], leaderboard: dict[str, Any]) -> StudyPublic:
+    def from_row(
+        cls, study: Study, trials: dict[str, int], leaderboard: dict[str, Any], packs: list[dict[str, Any]] | None = None
+    ) -> StudyPublic:
         spec = StudySpec.model_validate(study.spec)
         result = study.result or {}
         return cls(
@@ -288,7 +304,7 @@ class StudyPublic(BaseModel):
             configurations_started=study.configs_created, trials=trials, leaderboard=_json_safe(leaderboard),
             lr_range_test=_json_safe(result.get("lr_range_test")),
             invalid_configurations=result.get("invalid_configurations", []),
-            registered_model=result.get("registered_model"),
+            registered_model=result.get("registered_model"), packs=packs or [],
             mlflow=JobMlflow(experiment_id=study.mlflow_experiment_id, run_id=study.mlflow_run_id,
                              run_url=run_url(study.mlflow_experiment_id, study.mlflow_run_id, tab="")),
         )  # fmt: skip

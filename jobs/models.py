@@ -170,6 +170,9 @@ class Job(Base):
     trial_number: Mapped[int | None] = mapped_column(Integer)
     objective_curve: Mapped[list[list[float]]] = mapped_column(JSONDocument, default=list)
     trial_told: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The pack the trial trained in (issue 13): trials with the same pack_id were claimed
+    # together and trained as one computation; None: it trained alone.
+    pack_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
 
     # Keyset pagination walks (created_at, id) newest first.
     __table_args__ = (

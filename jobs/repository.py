@@ -10,7 +10,7 @@ import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -273,6 +273,52 @@ def claim_next_job(
         if attempt is not None:
             return Claim(job_id, attempt)
     return None
+
+
+def claim_pack_mates(
+    *,
+    session: Session,
+    job: Job,
+    fits: Callable[[dict[str, Any]], bool],
+    max_size: int,
+    worker: str | None = None,
+    lease_s: float | None = None,
+) -> tuple[uuid.UUID, list[Claim]]:
+    """Claim up to `max_size` queued trials of `job`'s study that train in one pack with it
+    (`fits(spec)`: the caller's rule, jobs/packing.py), each with claim_job as if a message
+    had named it (its own attempt and lease); then (pack id, the mates' claims), the pack id
+    written on `job` and on every mate. No mates: no pack id is written.
+
+    Call it in the transaction that claimed `job` (claim_next_job's advisory lock still
+    held): no other worker chooses meanwhile. Only first attempts pack: a trial that ran
+    before resumes alone from its own checkpoint (its pack's trials may have stopped at
+    different steps). The mates' queue messages find nothing of theirs queued later: a
+    message is a slot, so they run the next queued job instead, or nothing."""
+    pack_id = uuid.uuid4()
+    if job.study_id is None or max_size <= 0:
+        return pack_id, []
+    candidates = session.execute(
+        select(Job.id, Job.spec)
+        .where(Job.study_id == job.study_id, Job.status == JobStatus.queued, Job.attempts == 0, Job.id != job.id)
+        .order_by(Job.created_at, Job.id)
+        .limit(max(4 * max_size, 64))  # a study keeps at most parallelism x pack_size trials queued
+        .with_for_update(of=Job, skip_locked=True)
+    ).all()
+    claims: list[Claim] = []
+    for mate_id, spec in candidates:
+        if len(claims) >= max_size:
+            break
+        if not fits(spec):
+            continue
+        attempt = claim_job(session=session, job_id=mate_id, worker=worker, lease_s=lease_s)
+        if attempt is not None:
+            claims.append(Claim(mate_id, attempt))
+    if claims:
+        session.execute(
+            update(Job).where(Job.id.in_([job.id, *(c.job_id for c in claims)])).values(pack_id=pack_id)
+            .execution_options(synchronize_session=False)
+        )  # fmt: skip
+    return pack_id, claims
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from jobs.db import session_scope
 from jobs.events import stage_to, study_stream_key
 from jobs.leaderboard import TrialRecord, build_leaderboard
 from jobs.models import Job, Study, utcnow
+from jobs.packing import likely_packed
 from jobs.pool_names import DEFAULT_POOL
 from jobs.queue import enqueue_job
 from jobs.limits import check_room_for_study, room_for_jobs, study_parallelism
@@ -146,11 +147,43 @@ def standing(*, session: Session, study: Study) -> tuple[dict[str, int], dict[st
     return counts_by_status(jobs), build_leaderboard(spec, trial_records(spec, jobs))
 
 
+def packs(*, session: Session, study_id: uuid.UUID) -> list[dict[str, Any]]:
+    """Which of the study's trials trained packed: [{pack_id, job_ids}], in the order the packs
+    were claimed. A trial in none of them trained alone."""
+    rows = session.execute(
+        select(Job.pack_id, Job.id).where(Job.study_id == study_id, Job.pack_id.is_not(None))
+        .order_by(Job.created_at, Job.id)
+    ).all()  # fmt: skip
+    by_pack: dict[uuid.UUID, list[str]] = {}
+    for pack_id, job_id in rows:
+        by_pack.setdefault(pack_id, []).append(str(job_id))
+    return [{"pack_id": str(pack_id), "job_ids": job_ids} for pack_id, job_ids in by_pack.items()]
+
+
 def counts_by_status(jobs: list[Job]) -> dict[str, int]:
     counts = {str(s): 0 for s in JobStatus}
     for job in jobs:
         counts[job.status] += 1
     return counts
+
+
+def queue_width(spec: StudySpec) -> int:
+    """Trial jobs the study keeps queued or running at once: `search.parallelism`, times
+    `search.pack_size` when its trials pack (jobs/packing.py, read on the base spec). A pack
+    takes one worker for up to pack_size trials, so `parallelism` still counts workers; and
+    a worker can only pack trials that are queued together. A sampler (random, TPE) thus
+    proposes up to parallelism x pack_size configurations' trials before it hears of their
+    results: TPE's constant liar keeps them apart, and its n_startup_trials random ones
+    fill the first packs."""
+    parallelism = getattr(spec.search, "parallelism", 1)  # the range test: its one job
+    pack_size = getattr(spec.search, "pack_size", 1)
+    if pack_size <= 1:
+        return parallelism
+    try:
+        base = sampled_spec(spec, {}, spec.seeds[0])
+    except (ValidationError, ValueError):  # the base needs the space's values to be a spec: it does not widen
+        return parallelism
+    return parallelism * pack_size if likely_packed(base) else parallelism
 
 
 @dataclass
@@ -185,7 +218,7 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
     untold = [j for j in jobs if j.status in TERMINAL and not j.trial_told and j.trial_number is not None]
     active = sum(job.status not in TERMINAL for job in jobs)
     seeds = spec.seeds[:1] if isinstance(spec.search, LRRangeTest) else spec.seeds
-    room = spec.search.parallelism - active if hasattr(spec.search, "parallelism") else 1 - active
+    room = queue_width(spec) - active
     if budget is None:
         budget = max(settings.study_trials_per_advance, len(seeds))
     # A configuration's seeds are created together, within what the project may still hold

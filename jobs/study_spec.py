@@ -128,6 +128,12 @@ def dimension_bounds(dim: Dimension) -> tuple[Any, Any] | None:
 
 MaxTrials = Annotated[int, Field(ge=1, le=10_000, description="Configurations to try (each runs `repeats` times).")]
 Parallelism = Annotated[int, Field(ge=1, le=256, description="Trial jobs queued or running at once.")]
+PackSize = Annotated[int, Field(
+    ge=1, le=64,
+    description="Trials a worker trains together as one pack (one batched computation) when their specs differ "
+    "only in packable fields (seed, optimizer hyperparameters, schedule); 1 turns packing off. A pack takes one "
+    "of the study's `parallelism` slots, so up to parallelism x pack_size packable trials are queued or running.",
+)]  # fmt: skip
 
 
 class GridSearch(SpecModel):
@@ -136,6 +142,7 @@ class GridSearch(SpecModel):
     method: Literal["grid"]
     max_trials: MaxTrials | None = Field(None, description="When given, at least the grid's size.")
     parallelism: Parallelism = 4
+    pack_size: PackSize = 16
 
 
 class RandomSearch(SpecModel):
@@ -144,6 +151,7 @@ class RandomSearch(SpecModel):
     method: Literal["random"]
     max_trials: MaxTrials = 20
     parallelism: Parallelism = 4
+    pack_size: PackSize = 16
 
 
 class TPESearch(SpecModel):
@@ -153,6 +161,7 @@ class TPESearch(SpecModel):
     method: Literal["tpe"]
     max_trials: MaxTrials = 20
     parallelism: Parallelism = 4
+    pack_size: PackSize = 16
     n_startup_trials: int = Field(8, ge=1, le=1000, description="Trial jobs sampled at random first.")
 
 

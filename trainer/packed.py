@@ -27,57 +27,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jobs.spec import ImageDataset, JobSpec
+from jobs.packing import PACKABLE_FIELDS, SLOWER_PACKED_ON_CPU, pack_key, unpackable_reason
+from jobs.spec import JobSpec
 from trainer.data import RawData
 from trainer.packed_models import StackedNetwork, unsupported_layers
 from trainer.packed_optim import STACKED_OPTIMIZERS, StackedOptimizer
 from trainer.recipe import EVAL_CHUNK, SYNC_WINDOW_STEPS, Trainer, TrainingPosition, confusion_matrix, resolve_device
 from trainer.reporting import NullReporter, Reporter, TrainingDiverged, TrainingResult
 
-# Spec fields a pack's trials may differ in; every other field (including ones added later)
-# must be equal for two trials to pack.
-PACKABLE_FIELDS = {
-    "name", "experiment", "seed", "optimizer", "schedule", "clip_grad_norm", "log_every_steps",
-    "max_attempts", "timeout_s",
-}
-PACKED_ARCHS = ("mlp", "cnn", "rnn", "lstm", "gru")
-NOT_PACKED_ARCHS = {
-    "transformer": "attention blocks are not stacked over trials yet",
-    "resnet": "residual blocks are not stacked over trials yet",
-}
-
-
-def pack_key(spec: JobSpec) -> str:
-    """Equal keys: the two specs can train as one pack (the optimizer's family stays in the key)."""
-    fields = spec.model_dump(mode="json", exclude=PACKABLE_FIELDS)
-    fields["optimizer_family"] = spec.optimizer.name
-    return repr(sorted(fields.items()))
-
-
-def unpackable_reason(spec: JobSpec) -> str | None:
-    if spec.model.arch not in PACKED_ARCHS:
-        return f"{spec.model.arch}: {NOT_PACKED_ARCHS.get(spec.model.arch, 'not stacked over trials')}"
-    model = spec.model
-    if getattr(model, "bidirectional", False):
-        return f"{model.arch}: bidirectional recurrent layers are not stacked over trials yet"
-    if getattr(model, "num_layers", 1) > 1 and getattr(model, "dropout", 0) > 0 and model.arch in ("rnn", "lstm", "gru"):
-        return f"{model.arch}: dropout between recurrent layers draws inside torch's fused kernel; it runs alone"
-    # The speed settings of issue 12 (precision, compile) are the solo loop's; a pack trains fp32, eager.
-    if getattr(spec, "compile", False) or getattr(spec, "precision", None) not in (None, "fp32", "float32"):
-        return "reduced precision and torch.compile are the solo loop's settings; packs train fp32, eager"
-    if isinstance(spec.dataset, ImageDataset):
-        return "image sets are standardised and augmented per batch on the device; packs take in-memory sets"
-    if spec.diagnostics.in_loop or spec.diagnostics.hessian or spec.diagnostics.landscape or spec.diagnostics.per_class:
-        return "diagnostics run on one model at a time"
-    if getattr(spec.schedule, "stop_factor", None) is not None:
-        return "the lr range test stops on its own loss; it runs alone"
-    return None
-
-
 # Measured with bench/packing.py on this 2-core CPU: a pack of recurrent trials ran at 0.5x of
 # the same trials one after another (the stacked cell steps from Python, and K trials' gates
 # outgrow the caches that torch's own cell works in); on a GPU the launches it saves dominate.
-SLOWER_PACKED_ON_CPU = {"rnn", "lstm", "gru"}
+# (SLOWER_PACKED_ON_CPU, with the spec-side rules pack_key and unpackable_reason, lives in
+# jobs/packing.py: the worker claiming a pack's mates and a study sizing its queue read it too.)
 
 
 def not_worthwhile_reason(spec: JobSpec) -> str | None:

@@ -13,9 +13,11 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from enum import StrEnum
+from pathlib import Path
 
 import requests
 from mlflow.exceptions import MlflowException
@@ -146,16 +148,24 @@ def execute_job(raw_job_id: str) -> Outcome:
         log.error("ignoring a message with a malformed job id %r", raw_job_id)
         record_outcome(Outcome.skipped, 0.0)
         return Outcome.skipped
+    from worker import execute_pack  # (it builds on this module: imported once a job is claimed)
+
+    pack: list[tuple[Job, int]] = []
     with session_scope() as session:
         # The message is a slot: the fairest queued job runs, not necessarily the one it names.
         claim = claim_next_job(session=session, worker=worker_name(), lease_s=settings.lease_s, pool=settings.worker_pool)
         job_id, attempt = (claim.job_id, claim.attempt) if claim else (job_id, None)
         job = get_job(session=session, job_id=job_id) if attempt else None
         checkpoint = load_checkpoint(session=session, job_id=job_id) if attempt and attempt > 1 else None
+        if claim is not None and job is not None:  # a study's trial takes its pack's mates, under the same lock
+            mates = execute_pack.claim_mates(session=session, job=job, attempt=claim.attempt, worker=worker_name())
+            pack = execute_pack.pack_of(session, [claim, *mates]) if mates else []
     if attempt is None or job is None:
         log.info("message for job %s: no job is queued (a duplicate delivery, or cancelled); nothing to do", job_id)
         record_outcome(Outcome.skipped, time.monotonic() - started)
         return Outcome.skipped
+    if pack:  # no mates found: it runs alone, below
+        return execute_pack.run_pack(pack)[0]
     reporter = JobReporter(None, settings.checkpoint_min_interval_s)
     # The heartbeat covers the whole attempt, to the final transition: waiting for MLflow
     # to take the last metrics must not look like a dead worker.
@@ -190,6 +200,50 @@ def _follow_trial(job: Job, spec: JobSpec, reporter: JobReporter, monitor: JobMo
         log.warning("job %s: pruning unavailable (%s); the trial runs to its end", job.id, exc)
 
 
+def run_connector(
+    client: MlflowClient, job: Job, spec: JobSpec, attempt: int, opened: list[RunFacts]
+) -> Callable[[], tuple[str, dict[str, int]]]:
+    """The sink's `connect` for this attempt: open the job's MLflow run, or continue an earlier
+    attempt's without repeating its steps. `opened` gets the run when this attempt opens it
+    (its end need not read it back)."""
+    earlier_run = job.mlflow_run_id
+    created: list[RunFacts] = []  # the run this attempt made, once it is on the job
+
+    def connect() -> tuple[str, dict[str, int]]:
+        if earlier_run is not None:
+            reopen_run(client, earlier_run, attempt)
+            describe_run(client, earlier_run, spec, job.project)  # the attempt before may have died describing it
+            return earlier_run, latest_steps(client, earlier_run)
+        if not created:
+            tags = study_runs.trial_tags(job, study_runs.ensure_parent_run(client, job.study_id)) if job.study_id else {}
+            run = open_run(client, spec, job.id, attempt, job.project, tags)
+            # On the job before anything else: killed from here on, the next attempt reopens
+            # this run; failing from here on, this attempt's next try describes it again.
+            with session_scope() as session:
+                set_mlflow_run(session=session, job_id=job.id, experiment_id=run.experiment_id, run_id=run.run_id)
+            created.append(run)
+        describe_run(client, created[0].run_id, spec, job.project)
+        opened.append(created[0])
+        return created[0].run_id, {}
+
+    return connect
+
+
+def prepare_attempt(job: Job, reporter: JobReporter, monitor: JobMonitor) -> tuple[JobSpec, Path | None]:
+    """The checks before any run is opened, the job's deadline, a trial's objective and pruning."""
+    spec = JobSpec.model_validate(job.spec)
+    # A job this worker cannot run (no CUDA; fp16 on a CPU) fails before any run is opened.
+    check_runnable(spec.precision, resolve_device(spec.device))
+    # So does a standard image set this worker lacks and cannot fetch (dataset_unavailable, in
+    # seconds); a download happens here, under the job's lease, never in the trainer.
+    datasets_dir = ensure_image_set(spec.dataset.name) if isinstance(spec.dataset, ImageDataset) else None
+    if spec.timeout_s:
+        monitor.deadline = job.started_at + timedelta(seconds=spec.timeout_s)
+    if job.study_id is not None:
+        _follow_trial(job, spec, reporter, monitor)
+    return spec, datasets_dir
+
+
 def _run_attempt(
     job: Job, attempt: int, checkpoint: JobCheckpoint | None, reporter: JobReporter, monitor: JobMonitor
 ) -> Outcome:
@@ -198,43 +252,12 @@ def _run_attempt(
     sink: MlflowMetricSink | None = None
     system_metrics: JobSystemMetrics | None = None
     try:
-        spec = JobSpec.model_validate(job.spec)
-        # A job this worker cannot run (no CUDA; fp16 on a CPU) fails before any run is opened.
-        check_runnable(spec.precision, resolve_device(spec.device))
-        # So does a standard image set this worker lacks and cannot fetch (dataset_unavailable, in
-        # seconds); a download happens here, under the job's lease, never in the trainer.
-        datasets_dir = ensure_image_set(spec.dataset.name) if isinstance(spec.dataset, ImageDataset) else None
-        if spec.timeout_s:
-            monitor.deadline = job.started_at + timedelta(seconds=spec.timeout_s)
-        if job.study_id is not None:
-            _follow_trial(job, spec, reporter, monitor)
-        earlier_run = job.mlflow_run_id
-        opened: list[RunFacts] = []  # the run, when this attempt opens it: its end need not read it back
-
-        created: list[RunFacts] = []  # the run this attempt made, once it is on the job
-
-        def connect() -> tuple[str, dict[str, int]]:
-            """Open the job's MLflow run, or continue an earlier attempt's without repeating its steps."""
-            if earlier_run is not None:
-                reopen_run(client, earlier_run, attempt)
-                describe_run(client, earlier_run, spec, job.project)  # the attempt before may have died describing it
-                return earlier_run, latest_steps(client, earlier_run)
-            if not created:
-                tags = study_runs.trial_tags(job, study_runs.ensure_parent_run(client, job.study_id)) if job.study_id else {}
-                run = open_run(client, spec, job_id, attempt, job.project, tags)
-                # On the job before anything else: killed from here on, the next attempt reopens
-                # this run; failing from here on, this attempt's next try describes it again.
-                with session_scope() as session:
-                    set_mlflow_run(session=session, job_id=job_id, experiment_id=run.experiment_id, run_id=run.run_id)
-                created.append(run)
-            describe_run(client, created[0].run_id, spec, job.project)
-            opened.append(created[0])
-            return created[0].run_id, {}
-
+        spec, datasets_dir = prepare_attempt(job, reporter, monitor)
+        opened: list[RunFacts] = []
         # MLflow down now: the job trains anyway; the sink opens the run when MLflow is back.
         sink = reporter.sink = MlflowMetricSink(
-            client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
-            may_send=monitor.lease_is_fresh,
+            client, run_connector(client, job, spec, attempt, opened), settings.metrics_flush_interval_s,
+            settings.metrics_buffer_limit, may_send=monitor.lease_is_fresh,
         )  # fmt: skip
         # Stopped when the training ends, whatever happens to it; its last sample goes while
         # the results do, and is waited for before the run is ended (below).
@@ -253,7 +276,36 @@ def _run_attempt(
         finally:
             if system_metrics is not None:
                 system_metrics.stop()
+    except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
+        return fail_attempt(client, job, attempt, reporter, sink, system_metrics, exc)
+    return finish_attempt(client, job, spec, attempt, reporter, sink, result, opened, system_metrics)
 
+
+def fail_attempt(
+    client: MlflowClient, job: Job, attempt: int, reporter: JobReporter, sink: MlflowMetricSink | None,
+    system_metrics: JobSystemMetrics | None, exc: BaseException,
+) -> Outcome:
+    """The job failed with `exc`: its last metrics sent (a while), its run and the job ended failed."""
+    log.error("job %s failed", job.id, exc_info=exc)
+    if sink is not None:
+        sink.close(timeout_s=10)
+    if system_metrics is not None:
+        system_metrics.wait()
+    error_type, message = describe_failure(exc)
+    run_id = sink.run_id if sink is not None else job.mlflow_run_id
+    _conclude(client, run_id, job.id, attempt, Outcome.failed, reporter, error_type=error_type, error_message=message)
+    return Outcome.failed
+
+
+def finish_attempt(
+    client: MlflowClient, job: Job, spec: JobSpec, attempt: int, reporter: JobReporter, sink: MlflowMetricSink,
+    result: TrainingResult, opened: list[RunFacts], system_metrics: JobSystemMetrics | None = None,
+) -> Outcome:
+    """The one way an attempt that trained ends, alone or in a pack (worker/execute_pack.py):
+    its outcome from why the training stopped, its results and last metrics in MLflow, then
+    its run and the job concluded."""
+    job_id = job.id
+    try:
         if reporter.stop_reason == StopReason.lease_lost:
             sink.discard()  # the attempt that owns the job now reports these steps
             return Outcome.lost  # and ends the MLflow run: this attempt touches nothing more
@@ -281,15 +333,7 @@ def _run_attempt(
                 results.result()
                 outcome = Outcome.succeeded
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
-        log.exception("job %s failed", job_id)
-        if sink is not None:
-            sink.close(timeout_s=10)
-        if system_metrics is not None:
-            system_metrics.wait()
-        error_type, message = describe_failure(exc)
-        run_id = sink.run_id if sink is not None else job.mlflow_run_id
-        _conclude(client, run_id, job_id, attempt, Outcome.failed, reporter, error_type=error_type, error_message=message)
-        return Outcome.failed
+        return fail_attempt(client, job, attempt, reporter, sink, system_metrics, exc)
     extra = {"diagnostics": result.diagnostics} if result.diagnostics else {}
     if system_metrics is not None:
         system_metrics.wait()

@@ -89,13 +89,16 @@ class TrialRun(NamedTuple):
 
 
 def trial_tags(job: Job, parent_run_id: str) -> dict[str, str]:
-    return {
+    tags = {
         "mlflow.parentRunId": parent_run_id,  # nests the trial's run under the study's in the UI
         "descent.study_id": str(job.study_id),
         "descent.config_id": job.config_id or "",
         "descent.seed": str(job.spec.get("seed", 0)),
         "descent.trial_number": str(job.trial_number),
     }
+    if job.pack_id is not None:  # trained packed: runs with the same tag trained together
+        tags["descent.pack"] = str(job.pack_id)
+    return tags
 
 
 def advance(study_id: uuid.UUID, report: bool = True) -> None:
@@ -162,10 +165,14 @@ def write_report(study_id: uuid.UUID) -> bool:
             for j in studies.trial_jobs(session=session, study_id=study_id)
         ]  # fmt: skip
         board = studies.leaderboard(session=session, study=study)
+        packs = studies.packs(session=session, study_id=study_id)
         attempts = int((study.result or {}).get("report_attempts", 0)) + 1
         try:
             parent = _parent_run(client, session, study)
             report = _report(client, session, study.project, parent, spec, board, trials)
+            if packs:  # which trials trained together (their runs carry the tag descent.pack)
+                client.log_dict(parent, {"packs": packs}, "packs.json")
+                report["packs"] = packs
             client.set_terminated(parent, status=RunStatus.to_string(RUN_STATUS_OF_STUDY[StudyStatus(study.status)]))
         except Exception as exc:  # noqa: BLE001 - MLflow down (or a bug): the reaper tries again
             log.warning("study %s: report not written (attempt %d): %s", study_id, attempts, exc)

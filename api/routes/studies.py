@@ -50,7 +50,7 @@ def _study_or_404(session: SessionDep, caller: CallerDep, study_id: str) -> Stud
 
 def _public(session: SessionDep, study: Study) -> StudyPublic:
     trials, board = studies.standing(session=session, study=study)
-    return StudyPublic.from_row(study, trials, board)
+    return StudyPublic.from_row(study, trials, board, studies.packs(session=session, study_id=study.id))
 
 
 def _problems(spec: StudySpec) -> list[dict]:

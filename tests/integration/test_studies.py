@@ -20,7 +20,7 @@ STUDY = {
     "name": "it-optimizers",
     "base": {"dataset": {"name": "iris"}, "epochs": 2, "batch_size": 16, "seed": 7},
     "space": {"optimizer.name": {"grid": ["sgd", "adam"]}},
-    "search": {"method": "grid", "parallelism": 2},
+    "search": {"method": "grid", "parallelism": 2, "pack_size": 1},  # (packed: tests/integration/test_packed_studies.py)
     "repeats": 2,
     "objective": {"metric": "val_accuracy", "target": 0.5},
 }

@@ -123,7 +123,8 @@ def trials(client: TestClient, study_id: str) -> list[dict]:
 
 
 def test_a_grid_study_runs_its_trials_within_its_parallelism_and_ends_with_a_leaderboard(client: TestClient) -> None:
-    study = submit(client, GRID | {"search": {"method": "grid", "parallelism": 2}})
+    # (pack_size 1: unpacked, `parallelism` is the trials at once; packed, it counts packs)
+    study = submit(client, GRID | {"search": {"method": "grid", "parallelism": 2, "pack_size": 1}})
     first = trials(client, study["id"])
     # two seeds of the first configuration fill the parallelism; the second waits
     assert len(first) == 2 and {t["spec"]["seed"] for t in first} == {0, 1}
@@ -174,7 +175,7 @@ def test_random_and_tpe_draw_inside_the_space_and_repeat_each_configuration_over
     for method in ("random", "tpe"):
         body = {"name": f"unit-{method}", "base": BASE, "repeats": 2,
                 "space": {"optimizer.lr": {"log_uniform": [1e-4, 1e-1]}, "model.hidden": {"grid": [[8], [16, 8]]}},
-                "search": {"method": method, "max_trials": 3, "parallelism": 4}}  # fmt: skip
+                "search": {"method": method, "max_trials": 3, "parallelism": 4, "pack_size": 1}}  # fmt: skip
         study = submit(client, body)
         jobs = trials(client, study["id"])
         assert len(jobs) == 4  # two configurations of two seeds fill the parallelism
@@ -281,7 +282,7 @@ def test_telling_optuna_twice_is_harmless(client: TestClient) -> None:
 
 def test_each_advance_draws_a_new_configuration(client: TestClient) -> None:
     body = {"name": "unit-draws", "base": BASE, "space": {"optimizer.lr": {"log_uniform": [1e-4, 1e-1]}},
-            "search": {"method": "random", "max_trials": 4, "parallelism": 1}}  # fmt: skip
+            "search": {"method": "random", "max_trials": 4, "parallelism": 1, "pack_size": 1}}  # fmt: skip
     study = submit(client, body)
     for _ in range(3):  # one trial at a time: every configuration comes from its own advance
         [running] = [t for t in trials(client, study["id"]) if t["status"] == "queued"]
@@ -310,3 +311,17 @@ def test_a_grid_of_objects_shows_each_as_the_space_wrote_it(client: TestClient) 
     study = submit(client, {"name": "unit-objects", "base": BASE, "space": {"optimizer": {"grid": choices}}})
     rows = client.get(f"/v1/studies/{study['id']}").json()["leaderboard"]["configurations"]
     assert [r["values"]["optimizer"] for r in rows] == choices
+
+
+def test_a_packable_study_keeps_parallelism_x_pack_size_trials_queued_and_an_unpackable_one_parallelism(
+    client: TestClient,
+) -> None:
+    packable = GRID | {"name": "unit-packs", "repeats": 3, "search": {"method": "grid", "parallelism": 1, "pack_size": 6}}
+    study = submit(client, packable)
+    assert len(trials(client, study["id"])) == 6  # one pack's worth: both configurations' three seeds
+    unpackable = packable | {"name": "unit-no-packs", "base": BASE | {"diagnostics": {"per_class": True}}}
+    study = submit(client, unpackable)
+    assert len(trials(client, study["id"])) == 3  # one configuration's seeds (whole configurations only)
+    response = client.post("/v1/studies", json=packable | {"search": {"method": "tpe", "pack_size": 65}})
+    assert response.status_code == 422
+    assert any(p["field"] == "search.pack_size" for p in response.json()["detail"]), response.text

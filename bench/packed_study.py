@@ -1,0 +1,125 @@
+"""A study run packed vs unpacked through the real stack (issue 13).
+
+examples/studies/five-optimizers-digits.yaml (5 optimizers x 3 seeds, digits MLP) is
+submitted twice to one stack (fresh PostgreSQL databases, a private Redis queue, an
+`mlflow server`, the API, one worker with 2 job slots, all started by launcher.stack as
+`make up` starts them): with `search.pack_size` 16 and with 1. Printed side by side: the
+wall time from submission to the study's end, and the largest difference between the two
+leaderboards' means (what packing must not change).
+
+    PYTHONPATH=$PWD .venv/bin/python bench/packed_study.py [--epochs N] [--log-every-steps N]
+
+Needs the local PostgreSQL (127.0.0.1:5432, trust) and Redis (127.0.0.1:6379).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from descent.specfile import load_spec  # noqa: E402
+from jobs.settings import Settings  # noqa: E402
+from launcher.stack import start_stack  # noqa: E402
+
+PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("TEST_PG_USER", "postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+STUDY = Path(__file__).resolve().parents[1] / "examples" / "studies" / "five-optimizers-digits.yaml"
+CONCURRENCY = 2
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def admin_sql(sql: str) -> None:
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def run_study(api: httpx.Client, body: dict, timeout_s: float = 3600) -> tuple[float, dict]:
+    """(seconds from submission to the study's end, the ended study)."""
+    started = time.perf_counter()
+    response = api.post("/v1/studies", json=body)
+    response.raise_for_status()
+    study_id = response.json()["id"]
+    while (study := api.get(f"/v1/studies/{study_id}").json())["status"] == "running":
+        if time.perf_counter() - started > timeout_s:
+            raise TimeoutError(f"study {study_id} still running after {timeout_s} s")
+        time.sleep(0.1)
+    return time.perf_counter() - started, study
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=None, help="override the study's epochs (default: its own)")
+    parser.add_argument("--log-every-steps", type=int, default=None,
+                        help="the trials' log_every_steps (default: theirs, 1): per-step points cost the MLflow server")  # fmt: skip
+    args = parser.parse_args()
+    spec = load_spec(STUDY)
+    if args.epochs:
+        spec["base"]["epochs"] = args.epochs
+    if args.log_every_steps:
+        spec["base"]["log_every_steps"] = args.log_every_steps
+
+    home = Path(tempfile.mkdtemp(prefix="packed-study-"))
+    databases = [f"packbench_{uuid.uuid4().hex[:8]}", f"packbench_mlflow_{uuid.uuid4().hex[:8]}"]
+    for name in databases:
+        admin_sql(f'CREATE DATABASE "{name}"')
+    key = "bench-" + uuid.uuid4().hex
+    url = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/"
+    settings = Settings(
+        descent_home=home, database_url=url + databases[0], broker_url=REDIS_URL,
+        queue_name=f"packed-study-{uuid.uuid4().hex[:8]}", mlflow_port=free_port(), api_port=free_port(),
+        mlflow_backend_store_uri=url + databases[1], mlflow_artifacts_destination=str(home / "mlartifacts"),
+        bootstrap_key=key,
+    )  # fmt: skip
+    group = start_stack(settings, home / "logs", workers=1, concurrency=CONCURRENCY)
+    results: dict[int, tuple[float, dict]] = {}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as api:  # fmt: skip
+            for pack_size in (16, 1):
+                body = copy.deepcopy(spec)
+                body["name"] = f"{spec['name']}-pack{pack_size}"
+                body["search"] = dict(body["search"]) | {"pack_size": pack_size}
+                results[pack_size] = run_study(api, body)
+    finally:
+        group.stop_all()
+        for name in databases:
+            admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    (packed_s, packed), (alone_s, alone) = results[16], results[1]
+    trials = sum(packed["trials"].values())
+    print(f"study {spec['name']}: {trials} trials, {spec['base'].get('epochs')} epochs, "
+          f"log_every_steps {spec['base'].get('log_every_steps', 1)}, one worker with "
+          f"{CONCURRENCY} job slots, parallelism {spec['search'].get('parallelism')}")  # fmt: skip
+    print(f"{'':24}{'pack_size 16':>14}{'pack_size 1':>14}")
+    print(f"{'wall time (s)':24}{packed_s:>14.1f}{alone_s:>14.1f}")
+    print(f"{'status':24}{packed['status']:>14}{alone['status']:>14}")
+    print(f"{'packs':24}{len(packed['packs']):>14}{len(alone['packs']):>14}")
+    rows = {r["config_id"]: r for r in alone["leaderboard"]["configurations"]}
+    diffs = [abs(r["mean"] - rows[r["config_id"]]["mean"]) for r in packed["leaderboard"]["configurations"]
+             if r["mean"] is not None and rows.get(r["config_id"], {}).get("mean") is not None]  # fmt: skip
+    print(f"max leaderboard difference ({packed['leaderboard']['metric']} mean): {max(diffs):.2e}")
+    print(f"wall time, packed vs unpacked: {alone_s / packed_s:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
