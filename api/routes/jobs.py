@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.deps import CallerDep, SessionDep
 from api.errors import problem, too_many, unprocessable
+from api.responses import ModelResponse
 from api.routes.operator import SUBMISSION_SECONDS
 from api.schemas import AUTH_RESPONSES, QUOTA_RESPONSES, JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
 from jobs import dataset_store, repository
@@ -72,14 +73,14 @@ SPEC_BODY_SCHEMA = {"requestBody": {"content": {"application/json": {"schema": {
     openapi_extra=SPEC_BODY_SCHEMA,
 )
 def submit_job(
-    body: SpecBody, session: SessionDep, caller: CallerDep, response: Response, idempotency_key: IdempotencyKey = None
-) -> JobPublic | JSONResponse:
+    body: SpecBody, session: SessionDep, caller: CallerDep, idempotency_key: IdempotencyKey = None
+) -> Response:
     with SUBMISSION_SECONDS.time():
         try:
             spec = _validated_spec(body, session, caller)
         except dataset_store.UnknownDataset as exc:
             return unprocessable([problem("body", "dataset.id", str(exc), "dataset_unknown")])
-        return _submit(spec, session, caller, response, idempotency_key)
+        return _submit(spec, session, caller, idempotency_key)
 
 
 def _validated_spec(body: dict[str, Any], session: SessionDep, caller: CallerDep) -> JobSpec:
@@ -90,9 +91,7 @@ def _validated_spec(body: dict[str, Any], session: SessionDep, caller: CallerDep
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from exc
 
 
-def _submit(
-    spec: JobSpec, session: SessionDep, caller: CallerDep, response: Response, idempotency_key: str | None
-) -> JobPublic | JSONResponse:
+def _submit(spec: JobSpec, session: SessionDep, caller: CallerDep, idempotency_key: str | None) -> Response:
     # The row is committed before the message is sent: a worker never sees an id
     # that is not in the database yet. PostgreSQL is the truth: if the broker is
     # down, the job stays queued and the reaper sends it once the broker is back.
@@ -119,13 +118,12 @@ def _submit(
         session.rollback()
         return too_many(exc)
     if not created:
-        response.status_code = status.HTTP_200_OK
-        return JobPublic.from_row(job)
+        return ModelResponse(JobPublic.from_row(job), status_code=status.HTTP_200_OK)
     try:
         enqueue_job(job.id)
     except Exception as exc:  # noqa: BLE001
         log.warning("job %s recorded but not yet enqueued (broker unreachable: %s); the reaper will send it", job.id, exc)
-    return JobPublic.from_row(job)
+    return ModelResponse(JobPublic.from_row(job), status_code=status.HTTP_201_CREATED)
 
 
 @router.get("", response_model=JobsPublic, responses={422: {"description": "Bad status, limit or cursor."}})
@@ -148,8 +146,8 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
-def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobPublic:
-    return JobPublic.from_row(_job_or_404(session, caller, job_id))
+def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> Response:
+    return ModelResponse(JobPublic.from_row(_job_or_404(session, caller, job_id)))
 
 
 @router.post(
