@@ -4,8 +4,10 @@ scales out").
 Starts the API the way `make up` does (launcher.processes.api_command, API_WORKERS
 processes) against a fresh PostgreSQL database and the machine's Redis under a private
 queue; no worker and no MLflow server: the jobs stay queued. The bootstrap admin key
-submits, and MAX_ACTIVE_JOBS_PER_PROJECT is raised for the run so that the queued jobs
-stay within the project's quota. Then, with CONCURRENCY connections kept alive, each
+submits (or, with --projects N, a plain key of each of N projects made for the run: a key
+looked up in the database, and submissions of one project no longer all waiting on one
+project's quota lock), and MAX_ACTIVE_JOBS_PER_PROJECT is raised for the run so that the
+queued jobs stay within the quota. Then, with CONCURRENCY connections kept alive, each
 sending its next request as soon as the previous answer came (a bounded loop of
 REQUESTS in all), after a warm-up that is not counted:
 
@@ -22,6 +24,7 @@ Output lines (exact): `API processes: <n>`,
 `GET /v1/jobs/{id}: <n>/s, p50 <ms> ms, p99 <ms> ms`, each followed by its CPU line.
 
   PYTHONPATH=$PWD .venv/bin/python bench/api_throughput.py [--api-workers N] [--requests 2000] [--concurrency 16]
+      [--projects 1]
 
 Needs PostgreSQL (TEST_PG_HOST/PORT/USER, default 127.0.0.1:5432 postgres) and Redis
 (TEST_REDIS_URL, default redis://127.0.0.1:6379/15), as the integration tests do.
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,30 +123,33 @@ def get_request(key: str, job_id: str) -> bytes:
 @dataclass
 class Phase:
     latencies_s: list[float] = field(default_factory=list)
-    bodies: list[bytes] = field(default_factory=list)
+    bodies: list[tuple[int, bytes]] = field(default_factory=list)  # (connection's index, body)
     failures: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     client_cpu_s: float = 0.0
     server_cpu_s: dict[str, float] = field(default_factory=dict)
 
 
-async def run_phase(connections: list[Connection], requests: list[bytes], expected: int, keep_bodies: bool) -> Phase:
-    """Send every request, each connection taking the next as soon as its previous answer came."""
+async def run_phase(connections: list[Connection], count: int, build: Callable[[int, int], bytes], expected: int,
+                    keep_bodies: bool) -> Phase:  # fmt: skip
+    """Send `count` requests, `build(connection's index, request's number)`, each connection
+    taking the next number as soon as its previous answer came."""
     phase = Phase()
-    queue = iter(requests)
+    numbers = iter(range(count))
 
-    async def loop(connection: Connection) -> None:
-        for raw in queue:  # one shared iterator: a bounded loop over all connections
+    async def loop(index: int, connection: Connection) -> None:
+        for n in numbers:  # one shared iterator: a bounded loop over all connections
+            raw = build(index, n)
             sent = time.perf_counter()
             status, body = await connection.request(raw)
             phase.latencies_s.append(time.perf_counter() - sent)
             if status != expected:
                 phase.failures.append(f"{status}: {body[:200]!r}")
             elif keep_bodies:
-                phase.bodies.append(body)
+                phase.bodies.append((index, body))
 
     cpu, started = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(loop(c) for c in connections))
+    await asyncio.gather(*(loop(i, c) for i, c in enumerate(connections)))
     phase.wall_s, phase.client_cpu_s = time.perf_counter() - started, time.process_time() - cpu
     return phase
 
@@ -212,35 +219,63 @@ def report(label: str, phase: Phase, requests: int) -> None:
         print(f"  failed: {failure}")
 
 
-async def measure(port: int, key: str, api_pid: int, database: str, concurrency: int, requests: int) -> list[str]:
-    """Both phases and their report; the ids of the jobs created."""
+async def measure(port: int, keys: list[str], api_pid: int, database: str, concurrency: int,
+                  requests: int) -> list[str]:  # fmt: skip
+    """Both phases and their report; the ids of the jobs created. Connection i sends with
+    keys[i % len(keys)] (one project's key each), and reads back its own project's jobs."""
     connections = [await Connection.open(port) for _ in range(concurrency)]
     body = json.dumps(JOB).encode()
-    post = post_request(key, body)
+    posts_by_key = [post_request(key, body) for key in keys]
+
+    def post(index: int, _n: int) -> bytes:
+        return posts_by_key[index % len(keys)]
+
     try:
-        warm = await run_phase(connections, [post] * WARM_UP_REQUESTS, 201, keep_bodies=True)
+        warm = await run_phase(connections, WARM_UP_REQUESTS, post, 201, keep_bodies=True)
         if warm.failures:
             raise SystemExit(f"warm-up submissions failed: {warm.failures[:3]}")
         before = server_cpu(api_pid, database)
-        posts = await run_phase(connections, [post] * requests, 201, keep_bodies=True)
+        posts = await run_phase(connections, requests, post, 201, keep_bodies=True)
         posts.server_cpu_s = cpu_between(before, server_cpu(api_pid, database))
-        ids = [json.loads(b)["id"] for b in warm.bodies + posts.bodies]
-        gets_warm = [get_request(key, ids[i % len(ids)]) for i in range(WARM_UP_REQUESTS)]
-        await run_phase(connections, gets_warm, 200, keep_bodies=False)
+        ids_by_key: list[list[str]] = [[] for _ in keys]
+        for index, answer in warm.bodies + posts.bodies:
+            ids_by_key[index % len(keys)].append(json.loads(answer)["id"])
+
+        def get(index: int, n: int) -> bytes:
+            own = ids_by_key[index % len(keys)]
+            return get_request(keys[index % len(keys)], own[n % len(own)])
+
+        await run_phase(connections, WARM_UP_REQUESTS, get, 200, keep_bodies=False)
         before = server_cpu(api_pid, database)
-        gets = await run_phase(connections, [get_request(key, ids[i % len(ids)]) for i in range(requests)], 200,
-                               keep_bodies=False)  # fmt: skip
+        gets = await run_phase(connections, requests, get, 200, keep_bodies=False)
         gets.server_cpu_s = cpu_between(before, server_cpu(api_pid, database))
     finally:
         for connection in connections:
             connection.close()
+    ids = [job_id for own in ids_by_key for job_id in own]
     print(f"API processes: {api_processes(api_pid)}")
     print(f"clients: {concurrency} keep-alive connections, {requests} requests a phase (after {WARM_UP_REQUESTS} "
-          f"not counted); machine: {len(os.sched_getaffinity(0))} cores, load average "
+          f"not counted), {len(keys)} project(s); machine: {len(os.sched_getaffinity(0))} cores, load average "
           f"{os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     report("POST /v1/jobs", posts, requests)
     report("GET /v1/jobs/{id}", gets, requests)
     return ids
+
+
+def bench_keys(port: int, admin_key: str, projects: int) -> list[str]:
+    """A project and a plain key of it for each of `projects`, made with the bootstrap key."""
+    import httpx
+
+    keys = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                      headers={"Authorization": f"Bearer {admin_key}"}) as admin:  # fmt: skip
+        for i in range(projects):
+            name = f"bench-{i}"
+            admin.post("/v1/projects", json={"name": name}).raise_for_status()
+            minted = admin.post(f"/v1/projects/{name}/keys", json={"label": "api-throughput"})
+            minted.raise_for_status()
+            keys.append(minted.json()["key"])
+    return keys
 
 
 def event_loop_factory():  # noqa: ANN201
@@ -270,6 +305,10 @@ def main() -> None:
                         help="API processes (API_WORKERS); default: the setting's default")  # fmt: skip
     parser.add_argument("--requests", type=int, default=2000, help="requests per phase (default 2000)")
     parser.add_argument("--concurrency", type=int, default=16, help="connections sending at once (default 16)")
+    parser.add_argument("--projects", type=int, default=1,
+                        help="projects the connections submit to (default 1: the bootstrap key's; more: a project "
+                             "and key each, made through the API; one project's submissions wait for each other "
+                             "on its quota lock)")  # fmt: skip
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="api-throughput-"))
@@ -290,8 +329,9 @@ def main() -> None:
         run_migrations(env)
         api = group.start("api", api_command(settings))
         wait_http(f"http://127.0.0.1:{settings.api_port}/healthz", api, group=group)
+        keys = [key] if args.projects == 1 else bench_keys(settings.api_port, key, args.projects)
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            ids = runner.run(measure(settings.api_port, key, api.process.pid, database, args.concurrency,
+            ids = runner.run(measure(settings.api_port, keys, api.process.pid, database, args.concurrency,
                                      args.requests))  # fmt: skip
     finally:
         group.stop_all()
