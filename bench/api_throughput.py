@@ -24,7 +24,7 @@ Output lines (exact): `API processes: <n>`,
 `GET /v1/jobs/{id}: <n>/s, p50 <ms> ms, p99 <ms> ms`, each followed by its CPU line.
 
   PYTHONPATH=$PWD .venv/bin/python bench/api_throughput.py [--api-workers N] [--requests 2000] [--concurrency 16]
-      [--projects 1]
+      [--projects 1] [--history 0]
 
 Needs PostgreSQL (TEST_PG_HOST/PORT/USER, default 127.0.0.1:5432 postgres) and Redis
 (TEST_REDIS_URL, default redis://127.0.0.1:6379/15), as the integration tests do.
@@ -220,7 +220,7 @@ def report(label: str, phase: Phase, requests: int) -> None:
 
 
 async def measure(port: int, keys: list[str], api_pid: int, database: str, concurrency: int,
-                  requests: int) -> list[str]:  # fmt: skip
+                  requests: int, history: int = 0) -> list[str]:  # fmt: skip
     """Both phases and their report; the ids of the jobs created. Connection i sends with
     keys[i % len(keys)] (one project's key each), and reads back its own project's jobs."""
     connections = [await Connection.open(port) for _ in range(concurrency)]
@@ -234,6 +234,12 @@ async def measure(port: int, keys: list[str], api_pid: int, database: str, concu
         warm = await run_phase(connections, WARM_UP_REQUESTS, post, 201, keep_bodies=True)
         if warm.failures:
             raise SystemExit(f"warm-up submissions failed: {warm.failures[:3]}")
+        if history:
+            add_history(database, history)
+            # uvicorn closes a keep-alive connection idle for 5 s: new ones for the measured phases.
+            for connection in connections:
+                connection.close()
+            connections[:] = [await Connection.open(port) for _ in range(concurrency)]
         before = server_cpu(api_pid, database)
         posts = await run_phase(connections, requests, post, 201, keep_bodies=True)
         posts.server_cpu_s = cpu_between(before, server_cpu(api_pid, database))
@@ -260,6 +266,19 @@ async def measure(port: int, keys: list[str], api_pid: int, database: str, concu
     report("POST /v1/jobs", posts, requests)
     report("GET /v1/jobs/{id}", gets, requests)
     return ids
+
+
+def add_history(database: str, finished: int) -> None:
+    """`finished` succeeded jobs in each project that submitted (copies of its warm-up jobs):
+    the history a project that has run for a while carries."""
+    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=database, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO jobs (id, project, name, status, spec, created_at, finished_at, attempts, epoch, step, "
+            "total_steps, latest_metrics, mlflow_run_to_end, objective_curve, trial_told) "
+            "SELECT gen_random_uuid(), j.project, j.name, 'succeeded', j.spec, j.created_at, j.created_at, 1, 0, 0, "
+            "j.total_steps, '{}', false, '[]', false "
+            "FROM (SELECT DISTINCT ON (project) * FROM jobs) j, generate_series(1, %s)", (finished,))
+        conn.execute("ANALYZE jobs")
 
 
 def bench_keys(port: int, admin_key: str, projects: int) -> list[str]:
@@ -309,6 +328,8 @@ def main() -> None:
                         help="projects the connections submit to (default 1: the bootstrap key's; more: a project "
                              "and key each, made through the API; one project's submissions wait for each other "
                              "on its quota lock)")  # fmt: skip
+    parser.add_argument("--history", type=int, default=0,
+                        help="finished jobs added to each project before the measured phases (default 0)")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="api-throughput-"))
@@ -332,7 +353,7 @@ def main() -> None:
         keys = [key] if args.projects == 1 else bench_keys(settings.api_port, key, args.projects)
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             ids = runner.run(measure(settings.api_port, keys, api.process.pid, database, args.concurrency,
-                                     args.requests))  # fmt: skip
+                                     args.requests, args.history))  # fmt: skip
     finally:
         group.stop_all()
         admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
