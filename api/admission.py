@@ -150,20 +150,43 @@ return {n, redis.call('PTTL', KEYS[1])}
 """
 
 _failures: dict[str, tuple[int, float]] = {}  # address -> (failures, window end), without Redis
-# Addresses over the limit, until when (monotonic): refused before their key is looked at,
-# so a client guessing keys gets no answer about its guesses. Checking it costs a
-# successful request one dict lookup, nothing in Redis.
+# Addresses over the limit, until when (monotonic), as this process saw them: refused before
+# their key is looked at, so a client guessing keys gets no answer about its guesses.
 _blocked: dict[str, float] = {}
+# A Redis that failed is not asked again for this long: a Redis outage must not cost every
+# request a connect timeout (the limits are per process meanwhile).
+REDIS_PAUSE_AFTER_FAILURE_S = 5.0
+_redis_paused_until = 0.0
 
 
 def check_not_blocked(address: str) -> None:
+    """Refused while the address is over the invalid-key limit: in this process's memory, and
+    (with Redis) in the counter every API process shares, so that a guess that reaches
+    another process than the one that blocked the address is refused as well. That costs
+    each request one Redis round trip; the key lookup it guards costs a database one."""
+    global _redis_paused_until
     until = _blocked.get(address)
-    if until is None:
+    if until is not None:
+        left = until - time.monotonic()
+        if left > 0:
+            raise Refused(_too_many(), left)
+        _blocked.pop(address, None)
+    client = _redis()
+    if client is None or time.monotonic() < _redis_paused_until:
         return
-    left = until - time.monotonic()
-    if left > 0:
-        raise Refused(_too_many(), left)
-    _blocked.pop(address, None)
+    key = _redis_key("auth-failures", address)
+    try:
+        failures = int(client.get(key) or 0)
+        left_ms = client.pttl(key) if failures > settings.auth_failure_limit else 0
+    except redis.RedisError as exc:
+        _redis_paused_until = time.monotonic() + REDIS_PAUSE_AFTER_FAILURE_S
+        log.warning("invalid-key limit: Redis unreachable (%s); checking in this process for %.0f s",
+                    type(exc).__name__, REDIS_PAUSE_AFTER_FAILURE_S)  # fmt: skip
+        return
+    if failures > settings.auth_failure_limit and left_ms > 0:
+        left_s = left_ms / 1000
+        _blocked[address] = time.monotonic() + left_s
+        raise Refused(_too_many(), left_s)
 
 
 def count_failure(address: str) -> None:

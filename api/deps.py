@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api import admission
 from jobs.access import Caller, authenticate
@@ -18,17 +19,30 @@ from jobs.db import session_factory
 log = logging.getLogger(__name__)
 
 
-def get_session() -> Iterator[Session]:
+async def get_session() -> AsyncIterator[Session]:
+    """A session for the request, closed once the response went out.
+
+    Async, so that FastAPI does not send it to its thread pool twice (to open it, to close
+    it): opening does no I/O (the connection comes at the first query), and neither does
+    closing a session whose transaction has ended (a route that committed); only a session
+    still in a transaction is closed in the thread pool (its connection's rollback is I/O)."""
     session = session_factory()()
     try:
         yield session
     finally:
-        # Runs after the response went out: with the database gone, the rollback on
-        # close fails too, and must not turn an answered request into a dropped one.
-        try:
-            session.close()
-        except SQLAlchemyError as exc:
-            log.warning("closing a session failed (database unreachable?): %s", type(exc).__name__)
+        if session.in_transaction():
+            await run_in_threadpool(_close, session)
+        else:
+            _close(session)
+
+
+def _close(session: Session) -> None:
+    # Runs after the response went out: with the database gone, the rollback on
+    # close fails too, and must not turn an answered request into a dropped one.
+    try:
+        session.close()
+    except SQLAlchemyError as exc:
+        log.warning("closing a session failed (database unreachable?): %s", type(exc).__name__)
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -126,9 +126,14 @@ class ProjectLimits:
 def project_limits(*, session: Session, project: str, limits: Settings, lock: bool = False) -> ProjectLimits:
     """The project's limits. With `lock`, its row stays locked until the transaction ends:
     concurrent submissions of one project are counted one after the other, so that two
-    cannot both take the last place."""
+    cannot both take the last place.
+
+    The lock is FOR NO KEY UPDATE: it excludes the others like it, but not the KEY SHARE
+    lock that inserting a job (its foreign key to the project) takes, so a transaction may
+    insert its job first and lock the project after (as the job gate does, to hold the
+    lock for less time) without deadlocking against another doing the same."""
     query = select(Project.max_active_jobs, Project.max_study_parallelism).where(Project.name == project)
-    row = session.execute(query.with_for_update() if lock else query).first()
+    row = session.execute(query.with_for_update(key_share=True) if lock else query).first()
     active, parallelism = row if row is not None else (None, None)
     return ProjectLimits(
         max_active_jobs=active if active is not None else limits.max_active_jobs_per_project,
@@ -154,11 +159,13 @@ def room_for_jobs(*, session: Session, project: str, limits: Settings) -> int:
     return max(0, own.max_active_jobs - active_jobs(session=session, project=project))
 
 
-def check_room_for_job(*, session: Session, project: str, limits: Settings) -> None:
-    """QuotaExceeded when the project already has as many jobs queued or running as it may.
-    Locks the project's row until the transaction ends (see project_limits)."""
+def check_room_for_job(*, session: Session, project: str, limits: Settings, added: int = 0) -> None:
+    """QuotaExceeded when the project already has as many jobs queued or running as it may
+    (`added`: jobs this transaction has inserted already, which the count sees).
+    Locks the project's row until the transaction ends (see project_limits); the count is
+    read after the lock is held, so it sees every job committed by whoever held it before."""
     own = project_limits(session=session, project=project, limits=limits, lock=True)
-    held = active_jobs(session=session, project=project)
+    held = active_jobs(session=session, project=project) - added
     if held >= own.max_active_jobs:
         where = _where_set(project, own.active_jobs_overridden, "MAX_ACTIVE_JOBS_PER_PROJECT")
         raise QuotaExceeded(
@@ -210,7 +217,7 @@ def set_project_limits(
 ) -> None:
     """The project's own limits (None: the server's setting again). Work already admitted
     keeps running; only what is created from now on is held to them."""
-    row = session.get(Project, project, with_for_update=True)
+    row = session.get(Project, project, with_for_update={"key_share": True})  # as project_limits locks it
     if row is None:
         raise UnknownProject(f"project {project!r} does not exist")
     row.max_active_jobs, row.max_study_parallelism = max_active_jobs, max_study_parallelism

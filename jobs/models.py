@@ -180,6 +180,13 @@ class Job(Base):
         Index("ix_jobs_project_created_at_id", "project", "created_at", "id"),
         Index("ix_jobs_pool_status", "pool", "status"),
         Index("uq_jobs_project_idempotency_key", "project", "idempotency_key", unique=True),
+        # The job quota's count (jobs/limits.py, active_jobs) reads only a project's unfinished jobs (0013).
+        Index(
+            "ix_jobs_project_unfinished",
+            "project",
+            postgresql_where=text("status NOT IN ('succeeded', 'failed', 'cancelled', 'pruned')"),
+            sqlite_where=text("status NOT IN ('succeeded', 'failed', 'cancelled', 'pruned')"),
+        ),
         Index(
             "ix_jobs_mlflow_run_to_end",
             "mlflow_run_to_end",

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from jobs.events import stage as stage_event
 from jobs.events import stage_to, study_stream_key
-from jobs.limits import LimitExceeded, check_room_for_job, limit_breaches, with_default_timeout
+from jobs.limits import LimitExceeded, QuotaExceeded, check_room_for_job, limit_breaches, with_default_timeout
 from jobs.models import DEFAULT_PROJECT, Job, JobCheckpoint, JobEvent, utcnow
 from jobs.settings import settings
 from jobs.spec import JobSpec
@@ -58,10 +58,10 @@ def create_job(
     spec, the earlier job and False; for another spec, IdempotencyConflict.
 
     The one gate every job row passes, whoever creates it (a submission, a study's trial,
-    a configuration a sampler proposed), checked before anything is written:
-    LimitExceeded when the spec asks for more than this server runs, QuotaExceeded when
-    the project already holds as many jobs as it may. A spec without a timeout gets
-    DEFAULT_TIMEOUT_S."""
+    a configuration a sampler proposed): LimitExceeded when the spec asks for more than
+    this server runs (checked before anything is written), QuotaExceeded when the project
+    already holds as many jobs as it may (nothing it wrote is left behind). A spec without
+    a timeout gets DEFAULT_TIMEOUT_S."""
     spec = with_default_timeout(spec, settings)
     digest = spec_digest(spec)
     if idempotency_key is not None:
@@ -76,23 +76,37 @@ def create_job(
             return earlier, False
     if breaches := limit_breaches(spec, settings):
         raise LimitExceeded(breaches)
-    check_room_for_job(session=session, project=project, limits=settings)
+    # The rows are written first and the project's quota checked after, under the project's
+    # lock: the lock is then held for the count and the commit only, not for the inserts as
+    # well, since concurrent submissions of one project wait for it one after the other.
+    now = utcnow()
     job = Job(
+        id=uuid.uuid4(),
+        created_at=now,
         project=project,
         name=spec.name,
         status=JobStatus.queued,
         spec=spec.model_dump(mode="json"),
         total_steps=spec.total_steps,
         latest_metrics={},
-        enqueued_at=utcnow(),
+        enqueued_at=now,
         idempotency_key=idempotency_key,
         spec_sha256=digest,
         pool=spec.resources.pool,
     )
-    session.add(job)
-    session.flush()  # a concurrent twin with the same key fails here, on the unique index
-    session.add(JobEvent(job_id=job.id, from_status=None, to_status=JobStatus.queued, at=job.created_at))
-    stage_event(session, job.id, "state", {"status": JobStatus.queued, "from": None, "detail": None, "at": job.created_at})
+    event = JobEvent(job_id=job.id, from_status=None, to_status=JobStatus.queued, at=now)
+    session.add_all([job, event])
+    session.flush()  # both rows in one flush; a concurrent twin with the same key fails here, on the unique index
+    try:
+        check_room_for_job(session=session, project=project, limits=settings, added=1)
+    except QuotaExceeded:
+        # Refused: the gate takes back what it wrote, whatever its caller does next.
+        session.execute(delete(JobEvent).where(JobEvent.id == event.id).execution_options(synchronize_session=False))
+        session.execute(delete(Job).where(Job.id == job.id).execution_options(synchronize_session=False))
+        session.expunge(event)
+        session.expunge(job)
+        raise
+    stage_event(session, job.id, "state", {"status": JobStatus.queued, "from": None, "detail": None, "at": now})
     return job, True
 
 

@@ -8,6 +8,7 @@ PostgreSQL, Redis and a real MLflow server.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
@@ -34,6 +35,13 @@ def bootstrap_key_problem(key: str) -> str | None:
     if len(set(key)) < BOOTSTRAP_KEY_MIN_DISTINCT:
         return f"is too repetitive to be random (fewer than {BOOTSTRAP_KEY_MIN_DISTINCT} different characters)"
     return None
+
+
+API_WORKERS_DEFAULT_MAX = 4  # past this, more API processes mostly hold more PostgreSQL connections
+
+
+def default_api_workers() -> int:
+    return max(1, min(len(os.sched_getaffinity(0)), API_WORKERS_DEFAULT_MAX))
 
 
 class Settings(BaseSettings):
@@ -71,6 +79,15 @@ class Settings(BaseSettings):
     bootstrap_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("DESCENT_BOOTSTRAP_KEY", "bootstrap_key"), repr=False
     )
+
+    # The API holds nothing between requests (limits, stream slots and caches live in Redis
+    # and PostgreSQL), so it scales out by processes: uvicorn's workers on one machine,
+    # replicas behind a load balancer across machines (README, "Scaling the API").
+    api_workers: int = Field(
+        default_factory=lambda: default_api_workers(), ge=1,
+        description="API processes `make up` / `make api` start (uvicorn workers sharing the port); "
+        "default: the cores this process may use, at most 4.",
+    )  # fmt: skip
 
     # Admission: what one caller may hold at once, and how often a client may present bad keys.
     database_pool_size: int = Field(

@@ -37,9 +37,12 @@ def mlflow_command(s: Settings) -> list[str]:
 
 
 def api_command(s: Settings) -> list[str]:
+    """uvicorn, with API_WORKERS processes sharing the port (the kernel spreads connections
+    over them); uvicorn's own supervisor starts a worker again when one dies. One process
+    serves in-process, without a supervisor."""
     # Without a limit uvicorn's graceful shutdown waits for every open event stream to end.
     return [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(s.api_port),
-            "--timeout-graceful-shutdown", "3"]  # fmt: skip
+            "--timeout-graceful-shutdown", "3"] + (["--workers", str(s.api_workers)] if s.api_workers > 1 else [])  # fmt: skip
 
 
 def worker_command(s: Settings, concurrency: int = 1, name: str = "worker", pool: str | None = None) -> list[str]:

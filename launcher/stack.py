@@ -38,6 +38,7 @@ def stack_env(s: Settings) -> dict[str, str]:
         "MLFLOW_ARTIFACTS_DESTINATION": s.mlflow_artifacts_destination,
         "MLFLOW_AUTH_ENABLED": str(s.mlflow_auth_enabled).lower(),
         "API_PORT": str(s.api_port),
+        "API_WORKERS": str(s.api_workers),
         "MLFLOW_PORT": str(s.mlflow_port),
         "LEASE_S": str(s.lease_s),
         "REAPER_INTERVAL_S": str(s.reaper_interval_s),

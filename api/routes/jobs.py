@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.deps import CallerDep, SessionDep
 from api.errors import problem, too_many, unprocessable
+from api.responses import ModelResponse
 from api.routes.operator import SUBMISSION_SECONDS
 from api.schemas import AUTH_RESPONSES, QUOTA_RESPONSES, JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
 from jobs import dataset_store, pools, repository
@@ -72,8 +73,8 @@ SPEC_BODY_SCHEMA = {"requestBody": {"content": {"application/json": {"schema": {
     openapi_extra=SPEC_BODY_SCHEMA,
 )
 def submit_job(
-    body: SpecBody, session: SessionDep, caller: CallerDep, response: Response, idempotency_key: IdempotencyKey = None
-) -> JobPublic | JSONResponse:
+    body: SpecBody, session: SessionDep, caller: CallerDep, idempotency_key: IdempotencyKey = None
+) -> Response:
     with SUBMISSION_SECONDS.time():
         try:
             spec = _validated_spec(body, session, caller)
@@ -83,7 +84,7 @@ def submit_job(
         if unknown := pools.unknown_pool_message(spec.resources.pool, states):
             return unprocessable([problem("body", "resources.pool", unknown, "pool_unknown")])
         waiting = pools.waiting_reason(spec.resources.pool, states)
-        return _submit(spec, session, caller, response, idempotency_key, waiting)
+        return _submit(spec, session, caller, idempotency_key, waiting)
 
 
 def _validated_spec(body: dict[str, Any], session: SessionDep, caller: CallerDep) -> JobSpec:
@@ -95,9 +96,8 @@ def _validated_spec(body: dict[str, Any], session: SessionDep, caller: CallerDep
 
 
 def _submit(
-    spec: JobSpec, session: SessionDep, caller: CallerDep, response: Response, idempotency_key: str | None,
-    waiting_reason: str | None = None,
-) -> JobPublic | JSONResponse:
+    spec: JobSpec, session: SessionDep, caller: CallerDep, idempotency_key: str | None, waiting_reason: str | None = None
+) -> Response:
     # The row is committed before the message is sent: a worker never sees an id
     # that is not in the database yet. PostgreSQL is the truth: if the broker is
     # down, the job stays queued and the reaper sends it once the broker is back.
@@ -124,13 +124,12 @@ def _submit(
         session.rollback()
         return too_many(exc)
     if not created:
-        response.status_code = status.HTTP_200_OK
-        return JobPublic.from_row(job, waiting_reason)
+        return ModelResponse(JobPublic.from_row(job, waiting_reason), status_code=status.HTTP_200_OK)
     try:
         enqueue_job(job.id, job.pool)
     except Exception as exc:  # noqa: BLE001
         log.warning("job %s recorded but not yet enqueued (broker unreachable: %s); the reaper will send it", job.id, exc)
-    return JobPublic.from_row(job, waiting_reason)
+    return ModelResponse(JobPublic.from_row(job, waiting_reason), status_code=status.HTTP_201_CREATED)
 
 
 @router.get("", response_model=JobsPublic, responses={422: {"description": "Bad status, limit or cursor."}})
@@ -156,11 +155,11 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
-def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> JobPublic:
+def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> Response:
     job = _job_or_404(session, caller, job_id)
     queued = job.status == JobStatus.queued
     waiting = pools.waiting_reason(job.pool, pools.pool_states(session=session)) if queued else None
-    return JobPublic.from_row(job, waiting)
+    return ModelResponse(JobPublic.from_row(job, waiting))
 
 
 @router.post(

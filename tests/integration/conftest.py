@@ -115,6 +115,9 @@ def stack_settings(make_database, home: Path, name: str, *, mlflow_store: bool =
         "queue_name": f"{name.replace('_', '-')}-{uuid.uuid4().hex[:8]}",
         "mlflow_port": free_port(),
         "api_port": free_port(),
+        # One API process: the suites start many stacks on a small machine, and some read the
+        # API process itself (its memory); tests/security/test_api_processes.py runs several.
+        "api_workers": 1,
     }
     if mlflow_store:
         fields |= {"mlflow_backend_store_uri": pg_url(make_database(f"{name}_mlflow")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -151,3 +152,19 @@ def test_the_client_reads_every_page_of_a_metric_history() -> None:
         {"metric": "loss", "step": 0, "value": 1.0}, {"metric": "loss", "step": 1, "value": 0.9},
         {"metric": "loss", "step": 2, "value": 0.8},
     ]  # fmt: skip
+
+
+def test_the_unfinished_jobs_index_covers_exactly_the_unfinished_statuses() -> None:
+    """The quota's count (status NOT IN TERMINAL) uses the partial index only while both
+    name the same statuses: a status added to TERMINAL must be added to the index too."""
+    import re
+
+    from jobs.models import Job
+    from jobs.states import TERMINAL
+
+    index = next(i for i in Job.__table__.indexes if i.name == "ix_jobs_project_unfinished")
+    predicate = str(index.dialect_options["postgresql"]["where"])
+    assert set(re.findall(r"'(\w+)'", predicate)) == {s.value for s in TERMINAL}
+    migration = (Path(__file__).resolve().parents[2] / "migrations" / "versions"
+                 / "0013_apiscale_unfinished_jobs_index.py").read_text()  # fmt: skip
+    assert set(re.findall(r"'(\w+)'", migration.split("FINISHED = ")[1].splitlines()[0])) == {s.value for s in TERMINAL}
