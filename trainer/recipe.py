@@ -238,10 +238,14 @@ class Trainer:
                 batch_start += batch_size
                 step += 1
                 pos.batch_start, pos.step = batch_start, step
-                # Windows end at fixed steps (multiples of SYNC_WINDOW_STEPS), whatever drained
-                # them in between (a checkpoint): where the loop can stop on an explosion it
-                # read back does not depend on the checkpoint cadence.
-                window_end = step % SYNC_WINDOW_STEPS == 0
+                # A range test's windows end at fixed steps (multiples of SYNC_WINDOW_STEPS),
+                # whatever drained them in between (a checkpoint): where the loop can stop on an
+                # explosion it read back does not depend on the checkpoint cadence. Other runs
+                # drain a full window (an epoch shorter than a window drains once, at its end).
+                if explosion is None:
+                    window_end = len(window_steps) >= SYNC_WINDOW_STEPS
+                else:
+                    window_end = step % SYNC_WINDOW_STEPS == 0
                 if window_end:
                     window.drain()
                     pos.fold_logits()  # memory stays bounded by one window's logits
