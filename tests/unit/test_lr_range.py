@@ -160,3 +160,16 @@ def test_the_analysis_reports_where_the_loss_exploded() -> None:
     reading = analyse(lrs, losses, spec.schedule.stop_factor)
     assert reading["exploded_at_step"] == result.exploded_at_step
     assert reading["exploded_at_lr"] == result.exploded_at_lr
+
+
+def test_the_trainers_record_of_the_explosion_is_taken_when_its_loss_was_not_logged() -> None:
+    # A loss that went straight to NaN is not logged (MLflow's JSON has no NaN): the
+    # trainer's exploded_at_step/exploded_at_lr metrics say where it was.
+    lrs, losses, *_ = synthetic_run(sigmoid_drop, -3.0, 0.4, 2.0, 300, noise=0.0)
+    steps = list(range(10, 310))  # (a run whose logged steps do not start at 0)
+    cut = 200
+    reading = analyse(lrs[:cut], losses[:cut], 4.0, steps[:cut], exploded_at=(steps[cut], lrs[cut]))
+    assert (reading["exploded_at_step"], reading["exploded_at_lr"]) == (steps[cut], lrs[cut])
+    assert reading["suggested_lr"] is not None
+    own = analyse(lrs, losses, 4.0, steps)  # without the record: the rule over the logged losses
+    assert own["exploded_at_step"] is not None and own["exploded_at_lr"] == lrs[own["exploded_at_step"] - 10]
