@@ -96,21 +96,36 @@ def grouped_means(values: np.ndarray, size: int) -> np.ndarray:
     return np.add.reduceat(values, edges) / np.diff(np.append(edges, len(values)))
 
 
-def analyse(lrs: list[float], losses: list[float], stop_factor: float = 4.0) -> dict[str, Any]:
-    """{"suggested_lr", "min_loss_lr", "bounds", "exploded_at_lr", "points"} from per-step (lr, loss)."""
-    pairs = [(lr, loss) for lr, loss in zip(lrs, losses) if lr > 0]
-    finite = [(lr, loss) for lr, loss in pairs if math.isfinite(loss)]
+def analyse(
+    lrs: list[float],
+    losses: list[float],
+    stop_factor: float = 4.0,
+    steps: list[int] | None = None,
+    exploded_at: tuple[int, float] | None = None,
+) -> dict[str, Any]:
+    """{"suggested_lr", "min_loss_lr", "bounds", "exploded_at_step", "exploded_at_lr", "points"}
+    from per-step (lr, loss), at `steps` (default 0, 1, ...). `exploded_at`: the trainer's
+    record of the exploding (step, lr) (its metrics of those names), which the reading
+    takes when given: the trainer watched every step, including one whose loss was not
+    finite and so not logged. Without it, the same rule is run over the logged losses."""
+    steps = list(range(len(lrs))) if steps is None else steps
+    points = [(step, lr, loss) for step, lr, loss in zip(steps, lrs, losses) if lr > 0]
+    finite = [(step, lr, loss) for step, lr, loss in points if math.isfinite(loss)]
     if len(finite) < 5:
-        return {"suggested_lr": None, "min_loss_lr": None, "bounds": None, "exploded_at_lr": None, "points": 0,
+        return {"suggested_lr": None, "min_loss_lr": None, "bounds": None, "points": 0,
+                "exploded_at_step": None if exploded_at is None else exploded_at[0],
+                "exploded_at_lr": None if exploded_at is None else exploded_at[1],
                 "reason": "fewer than 5 steps with a finite loss: widen the range or lower min_lr"}  # fmt: skip
     watch, end = LossExplosionWatch(stop_factor), 0
-    for _lr, loss in finite:  # up to where the trainer's rule calls an explosion
-        if watch.exploded(loss):
+    for step, _lr, loss in finite:  # up to where the trainer's rule calls an explosion
+        if (exploded_at is not None and step >= exploded_at[0]) or watch.exploded(loss):
             break
         end += 1
+    if exploded_at is None and end < len(finite):
+        exploded_at = (finite[end][0], float(finite[end][1]))
     group = math.ceil(end / MAX_POINTS)
-    log_lr = grouped_means(np.log10([p[0] for p in finite[:end]]), group)
-    loss = grouped_means(np.array([p[1] for p in finite[:end]], dtype=np.float64), group)
+    log_lr = grouped_means(np.log10([p[1] for p in finite[:end]]), group)
+    loss = grouped_means(np.array([p[2] for p in finite[:end]], dtype=np.float64), group)
     sigma = max(MIN_WINDOW, end * SLOPE_WINDOW / group)
     slope = local_quadratic(log_lr, loss, sigma)[1]
     level = local_quadratic(log_lr, loss, max(MIN_WINDOW, end * LEVEL_WINDOW / group))[0]
@@ -120,12 +135,12 @@ def analyse(lrs: list[float], losses: list[float], stop_factor: float = 4.0) -> 
     steepest = start + int(np.argmin(slope[start : lowest + 1])) if lowest > start else lowest
     min_loss_lr = 10 ** vertex(log_lr, level, lowest)
     suggested = 10 ** vertex(log_lr, slope, steepest) if slope[steepest] < 0 else min_loss_lr / 10
-    exploded_lr = float(finite[end][0]) if end < len(finite) else None
     return {
         "suggested_lr": suggested,
         "min_loss_lr": min_loss_lr,
         "bounds": [suggested / 10, min_loss_lr],
-        "exploded_at_lr": exploded_lr,
+        "exploded_at_step": None if exploded_at is None else exploded_at[0],
+        "exploded_at_lr": None if exploded_at is None else exploded_at[1],
         "points": len(finite),
         "reason": None,
     }

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.lr_range import LossExplosionWatch
 from jobs.spec import ImageDataset, JobSpec
 from trainer.augment import BatchAugmentation
 from trainer.data import RawData, SplitData, load_split
 from trainer.diagnostics import StepProbes
+from trainer.explosion_watch import DeviceExplosionWatch
 from trainer.losses import LOSS_FUNCTIONS
 from trainer.models import MODEL_BUILDERS
 from trainer.optim import build_optimizer
@@ -88,6 +88,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, spec.optimizer)
         self.schedule = build_schedule(self.optimizer, spec.schedule, spec.total_steps)
         self.step_schedule = schedule_stepper(self.schedule)
+        # The range test's stopping rule, watched on the device every step; kept with the
+        # trainer (not the loop) so that a checkpoint carries it and a resumed run continues it.
+        stop_factor = getattr(spec.schedule, "stop_factor", None)
+        self.explosion = DeviceExplosionWatch(stop_factor, self.device) if stop_factor else None
         # The module the training step calls (compiled ahead of the first step when the spec asks).
         self.step_model = self.speed.compiled(self.model, self._warm_up)
         # Draws from no global random stream: the same job trains the same with diagnostics on or off.
@@ -165,8 +169,8 @@ class Trainer:
         log_every = spec.log_every_steps
         clip = spec.clip_grad_norm
         probes = self.diagnostics.probes  # None unless the spec asks for in-loop probes
-        stop_factor = getattr(spec.schedule, "stop_factor", None)  # the lr range test's ramp
-        window = StepWindow(self.reporter, probes, LossExplosionWatch(stop_factor) if stop_factor else None)
+        explosion = self.explosion  # None unless this is an lr range test
+        window = StepWindow(self.reporter, probes, explosion)
         if self.speed.scaler is not None:
             window.count_skipped_steps(self.speed.scaler, pos)
         # The step's callables, looked up once: each attribute lookup is paid on every step.
@@ -226,23 +230,36 @@ class Trainer:
                 if step_schedule is not None:
                     step_schedule()
                 window.add(step, lr, loss.detach(), norm_parts if logged else None, scaler)
+                if explosion is not None:
+                    explosion.update(step, loss)  # on the device: read back with the window
                 # The running train accuracy: the logits are kept (detached) and reduced to
                 # predictions once per window, not one argmax per step.
                 logits_seen.append(logits.detach())
                 batch_start += batch_size
                 step += 1
                 pos.batch_start, pos.step = batch_start, step
-                if len(window_steps) >= SYNC_WINDOW_STEPS:
+                # A range test's windows end at fixed steps (multiples of SYNC_WINDOW_STEPS),
+                # whatever drained them in between (a checkpoint): where the loop can stop on an
+                # explosion it read back does not depend on the checkpoint cadence. Other runs
+                # drain a full window (an epoch shorter than a window drains once, at its end).
+                if explosion is None:
+                    window_end = len(window_steps) >= SYNC_WINDOW_STEPS
+                else:
+                    window_end = step % SYNC_WINDOW_STEPS == 0
+                if window_end:
                     window.drain()
                     pos.fold_logits()  # memory stays bounded by one window's logits
                 if checkpoint_every and step % checkpoint_every == 0 and batch_start < n_train:
                     self._checkpoint(window)  # (an epoch's last step is checkpointed at the epoch's end)
                 reporter.progress(pos.epoch, step)
-                if (reporter.should_stop() or window.exploded_at) and step < spec.total_steps:
+                if reporter.should_stop() and step < spec.total_steps:
                     stopped = True  # (after the last step there is nothing left to stop)
                     break
+                if window_end and explosion is not None and explosion.exploded_at is not None and step < spec.total_steps:
+                    stopped = True
+                    break
             window.drain()
-            stopped = stopped or window.exploded_at is not None
+            stopped = stopped or (explosion is not None and explosion.exploded_at is not None)
             predicted = pos.epoch_predictions()
             train_acc = (predicted == y_train[order[: len(predicted)]]).float().mean()
             val_loss, val_acc, _ = self.evaluate_on_device(data.x_val, data.y_val)
@@ -251,7 +268,7 @@ class Trainer:
             epoch_metrics = {"epoch": pos.epoch, "train_accuracy": train_acc, "val_loss": val_loss, "val_accuracy": val_acc}
             if scaler is not None:
                 epoch_metrics |= {"fp16_skipped_steps": pos.skipped_steps, "loss_scale": scaler.get_scale()}
-            reporter.log_metrics(pos.step, epoch_metrics)
+            reporter.log_metrics(self._reported_step(), epoch_metrics)
             if not stopped:
                 stopped = self.diagnostics.at_epoch_end(pos.epoch, pos.step)  # True: told to stop meanwhile
                 pos.order = None
@@ -264,17 +281,20 @@ class Trainer:
         confusion = confusion_matrix(data.y_val, predicted, data.n_classes)
         if self.device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-            self.reporter.log_metrics(pos.step, {"gpu_peak_memory_mb": peak_mb})
+            self.reporter.log_metrics(self._reported_step(), {"gpu_peak_memory_mb": peak_mb})
         summary: dict[str, Any] = {}  # a cancelled job stops now: no end-of-run diagnostics
         if self.diagnostics.active and not stopped:
             summary = self.diagnostics.at_end(pos.step, confusion, data.class_names)
             stopped = self.diagnostics.interrupted  # a cancel or timeout heard during them
+        exploded_at = None if explosion is None else explosion.exploded_at
         return TrainingResult(
             model=model,
-            steps=pos.step,
+            steps=self._reported_step(),
             epochs=pos.epoch,
-            stopped_early=stopped and window.exploded_at is None,
-            stopped_by=None if window.exploded_at is None else "loss exploded at step {} (lr {:g})".format(*window.exploded_at),
+            stopped_early=stopped and exploded_at is None,
+            stopped_by=None if exploded_at is None else "loss exploded at step {} (lr {:g})".format(*exploded_at),
+            exploded_at_step=None if exploded_at is None else exploded_at[0],
+            exploded_at_lr=None if exploded_at is None else exploded_at[1],
             final_metrics={
                 "train_loss": train_loss,
                 "train_accuracy": train_acc,
@@ -292,6 +312,14 @@ class Trainer:
     def _checkpoint(self, window: StepWindow) -> None:
         window.drain()  # every metric up to this step is reported before the state that follows it
         self.reporter.save_checkpoint(self.position.step, self.state_dict)
+
+    def _reported_step(self) -> int:
+        """The steps the run counts: all it trained, or up to and including the step whose
+        loss exploded (a range test). The loop reads the explosion back with its window, so
+        it trained on to the window's end (a multiple of SYNC_WINDOW_STEPS or the epoch's
+        end, the same steps whatever the checkpoint cadence); those steps are not counted."""
+        exploded_at = None if self.explosion is None else self.explosion.exploded_at
+        return self.position.step if exploded_at is None else min(self.position.step, exploded_at[0] + 1)
 
     def _sync_schedule(self) -> None:
         """A schedule that is not stepped per step (constant) gets the counters it would have."""
@@ -323,6 +351,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "scaler": None if self.speed.scaler is None else self.speed.scaler.state_dict(),
+            "explosion": None if self.explosion is None else self.explosion.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -342,6 +371,8 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         if self.speed.scaler is not None and state.get("scaler"):  # (checkpoints before fp16 lack it)
             self.speed.scaler.load_state_dict(state["scaler"])
+        if self.explosion is not None and state.get("explosion"):  # (checkpoints before issue 15 lack it)
+            self.explosion.load_state_dict(state["explosion"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"].cpu())  # (generator states are CPU tensors, wherever the checkpoint was mapped)
         if rng["cuda"] and torch.cuda.is_available():
@@ -396,14 +427,13 @@ class StepWindow:
     """
 
     def __init__(
-        self, reporter: Reporter, probes: StepProbes | None = None, explosion: LossExplosionWatch | None = None
+        self, reporter: Reporter, probes: StepProbes | None = None, explosion: DeviceExplosionWatch | None = None
     ) -> None:
         self.reporter = reporter
         # Optional on a reporter: log_metric_rows([(step, metrics), ...]) takes a window's rows at once.
         self.log_rows = getattr(reporter, "log_metric_rows", None)
         self.probes = probes  # their values are read back with the window's
-        self.explosion = explosion
-        self.exploded_at: tuple[int, float] | None = None  # (step, lr) where the range test's loss blew up
+        self.explosion = explosion  # the range test's: its first exploding step is read back here
         self.steps: list[int] = []
         self.lrs: list[float] = []
         self.losses: list[torch.Tensor] = []
@@ -453,24 +483,44 @@ class StepWindow:
             scales = [self.scale_before, *torch.cat([s.reshape(1) for s in self.scales]).tolist()]
             self.position.skipped_steps += sum(after < before for before, after in zip(scales, scales[1:]))
             self.scale_before, self.scales = scales[-1], []
-        first_bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
-        if self.explosion is not None:  # the range test: a loss that blows up is its end, not a failure
-            first_bad = next((i for i, loss in enumerate(losses) if self.explosion.exploded(loss)), None)
+        explosion = self.explosion
+        if explosion is None:
+            first_bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+            last_logged = None if first_bad is None else first_bad - 1  # up to a divergence: the charts show it coming
+        else:  # the range test: a loss that blows up is its end, not a failure
+            self._read_explosion()
+            exploded = None if explosion.exploded_at is None else explosion.exploded_at[0]
+            first_bad = None
+            # Up to and including the exploding step (its loss, when finite: the analysis
+            # reads the explosion off the logged losses); the steps the window ran after it
+            # are not the run's.
+            last_logged = None if exploded is None else exploded - self.steps[0]
+            if last_logged is not None and 0 <= last_logged < len(losses) and not math.isfinite(losses[last_logged]):
+                last_logged -= 1
         rows = [
             (self.steps[i], {"train_loss": losses[i], "lr": self.lrs[i], "grad_norm": norm})
             for i, norm in zip(self.logged, norms)
-            if first_bad is None or i < first_bad  # the steps up to a divergence are logged: the charts show it coming
+            if last_logged is None or i <= last_logged
         ]
         if self.log_rows is not None:
             self.log_rows(rows)  # the window's rows in one call (a reporter that offers it)
         else:
             for step, metrics in rows:
                 self.reporter.log_metrics(step, metrics)
-        if first_bad is not None and self.explosion is not None:
-            self.exploded_at = self.exploded_at or (self.steps[first_bad], self.lrs[first_bad])
-        elif first_bad is not None:
+        if explosion is not None and explosion.exploded_at is not None and self.steps[0] <= explosion.exploded_at[0]:
+            step, lr = explosion.exploded_at  # said once, at the step, by the window that holds it
+            self.reporter.log_metrics(step, {"exploded_at_step": step, "exploded_at_lr": lr})
+        if first_bad is not None:
             raise TrainingDiverged(self.steps[first_bad], losses[first_bad], self.lrs[first_bad])
         self.steps, self.lrs, self.losses, self.logged, self.norm_parts = [], [], [], [], []
+
+    def _read_explosion(self) -> None:
+        """The range test's first exploding step, if it is in this window: noted with its lr."""
+        explosion = self.explosion
+        if explosion.exploded_at is None:
+            first = explosion.first_exploding_step()
+            if first is not None:
+                explosion.exploded_at = (first, self.lrs[self.steps.index(first)])
 
 
 def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, n_classes: int) -> list[list[int]]:

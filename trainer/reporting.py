@@ -78,3 +78,5 @@ class TrainingResult:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     landscape: dict[str, Any] | None = None
     stopped_by: str | None = None  # why a run ended early by its own rule (the range test's explosion)
+    exploded_at_step: int | None = None  # the range test: the step whose loss exploded (the run's last counted step)
+    exploded_at_lr: float | None = None  # ... and the lr that step trained with

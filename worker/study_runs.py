@@ -233,7 +233,10 @@ def _report(
     if isinstance(spec.search, LRRangeTest) and ran:
         lrs = [v for _, v in histories[ran[0].job_id]["lr"]]
         losses = [v for _, v in histories[ran[0].job_id]["train_loss"]]
-        reading = analyse(lrs, losses, spec.search.stop_factor)
+        steps = [s for s, _ in histories[ran[0].job_id]["lr"]]
+        # The trainer's own record of the exploding step (it watched every step, finite or not).
+        exploded = metric_history(client, ran[0].run_id, "exploded_at_lr")  # type: ignore[arg-type]
+        reading = analyse(lrs, losses, spec.search.stop_factor, steps, exploded[-1] if exploded else None)
         report["lr_range_test"] = reading
         client.log_dict(parent, reading, "lr_range_test.json")
         _log_figure(client, parent, study_plots.range_test_figure(lrs, losses, reading["suggested_lr"]),

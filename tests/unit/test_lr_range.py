@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from jobs.lr_range import LossExplosionWatch, analyse
 from jobs.spec import JobSpec
@@ -104,3 +105,71 @@ def test_the_suggestion_holds_on_noisy_curves(steps: int) -> None:
         for shape, centre, width, wall in SYNTHETIC:
             lrs, losses, steepest, _ = synthetic_run(shape, centre, width, wall, steps, noise=0.05, seed=seed)
             assert abs(math.log10(analyse(lrs, losses)["suggested_lr"]) - steepest) < 0.1, (shape.__name__, seed)
+
+
+def digits_range_test() -> JobSpec:
+    """issue 15's case: a digits MLP, sgd, lr 1e-4 -> 50; the loss explodes mid-epoch."""
+    return JobSpec.model_validate({
+        "dataset": {"name": "digits"}, "model": {"arch": "mlp", "hidden": [32]}, "epochs": 8, "batch_size": 32,
+        "optimizer": {"name": "sgd", "lr": 50.0}, "schedule": {"name": "lr_range", "min_lr": 1e-4}, "seed": 0,
+    })  # fmt: skip
+
+
+def range_run(every: int | None, resume: bytes | None = None):  # noqa: ANN201
+    from tests.unit.test_resume import CheckpointingReporter, run
+
+    reporter = CheckpointingReporter()
+    trainer, result = run(digits_range_test(), every=every, reporter=reporter, resume=resume)
+    return trainer, result, reporter
+
+
+def test_the_explosion_is_the_same_step_whatever_the_checkpoint_cadence_and_after_a_resume() -> None:
+    straight, result, reporter = range_run(None)
+    assert result.exploded_at_step is not None and result.exploded_at_lr is not None
+    assert result.steps == result.exploded_at_step + 1  # stopped on the exploding step, not at the window's end
+    assert result.exploded_at_lr == reporter.history["lr"][-1][1]  # the exploding step is logged, and last
+    assert reporter.history["exploded_at_step"] == [(result.exploded_at_step, result.exploded_at_step)]
+    expected = {k: v.clone() for k, v in straight.model.state_dict().items()}
+    # Every 3: a checkpoint falls after the exploding step and before the window's end.
+    runs = {"every 10": range_run(10), "every 25": range_run(25), "every 3": range_run(3)}
+    _, _, every_10 = runs["every 10"]
+    before = max(s for s in every_10.checkpoints if s < result.exploded_at_step)  # the last checkpoint before it
+    runs["resumed"] = range_run(10, resume=every_10.checkpoints[before])
+    after = min(s for s in runs["every 3"][2].checkpoints if s > result.exploded_at_step + 1)
+    assert after < straight.position.step  # (the loop trained on to its window's end: see _reported_step)
+    runs["resumed after it"] = range_run(3, resume=runs["every 3"][2].checkpoints[after])
+    starts = {"resumed": before, "resumed after it": after}
+    for name, (trainer, other, other_reporter) in runs.items():
+        assert (other.steps, other.exploded_at_step, other.exploded_at_lr, other.stopped_by) == (
+            result.steps, result.exploded_at_step, result.exploded_at_lr, result.stopped_by), name  # fmt: skip
+        assert other.final_metrics == result.final_metrics, name
+        for key, tensor in trainer.model.state_dict().items():
+            assert torch.equal(tensor, expected[key]), (name, key)
+        start = starts.get(name, 0)
+        for key in ("train_loss", "lr", "exploded_at_lr"):
+            expected_rows = [(s, v) for s, v in reporter.history[key] if s >= start]
+            assert other_reporter.history.get(key, []) == expected_rows, (name, key)
+
+
+def test_the_analysis_reports_where_the_loss_exploded() -> None:
+    spec = digits_range_test()
+    reporter = RecordingReporter()
+    result = run_training(spec, reporter)
+    lrs = [v for _, v in reporter.history["lr"]]
+    losses = [v for _, v in reporter.history["train_loss"]]
+    reading = analyse(lrs, losses, spec.schedule.stop_factor)
+    assert reading["exploded_at_step"] == result.exploded_at_step
+    assert reading["exploded_at_lr"] == result.exploded_at_lr
+
+
+def test_the_trainers_record_of_the_explosion_is_taken_when_its_loss_was_not_logged() -> None:
+    # A loss that went straight to NaN is not logged (MLflow's JSON has no NaN): the
+    # trainer's exploded_at_step/exploded_at_lr metrics say where it was.
+    lrs, losses, *_ = synthetic_run(sigmoid_drop, -3.0, 0.4, 2.0, 300, noise=0.0)
+    steps = list(range(10, 310))  # (a run whose logged steps do not start at 0)
+    cut = 200
+    reading = analyse(lrs[:cut], losses[:cut], 4.0, steps[:cut], exploded_at=(steps[cut], lrs[cut]))
+    assert (reading["exploded_at_step"], reading["exploded_at_lr"]) == (steps[cut], lrs[cut])
+    assert reading["suggested_lr"] is not None
+    own = analyse(lrs, losses, 4.0, steps)  # without the record: the rule over the logged losses
+    assert own["exploded_at_step"] is not None and own["exploded_at_lr"] == lrs[own["exploded_at_step"] - 10]

@@ -72,3 +72,43 @@ def test_a_window_of_rows_reaches_the_sink_as_the_same_points_row_by_row(store: 
         assert reporter.latest["train_loss"] == recorded.history["train_loss"][-1][1]
     finally:
         sink.discard()
+
+
+def test_the_kept_alive_post_reopens_a_connection_the_server_closed() -> None:
+    """The sink's plain-http POST keeps one connection; a server that closed it while idle
+    (its keep-alive timeout, said or not) costs a reconnect, not a failed batch."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from worker.metrics_sink import KeptAlivePost
+
+    received: list[bytes] = []
+    connections: set[int] = set()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            connections.add(self.client_address[1])
+            self.send_response(200 if len(received) != 3 else 400)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+            # After the 2nd request the server drops the connection without saying so.
+            self.close_connection = len(received) == 2
+
+        def log_message(self, *args) -> None:  # noqa: ANN002
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        post = KeptAlivePost(f"http://127.0.0.1:{server.server_port}/api/2.0/mlflow/runs/log-batch",
+                             {"Content-Type": "application/json"}).post  # fmt: skip
+        answers = [post(f'{{"n":{i}}}'.encode()) for i in range(4)]
+        assert [a.status_code for a in answers] == [200, 200, 400, 200] and answers[0].text == "{}"
+        assert received == [f'{{"n":{i}}}'.encode() for i in range(4)]  # each body once, in order
+        assert len(connections) == 2  # one kept for the first two, one reopened for the rest
+    finally:
+        server.shutdown()
