@@ -234,7 +234,7 @@ def _run_attempt(
         # MLflow down now: the job trains anyway; the sink opens the run when MLflow is back.
         sink = reporter.sink = MlflowMetricSink(
             client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
-            may_send=monitor.lease_is_fresh,
+            may_send=monitor.lease_is_fresh, max_points_per_s=settings.metrics_max_points_per_s,
         )  # fmt: skip
         # Stopped when the training ends, whatever happens to it; its last sample goes while
         # the results do, and is waited for before the run is ended (below).

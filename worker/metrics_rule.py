@@ -1,0 +1,175 @@
+"""How many points a job's per-step metrics cost MLflow: every step while the job is slow,
+window aggregates above a rate, so that one MLflow server serves a known number of jobs
+whatever their step rates.
+
+One MLflow server process absorbs a few thousand points a second (README, "Metrics at
+fleet rates"); a small model on a GPU makes thousands of steps a second, three points
+each. Above `max_points_per_s` a job's per-step rows are folded into windows of N steps
+(N a power of two, the smallest that keeps the job under the limit): each window logs,
+at its last step, the mean of every metric (`lr`: its value at that step, exact for a
+schedule) and the spread where it matters (`train_loss_window_min/max`,
+`grad_norm_window_max`). Nothing is dropped silently: every step is in exactly one
+window, the window size is logged as the metric `metrics_window_steps` where it changes
+(none at all in a run that logged every step) and the run's tag `descent.metrics_rule` says which rule was used.
+
+The rate is measured, not predicted, so a job that slows down (a larger model after a
+warm-up, a busy GPU) goes back to every step. The clock is injected: tests drive it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+
+Row = tuple[int, Mapping[str, float]]
+
+# The trainer's per-step rows (trainer/recipe.py StepWindow; the packed recipe per trial).
+STEP_METRICS = frozenset({"train_loss", "lr", "grad_norm"})
+# Logged at a window's last step as their value there, not a mean (the schedule's lr is exact).
+LAST_VALUE_METRICS = frozenset({"lr"})
+# Spread kept beside the mean: a loss spike or a gradient blow-up inside a window stays visible.
+SPREAD_METRICS: dict[str, tuple[str, ...]] = {"train_loss": ("min", "max"), "grad_norm": ("max",)}
+WINDOW_METRIC = "metrics_window_steps"
+RULE_TAG = "descent.metrics_rule"
+EVERY_STEP = "every step"
+DECIDE_EVERY_S = 1.0  # the rate is measured over about a second
+SLOWER_MARGIN = 0.8  # back to a smaller window only with 20 % to spare: no flapping at a boundary
+
+
+def window_metric_name(key: str, stat: str) -> str:
+    return f"{key}_window_{stat}"
+
+
+def spread_names() -> list[str]:
+    return [window_metric_name(key, stat) for key, stats in SPREAD_METRICS.items() for stat in stats]
+
+
+def points_per_window(keys: int, spread: int, window_steps: int) -> int:
+    return keys if window_steps == 1 else keys + spread
+
+
+def window_for_rate(rows_per_s: float, keys: int, spread: int, max_points_per_s: float) -> int:
+    """The smallest power-of-two window keeping rows_per_s under max_points_per_s (1: every step)."""
+    n = 1
+    while rows_per_s / n * points_per_window(keys, spread, n) > max_points_per_s and n < 1 << 30:
+        n *= 2
+    return n
+
+
+class StepMetricsRule:
+    """Turns a job's per-step rows into the rows sent: the same rows while the job is under
+    `max_points_per_s` (0: always), window aggregates above it. Called from the training
+    thread: memory only, a few microseconds a row."""
+
+    def __init__(self, max_points_per_s: float, clock: Callable[[], float] = time.monotonic,
+                 decide_every_s: float = DECIDE_EVERY_S) -> None:  # fmt: skip
+        self.max_points_per_s = max_points_per_s
+        self.clock = clock
+        self.decide_every_s = decide_every_s
+        self.window_steps = 1
+        self.sizes_used: list[int] = []  # in the order first used
+        self._span_start: float | None = None  # when the current rate measurement began
+        self._span_rows = 0
+        self._keys = len(STEP_METRICS)
+        # The open window: rows seen, per-key sums / extremes / last values, its last step.
+        self._count = 0
+        self._sums: dict[str, float] = {}
+        self._mins: dict[str, float] = {}
+        self._maxs: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+        self._last_step = 0
+
+    @property
+    def description(self) -> str:
+        """The value of the run's tag `descent.metrics_rule`."""
+        if all(n == 1 for n in self.sizes_used):
+            return EVERY_STEP
+        spread = ", ".join(spread_names())
+        sizes = ", ".join(str(n) for n in sorted(set(self.sizes_used)))
+        return (
+            f"mean of N-step windows above {self.max_points_per_s:g} points/s, every step below: each window "
+            f"logs at its last step the mean of its steps' values (lr: its value at that step) and {spread}; "
+            f"N a power of two; window sizes used: {sizes} (where each began: metric {WINDOW_METRIC})"
+        )
+
+    def thin(self, rows: list[Row]) -> list[Row]:
+        """The rows to send for these per-step rows (oldest first)."""
+        if not rows:
+            return rows
+        out: list[Row] = []
+        now = self.clock()
+        if self._span_start is None:  # the first rows: the rate is measured from here
+            self._span_start = now
+            self._keys = len(rows[0][1])
+            self.sizes_used.append(1)  # (no point for it: a run without the metric logged every step)
+        else:
+            self._span_rows += len(rows)
+            self._decide(now, rows[0][0], out)
+        if self.window_steps == 1 and not self._count:
+            out.extend(rows)  # (the usual, slow job: the rows as they are)
+            return out
+        for step, metrics in rows:
+            self._fold(step, metrics)
+            if self._count >= self.window_steps:
+                out.append(self._close_window())
+        return out
+
+    def flush(self) -> list[Row]:
+        """The open window, closed at its last step so far (a checkpoint, the end of the run)."""
+        return [self._close_window()] if self._count else []
+
+    def _decide(self, now: float, first_step: int, out: list[Row]) -> None:
+        elapsed = now - self._span_start
+        if elapsed <= 0 or self.max_points_per_s <= 0:
+            return
+        n = self.window_steps
+        spread = len(spread_names())
+        sending = self._span_rows / n * points_per_window(self._keys, spread, n)
+        # Every second, or at once when the job already sends more than a second's allowance.
+        if elapsed < self.decide_every_s and sending <= self.max_points_per_s * self.decide_every_s:
+            return
+        rate = self._span_rows / elapsed
+        wanted = window_for_rate(rate, self._keys, spread, self.max_points_per_s)
+        if wanted < n and window_for_rate(rate / SLOWER_MARGIN, self._keys, spread, self.max_points_per_s) >= n:
+            wanted = n  # only a little under the boundary: stay
+        self._span_start, self._span_rows = now, 0
+        if wanted == n:
+            return
+        if self._count:
+            out.append(self._close_window())  # the old size's last window ends where the new size begins
+        self.window_steps = wanted
+        self.sizes_used.append(wanted)
+        out.append((first_step, {WINDOW_METRIC: float(wanted)}))
+
+    def _fold(self, step: int, metrics: Mapping[str, float]) -> None:
+        sums, mins, maxs = self._sums, self._mins, self._maxs
+        for key, value in metrics.items():
+            if key in LAST_VALUE_METRICS:
+                self._last[key] = value
+                continue
+            if key in sums:
+                sums[key] += value
+                if key in SPREAD_METRICS:
+                    if value < mins[key]:
+                        mins[key] = value
+                    if value > maxs[key]:
+                        maxs[key] = value
+            else:
+                sums[key] = value
+                if key in SPREAD_METRICS:
+                    mins[key] = maxs[key] = value
+        self._count += 1
+        self._last_step = step
+
+    def _close_window(self) -> Row:
+        count = self._count
+        metrics = {key: total / count for key, total in self._sums.items()} | self._last
+        for key, stats in SPREAD_METRICS.items():
+            if key in self._mins:
+                if "min" in stats:
+                    metrics[window_metric_name(key, "min")] = self._mins[key]
+                if "max" in stats:
+                    metrics[window_metric_name(key, "max")] = self._maxs[key]
+        self._count = 0
+        self._sums, self._mins, self._maxs, self._last = {}, {}, {}, {}
+        return self._last_step, metrics
