@@ -168,6 +168,11 @@ class Settings(BaseSettings):
         description="Per-step metric points a job sends MLflow per second at most: above it, window aggregates "
         "(README, 'Metrics at fleet rates'); 0 = every step whatever the rate.",
     )  # fmt: skip
+    metrics_burst_s: float = Field(
+        120.0, ge=0,
+        description="Seconds of METRICS_MAX_POINTS_PER_S a job may send ahead of that rate before its windows "
+        "begin: a short job, and the first minutes of a long one, log every step.",
+    )  # fmt: skip
     log_model: bool = Field(True, description="Log the final model to MLflow at the end of a job.")
     mlflow_wait_at_end_s: float = Field(
         300.0, ge=0, description="How long a finished job waits for an unreachable MLflow to take its metrics."

@@ -235,6 +235,7 @@ def _run_attempt(
         sink = reporter.sink = MlflowMetricSink(
             client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
             may_send=monitor.lease_is_fresh, max_points_per_s=settings.metrics_max_points_per_s,
+            burst_points=settings.metrics_max_points_per_s * settings.metrics_burst_s,
         )  # fmt: skip
         # Stopped when the training ends, whatever happens to it; its last sample goes while
         # the results do, and is waited for before the run is ended (below).

@@ -4,13 +4,16 @@ whatever their step rates.
 
 One MLflow server process absorbs a few thousand points a second (README, "Metrics at
 fleet rates"); a small model on a GPU makes thousands of steps a second, three points
-each. Above `max_points_per_s` a job's per-step rows are folded into windows of N steps
-(N a power of two, the smallest that keeps the job under the limit): each window logs,
-at its last step, the mean of every metric (`lr`: its value at that step, exact for a
-schedule) and the spread where it matters (`train_loss_window_min/max`,
+each. The rule is a token bucket: a job earns `max_points_per_s` points a second and may
+run ahead of that by `burst_points` (a short job, and the first minutes of any job, log
+every step). Once its allowance is spent, its per-step rows are folded into windows of N
+steps (N a power of two, the smallest that keeps its measured rate under the limit): each
+window logs, at its last step, the mean of every metric (`lr`: its value at that step,
+exact for a schedule) and the spread where it matters (`train_loss_window_min/max`,
 `grad_norm_window_max`). Nothing is dropped silently: every step is in exactly one
 window, the window size is logged as the metric `metrics_window_steps` where it changes
-(none at all in a run that logged every step) and the run's tag `descent.metrics_rule` says which rule was used.
+(none at all in a run that logged every step) and the run's tag `descent.metrics_rule`
+says which rule was used.
 
 The rate is measured, not predicted, so a job that slows down (a larger model after a
 warm-up, a busy GPU) goes back to every step. The clock is injected: tests drive it.
@@ -61,9 +64,12 @@ class StepMetricsRule:
     `max_points_per_s` (0: always), window aggregates above it. Called from the training
     thread: memory only, a few microseconds a row."""
 
-    def __init__(self, max_points_per_s: float, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, max_points_per_s: float, burst_points: float = 0.0, clock: Callable[[], float] = time.monotonic,
                  decide_every_s: float = DECIDE_EVERY_S) -> None:  # fmt: skip
         self.max_points_per_s = max_points_per_s
+        self.burst_points = burst_points
+        self.tokens = burst_points  # points the job may still send ahead of its rate
+        self._refilled_at: float | None = None
         self.clock = clock
         self.decide_every_s = decide_every_s
         self.window_steps = 1
@@ -87,7 +93,8 @@ class StepMetricsRule:
         spread = ", ".join(spread_names())
         sizes = ", ".join(str(n) for n in sorted(set(self.sizes_used)))
         return (
-            f"mean of N-step windows above {self.max_points_per_s:g} points/s, every step below: each window "
+            f"mean of N-step windows above {self.max_points_per_s:g} points/s (once {self.burst_points:.0f} points "
+            f"ahead of that rate), every step below: each window "
             f"logs at its last step the mean of its steps' values (lr: its value at that step) and {spread}; "
             f"N a power of two; window sizes used: {sizes} (where each began: metric {WINDOW_METRIC})"
         )
@@ -99,19 +106,23 @@ class StepMetricsRule:
         out: list[Row] = []
         now = self.clock()
         if self._span_start is None:  # the first rows: the rate is measured from here
-            self._span_start = now
+            self._span_start = self._refilled_at = now
             self._keys = len(rows[0][1])
             self.sizes_used.append(1)  # (no point for it: a run without the metric logged every step)
         else:
+            self.tokens = min(self.burst_points, self.tokens + (now - self._refilled_at) * self.max_points_per_s)
+            self._refilled_at = now
             self._span_rows += len(rows)
             self._decide(now, rows[0][0], out)
         if self.window_steps == 1 and not self._count:
             out.extend(rows)  # (the usual, slow job: the rows as they are)
+            self.tokens -= len(rows) * self._keys
             return out
         for step, metrics in rows:
             self._fold(step, metrics)
             if self._count >= self.window_steps:
                 out.append(self._close_window())
+                self.tokens -= len(out[-1][1])
         return out
 
     def flush(self) -> list[Row]:
@@ -123,16 +134,17 @@ class StepMetricsRule:
         if elapsed <= 0 or self.max_points_per_s <= 0:
             return
         n = self.window_steps
-        spread = len(spread_names())
-        sending = self._span_rows / n * points_per_window(self._keys, spread, n)
-        # Every second, or at once when the job already sends more than a second's allowance.
-        if elapsed < self.decide_every_s and sending <= self.max_points_per_s * self.decide_every_s:
+        # Every second; at once when a job logging every step has spent its allowance.
+        if elapsed < self.decide_every_s and not (n == 1 and self.tokens <= 0):
             return
         rate = self._span_rows / elapsed
-        wanted = window_for_rate(rate, self._keys, spread, self.max_points_per_s)
-        if wanted < n and window_for_rate(rate / SLOWER_MARGIN, self._keys, spread, self.max_points_per_s) >= n:
-            wanted = n  # only a little under the boundary: stay
         self._span_start, self._span_rows = now, 0
+        spread = len(spread_names())
+        wanted = window_for_rate(rate, self._keys, spread, self.max_points_per_s)
+        if n == 1 and self.tokens > 0:
+            wanted = 1  # still within its allowance: every step
+        elif wanted < n and window_for_rate(rate / SLOWER_MARGIN, self._keys, spread, self.max_points_per_s) >= n:
+            wanted = n  # only a little under the boundary: stay
         if wanted == n:
             return
         if self._count:

@@ -140,10 +140,11 @@ class MlflowMetricSink:
         buffer_limit: int,
         may_send: Callable[[], bool] | None = None,
         max_points_per_s: float = 0.0,
+        burst_points: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
-        self.rule = StepMetricsRule(max_points_per_s, clock=clock)
+        self.rule = StepMetricsRule(max_points_per_s, burst_points, clock=clock)
         self._rule_tagged: str | None = None  # the rule's description the run's tag has
         # False while this attempt cannot be sure it still owns the job (its lease was
         # not renewed lately: the process was frozen, or PostgreSQL is unreachable).

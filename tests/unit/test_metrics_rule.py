@@ -71,9 +71,11 @@ def test_a_fast_job_logs_window_means_with_their_spread_at_each_window_s_last_st
     start = changes[-1][0]  # the first step of the n-step windows
     windowed = [(s, v) for s, v in history["train_loss"] if s >= start]
     truth = dict((s, m) for s, m in rows(0, end))
-    assert [s for s, _ in windowed] == list(range(start + n - 1, end, n))  # each window's last step
-    for step, mean in windowed:
-        steps = range(step - n + 1, step + 1)
+    ends = list(range(start + n - 1, end, n))  # each window's last step...
+    assert [s for s, _ in windowed] == ends + [end - 1]  # ...and the last, partial one closed by flush()
+    for previous, (step, mean) in zip([start - 1] + ends, windowed):
+        steps = range(previous + 1, step + 1)
+        n = len(steps)
         losses = [truth[s]["train_loss"] for s in steps]
         assert mean == pytest.approx(sum(losses) / n)
         assert dict(history["train_loss_window_min"])[step] == min(losses)
@@ -82,13 +84,12 @@ def test_a_fast_job_logs_window_means_with_their_spread_at_each_window_s_last_st
         assert dict(history["grad_norm"])[step] == pytest.approx(sum(truth[s]["grad_norm"] for s in steps) / n)
         assert dict(history["lr"])[step] == truth[step]["lr"]  # lr: its value at that step
     # No step lost: before the windows every step, then every step in exactly one window.
-    covered = [s for s, _ in history["train_loss"] if s < start] + [s for w, _ in windowed for s in range(w - n + 1, w + 1)]
-    assert sorted(covered) == list(range(end))
+    assert [s for s, _ in history["train_loss"] if s < start] == list(range(start))
     # Bounded: after the first measurement the job sends under the limit.
     late = [m for s, m in out if s >= end - 3000]
     assert sum(len(m) for m in late) / 3 <= 150
     assert rule.description.startswith("mean of N-step windows above 150 points/s")
-    assert "train_loss_window_min" in rule.description and "64" in rule.description
+    assert "train_loss_window_min" in rule.description and ", 64 " in rule.description
 
 
 def test_a_job_that_slows_down_goes_back_to_every_step_and_its_last_window_is_closed() -> None:
@@ -156,3 +157,22 @@ def test_the_sink_tags_the_run_with_its_rule_and_a_checkpoint_closes_the_open_wi
         assert store.get_metric_history(run_id, "train_loss_window_max")
     finally:
         sink.discard()
+
+
+def test_a_job_logs_every_step_until_it_has_run_its_burst_ahead_of_the_rate() -> None:
+    clock = Clock()
+    rule = StepMetricsRule(150, burst_points=3000, clock=clock)
+    out, end = feed(rule, clock, steps_per_s=1000, seconds=4, first=0)
+    history = by_metric(out)
+    start = history[WINDOW_METRIC][0][0]  # where the windows began
+    every = [s for s, _ in history["train_loss"] if s < start]
+    assert every == list(range(start))
+    # 3 points a step: the allowance (3000 points, plus 150 a second meanwhile) lasts about 1,050 steps.
+    assert 1000 <= start <= 1200, start
+    assert rule.window_steps == 64
+    assert "once 3000 points ahead of that rate" in rule.description
+    # A short fast job never spends it: every step, and the tag says so.
+    short = StepMetricsRule(150, burst_points=3000, clock=clock)
+    out, end = feed(short, clock, steps_per_s=1000, seconds=0.5, first=0)
+    assert [s for s, _ in by_metric(out)["train_loss"]] == list(range(end))
+    assert short.description == EVERY_STEP
