@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.settings import Settings, settings as default_settings  # noqa: E402
 from launcher.processes import ProcessGroup, mlflow_command, wait_http  # noqa: E402
-from worker.metrics_rule import SPREAD_METRICS, WINDOW_METRIC, window_metric_name  # noqa: E402
+from worker.metrics_rule import SPREAD_METRICS, WINDOW_METRIC, point_steps, window_metric_name  # noqa: E402
 
 # (MLflow's client prints a link to stdout at each run's end; the spawned senders and jobs inherit this.)
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -178,7 +178,7 @@ def postgres_cpu(database: str) -> dict[int, float]:
 
 
 def trainer_job(uri: str | None, experiment_id: str | None, epochs: int, seed: int, cores: list[int],
-                max_points_per_s: float, barrier, results) -> None:  # fmt: skip
+                max_points_per_s: float, burst_s: float, barrier, results) -> None:  # fmt: skip
     os.sched_setaffinity(0, cores)
     import torch
 
@@ -198,7 +198,7 @@ def trainer_job(uri: str | None, experiment_id: str | None, epochs: int, seed: i
         client = MlflowClient(uri)
         run_id = client.create_run(experiment_id).info.run_id
         sink = MlflowMetricSink(client, lambda: (run_id, {}), flush_interval_s=1.0, buffer_limit=1_000_000,
-                                max_points_per_s=max_points_per_s)  # fmt: skip
+                                max_points_per_s=max_points_per_s, burst_points=max_points_per_s * burst_s)  # fmt: skip
         reporter = JobReporter(sink)
     else:
         reporter = NullReporter()
@@ -218,11 +218,14 @@ def trainer_job(uri: str | None, experiment_id: str | None, epochs: int, seed: i
 
 
 def concurrent_round(uri: str | None, experiment_id: str | None, jobs: int, epochs: int, cores: list[int],
-                     max_points_per_s: float) -> list[tuple]:  # fmt: skip
-    ctx = mp.get_context("spawn")
+                     max_points_per_s: float, burst_s: float) -> list[tuple]:  # fmt: skip
+    # Forked from this process, which imported torch, the trainer and MLflow's client once (as a
+    # Celery parent does; no torch thread exists before the fork): a job starts in a second, not
+    # in a minute of imports on a busy machine.
+    ctx = mp.get_context("fork")
     barrier, results = ctx.Barrier(jobs), ctx.Queue()
     procs = [ctx.Process(target=trainer_job, args=(uri, experiment_id, epochs, seed, cores, max_points_per_s,
-                                                    barrier, results)) for seed in range(1, jobs + 1)]  # fmt: skip
+                                                    burst_s, barrier, results)) for seed in range(1, jobs + 1)]  # fmt: skip
     for p in procs:
         p.start()
     got = [results.get(timeout=900) for _ in procs]
@@ -233,23 +236,8 @@ def concurrent_round(uri: str | None, experiment_id: str | None, jobs: int, epoc
 
 def curve_problems(client, run_id: str, total_steps: int) -> tuple[list[str], dict[str, int], set[int]]:  # noqa: ANN001
     """What the run's per-step curves lack under the rule; the points per metric; the window sizes."""
-    history = {m.step: int(m.value) for m in client.get_metric_history(run_id, WINDOW_METRIC)}
-    changes = sorted(history.items())  # (first step of a size, the size); none: every step throughout
-    segments = []
-    bounds = [(0, 1), *changes]
-    for i, (start, size) in enumerate(bounds):
-        end = bounds[i + 1][0] - 1 if i + 1 < len(bounds) else total_steps - 1
-        if end >= start:
-            segments.append((start, end, size))
-    expected_steps: list[int] = []  # where each point of train_loss should be
-    windowed_steps: list[int] = []
-    for start, end, size in segments:
-        ends = list(range(start + size - 1, end + 1, size))
-        if not ends or ends[-1] != end:
-            ends.append(end)  # the size's last window closes where the next size begins (or the run ends)
-        expected_steps += ends
-        if size > 1:
-            windowed_steps += ends
+    changes = sorted((m.step, int(m.value)) for m in client.get_metric_history(run_id, WINDOW_METRIC))
+    expected_steps, windowed_steps = point_steps(changes, total_steps)
     problems, counts = [], {}
     points = {}
     for key in ("train_loss", "lr", "grad_norm", *(window_metric_name(k, s) for k, st in SPREAD_METRICS.items() for s in st)):
@@ -265,7 +253,7 @@ def curve_problems(client, run_id: str, total_steps: int) -> tuple[list[str], di
     low, high = dict(points["train_loss_window_min"]), dict(points["train_loss_window_max"])
     if any(not low[s] - 1e-9 <= mean[s] <= high[s] + 1e-9 for s in low if s in mean and s in high):
         problems.append("train_loss outside its window's min..max")
-    return problems, counts, {size for _, _, size in segments}
+    return problems, counts, {1} | {size for _, size in changes}
 
 
 def main() -> None:
@@ -278,6 +266,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="pairs of rounds: with metrics, none")
     parser.add_argument("--epochs", type=int, default=40, help="of each digits job (23 steps an epoch)")
     parser.add_argument("--max-points-per-s", type=float, default=default_settings.metrics_max_points_per_s)
+    parser.add_argument("--burst-s", type=float, default=default_settings.metrics_burst_s)
     parser.add_argument("--skip-ceiling", action="store_true")
     parser.add_argument("--skip-jobs", action="store_true")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=len(os.sched_getaffinity(0)) >= 2)
@@ -311,16 +300,22 @@ def main() -> None:
             ceiling_rows = ceiling(s.mlflow_tracking_uri, experiment_id, server.process.pid, database, levels, args.senders,
                                    args.seconds, work_cores, args.buffer_limit)  # fmt: skip
         if not args.skip_jobs:
+            import torch  # noqa: F401 - imported before the jobs fork (see concurrent_round)
+
+            import trainer.recipe  # noqa: F401
+            import worker.monitor  # noqa: F401
             from jobs.spec import JobSpec
 
             total_steps = JobSpec.model_validate(DIGITS_JOB | {"epochs": args.epochs}).total_steps
             print(f"2. {args.jobs} concurrent digits jobs, {total_steps} steps each, 1 torch thread each, on cores "
-                  f"{work_cores}; METRICS_MAX_POINTS_PER_S {args.max_points_per_s:g}", flush=True)  # fmt: skip
+                  f"{work_cores}; METRICS_MAX_POINTS_PER_S {args.max_points_per_s:g}, METRICS_BURST_S {args.burst_s:g}",
+                  flush=True)  # fmt: skip
             incomplete = 0
             for r in range(args.rounds):
                 for side in (("metrics", "none") if r % 2 == 0 else ("none", "metrics")):
                     uri = s.mlflow_tracking_uri if side == "metrics" else None
-                    got = concurrent_round(uri, experiment_id, args.jobs, args.epochs, work_cores, args.max_points_per_s)
+                    got = concurrent_round(uri, experiment_id, args.jobs, args.epochs, work_cores, args.max_points_per_s,
+                                           args.burst_s)  # fmt: skip
                     rates = [steps / elapsed for _, steps, elapsed, *_ in got]
                     cpu_per_step = statistics.mean(cpu / steps * 1e6 for _, steps, _, cpu, *_ in got)
                     line = (f"  round {r + 1} {side:>7}: steps/s per job {statistics.mean(rates):6.0f} "
@@ -353,8 +348,10 @@ def main() -> None:
         pg_point = statistics.median(r[7] for r in ceiling_rows)
         print(f"server CPU per point absorbed: median {per_point:.0f} us over the levels (PostgreSQL {pg_point:.0f} us): "
               f"one server process with a core of its own absorbs {1e6 / per_point:.0f} points/s")
-        print(f"32 jobs at METRICS_MAX_POINTS_PER_S {args.max_points_per_s:g}: {32 * args.max_points_per_s:.0f} "
-              f"points/s = {32 * args.max_points_per_s / top:.0%} of the ceiling")  # fmt: skip
+        fleet = 32 * args.max_points_per_s
+        print(f"32 jobs at METRICS_MAX_POINTS_PER_S {args.max_points_per_s:g}: {fleet:.0f} points/s = "
+              f"{fleet * per_point / 1e6:.0%} of a server process with a core of its own, "
+              f"{fleet / top:.0%} of what it absorbed here")  # fmt: skip
         print(f"mlflow server ceiling: {top:.0f} points/s")
     if rounds["metrics"] and rounds["none"]:
         ratios = [m[0] / n[0] for m, n in zip(rounds["metrics"], rounds["none"])]

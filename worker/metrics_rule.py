@@ -59,6 +59,26 @@ def window_for_rate(rows_per_s: float, keys: int, spread: int, max_points_per_s:
     return n
 
 
+def point_steps(window_changes: list[tuple[int, int]], total_steps: int) -> tuple[list[int], list[int]]:
+    """Where a run's per-step metrics have points under the rule, from its `metrics_window_steps`
+    history [(first step of a size, size), ...] (empty: every step), for steps 0..total_steps-1 with
+    no checkpoint between (a checkpoint closes a window early): (every point's step, the windowed ones')."""
+    bounds = [(0, 1), *sorted(window_changes)]
+    steps: list[int] = []
+    windowed: list[int] = []
+    for i, (start, size) in enumerate(bounds):
+        end = bounds[i + 1][0] - 1 if i + 1 < len(bounds) else total_steps - 1
+        if end < start:
+            continue
+        ends = list(range(start + size - 1, end + 1, size))
+        if not ends or ends[-1] != end:
+            ends.append(end)  # a size's last window closes where the next size begins, or the run ends
+        steps += ends
+        if size > 1:
+            windowed += ends
+    return steps, windowed
+
+
 class StepMetricsRule:
     """Turns a job's per-step rows into the rows sent: the same rows while the job is under
     `max_points_per_s` (0: always), window aggregates above it. Called from the training
