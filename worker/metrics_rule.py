@@ -36,6 +36,9 @@ WINDOW_METRIC = "metrics_window_steps"
 RULE_TAG = "descent.metrics_rule"
 EVERY_STEP = "every step"
 DECIDE_EVERY_S = 1.0  # the rate is measured over about a second
+# Never a rate from less: two windows handed over a millisecond apart (a full one, then an
+# epoch's last few steps) would read as a burst of thousands of steps a second.
+MIN_SPAN_S = 0.25
 SLOWER_MARGIN = 0.8  # back to a smaller window only with 20 % to spare: no flapping at a boundary
 
 
@@ -155,7 +158,7 @@ class StepMetricsRule:
             return
         n = self.window_steps
         # Every second; at once when a job logging every step has spent its allowance.
-        if elapsed < self.decide_every_s and not (n == 1 and self.tokens <= 0):
+        if elapsed < self.decide_every_s and not (n == 1 and self.tokens <= 0 and elapsed >= MIN_SPAN_S):
             return
         rate = self._span_rows / elapsed
         self._span_start, self._span_rows = now, 0
