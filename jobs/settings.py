@@ -22,10 +22,10 @@ BOOTSTRAP_KEY_MIN_LENGTH = 32
 BOOTSTRAP_KEY_MIN_DISTINCT = 8  # 32 random hex digits have fewer than 8 distinct ones about once in 10^7
 
 # Per-step metric points one job sends MLflow per second at most (above: window aggregates).
-# One MLflow server process (--workers 1, PostgreSQL store) absorbed ~6,800 points/s
-# (bench/metrics_rate.py); 32 jobs at this limit send 32 x 150 = 4,800 points/s, 70 % of
-# that, leaving room for the epoch, system and diagnostics metrics and for the reads of
-# the UI and the API on the same process.
+# One MLflow server process (--workers 1, PostgreSQL store) spends ~150 us of CPU a point
+# (bench/metrics_rate.py, 138-157 us over its levels): ~6,600 points/s with a core of its
+# own. 32 jobs at this limit send 32 x 150 = 4,800 points/s, 72 % of that, leaving room for
+# the epoch, system and diagnostics metrics and for the UI's and the API's reads.
 METRICS_MAX_POINTS_PER_S_DEFAULT = 150.0
 
 
