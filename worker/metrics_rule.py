@@ -64,8 +64,9 @@ def window_for_rate(rows_per_s: float, keys: int, spread: int, max_points_per_s:
 
 def point_steps(window_changes: list[tuple[int, int]], total_steps: int) -> tuple[list[int], list[int]]:
     """Where a run's per-step metrics have points under the rule, from its `metrics_window_steps`
-    history [(first step of a size, size), ...] (empty: every step), for steps 0..total_steps-1 with
-    no checkpoint between (a checkpoint closes a window early): (every point's step, the windowed ones')."""
+    history [(step where windows of a size begin, size), ...] (empty: every step), for steps
+    0..total_steps-1: (every point's step, the windowed ones'). A checkpoint that closes a window
+    early is followed by a point of the same size where the next windows begin."""
     bounds = [(0, 1), *sorted(window_changes)]
     steps: list[int] = []
     windowed: list[int] = []
@@ -107,6 +108,7 @@ class StepMetricsRule:
         self._maxs: dict[str, float] = {}
         self._last: dict[str, float] = {}
         self._last_step = 0
+        self._realign = False  # a window was closed early: say where the next ones begin
 
     @property
     def description(self) -> str:
@@ -137,6 +139,10 @@ class StepMetricsRule:
             self._refilled_at = now
             self._span_rows += len(rows)
             self._decide(now, rows[0][0], out)
+        if self._realign:
+            self._realign = False
+            if self.window_steps > 1:
+                out.append((rows[0][0], {WINDOW_METRIC: float(self.window_steps)}))
         if self.window_steps == 1 and not self._count:
             out.extend(rows)  # (the usual, slow job: the rows as they are)
             self.tokens -= len(rows) * self._keys
@@ -149,8 +155,12 @@ class StepMetricsRule:
         return out
 
     def flush(self) -> list[Row]:
-        """The open window, closed at its last step so far (a checkpoint, the end of the run)."""
-        return [self._close_window()] if self._count else []
+        """The open window, closed at its last step so far (a checkpoint, the end of the run);
+        the next windows begin at the next step, and a `metrics_window_steps` point there says so."""
+        if not self._count:
+            return []
+        self._realign = True
+        return [self._close_window()]
 
     def _decide(self, now: float, first_step: int, out: list[Row]) -> None:
         elapsed = now - self._span_start
@@ -174,6 +184,7 @@ class StepMetricsRule:
             out.append(self._close_window())  # the old size's last window ends where the new size begins
         self.window_steps = wanted
         self.sizes_used.append(wanted)
+        self._realign = False  # (the change's own point says where the new windows begin)
         out.append((first_step, {WINDOW_METRIC: float(wanted)}))
 
     def _fold(self, step: int, metrics: Mapping[str, float]) -> None:

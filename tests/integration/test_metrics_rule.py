@@ -16,7 +16,7 @@ from tests.integration.conftest import ADMIN_KEY, Stack, stack_settings
 from tests.integration.test_job_lifecycle import DIGITS_ADAM
 from worker.metrics_rule import EVERY_STEP, RULE_TAG, WINDOW_METRIC, point_steps
 
-LIMIT = 30.0  # points/s: a digits job here makes hundreds of steps a second, 3 points each
+LIMIT = 10.0  # points/s: a digits job makes tens to hundreds of steps a second here, 3 points each
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def slow_mlflow_stack(make_database, tmp_path_factory) -> Iterator[Stack]:  # no
 
 def test_a_fast_job_above_the_limit_logs_windows_says_so_and_loses_no_step(slow_mlflow_stack: Stack) -> None:
     stack = slow_mlflow_stack
-    job = stack.wait(stack.submit(DIGITS_ADAM | {"name": "it-metrics-windows", "epochs": 100})["id"], timeout_s=300)
+    job = stack.wait(stack.submit(DIGITS_ADAM | {"name": "it-metrics-windows", "epochs": 40})["id"], timeout_s=300)
     assert job["status"] == "succeeded", job["error"]
     total = job["progress"]["total_steps"]
     run_id = job["mlflow"]["run_id"]
@@ -54,7 +54,7 @@ def test_a_fast_job_above_the_limit_logs_windows_says_so_and_loses_no_step(slow_
     mean = {p["step"]: p["value"] for p in metrics["train_loss"]}
     for low, high in zip(metrics["train_loss_window_min"], metrics["train_loss_window_max"]):
         assert low["value"] <= mean[low["step"]] + 1e-9 and mean[low["step"]] <= high["value"] + 1e-9
-    assert len(metrics["val_accuracy"]) == 100  # epoch metrics are not per-step rows: all of them
+    assert len(metrics["val_accuracy"]) == 40  # epoch metrics are not per-step rows: all of them
     assert job["metrics"]["val_accuracy"] == pytest.approx(metrics["val_accuracy"][-1]["value"])
 
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from mlflow.tracking import MlflowClient
 
-from worker.metrics_rule import EVERY_STEP, RULE_TAG, WINDOW_METRIC, StepMetricsRule, window_for_rate
+from worker.metrics_rule import EVERY_STEP, RULE_TAG, WINDOW_METRIC, StepMetricsRule, point_steps, window_for_rate
 from worker.metrics_sink import MlflowMetricSink
 from worker.monitor import JobReporter
 
@@ -194,3 +194,21 @@ def test_two_windows_handed_over_at_once_do_not_read_as_a_burst_of_speed() -> No
         step += 23
     assert rule.window_steps == window_for_rate(23 / 0.161, 3, 3, 150) == 8
     assert set(rule.sizes_used) == {1, 8}
+
+
+def test_a_window_closed_early_by_a_checkpoint_is_followed_by_where_the_next_windows_begin() -> None:
+    clock = Clock()
+    rule = StepMetricsRule(150, clock=clock)
+    out, step = feed(rule, clock, steps_per_s=1000, seconds=2, first=0)
+    n = rule.window_steps
+    out += rule.thin(rows(step, 5))  # the open window has steps up to step + 4 ...
+    out += rule.flush()  # ... and a checkpoint closes it there
+    more, end = feed(rule, clock, steps_per_s=1000, seconds=1, first=step + 5)
+    out += more + rule.flush()
+    history = by_metric(out)
+    assert (step + 5, float(n)) in history[WINDOW_METRIC]  # the next windows begin after the checkpoint
+    assert step + 4 in dict(history["train_loss"])
+    changes = [(s, int(v)) for s, v in history[WINDOW_METRIC]]
+    expected, windowed = point_steps(changes, end)
+    assert [s for s, _ in history["train_loss"]] == expected
+    assert [s for s, _ in history["train_loss_window_max"]] == windowed
