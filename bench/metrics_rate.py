@@ -23,6 +23,12 @@ With --isolate (the default on >= 2 cores) the server is pinned to the last core
 senders and trainers to the others, as when it runs on its own host; PostgreSQL is a
 system service and is not pinned. Figures on a shared machine are noisy: paired rounds.
 
+The jobs of part 2 should be in the regime of the issue (each ~1,000 steps/s, 64-step
+windows at the default 150 points/s). A machine with fewer cores than jobs runs each far
+slower, where the rule keeps every step (under 50 steps/s); scale the limit with the speed
+there (`--max-points-per-s 6 --burst-s 5` for jobs at ~25 steps/s: 32-64-step windows) and
+say so, as README "Metrics at fleet rates" does.
+
 The last lines are `mlflow server ceiling: <points/s> points/s` and
 `8 jobs with metrics vs none: <ratio>`.
 
