@@ -212,3 +212,33 @@ def test_a_window_closed_early_by_a_checkpoint_is_followed_by_where_the_next_win
     expected, windowed = point_steps(changes, end)
     assert [s for s, _ in history["train_loss"]] == expected
     assert [s for s, _ in history["train_loss_window_max"]] == windowed
+
+
+def test_a_windowed_job_s_sink_sends_every_few_seconds_not_every_second(store: MlflowClient) -> None:
+    import time
+
+    from worker.metrics_sink import WINDOWED_FLUSH_INTERVAL_S
+
+    run_id = store.create_run(store.create_experiment(f"held-{uuid.uuid4().hex[:6]}")).info.run_id
+    clock = Clock()
+    sink = MlflowMetricSink(store, lambda: (run_id, {}), flush_interval_s=0.05, buffer_limit=100_000,
+                            max_points_per_s=150, clock=clock)  # fmt: skip
+    try:
+        step = 0
+        for _ in range(40):  # 1000 steps/s: windows
+            clock.now += 0.032
+            sink.add_rows(rows(step, 32))
+            step += 32
+        assert sink.rule.window_steps > 1
+        sent = sink.sent
+        time.sleep(0.5)  # ten flush intervals of real time, none of the job's clock
+        sink.add_rows(rows(step, 32))
+        time.sleep(0.3)
+        assert sink.sent == sent and sink._pending  # held: a few points wait for a fuller request
+        clock.now += WINDOWED_FLUSH_INTERVAL_S
+        deadline = time.monotonic() + 10
+        while sink.sent < sink.added and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sink.sent == sink.added > sent
+    finally:
+        sink.discard()
