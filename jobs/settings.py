@@ -24,6 +24,13 @@ EXAMPLE_SECRETS = frozenset(
 BOOTSTRAP_KEY_MIN_LENGTH = 32
 BOOTSTRAP_KEY_MIN_DISTINCT = 8  # 32 random hex digits have fewer than 8 distinct ones about once in 10^7
 
+# Per-step metric points one job sends MLflow per second at most (above: window aggregates).
+# One MLflow server process (--workers 1, PostgreSQL store) spends ~150 us of CPU a point
+# (bench/metrics_rate.py, 138-157 us over its levels): ~6,600 points/s with a core of its
+# own. 32 jobs at this limit send 32 x 150 = 4,800 points/s, 72 % of that, leaving room for
+# the epoch, system and diagnostics metrics and for the UI's and the API's reads.
+METRICS_MAX_POINTS_PER_S_DEFAULT = 150.0
+
 
 def bootstrap_key_problem(key: str) -> str | None:
     """Why this string cannot be the bootstrap key (it is a server-admin key, so it must be
@@ -177,6 +184,16 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(0.5, gt=0, description="How often a running job writes progress and checks for cancel.")
     metrics_flush_interval_s: float = Field(1.0, gt=0, description="How often buffered metrics go to MLflow.")
     metrics_buffer_limit: int = Field(1_000_000, ge=1000, description="Metric points kept while MLflow is unreachable.")
+    metrics_max_points_per_s: float = Field(
+        METRICS_MAX_POINTS_PER_S_DEFAULT, ge=0,
+        description="Per-step metric points a job sends MLflow per second at most: above it, window aggregates "
+        "(README, 'Metrics at fleet rates'); 0 = every step whatever the rate.",
+    )  # fmt: skip
+    metrics_burst_s: float = Field(
+        120.0, ge=0,
+        description="Seconds of METRICS_MAX_POINTS_PER_S a job may send ahead of that rate before its windows "
+        "begin: a short job, and the first minutes of a long one, log every step.",
+    )  # fmt: skip
     log_model: bool = Field(True, description="Log the final model to MLflow at the end of a job.")
     mlflow_wait_at_end_s: float = Field(
         300.0, ge=0, description="How long a finished job waits for an unreachable MLflow to take its metrics."

@@ -57,6 +57,8 @@ def stack_env(s: Settings) -> dict[str, str]:
         "AUTH_FAILURE_WINDOW_S": str(s.auth_failure_window_s),
         "SYSTEM_METRICS_INTERVAL_S": str(s.system_metrics_interval_s),
         "LOG_MODEL": str(s.log_model).lower(),
+        "METRICS_MAX_POINTS_PER_S": str(s.metrics_max_points_per_s),
+        "METRICS_BURST_S": str(s.metrics_burst_s),
         "TORCH_THREADS_PER_JOB": str(s.torch_threads_per_job),
         "DATASETS_DIR": str(s.datasets_dir),
         "DATASETS_DOWNLOAD": str(s.datasets_download).lower(),

@@ -229,6 +229,17 @@ def run_connector(
     return connect
 
 
+def open_metric_sink(client: MlflowClient, connect: Callable[[], tuple[str, dict[str, int]]],
+                     monitor: JobMonitor) -> MlflowMetricSink:
+    """A job's metric sink: flushed on the settings' cadence, held while the job's lease is
+    stale, and held to the per-job metrics rule (METRICS_MAX_POINTS_PER_S)."""
+    return MlflowMetricSink(
+        client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
+        may_send=monitor.lease_is_fresh, max_points_per_s=settings.metrics_max_points_per_s,
+        burst_points=settings.metrics_max_points_per_s * settings.metrics_burst_s,
+    )  # fmt: skip
+
+
 def prepare_attempt(job: Job, reporter: JobReporter, monitor: JobMonitor) -> tuple[JobSpec, Path | None]:
     """The checks before any run is opened, the job's deadline, a trial's objective and pruning."""
     spec = JobSpec.model_validate(job.spec)
@@ -255,10 +266,7 @@ def _run_attempt(
         spec, datasets_dir = prepare_attempt(job, reporter, monitor)
         opened: list[RunFacts] = []
         # MLflow down now: the job trains anyway; the sink opens the run when MLflow is back.
-        sink = reporter.sink = MlflowMetricSink(
-            client, run_connector(client, job, spec, attempt, opened), settings.metrics_flush_interval_s,
-            settings.metrics_buffer_limit, may_send=monitor.lease_is_fresh,
-        )  # fmt: skip
+        sink = reporter.sink = open_metric_sink(client, run_connector(client, job, spec, attempt, opened), monitor)
         # Stopped when the training ends, whatever happens to it; its last sample goes while
         # the results do, and is waited for before the run is ended (below).
         system_metrics = job_system_metrics(client, sink, reporter, monitor)

@@ -37,7 +37,9 @@ from trainer.packed import PackedTrainer, not_worthwhile_reason, pack_key, unpac
 from trainer.reporting import TrainingDiverged, TrainingResult
 from trainer.speed import release_device_memory
 from worker import study_runs
-from worker.execute import Outcome, _uploaded_arrays, fail_attempt, finish_attempt, prepare_attempt, run_connector
+from worker.execute import (
+    Outcome, _uploaded_arrays, fail_attempt, finish_attempt, open_metric_sink, prepare_attempt, run_connector,
+)
 from worker.metrics_sink import MlflowMetricSink
 from worker.mlflow_run import RunFacts
 from worker.monitor import JobMonitor, JobReporter
@@ -135,10 +137,8 @@ def _train_pack(client: Any, trials: list[PackedTrial], started: float) -> None:
             record_outcome(t.outcome, time.monotonic() - started)
             continue
         # MLflow down now: the trial trains anyway; its sink opens the run when MLflow is back.
-        t.sink = t.reporter.sink = MlflowMetricSink(
-            client, run_connector(client, t.job, t.spec, t.attempt, t.opened), settings.metrics_flush_interval_s,
-            settings.metrics_buffer_limit, may_send=t.monitor.lease_is_fresh,
-        )  # fmt: skip
+        t.sink = t.reporter.sink = open_metric_sink(client, run_connector(client, t.job, t.spec, t.attempt, t.opened),
+                                                    t.monitor)
         ready.append(t)
     if not ready:
         return

@@ -24,6 +24,8 @@ from mlflow.tracking.request_header.registry import resolve_request_headers
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
+from worker.metrics_rule import RULE_TAG, StepMetricsRule
+
 log = logging.getLogger(__name__)
 
 MetricPoint = tuple[str, float, int, int]  # key, value, timestamp (ms), step
@@ -31,6 +33,10 @@ MetricPoint = tuple[str, float, int, int]  # key, value, timestamp (ms), step
 # MlflowClient.log_batch accepts at most 1000 metrics per request (mlflow/utils/validation.py).
 MAX_METRICS_PER_BATCH = 1000
 RETRY_BACKOFF_MAX_S = 30.0
+# A job whose rule windows its metrics sends a few points a second: one request every few
+# seconds, not every second (a log-batch request costs the MLflow server ~6.5 ms besides its
+# points: 32 windowed jobs flushing every second would spend a fifth of its core on requests).
+WINDOWED_FLUSH_INTERVAL_S = 5.0
 
 
 def _json_number(value: float) -> str:
@@ -184,6 +190,10 @@ class MlflowMetricSink:
     MLflow is down, and its run appears when MLflow is back. `added` and `sent`
     count points, so the worker can tell when everything logged before a checkpoint
     is in MLflow.
+
+    Per-step rows (`add_rows`) pass through the job's StepMetricsRule: every step while the
+    job sends under `max_points_per_s`, window aggregates above it (worker/metrics_rule.py);
+    the run's tag `descent.metrics_rule` says which, set by this thread when it changes.
     """
 
     def __init__(
@@ -193,8 +203,15 @@ class MlflowMetricSink:
         flush_interval_s: float,
         buffer_limit: int,
         may_send: Callable[[], bool] | None = None,
+        max_points_per_s: float = 0.0,
+        burst_points: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
+        self.rule = StepMetricsRule(max_points_per_s, burst_points, clock=clock)
+        self._clock = clock
+        self._flushed_at = clock()
+        self._rule_tagged: str | None = None  # the rule's description the run's tag has
         # False while this attempt cannot be sure it still owns the job (its lease was
         # not renewed lately: the process was frozen, or PostgreSQL is unreachable).
         # Points wait then: sent after a lost lease, they would duplicate the steps
@@ -244,7 +261,18 @@ class MlflowMetricSink:
             overflow -= 1
 
     def add_rows(self, rows: list[tuple[int, Mapping[str, float]]]) -> None:
-        """Many steps' metrics at once, stamped with one time (they were read back together)."""
+        """Many steps' per-step metrics at once, stamped with one time (they were read back
+        together); what is buffered is what the job's rule makes of them."""
+        self._buffer_rows(self.rule.thin(rows))
+
+    def end_window(self) -> None:
+        """Close the rule's open window now (a checkpoint: every step before it is in a point
+        buffered before the checkpoint; the end of the run)."""
+        self._buffer_rows(self.rule.flush())
+
+    def _buffer_rows(self, rows: list[tuple[int, Mapping[str, float]]]) -> None:
+        if not rows:
+            return
         timestamp = int(time.time() * 1000)
         points = [(key, float(value), timestamp, step) for step, metrics in rows for key, value in metrics.items()]
         self._pending.extend(points)
@@ -269,6 +297,19 @@ class MlflowMetricSink:
                 batch.append(point)
         return batch, taken
 
+    def _tag_rule(self) -> bool:
+        """The run's tag says the rule in force (once, then at each change); False when MLflow refused."""
+        description = self.rule.description
+        if description == self._rule_tagged:
+            return True
+        try:
+            self.client.set_tag(self.run_id, RULE_TAG, description)
+        except Exception as exc:  # noqa: BLE001 - tried again with the next flush
+            log.warning("could not tag the run's metrics rule: %s", exc)
+            return False
+        self._rule_tagged = description
+        return True
+
     def revoke(self) -> None:
         """This attempt lost the job: send nothing more, from now on (another attempt reports it)."""
         self._revoked.set()
@@ -279,6 +320,8 @@ class MlflowMetricSink:
             if self._may_send is not None and not self._may_send():
                 return False
             if not self.connected():
+                return False
+            if not self._tag_rule():
                 return False
             if not self._pending:
                 return True
@@ -302,14 +345,23 @@ class MlflowMetricSink:
         self._thread.join()
         self.flush_once()  # clears the buffer, sends nothing
 
+    def _holds_back(self) -> bool:
+        """A windowed job's few points wait for a fuller request (close() sends them at once)."""
+        return (self.rule.window_steps > 1 and len(self._pending) < MAX_METRICS_PER_BATCH
+                and self._clock() - self._flushed_at < WINDOWED_FLUSH_INTERVAL_S)  # fmt: skip
+
     def _run(self) -> None:
         backoff = self.flush_interval_s if self.connected() else self.flush_interval_s * 2
         while not self._stop.wait(backoff):
+            if self._holds_back():
+                continue
+            self._flushed_at = self._clock()
             ok = self.flush_once()
             backoff = self.flush_interval_s if ok else min(backoff * 2, RETRY_BACKOFF_MAX_S)
 
     def close(self, timeout_s: float = 60.0) -> bool:
         """Stop the thread and send everything left; True when nothing is left unsent."""
+        self.end_window()
         self._stop.set()
         self._thread.join()
         deadline = time.monotonic() + timeout_s

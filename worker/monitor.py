@@ -23,6 +23,7 @@ from jobs.repository import record_progress, save_checkpoint
 from jobs.states import TERMINAL, JobStatus
 from jobs.studies import curve_point
 from trainer.checkpoint import checkpoint_to_bytes
+from worker.metrics_rule import STEP_METRICS
 from worker.metrics_sink import MlflowMetricSink
 from worker.trial_pruning import TrialPruning
 
@@ -76,12 +77,17 @@ class JobReporter:
             return
         self._last_checkpoint_at = now
         data = checkpoint_to_bytes(make_state())
+        if self.sink is not None:
+            self.sink.end_window()  # a resume from here must not lose the steps of a half-full window
         needed = self.sink.added if self.sink is not None else 0
         self.pending_checkpoint = PendingCheckpoint(step, self.epoch, data, needed)
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         if self.sink is not None:
-            self.sink.add(step, metrics)
+            if metrics.keys() == STEP_METRICS:  # a per-step row (the packed recipe's): under the job's rule
+                self.sink.add_rows([(step, metrics)])
+            else:
+                self.sink.add(step, metrics)
         self.keep_latest(metrics)
         if self.objective is not None and "epoch" in metrics and self.objective in metrics:
             self.objective_curve.append(curve_point(step, self.total_steps, metrics[self.objective]))
