@@ -58,15 +58,6 @@ def unpackable_reason(spec: JobSpec) -> str | None:
     return None
 
 
-def likely_packed(spec: JobSpec) -> bool:
-    """Whether a worker will pack this trial, as far as the spec tells (a study widens its
-    queue for such trials). Recurrent models pack only where the spec asks for a GPU: on a
-    CPU the worker measures them faster alone (trainer/packed.py, not_worthwhile_reason)."""
-    if unpackable_reason(spec) is not None:
-        return False
-    return spec.model.arch not in SLOWER_PACKED_ON_CPU or str(spec.device).startswith("cuda")
-
-
 def raw_pack_key(raw_spec: dict[str, Any]) -> str | None:
     """pack_key of a stored spec (a job row's JSON); None when it does not pack at all."""
     spec = JobSpec.model_validate(raw_spec)

@@ -26,7 +26,6 @@ from jobs.db import session_scope
 from jobs.events import stage_to, study_stream_key
 from jobs.leaderboard import TrialRecord, build_leaderboard
 from jobs.models import Job, Study, utcnow
-from jobs.packing import likely_packed
 from jobs.pool_names import DEFAULT_POOL
 from jobs.queue import enqueue_job
 from jobs.limits import check_room_for_study, room_for_jobs, study_parallelism
@@ -168,22 +167,12 @@ def counts_by_status(jobs: list[Job]) -> dict[str, int]:
 
 
 def queue_width(spec: StudySpec) -> int:
-    """Trial jobs the study keeps queued or running at once: `search.parallelism`, times
-    `search.pack_size` when its trials pack (jobs/packing.py, read on the base spec). A pack
-    takes one worker for up to pack_size trials, so `parallelism` still counts workers; and
-    a worker can only pack trials that are queued together. A sampler (random, TPE) thus
-    proposes up to parallelism x pack_size configurations' trials before it hears of their
-    results: TPE's constant liar keeps them apart, and its n_startup_trials random ones
-    fill the first packs."""
-    parallelism = getattr(spec.search, "parallelism", 1)  # the range test: its one job
-    pack_size = getattr(spec.search, "pack_size", 1)
-    if pack_size <= 1:
-        return parallelism
-    try:
-        base = sampled_spec(spec, {}, spec.seeds[0])
-    except (ValidationError, ValueError):  # the base needs the space's values to be a spec: it does not widen
-        return parallelism
-    return parallelism * pack_size if likely_packed(base) else parallelism
+    """Trial jobs the study keeps queued or running at once: `search.parallelism`, packed or
+    not. Packs form among those trials (a worker claims the queued ones that pack with its
+    own), so a study packs up to min(parallelism, pack_size) trials at a time; `parallelism`
+    keeps meaning trials at once, which is what the project's limits and the sampler's
+    pace (how many configurations it proposes before it hears of results) count."""
+    return getattr(spec.search, "parallelism", 1)  # the range test: its one job
 
 
 @dataclass

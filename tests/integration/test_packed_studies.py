@@ -30,7 +30,7 @@ STUDY = {
     "base": DIGITS_MLP,
     "space": {"optimizer.lr": {"grid": [0.001, 0.003]}},
     "repeats": 2,
-    "search": {"method": "grid", "parallelism": 1},
+    "search": {"method": "grid", "parallelism": 4},  # trials at once: the pack's four
 }
 
 
@@ -112,7 +112,7 @@ def test_the_median_pruner_stops_one_trial_of_a_pack_and_the_others_go_on(stack:
     body = {
         "name": "it-packed-pruning", "base": DIGITS_MLP | {"epochs": 40}, "repeats": 1,
         "space": {"optimizer.lr": {"grid": [0.003, 0.0030001, 0.0030002, 1e-7]}},
-        "search": {"method": "grid", "parallelism": 1, "pack_size": 2},
+        "search": {"method": "grid", "parallelism": 2, "pack_size": 2},
         "pruning": {"method": "median", "min_epochs": 1},
     }  # fmt: skip
     study = run_study(stack, body)

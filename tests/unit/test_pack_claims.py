@@ -21,7 +21,7 @@ BASE = {"dataset": {"name": "iris"}, "epochs": 1, "batch_size": 16}
 # 2 optimizer families x 2 learning rates x 2 seeds: two packs of four trials (sgd's, adam's)
 STUDY = {"name": "unit-packs", "base": BASE, "repeats": 2,
          "space": {"optimizer.name": {"grid": ["sgd", "adam"]}, "optimizer.lr": {"grid": [0.1, 0.01]}},
-         "search": {"method": "grid", "parallelism": 1}}  # fmt: skip
+         "search": {"method": "grid", "parallelism": 8}}  # fmt: skip
 
 
 def submit(client: TestClient, body: dict) -> list[dict]:
@@ -41,7 +41,7 @@ def claim_with_mates(job_id: str) -> tuple[int, list[repository.Claim]]:
 
 def test_a_trial_claims_the_queued_trials_it_packs_with_each_as_its_own_job(client: TestClient) -> None:
     jobs = submit(client, STUDY)
-    assert len(jobs) == 8  # parallelism 1 x pack_size 16: every trial queued at once
+    assert len(jobs) == 8  # parallelism 8: every trial queued at once
     sgd = sorted((j for j in jobs if j["spec"]["optimizer"]["name"] == "sgd"), key=lambda j: j["created_at"])
     attempt, mates = claim_with_mates(sgd[0]["id"])
     assert attempt == 1
@@ -64,7 +64,7 @@ def test_a_trial_claims_the_queued_trials_it_packs_with_each_as_its_own_job(clie
 
 
 def test_a_pack_holds_at_most_pack_size_trials(client: TestClient) -> None:
-    jobs = submit(client, STUDY | {"name": "unit-packs-2", "search": {"method": "grid", "parallelism": 2, "pack_size": 3}})
+    jobs = submit(client, STUDY | {"name": "unit-packs-2", "search": {"method": "grid", "parallelism": 8, "pack_size": 3}})
     sgd = [j for j in jobs if j["spec"]["optimizer"]["name"] == "sgd"]
     _, mates = claim_with_mates(sgd[0]["id"])
     assert len(mates) == 2

@@ -166,5 +166,5 @@ def test_the_unfinished_jobs_index_covers_exactly_the_unfinished_statuses() -> N
     predicate = str(index.dialect_options["postgresql"]["where"])
     assert set(re.findall(r"'(\w+)'", predicate)) == {s.value for s in TERMINAL}
     migration = (Path(__file__).resolve().parents[2] / "migrations" / "versions"
-                 / "0013_apiscale_unfinished_jobs_index.py").read_text()  # fmt: skip
+                 / "0015_unfinished_jobs_index.py").read_text()  # fmt: skip
     assert set(re.findall(r"'(\w+)'", migration.split("FINISHED = ")[1].splitlines()[0])) == {s.value for s in TERMINAL}

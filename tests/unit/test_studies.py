@@ -123,7 +123,6 @@ def trials(client: TestClient, study_id: str) -> list[dict]:
 
 
 def test_a_grid_study_runs_its_trials_within_its_parallelism_and_ends_with_a_leaderboard(client: TestClient) -> None:
-    # (pack_size 1: unpacked, `parallelism` is the trials at once; packed, it counts packs)
     study = submit(client, GRID | {"search": {"method": "grid", "parallelism": 2, "pack_size": 1}})
     first = trials(client, study["id"])
     # two seeds of the first configuration fill the parallelism; the second waits
@@ -313,15 +312,14 @@ def test_a_grid_of_objects_shows_each_as_the_space_wrote_it(client: TestClient) 
     assert [r["values"]["optimizer"] for r in rows] == choices
 
 
-def test_a_packable_study_keeps_parallelism_x_pack_size_trials_queued_and_an_unpackable_one_parallelism(
-    client: TestClient,
-) -> None:
-    packable = GRID | {"name": "unit-packs", "repeats": 3, "search": {"method": "grid", "parallelism": 1, "pack_size": 6}}
+def test_a_packable_study_keeps_its_parallelism_in_trials_and_refuses_a_bad_pack_size(client: TestClient) -> None:
+    # Packing changes how the queued trials are trained, not how many are queued: a
+    # study's limits and its sampler's pace keep counting trials.
+    packable = GRID | {"name": "unit-packs", "repeats": 3, "search": {"method": "grid", "parallelism": 3, "pack_size": 6}}
     study = submit(client, packable)
-    assert len(trials(client, study["id"])) == 6  # one pack's worth: both configurations' three seeds
-    unpackable = packable | {"name": "unit-no-packs", "base": BASE | {"diagnostics": {"per_class": True}}}
-    study = submit(client, unpackable)
-    assert len(trials(client, study["id"])) == 3  # one configuration's seeds (whole configurations only)
+    assert len(trials(client, study["id"])) == 3  # one configuration's three seeds (whole configurations only)
+    wide = packable | {"name": "unit-packs-wide", "search": {"method": "grid", "parallelism": 6, "pack_size": 6}}
+    assert len(trials(client, submit(client, wide)["id"])) == 6
     response = client.post("/v1/studies", json=packable | {"search": {"method": "tpe", "pack_size": 65}})
     assert response.status_code == 422
     assert any(p["field"] == "search.pack_size" for p in response.json()["detail"]), response.text
