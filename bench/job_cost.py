@@ -234,14 +234,18 @@ def study_wall(bench: Bench, repeats: int) -> tuple[float, int]:
     response = bench.api.post("/v1/studies", json=study)
     response.raise_for_status()
     study_id = response.json()["id"]
-    while True:
-        body = bench.api.get(f"/v1/studies/{study_id}").json()
-        if body["status"] != "running":
-            wall = time.perf_counter() - start
-            if body["status"] != "succeeded":
-                raise RuntimeError(f"study ended {body['status']}: {body}")
-            return wall, sum(body["trials"].values())
-        time.sleep(0.05)
+    # Its end, as a client watching it sees it: the event stream closes after the study's
+    # final state. (Polling GET every 50 ms, as before, cost the API ~0.6 s of CPU during
+    # a 4.6 s study on 2 cores: the measurement slowed what it measured.)
+    with bench.api.stream("GET", f"/v1/studies/{study_id}/events", timeout=600) as events:
+        events.raise_for_status()
+        for _ in events.iter_lines():
+            pass
+    wall = time.perf_counter() - start
+    body = bench.api.get(f"/v1/studies/{study_id}").json()
+    if body["status"] != "succeeded":
+        raise RuntimeError(f"study ended {body['status']}: {body}")
+    return wall, sum(body["trials"].values())
 
 
 def row(label: str, values: list[float]) -> str:

@@ -47,6 +47,10 @@ from worker.trial_pruning import TrialPruning
 log = logging.getLogger(__name__)
 
 
+ACTIVE_IN_ORDER = (JobStatus.running, JobStatus.cancelling)
+assert set(ACTIVE_IN_ORDER) == ACTIVE
+
+
 class Outcome(StrEnum):
     skipped = "skipped"  # not ours to run: a duplicate delivery, or cancelled while queued
     succeeded = "succeeded"
@@ -91,11 +95,14 @@ def _conclude(
         values["objective_curve"] = list(reporter.objective_curve)
     values |= {"lease_until": None}
     with session_scope() as session:
+        # running first: the usual case, one UPDATE (a set's order would try cancelling first half the time)
         moved = transition(
-            session=session, job_id=job_id, expected=ACTIVE, to=status, values=values, attempt=attempt
+            session=session, job_id=job_id, expected=ACTIVE_IN_ORDER, to=status, values=values, attempt=attempt
         )
     if moved is None:
         log.warning("job %s (attempt %d) was no longer this worker's when it ended %s", job_id, attempt, outcome)
+    else:
+        reporter.concluded = True  # the monitor need not write the job's progress again
 
 
 def mlflow_unreachable(exc: BaseException) -> bool:
@@ -170,7 +177,7 @@ def execute_job(raw_job_id: str) -> Outcome:
     record_outcome(outcome, time.monotonic() - started)
     if job.study_id is not None and outcome not in (Outcome.lost, Outcome.skipped):
         try:  # the next trials start now, not at the reaper's next pass
-            study_runs.advance(job.study_id)
+            study_runs.advance(job.study_id, ended_trial=job_id)
         except Exception:  # noqa: BLE001 - the job's outcome stands; the reaper moves the study on
             log.exception("job %s ended, but its study %s could not be moved on; the reaper will", job_id, job.study_id)
     return outcome

@@ -23,6 +23,7 @@ from jobs.spec import JobSpec
 from jobs.states import JobStatus
 from jobs.study_spec import StudySpec, sampled_spec
 from trainer.recipe import Trainer
+from worker.monitor import JobMonitor, JobReporter
 from worker.trial_pruning import TrialPruning
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "studies"
@@ -152,6 +153,28 @@ def test_a_grid_study_runs_its_trials_within_its_parallelism_and_ends_with_a_lea
     assert sorted(t.value for t in optuna_study.trials) == pytest.approx([0.5, 0.55, 0.9, 0.92])
 
 
+def test_a_trial_told_before_the_advance_is_told_once_and_the_advance_only_creates(client: TestClient) -> None:
+    study = submit(client, GRID | {"name": "unit-told-first", "search": {"method": "grid", "parallelism": 2}})
+    first = trials(client, study["id"])
+    spec = StudySpec.model_validate(study["spec"])
+    for job, accuracy in zip(first, (0.5, 0.55)):
+        finish(job["id"], JobStatus.succeeded, accuracy)
+        # what the worker does when its trial ended: tell Optuna outside the study's lock, then advance
+        studies.tell_ended_trial(study_id=uuid.UUID(study["id"]), job_id=uuid.UUID(job["id"]))
+    with session_scope() as session:
+        assert all(session.get(Job, uuid.UUID(j["id"])).trial_told for j in first)
+    told = sorted(t.value for t in study_search.load(study["id"], spec).trials if t.value is not None)
+    assert told == pytest.approx([0.5, 0.55])
+    step = studies.move_on(uuid.UUID(study["id"]), ended_trial=uuid.UUID(first[-1]["id"]))  # told already: a no-op
+    assert len(step.new_jobs) == 2
+    values = sorted(t.value for t in study_search.load(study["id"], spec).trials if t.value is not None)
+    assert values == pytest.approx([0.5, 0.55])  # not told twice, nor overwritten
+    running = [j for j in trials(client, study["id"]) if j["status"] == "queued"]
+    studies.tell_ended_trial(study_id=uuid.UUID(study["id"]), job_id=uuid.UUID(running[0]["id"]))  # not ended: nothing
+    with session_scope() as session:
+        assert not session.get(Job, uuid.UUID(running[0]["id"])).trial_told
+
+
 def test_a_study_whose_trials_all_fail_fails(client: TestClient) -> None:
     study = submit(client, GRID | {"repeats": 1, "space": {"optimizer.name": {"grid": ["sgd"]}}})
     [job] = trials(client, study["id"])
@@ -262,6 +285,25 @@ def test_no_trial_is_pruned_before_min_epochs_or_during_its_warm_up(client: Test
     assert TrialPruning(uuid.UUID(study["id"]), spec, warm, number).first_step == max(30, 2 * job_spec.steps_per_epoch)
     # before first_step the pruner is not even asked, however bad the value
     assert pruning.should_prune([[job_spec.steps_per_epoch, 16.7, 0.0]]) is False
+
+
+def test_a_trial_shorter_than_a_monitor_tick_still_gives_the_pruner_its_whole_curve(client: TestClient) -> None:
+    body = GRID | {"name": "unit-short-curve", "repeats": 1, "pruning": {"method": "median"}}
+    study = submit(client, body)
+    spec = StudySpec.model_validate(study["spec"])
+    with session_scope() as session:
+        job = session.query(Job).filter(Job.study_id == uuid.UUID(study["id"])).first()
+        job_id, job_spec, number = job.id, JobSpec.model_validate(job.spec), job.trial_number
+    reporter = JobReporter(None)
+    monitor = JobMonitor(job_id, reporter, interval_s=3600)  # never ticks while the trial runs
+    monitor.pruning = TrialPruning(uuid.UUID(study["id"]), spec, job_spec, number)
+    with monitor:
+        reporter.objective, reporter.total_steps = "val_accuracy", 10
+        reporter.log_metrics(5, {"epoch": 1, "val_accuracy": 0.4})
+        reporter.log_metrics(10, {"epoch": 2, "val_accuracy": 0.6})
+    optuna_trial = next(t for t in study_search.load(study["id"], spec).trials if t.number == number)
+    assert optuna_trial.intermediate_values == study_search.schedule_points(reporter.objective_curve)
+    assert optuna_trial.intermediate_values[100] == 0.6
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
