@@ -245,7 +245,24 @@ def study_wall(bench: Bench, repeats: int) -> tuple[float, int]:
     body = bench.api.get(f"/v1/studies/{study_id}").json()
     if body["status"] != "succeeded":
         raise RuntimeError(f"study ended {body['status']}: {body}")
-    return wall, sum(body["trials"].values())
+    return wall, sum(body["trials"].values()), study_rounds(bench, study_id)
+
+
+def study_rounds(bench: Bench, study_id: str) -> dict[str, list[float]]:
+    """A round is a configuration's trials (its seeds start together). From the jobs' own
+    timestamps: `trial` started -> finished of each trial; `move_on` the last trial of a
+    round finished -> the first of the next round started (telling Optuna, creating and
+    enqueueing the next trials, claiming one)."""
+    jobs = bench.api.get("/v1/jobs", params={"study_id": study_id, "limit": 100}).json()["items"]
+    rounds: dict[str, list[tuple[float, float]]] = {}
+    for job in jobs:
+        span = tuple(datetime.fromisoformat(job[k]).timestamp() for k in ("started_at", "finished_at"))
+        rounds.setdefault(job["study"]["config_id"], []).append(span)  # type: ignore[arg-type]
+    ordered = sorted(rounds.values(), key=lambda spans: min(s for s, _ in spans))
+    return {
+        "trial": [f - s for spans in ordered for s, f in spans],
+        "move_on": [min(s for s, _ in after) - max(f for _, f in before) for before, after in zip(ordered, ordered[1:])],
+    }
 
 
 def row(label: str, values: list[float]) -> str:
@@ -301,7 +318,7 @@ def main() -> None:
             local_times += in_process(spec, repeats=5)
             alone, together = concurrent_ratio(bench, long_epochs, pairs)
             cpu_before = stack_cpu(databases)
-            wall, trials = study_wall(bench, study_repeats)
+            wall, trials, rounds = study_wall(bench, study_repeats)
             cpu_after = stack_cpu(databases)
     finally:
         group.stop_all()
@@ -333,6 +350,8 @@ def main() -> None:
           + ", ".join(f"{p[0]:.0f} + {p[1]:.0f}" for p in together) + " steps/s")  # fmt: skip
     print(f"study: {trials} trials, parallelism {CONCURRENCY}: wall {wall:.1f} s, pure training "
           f"{pure:.1f} s ({trials} x in-process), wall / pure training {wall / pure:.1f}x")  # fmt: skip
+    print(row("  a trial: started -> finished", rounds["trial"]))
+    print(row("  round -> next round (move-on)", rounds["move_on"]))
     cpu = cpu_between(cpu_before, cpu_after)
     print("  CPU during the study (s; processes alive at its end, PostgreSQL: its backends): "
           + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()) + f"; {sum(cpu.values()) / trials:.3f} s a trial")
