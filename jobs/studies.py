@@ -201,8 +201,10 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
         # seeded anew each time (by how far the study has come), or a random sampler
         # would propose the same first point at every advance.
         optuna_study = study_search.load(study.id, spec, seed=spec.seeds[0] * 100_003 + study.configs_created)
+    metric = spec.objective.metric
     for job in untold:
-        _tell(optuna_study, spec, job)
+        value = (job.latest_metrics or {}).get(metric) if job.status == JobStatus.succeeded else None
+        study_search.tell(optuna_study, job.trial_number, value, pruned=job.status == JobStatus.pruned)
         job.trial_told = True
     result = dict(study.result or {})
     while can_create():
@@ -239,35 +241,6 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
     return advance
 
 
-def _tell(optuna_study: Any, spec: StudySpec, job: Job) -> None:
-    value = (job.latest_metrics or {}).get(spec.objective.metric) if job.status == JobStatus.succeeded else None
-    study_search.tell(optuna_study, job.trial_number, value, pruned=job.status == JobStatus.pruned)
-
-
-def tell_ended_trial(*, study_id: uuid.UUID, job_id: uuid.UUID) -> None:
-    """Tell Optuna how one ended trial went, before the study's lock is taken: the advance
-    that follows then holds the lock only to create the next trials. The two trials of a
-    round end together, and the second one's advance waited on the first one's tell (a
-    few round trips to Optuna's tables) before doing its own. Telling twice (a reaper pass
-    meanwhile) leaves Optuna's trial as the first tell made it; the job is marked told
-    only if no one else did, so the advance tells it no more."""
-    with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.study_id != study_id or job.trial_told or job.trial_number is None:
-            return
-        if job.status not in TERMINAL:
-            return
-        study = session.get(Study, study_id)
-        if study is None or study.status in STUDY_TERMINAL:
-            return
-        spec = parse_study(study)
-        _tell(study_search.load(study_id, spec), spec, job)
-        session.execute(
-            update(Job).where(Job.id == job_id, Job.trial_told.is_(False)).values(trial_told=True)
-            .execution_options(synchronize_session=False)
-        )  # fmt: skip
-
-
 def enqueue_trials(study_id: uuid.UUID, job_ids: list[uuid.UUID]) -> None:
     """Send the messages of committed trial jobs. The broker down: they stay queued in
     PostgreSQL and the reaper sends them."""
@@ -279,15 +252,9 @@ def enqueue_trials(study_id: uuid.UUID, job_ids: list[uuid.UUID]) -> None:
             break
 
 
-def move_on(study_id: uuid.UUID, ended_trial: uuid.UUID | None = None) -> Advance:
+def move_on(study_id: uuid.UUID) -> Advance:
     """advance_study in a transaction of its own, then its new trials enqueued (committed first:
-    a worker never sees an id the database lacks). `ended_trial`, the trial job whose end
-    moves the study on, is told to Optuna first, outside the study's lock."""
-    if ended_trial is not None:
-        try:
-            tell_ended_trial(study_id=study_id, job_id=ended_trial)
-        except Exception as exc:  # noqa: BLE001 - the advance tells it, under the lock, as before
-            log.warning("study %s: trial %s not told before the advance (%s)", study_id, ended_trial, exc)
+    a worker never sees an id the database lacks)."""
     with session_scope() as session:
         step = advance_study(session=session, study_id=study_id)
     enqueue_trials(study_id, step.new_jobs)

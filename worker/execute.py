@@ -177,7 +177,7 @@ def execute_job(raw_job_id: str) -> Outcome:
     record_outcome(outcome, time.monotonic() - started)
     if job.study_id is not None and outcome not in (Outcome.lost, Outcome.skipped):
         try:  # the next trials start now, not at the reaper's next pass
-            study_runs.advance(job.study_id, ended_trial=job_id)
+            study_runs.advance(job.study_id)
         except Exception:  # noqa: BLE001 - the job's outcome stands; the reaper moves the study on
             log.exception("job %s ended, but its study %s could not be moved on; the reaper will", job_id, job.study_id)
     return outcome

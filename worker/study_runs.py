@@ -98,11 +98,10 @@ def trial_tags(job: Job, parent_run_id: str) -> dict[str, str]:
     }
 
 
-def advance(study_id: uuid.UUID, report: bool = True, ended_trial: uuid.UUID | None = None) -> None:
-    """Move the study on (a trial of it ended: `ended_trial`, told to Optuna before the
-    study's lock is taken); write its report when it ended (unless `report` is False: the
-    reaper writes due reports in a pass of its own)."""
-    step = studies.move_on(study_id, ended_trial)
+def advance(study_id: uuid.UUID, report: bool = True) -> None:
+    """Move the study on (a trial of it ended); write its report when it ended (unless
+    `report` is False: the reaper writes due reports in a pass of its own)."""
+    step = studies.move_on(study_id)
     if step.ended and report:
         write_report(study_id)
 

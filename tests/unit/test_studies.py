@@ -153,28 +153,6 @@ def test_a_grid_study_runs_its_trials_within_its_parallelism_and_ends_with_a_lea
     assert sorted(t.value for t in optuna_study.trials) == pytest.approx([0.5, 0.55, 0.9, 0.92])
 
 
-def test_a_trial_told_before_the_advance_is_told_once_and_the_advance_only_creates(client: TestClient) -> None:
-    study = submit(client, GRID | {"name": "unit-told-first", "search": {"method": "grid", "parallelism": 2}})
-    first = trials(client, study["id"])
-    spec = StudySpec.model_validate(study["spec"])
-    for job, accuracy in zip(first, (0.5, 0.55)):
-        finish(job["id"], JobStatus.succeeded, accuracy)
-        # what the worker does when its trial ended: tell Optuna outside the study's lock, then advance
-        studies.tell_ended_trial(study_id=uuid.UUID(study["id"]), job_id=uuid.UUID(job["id"]))
-    with session_scope() as session:
-        assert all(session.get(Job, uuid.UUID(j["id"])).trial_told for j in first)
-    told = sorted(t.value for t in study_search.load(study["id"], spec).trials if t.value is not None)
-    assert told == pytest.approx([0.5, 0.55])
-    step = studies.move_on(uuid.UUID(study["id"]), ended_trial=uuid.UUID(first[-1]["id"]))  # told already: a no-op
-    assert len(step.new_jobs) == 2
-    values = sorted(t.value for t in study_search.load(study["id"], spec).trials if t.value is not None)
-    assert values == pytest.approx([0.5, 0.55])  # not told twice, nor overwritten
-    running = [j for j in trials(client, study["id"]) if j["status"] == "queued"]
-    studies.tell_ended_trial(study_id=uuid.UUID(study["id"]), job_id=uuid.UUID(running[0]["id"]))  # not ended: nothing
-    with session_scope() as session:
-        assert not session.get(Job, uuid.UUID(running[0]["id"])).trial_told
-
-
 def test_a_study_whose_trials_all_fail_fails(client: TestClient) -> None:
     study = submit(client, GRID | {"repeats": 1, "space": {"optimizer.name": {"grid": ["sgd"]}}})
     [job] = trials(client, study["id"])
