@@ -252,17 +252,20 @@ def study_rounds(bench: Bench, study_id: str) -> dict[str, list[float]]:
     """A round is a configuration's trials (its seeds start together). From the jobs' own
     timestamps: `trial` started -> finished of each trial; `move_on` the last trial of a
     round finished -> the first of the next round started (telling Optuna, creating and
-    enqueueing the next trials, claiming one)."""
+    enqueueing the next trials, claiming one), or, where configurations overlap, a slot
+    freed -> the next trial started in it."""
     jobs = bench.api.get("/v1/jobs", params={"study_id": study_id, "limit": 100}).json()["items"]
     rounds: dict[str, list[tuple[float, float]]] = {}
     for job in jobs:
         span = tuple(datetime.fromisoformat(job[k]).timestamp() for k in ("started_at", "finished_at"))
         rounds.setdefault(job["study"]["config_id"], []).append(span)  # type: ignore[arg-type]
     ordered = sorted(rounds.values(), key=lambda spans: min(s for s, _ in spans))
-    return {
-        "trial": [f - s for spans in ordered for s, f in spans],
-        "move_on": [min(s for s, _ in after) - max(f for _, f in before) for before, after in zip(ordered, ordered[1:])],
-    }
+    move_on = [min(s for s, _ in after) - max(f for _, f in before) for before, after in zip(ordered, ordered[1:])]
+    if any(gap < 0 for gap in move_on):  # configurations overlap (one seed each): a slot is the unit, not a round
+        starts = sorted(s for spans in ordered for s, _ in spans)
+        ends = sorted(f for spans in ordered for _, f in spans)
+        move_on = [start - end for start, end in zip(starts[CONCURRENCY:], ends)]  # the k-th end frees a slot
+    return {"trial": [f - s for spans in ordered for s, f in spans], "move_on": move_on}
 
 
 def row(label: str, values: list[float]) -> str:
@@ -351,7 +354,7 @@ def main() -> None:
     print(f"study: {trials} trials, parallelism {CONCURRENCY}: wall {wall:.1f} s, pure training "
           f"{pure:.1f} s ({trials} x in-process), wall / pure training {wall / pure:.1f}x")  # fmt: skip
     print(row("  a trial: started -> finished", rounds["trial"]))
-    print(row("  round -> next round (move-on)", rounds["move_on"]))
+    print(row("  move-on: trial end -> next start", rounds["move_on"]))
     cpu = cpu_between(cpu_before, cpu_after)
     print("  CPU during the study (s; processes alive at its end, PostgreSQL: its backends): "
           + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()) + f"; {sum(cpu.values()) / trials:.3f} s a trial")
