@@ -49,6 +49,10 @@ from worker.trial_pruning import TrialPruning
 log = logging.getLogger(__name__)
 
 
+ACTIVE_IN_ORDER = (JobStatus.running, JobStatus.cancelling)
+assert set(ACTIVE_IN_ORDER) == ACTIVE
+
+
 class Outcome(StrEnum):
     skipped = "skipped"  # not ours to run: a duplicate delivery, or cancelled while queued
     succeeded = "succeeded"
@@ -93,11 +97,14 @@ def _conclude(
         values["objective_curve"] = list(reporter.objective_curve)
     values |= {"lease_until": None}
     with session_scope() as session:
+        # running first: the usual case, one UPDATE (a set's order would try cancelling first half the time)
         moved = transition(
-            session=session, job_id=job_id, expected=ACTIVE, to=status, values=values, attempt=attempt
+            session=session, job_id=job_id, expected=ACTIVE_IN_ORDER, to=status, values=values, attempt=attempt
         )
     if moved is None:
         log.warning("job %s (attempt %d) was no longer this worker's when it ended %s", job_id, attempt, outcome)
+    else:
+        reporter.concluded = True  # the monitor need not write the job's progress again
 
 
 def mlflow_unreachable(exc: BaseException) -> bool:

@@ -63,6 +63,8 @@ class JobReporter:
         self.objective: str | None = None
         self.total_steps = 0
         self.objective_curve: list[list[float]] = []
+        # Set once the attempt recorded the job's final status, with its last progress in it.
+        self.concluded = False
 
     def request_stop(self, reason: StopReason) -> None:
         if self.stop_reason is None:
@@ -148,7 +150,19 @@ class JobMonitor:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.write_progress()
+        self.report_final_curve()
+        if not self.reporter.concluded:  # (the final transition wrote it: three round trips saved)
+            self.write_progress()
+
+    def report_final_curve(self) -> None:
+        """A trial's whole objective curve goes to its pruner, ticks or not (before the study
+        is moved on, which tells Optuna the trial ended)."""
+        if self.pruning is None or self.reporter.stop_reason == StopReason.lease_lost:
+            return
+        try:
+            self.pruning.report_rest(self.reporter.objective_curve)
+        except Exception as exc:  # noqa: BLE001 - later trials are pruned on fewer curves
+            log.warning("job %s: its objective curve did not reach the pruner: %s", self.job_id, exc)
 
     def write_progress(self) -> JobStatus | None | bool:
         """The job's status; None when this attempt no longer owns it; False when the write failed."""

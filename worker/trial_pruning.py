@@ -34,3 +34,13 @@ class TrialPruning:
         points = study_search.schedule_points(curve)
         may_prune = self.enabled and curve[-1][0] >= self.first_step
         return study_search.report_and_check(self.optuna_study, self.trial_number, points, may_prune)
+
+    def report_rest(self, curve: list[list[float]]) -> None:
+        """At the trial's end: what the monitor's ticks did not report yet. A trial shorter
+        than one tick reported nothing while it ran, and the pruner would then have no
+        curve of it to hold later trials against."""
+        curve = list(curve)
+        if len(curve) == self.seen:
+            return
+        self.seen = len(curve)
+        study_search.report_and_check(self.optuna_study, self.trial_number, study_search.schedule_points(curve), False)

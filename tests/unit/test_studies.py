@@ -23,6 +23,7 @@ from jobs.spec import JobSpec
 from jobs.states import JobStatus
 from jobs.study_spec import StudySpec, sampled_spec
 from trainer.recipe import Trainer
+from worker.monitor import JobMonitor, JobReporter
 from worker.trial_pruning import TrialPruning
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "studies"
@@ -262,6 +263,25 @@ def test_no_trial_is_pruned_before_min_epochs_or_during_its_warm_up(client: Test
     assert TrialPruning(uuid.UUID(study["id"]), spec, warm, number).first_step == max(30, 2 * job_spec.steps_per_epoch)
     # before first_step the pruner is not even asked, however bad the value
     assert pruning.should_prune([[job_spec.steps_per_epoch, 16.7, 0.0]]) is False
+
+
+def test_a_trial_shorter_than_a_monitor_tick_still_gives_the_pruner_its_whole_curve(client: TestClient) -> None:
+    body = GRID | {"name": "unit-short-curve", "repeats": 1, "pruning": {"method": "median"}}
+    study = submit(client, body)
+    spec = StudySpec.model_validate(study["spec"])
+    with session_scope() as session:
+        job = session.query(Job).filter(Job.study_id == uuid.UUID(study["id"])).first()
+        job_id, job_spec, number = job.id, JobSpec.model_validate(job.spec), job.trial_number
+    reporter = JobReporter(None)
+    monitor = JobMonitor(job_id, reporter, interval_s=3600)  # never ticks while the trial runs
+    monitor.pruning = TrialPruning(uuid.UUID(study["id"]), spec, job_spec, number)
+    with monitor:
+        reporter.objective, reporter.total_steps = "val_accuracy", 10
+        reporter.log_metrics(5, {"epoch": 1, "val_accuracy": 0.4})
+        reporter.log_metrics(10, {"epoch": 2, "val_accuracy": 0.6})
+    optuna_trial = next(t for t in study_search.load(study["id"], spec).trials if t.number == number)
+    assert optuna_trial.intermediate_values == study_search.schedule_points(reporter.objective_curve)
+    assert optuna_trial.intermediate_values[100] == 0.6
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
