@@ -51,31 +51,17 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.scratch import PG_HOST, PG_PORT, PG_USER, REDIS_URL, admin_sql, free_port  # noqa: E402
 from jobs.settings import Settings  # noqa: E402
 from launcher.processes import ProcessGroup, api_command, run_migrations, wait_http  # noqa: E402
 from launcher.stack import stack_env  # noqa: E402
 
-PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
-PG_USER = os.environ.get("TEST_PG_USER", "postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 WARM_UP_REQUESTS = 200  # per phase, not counted: connections opened, code paths warm in every process
 
 JOB = {
     "name": "api-throughput", "dataset": {"name": "digits"}, "model": {"arch": "mlp", "hidden": [128, 64]},
     "optimizer": {"name": "adam", "lr": 0.001}, "epochs": 5, "batch_size": 64, "seed": 1,
 }  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def admin_sql(sql: str) -> None:
-    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as conn:
-        conn.execute(sql)
 
 
 # --------------------------------------------------------------------------- the client
@@ -213,7 +199,7 @@ def report(label: str, phase: Phase, requests: int) -> None:
     print(f"{label}: {rate:.0f}/s, p50 {statistics.median(phase.latencies_s) * 1000:.1f} ms, "
           f"p99 {percentile(phase.latencies_s, 99) * 1000:.1f} ms")  # fmt: skip
     cpu = dict(phase.server_cpu_s, client=phase.client_cpu_s)
-    print(f"  CPU per request (ms): " + ", ".join(f"{k} {v / requests * 1000:.2f}" for k, v in cpu.items())
+    print("  CPU per request (ms): " + ", ".join(f"{k} {v / requests * 1000:.2f}" for k, v in cpu.items())
           + f"; wall {phase.wall_s:.2f} s for {requests} requests, {len(phase.failures)} failed")  # fmt: skip
     for failure in phase.failures[:5]:
         print(f"  failed: {failure}")

@@ -48,15 +48,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.scratch import PG_HOST, PG_PORT, PG_USER, REDIS_URL, admin_sql, free_port  # noqa: E402
 from jobs.settings import Settings  # noqa: E402
 from jobs.spec import JobSpec  # noqa: E402
 from launcher.stack import start_stack  # noqa: E402
 from trainer.recipe import Trainer  # noqa: E402
 
-PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
-PG_USER = os.environ.get("TEST_PG_USER", "postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 CONCURRENCY = 2  # the worker's job slots: the concurrent jobs and the study's parallelism
 POLL_S = 0.01
 
@@ -66,19 +63,6 @@ SHORT_JOB = {
 }  # fmt: skip
 STUDY_LRS = [0.0003, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02]
 EXPECTED_ARTIFACTS = {"spec.yaml", "confusion_matrix.json", "confusion_matrix.png"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def admin_sql(sql: str) -> None:
-    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as conn:
-        conn.execute(sql)
 
 
 def in_process(spec: JobSpec, repeats: int) -> list[float]:

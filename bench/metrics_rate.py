@@ -55,33 +55,18 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.scratch import PG_HOST, PG_PORT, PG_USER, admin_sql, free_port  # noqa: E402
 from jobs.settings import Settings, settings as default_settings  # noqa: E402
 from launcher.processes import ProcessGroup, mlflow_command, wait_http  # noqa: E402
 from worker.metrics_rule import SPREAD_METRICS, WINDOW_METRIC, point_steps, window_metric_name  # noqa: E402
 
 # (MLflow's client prints a link to stdout at each run's end; the spawned senders and jobs inherit this.)
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
-PG_USER = os.environ.get("TEST_PG_USER", "postgres")
 SEND_EVERY_S = 0.02
 DIGITS_JOB = {
     "name": "metrics-rate", "dataset": {"name": "digits"}, "model": {"arch": "mlp", "hidden": [128, 64]},
     "optimizer": {"name": "adam", "lr": 0.001}, "batch_size": 64, "device": "cpu",
 }  # fmt: skip
-
-
-def admin_sql(sql: str) -> None:
-    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as conn:
-        conn.execute(sql)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- 1. the ceiling: sender processes

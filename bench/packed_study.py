@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import tempfile
 import time
@@ -24,33 +23,16 @@ import uuid
 from pathlib import Path
 
 import httpx
-import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.scratch import PG_HOST, PG_PORT, PG_USER, REDIS_URL, admin_sql, free_port  # noqa: E402
 from descent.specfile import load_spec  # noqa: E402
 from jobs.settings import Settings  # noqa: E402
 from launcher.stack import start_stack  # noqa: E402
 
-PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
-PG_USER = os.environ.get("TEST_PG_USER", "postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 STUDY = Path(__file__).resolve().parents[1] / "examples" / "studies" / "five-optimizers-digits.yaml"
 CONCURRENCY = 2
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def admin_sql(sql: str) -> None:
-    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres", autocommit=True) as conn:
-        conn.execute(sql)
 
 
 def run_study(api: httpx.Client, body: dict, timeout_s: float = 3600) -> tuple[float, dict]:
