@@ -40,7 +40,9 @@ from trainer.speed import check_runnable, release_device_memory
 from worker import study_runs
 from worker.dataset_cache import ensure_image_set
 from worker.metrics_sink import MlflowMetricSink
-from worker.mlflow_run import RunFacts, describe_run, latest_steps, log_results, open_run, reopen_run
+from worker.mlflow_run import (
+    RunFacts, describe_run, latest_steps, log_results, open_run, reopen_run, unrecorded_run,
+)
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
 from worker.system_metrics import JobSystemMetrics, job_system_metrics
@@ -217,6 +219,13 @@ def run_connector(
     created: list[RunFacts] = []  # the run this attempt made, once it is on the job
 
     def connect() -> tuple[str, dict[str, int]]:
+        nonlocal earlier_run
+        if earlier_run is None and attempt > 1 and not created:
+            # killed between create_run and recording it, the attempt before left a run only its tags name
+            if (found := unrecorded_run(client, spec, job.id, job.project)) is not None:
+                with session_scope() as session:
+                    set_mlflow_run(session=session, job_id=job.id, experiment_id=found[0], run_id=found[1])
+                earlier_run = found[1]
         if earlier_run is not None:
             reopen_run(client, earlier_run, attempt)
             describe_run(client, earlier_run, spec, job.project)  # the attempt before may have died describing it

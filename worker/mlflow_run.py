@@ -110,6 +110,21 @@ def open_run(
     return RunFacts(experiment_id, run.info.run_id, run.info.artifact_uri, run_params(spec))
 
 
+def unrecorded_run(
+    client: MlflowClient, spec: JobSpec, job_id: uuid.UUID, project: str = DEFAULT_PROJECT
+) -> tuple[str, str] | None:
+    """The run an earlier attempt created but was killed before recording on the job (the
+    moment between create_run's answer and the job's update): found by its descent.job_id
+    tag, so the next attempt continues it instead of leaving it RUNNING beside a second one.
+    One search, made only by an attempt after the first that finds no run on its job.
+    (experiment id, run id), or None."""
+    with session_scope() as session:
+        experiment_id = project_experiment_id(client, session, project, spec.experiment or settings.default_experiment)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`descent.job_id` = '{job_id}'",
+                              max_results=1, order_by=["attributes.start_time ASC"])  # fmt: skip
+    return (experiment_id, runs[0].info.run_id) if runs else None
+
+
 def run_params(spec: JobSpec) -> dict[str, str]:
     return {key: value[:6000] for key, value in spec.flat_params().items()}
 

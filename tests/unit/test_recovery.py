@@ -245,3 +245,45 @@ def test_only_a_connection_failure_counts_as_mlflow_unreachable(
     with pytest.raises(MlflowException) as missing:
         mlflow_store.get_run("0" * 32)  # MLflow answered: no such run; waiting would not help
     assert not mlflow_unreachable(missing.value)
+
+
+def test_an_attempt_killed_between_creating_its_run_and_recording_it_leaves_no_orphan(
+    mlflow_store: MlflowClient,
+) -> None:
+    """The first attempt's run was created in MLflow, then the worker died before the job
+    row named it: the next attempt finds the run by its descent.job_id tag and continues it."""
+    from worker.mlflow_run import open_run
+
+    job_id = new_job(name="killed-at-open", experiment="unit-orphans")
+    claim(job_id)
+    spec = JobSpec.model_validate(row(job_id).spec)
+    orphan = open_run(mlflow_store, spec, job_id, attempt=1)  # ... and killed here: nothing on the job
+    expire_lease(job_id)
+    reap()
+    attempt = claim(job_id)
+    assert attempt == 2 and row(job_id).mlflow_run_id is None
+
+    run_id, steps = run_connector_of(mlflow_store, job_id, spec, attempt)
+    assert run_id == orphan.run_id and steps == {}
+    assert (row(job_id).mlflow_experiment_id, row(job_id).mlflow_run_id) == (orphan.experiment_id, orphan.run_id)
+    runs = mlflow_store.search_runs([orphan.experiment_id], filter_string=f"tags.`descent.job_id` = '{job_id}'")
+    assert [r.info.run_id for r in runs] == [orphan.run_id]
+    assert runs[0].data.tags["descent.attempt"] == "2"
+
+
+def test_a_later_attempt_of_a_job_that_never_opened_a_run_opens_one(mlflow_store: MlflowClient) -> None:
+    job_id = new_job(name="never-opened", experiment="unit-orphans")
+    claim(job_id)
+    expire_lease(job_id)
+    reap()
+    attempt = claim(job_id)
+    spec = JobSpec.model_validate(row(job_id).spec)
+    run_id, _ = run_connector_of(mlflow_store, job_id, spec, attempt)
+    assert row(job_id).mlflow_run_id == run_id
+
+
+def run_connector_of(client: MlflowClient, job_id: uuid.UUID, spec: JobSpec, attempt: int) -> tuple[str, dict]:
+    """What the attempt's metric sink does first: open the job's run, or continue one."""
+    from worker.execute import run_connector
+
+    return run_connector(client, row(job_id), spec, attempt, [])()
