@@ -24,7 +24,7 @@ from mlflow.tracking.request_header.registry import resolve_request_headers
 from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.rest_utils import http_request
 
-from worker.metrics_rule import RULE_TAG, StepMetricsRule
+from worker.metrics_rule import EVERY_STEP, RULE_TAG, StepMetricsRule
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,10 @@ class MlflowMetricSink:
         self.rule = StepMetricsRule(max_points_per_s, burst_points, clock=clock)
         self._clock = clock
         self._flushed_at = clock()
-        self._rule_tagged: str | None = None  # the rule's description the run's tag has
+        # The rule's description the run's tag has: a job's run is created tagged "every step"
+        # (worker/mlflow_run.open_run, one request fewer a job), and this sink tags it again
+        # only when its rule changes (a reopened run keeps the earlier attempt's word until then).
+        self._rule_tagged: str | None = EVERY_STEP
         # False while this attempt cannot be sure it still owns the job (its lease was
         # not renewed lately: the process was frozen, or PostgreSQL is unreachable).
         # Points wait then: sent after a lost lease, they would duplicate the steps

@@ -41,6 +41,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
 
 from jobs.db import session_scope  # noqa: E402
+from worker.metrics_rule import EVERY_STEP, RULE_TAG  # noqa: E402
 from jobs.mlflow_tenancy import project_experiment_id  # noqa: E402
 from jobs.models import DEFAULT_PROJECT  # noqa: E402
 from jobs.settings import settings  # noqa: E402
@@ -104,6 +105,7 @@ def open_run(
         "dataset": spec.dataset.name,
         "model": spec.model.arch,
         "loss": str(spec.loss),
+        RULE_TAG: EVERY_STEP,  # how its per-step metrics are logged; its sink retags a change
     }
     tags |= standard_run_tags(spec, project) | (extra_tags or {})
     run = client.create_run(experiment_id, run_name=spec.name, tags=tags)

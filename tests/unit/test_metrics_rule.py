@@ -132,7 +132,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> MlflowClient:
 
 
 def test_the_sink_tags_the_run_with_its_rule_and_a_checkpoint_closes_the_open_window(store: MlflowClient) -> None:
-    run_id = store.create_run(store.create_experiment(f"rule-{uuid.uuid4().hex[:6]}")).info.run_id
+    # A job's run is created saying "every step" (worker/mlflow_run.open_run); the sink retags a change.
+    experiment = store.create_experiment(f"rule-{uuid.uuid4().hex[:6]}")
+    run_id = store.create_run(experiment, tags={RULE_TAG: EVERY_STEP}).info.run_id
     clock = Clock()
     sink = MlflowMetricSink(store, lambda: (run_id, {}), flush_interval_s=3600, buffer_limit=100_000,
                             max_points_per_s=150, clock=clock)  # fmt: skip
