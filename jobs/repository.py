@@ -315,7 +315,7 @@ def claim_pack_mates(
         select(Job.id, Job.spec)
         .where(Job.study_id == job.study_id, Job.status == JobStatus.queued, Job.attempts == 0, Job.id != job.id)
         .order_by(Job.created_at, Job.id)
-        .limit(max(4 * max_size, 64))  # a study keeps at most parallelism x pack_size trials queued
+        .limit(max(4 * max_size, 64))  # a study keeps `parallelism` trials queued or running; a pack takes max_size
         .with_for_update(of=Job, skip_locked=True)
     ).all()
     claims: list[Claim] = []

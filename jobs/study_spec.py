@@ -131,8 +131,8 @@ Parallelism = Annotated[int, Field(ge=1, le=256, description="Trial jobs queued 
 PackSize = Annotated[int, Field(
     ge=1, le=64,
     description="Trials a worker trains together as one pack (one batched computation) when their specs differ "
-    "only in packable fields (seed, optimizer hyperparameters, schedule); 1 turns packing off. A pack takes one "
-    "of the study's `parallelism` slots, so up to parallelism x pack_size packable trials are queued or running.",
+    "only in packable fields (seed, optimizer hyperparameters, schedule); 1 turns packing off. Packs form among "
+    "the study's `parallelism` trials at once, so a pack holds at most min(parallelism, pack_size) trials.",
 )]  # fmt: skip
 
 
