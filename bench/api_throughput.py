@@ -51,7 +51,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.scratch import PG_HOST, PG_PORT, PG_USER, REDIS_URL, admin_sql, free_port  # noqa: E402
+from bench.scratch import PG_HOST, PG_PORT, PG_USER, REDIS_URL, admin_sql, database_backends, free_port  # noqa: E402
 from jobs.settings import Settings  # noqa: E402
 from launcher.processes import ProcessGroup, api_command, run_migrations, wait_http  # noqa: E402
 from launcher.stack import stack_env  # noqa: E402
@@ -158,9 +158,7 @@ def server_cpu(api_pid: int, database: str) -> dict[int, tuple[str, float]]:
     api = psutil.Process(api_pid)
     for process in [api, *api.children(recursive=True)]:
         add("api", process)
-    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres") as conn:
-        pids = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,)).fetchall()
-    for (pid,) in pids:
+    for pid in database_backends([database]):
         try:
             add("postgres", psutil.Process(pid))
         except psutil.Error:

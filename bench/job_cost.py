@@ -36,22 +36,19 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from datetime import datetime
 from pathlib import Path
 
 import httpx
-import psycopg
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.scratch import PG_HOST, PG_PORT, PG_USER, REDIS_URL, admin_sql, free_port  # noqa: E402
+from bench.scratch import bench_stack, database_backends  # noqa: E402
 from jobs.settings import Settings  # noqa: E402
 from jobs.spec import JobSpec  # noqa: E402
-from launcher.stack import start_stack  # noqa: E402
 from trainer.recipe import Trainer  # noqa: E402
 
 CONCURRENCY = 2  # the worker's job slots: the concurrent jobs and the study's parallelism
@@ -185,9 +182,7 @@ def stack_cpu(databases: list[str]) -> dict[int, tuple[str, float]]:
         kind = next((k for k, marker in (("worker", "celery"), ("reaper", "worker.reaper"), ("mlflow", "mlflow"),
                                          ("api", "api")) if marker in command), "other")  # fmt: skip
         add(kind, process)
-    with psycopg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname="postgres") as conn:
-        pids = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = ANY(%s)", (databases,)).fetchall()
-    for (pid,) in pids:
+    for pid in database_backends(databases):
         try:
             add("postgres", psutil.Process(pid))
         except psutil.Error:
@@ -284,33 +279,16 @@ def main() -> None:
     spec = JobSpec.model_validate(SHORT_JOB)
     local_times = in_process(spec, repeats=5)  # and as many after the jobs: the machine's speed drifts
 
-    home = Path(tempfile.mkdtemp(prefix="job-cost-"))
-    databases = [f"jobcost_{uuid.uuid4().hex[:8]}", f"jobcost_mlflow_{uuid.uuid4().hex[:8]}"]
-    for name in databases:
-        admin_sql(f'CREATE DATABASE "{name}"')
-    key = "bench-" + uuid.uuid4().hex
-    url = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/"
-    settings = Settings(
-        descent_home=home, database_url=url + databases[0], broker_url=REDIS_URL,
-        queue_name=f"job-cost-{uuid.uuid4().hex[:8]}", mlflow_port=free_port(), api_port=free_port(),
-        mlflow_backend_store_uri=url + databases[1], mlflow_artifacts_destination=str(home / "mlartifacts"),
-        bootstrap_key=key, fresh_process_per_job=True if args.fresh_process_per_job else None,
-    )  # fmt: skip
-    group = start_stack(settings, home / "logs", workers=1, concurrency=CONCURRENCY)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30,
-                          headers={"Authorization": f"Bearer {key}"}) as api:  # fmt: skip
-            bench = Bench(api, settings)
-            seq = sequential_jobs(bench, n_jobs)
-            local_times += in_process(spec, repeats=5)
-            alone, together = concurrent_ratio(bench, long_epochs, pairs)
-            cpu_before = stack_cpu(databases)
-            wall, trials, rounds = study_wall(bench, study_repeats)
-            cpu_after = stack_cpu(databases)
-    finally:
-        group.stop_all()
-        for name in databases:
-            admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    overrides = {"fresh_process_per_job": True} if args.fresh_process_per_job else {}
+    with bench_stack("job-cost", CONCURRENCY, **overrides) as stack:
+        settings, databases = stack.settings, stack.databases
+        bench = Bench(stack.api, settings)
+        seq = sequential_jobs(bench, n_jobs)
+        local_times += in_process(spec, repeats=5)
+        alone, together = concurrent_ratio(bench, long_epochs, pairs)
+        cpu_before = stack_cpu(databases)
+        wall, trials, rounds = study_wall(bench, study_repeats)
+        cpu_after = stack_cpu(databases)
 
     local = statistics.median(local_times)
     overhead = statistics.median(seq["e2e"]) - local
@@ -318,7 +296,7 @@ def main() -> None:
     pure = trials * local
     processes = "a new process per job" if args.fresh_process_per_job else "processes as the worker chooses"
     print(f"machine: {cores} cores, torch {torch.__version__}, {threads} torch thread(s) per job "
-          f"(worker concurrency {CONCURRENCY}), {processes}; logs in {home / 'logs'}")  # fmt: skip
+          f"(worker concurrency {CONCURRENCY}), {processes}; logs in {settings.descent_home / 'logs'}")  # fmt: skip
     print(f"short job: digits, MLP [128, 64], adam, {spec.epochs} epochs ({spec.total_steps} steps)")
     print(row("in-process (setup + train)", local_times))
     print(row(f"through the API ({n_jobs} jobs in a row)", seq["e2e"]))

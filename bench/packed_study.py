@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.scratch import PG_HOST, PG_PORT, PG_USER, REDIS_URL, admin_sql, free_port  # noqa: E402
+from bench.scratch import bench_stack  # noqa: E402
 from descent.specfile import load_spec  # noqa: E402
-from jobs.settings import Settings  # noqa: E402
-from launcher.stack import start_stack  # noqa: E402
 
 STUDY = Path(__file__).resolve().parents[1] / "examples" / "studies" / "five-optimizers-digits.yaml"
 CONCURRENCY = 2
@@ -60,32 +56,13 @@ def main() -> None:
     if args.log_every_steps:
         spec["base"]["log_every_steps"] = args.log_every_steps
 
-    home = Path(tempfile.mkdtemp(prefix="packed-study-"))
-    databases = [f"packbench_{uuid.uuid4().hex[:8]}", f"packbench_mlflow_{uuid.uuid4().hex[:8]}"]
-    for name in databases:
-        admin_sql(f'CREATE DATABASE "{name}"')
-    key = "bench-" + uuid.uuid4().hex
-    url = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/"
-    settings = Settings(
-        descent_home=home, database_url=url + databases[0], broker_url=REDIS_URL,
-        queue_name=f"packed-study-{uuid.uuid4().hex[:8]}", mlflow_port=free_port(), api_port=free_port(),
-        mlflow_backend_store_uri=url + databases[1], mlflow_artifacts_destination=str(home / "mlartifacts"),
-        bootstrap_key=key,
-    )  # fmt: skip
-    group = start_stack(settings, home / "logs", workers=1, concurrency=CONCURRENCY)
     results: dict[int, tuple[float, dict]] = {}
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=60,
-                          headers={"Authorization": f"Bearer {key}"}) as api:  # fmt: skip
-            for pack_size in (16, 1):
-                body = copy.deepcopy(spec)
-                body["name"] = f"{spec['name']}-pack{pack_size}"
-                body["search"] = dict(body["search"]) | {"pack_size": pack_size}
-                results[pack_size] = run_study(api, body)
-    finally:
-        group.stop_all()
-        for name in databases:
-            admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with bench_stack("packed-study", CONCURRENCY, api_timeout_s=60) as stack:
+        for pack_size in (16, 1):
+            body = copy.deepcopy(spec)
+            body["name"] = f"{spec['name']}-pack{pack_size}"
+            body["search"] = dict(body["search"]) | {"pack_size": pack_size}
+            results[pack_size] = run_study(stack.api, body)
 
     (packed_s, packed), (alone_s, alone) = results[16], results[1]
     trials = sum(packed["trials"].values())

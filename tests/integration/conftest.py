@@ -11,6 +11,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,20 @@ def stack_settings(make_database, home: Path, name: str, *, mlflow_store: bool =
     return Settings(**fields | overrides)
 
 
+@contextmanager
+def running_stack(settings: Settings, home: Path, **start: object) -> Iterator[tuple[ProcessGroup, httpx.Client]]:
+    """The stack started as `make up` starts it (`start`: start_stack's workers, concurrency,
+    pools), with an API client holding the admin key; stopped at the end, its logs named."""
+    group = start_stack(settings, Path(home) / "logs", **start)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30,
+                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as api:  # fmt: skip
+            yield group, api
+    finally:
+        group.stop_all()
+        print("integration stack logs:", *sorted((Path(home) / "logs").glob("*.log")))
+
+
 @pytest.fixture(scope="session")
 def stack(make_database, tmp_path_factory) -> Iterator[Stack]:
     home = tmp_path_factory.mktemp("descent-home")
@@ -141,13 +156,6 @@ def stack(make_database, tmp_path_factory) -> Iterator[Stack]:
         system_metrics_interval_s=1.0,
     )
     # Two job slots, so a long job being cancelled does not hold up the others.
-    group = start_stack(settings, Path(home) / "logs", workers=1, concurrency=2)
-    producer = Celery("it-producer", broker=settings.broker_url)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30,
-                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as api:  # fmt: skip
-            yield Stack(settings, group, api, MlflowClient(settings.mlflow_tracking_uri), producer)
-    finally:
-        group.stop_all()
-        logs = sorted((Path(home) / "logs").glob("*.log"))
-        print("integration stack logs:", *logs)
+    with running_stack(settings, home, workers=1, concurrency=2) as (group, api):
+        producer = Celery("it-producer", broker=settings.broker_url)
+        yield Stack(settings, group, api, MlflowClient(settings.mlflow_tracking_uri), producer)

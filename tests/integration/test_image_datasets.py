@@ -18,13 +18,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from launcher.stack import stack_env, start_stack
+from launcher.stack import stack_env
 from tests.dataset_files import write_image_set
-from tests.integration.conftest import ADMIN_KEY, Stack, stack_settings
+from tests.integration.conftest import ADMIN_KEY, Stack, running_stack, stack_settings
 from tests.mirror_server import Mirror, serve_mirror
 from worker.dataset_cache import SetChecksums
 
@@ -52,14 +51,8 @@ def image_stack(make_database, tmp_path_factory, mirror: Mirror) -> Iterator[Sta
     settings = stack_settings(make_database, home, "descent_images", bootstrap_key=ADMIN_KEY, lease_s=3.0,
                               reaper_interval_s=1.0, datasets_dir=home / "datasets", datasets_download=False,
                               datasets_checksums=checksums, datasets_mirror=mirror.url)  # fmt: skip
-    group = start_stack(settings, home / "logs", workers=1, concurrency=1)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30,
-                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as api:  # fmt: skip
-            yield Stack(settings, group, api, MlflowClient(settings.mlflow_tracking_uri), None)
-    finally:
-        group.stop_all()
-        print("integration stack logs:", *sorted((home / "logs").glob("*.log")))
+    with running_stack(settings, home, workers=1, concurrency=1) as (group, api):
+        yield Stack(settings, group, api, MlflowClient(settings.mlflow_tracking_uri), None)
 
 
 def image_job(name: str, dataset: str) -> dict:

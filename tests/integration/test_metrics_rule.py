@@ -5,14 +5,11 @@ the session's stack (the default limit and burst) keeps a test-sized job at ever
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from launcher.stack import start_stack
-from tests.integration.conftest import ADMIN_KEY, Stack, stack_settings
+from tests.integration.conftest import ADMIN_KEY, Stack, running_stack, stack_settings
 from tests.integration.test_job_lifecycle import DIGITS_ADAM
 from worker.metrics_rule import EVERY_STEP, RULE_TAG, WINDOW_METRIC, point_steps
 
@@ -24,13 +21,8 @@ def slow_mlflow_stack(make_database, tmp_path_factory) -> Iterator[Stack]:  # no
     home = tmp_path_factory.mktemp("metrics-rule-home")
     settings = stack_settings(make_database, home, "descent_rule", bootstrap_key=ADMIN_KEY,
                               metrics_max_points_per_s=LIMIT, metrics_burst_s=2.0)  # fmt: skip
-    group = start_stack(settings, Path(home) / "logs", workers=1, concurrency=1)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30,
-                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as api:  # fmt: skip
-            yield Stack(settings, group, api, MlflowClient(settings.mlflow_tracking_uri), None)
-    finally:
-        group.stop_all()
+    with running_stack(settings, home, workers=1, concurrency=1) as (group, api):
+        yield Stack(settings, group, api, MlflowClient(settings.mlflow_tracking_uri), None)
 
 
 def test_a_fast_job_above_the_limit_logs_windows_says_so_and_loses_no_step(slow_mlflow_stack: Stack) -> None:

@@ -7,15 +7,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
 from launcher.processes import ChildProcess, ProcessGroup, wait_worker_ready, worker_command
-from launcher.stack import start_stack
-from tests.integration.conftest import ADMIN_KEY, TERMINAL, stack_settings
+from tests.integration.conftest import ADMIN_KEY, TERMINAL, running_stack, stack_settings
 
 pytestmark = pytest.mark.integration
 
@@ -69,14 +67,8 @@ def pool_stack(make_database, tmp_path_factory) -> Iterator[PoolStack]:  # noqa:
     settings = stack_settings(make_database, home, "descent_pools", lease_s=3.0, reaper_interval_s=1.0,
                               unclaimed_requeue_s=5.0, bootstrap_key=ADMIN_KEY, log_model=False,
                               worker_heartbeat_interval_s=HEARTBEAT_S)  # fmt: skip
-    group = start_stack(settings, Path(home) / "logs", worker_pools=POOLS)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=30,
-                          headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as api:  # fmt: skip
-            yield PoolStack(group, api, settings)
-    finally:
-        group.stop_all()
-        print("pool stack logs:", *sorted((Path(home) / "logs").glob("*.log")))
+    with running_stack(settings, home, worker_pools=POOLS) as (group, api):
+        yield PoolStack(group, api, settings)
 
 
 def test_each_pools_jobs_run_on_its_own_workers_only(pool_stack: PoolStack) -> None:
