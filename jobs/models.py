@@ -114,6 +114,8 @@ class Study(Base):
     # written yet: MLflow was down, or the worker that ended it died. The reaper retries.
     report_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     result: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)  # the final leaderboard and report
+    # The API key that submitted it (its trials carry it too); None: from before migration 0016.
+    submitted_by_key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("api_keys.id"))
 
 
 class Job(Base):
@@ -173,6 +175,9 @@ class Job(Base):
     # The pack the trial trained in (issue 13): trials with the same pack_id were claimed
     # together and trained as one computation; None: it trained alone.
     pack_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    # The API key that submitted it, or its study; None: from before migration 0016. Its
+    # label names the person in the MLflow run (`mlflow.user`).
+    submitted_by_key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("api_keys.id"))
 
     # Keyset pagination walks (created_at, id) newest first.
     __table_args__ = (

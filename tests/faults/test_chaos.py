@@ -32,17 +32,19 @@ N_JOBS = 24
 WORKER_KILLS = 5
 REDIS_DOWN_S = 3.0
 MLFLOW_DOWN_S = 6.0
-SUBMIT_OVER_S = 30.0  # jobs arrive over this long, the first few at once
+SUBMIT_OVER_S = 30.0  # jobs arrive over at least this long (and until the last fault is due), the first few at once
 FIRST_FAULT_AT_S = 4.0
 FAULT_GAP_S = (4.0, 9.0)  # between one fault and the next
 DEADLINE_S = 180.0  # after the last fault, for every job to end
+BUSY_WAIT_S = 10.0  # how long a kill meant for a worker in the middle of a job waits for one
 
-# Short jobs (70 to 180 steps, seconds each), checkpointed often so that a killed
-# attempt resumes mid-epoch; attempts to spare, so that only a bug can fail one.
+# Short jobs (140 to 320 steps, a few seconds each: long enough that a kill finds one
+# running), checkpointed often so that a killed attempt resumes mid-epoch; attempts to
+# spare, so that only a bug can fail one.
 DATASETS = [
-    ({"name": "digits", "val_fraction": 0.2}, 64, (3, 5)),  # 23 steps an epoch
-    ({"name": "wine", "val_fraction": 0.2}, 8, (5, 8)),  # 18 steps an epoch
-    ({"name": "iris", "val_fraction": 0.2}, 8, (6, 10)),  # 15 steps an epoch
+    ({"name": "digits", "val_fraction": 0.2}, 64, (6, 10)),  # 23 steps an epoch
+    ({"name": "wine", "val_fraction": 0.2}, 8, (10, 16)),  # 18 steps an epoch
+    ({"name": "iris", "val_fraction": 0.2}, 8, (12, 20)),  # 15 steps an epoch
 ]
 
 
@@ -92,18 +94,23 @@ def running_jobs_by_worker(engine) -> dict[int, list[str]]:  # noqa: ANN001
     return busy
 
 
-def kill_a_worker(stack: ChaosStack, engine, rng: random.Random, log: ChaosLog, t0: float) -> None:  # noqa: ANN001
+def kill_a_worker(stack: ChaosStack, engine, rng: random.Random, log: ChaosLog, t0: float,  # noqa: ANN001
+                  busy_only: bool) -> bool:
+    """SIGKILL a worker (one in the middle of a job when `busy_only`) and start another;
+    False, killing nothing, when `busy_only` and no worker is running a job now."""
     workers = sorted(stack.workers(), key=lambda c: c.name)
     busy = running_jobs_by_worker(engine)
-    # Mostly a worker in the middle of a job (that is what must not be lost); sometimes any.
-    candidates = [w for w in workers if w.process.pid in busy] if rng.random() < 0.8 else []
-    victim = rng.choice(candidates or workers)
+    candidates = [w for w in workers if w.process.pid in busy] if busy_only else workers
+    if not candidates:
+        return False
+    victim = rng.choice(candidates)
     jobs = busy.get(victim.process.pid, [])
     pids = stack.kill_worker(victim)
     log.kills_hitting_a_job += jobs
     replacement = stack.start_worker(wait=False)
     log.say(t0, f"SIGKILL {victim.name} ({len(pids)} processes, pids {sorted(pids)}, running {jobs or 'nothing'}); "
                 f"started {replacement.name}")  # fmt: skip
+    return True
 
 
 class MlflowOutage(threading.Thread):
@@ -127,12 +134,14 @@ class MlflowOutage(threading.Thread):
 def run_chaos(stack: ChaosStack, rng: random.Random, log: ChaosLog) -> list[str]:
     """Submit the jobs while the faults happen; the submitted job ids."""
     specs = [job_spec(rng, i) for i in range(N_JOBS)]
-    submit_at = sorted([0.0] * 6 + [rng.uniform(0, SUBMIT_OVER_S) for _ in range(N_JOBS - 6)])
     # The faults, in a random order, a few seconds apart, once jobs are going.
     faults = ["kill"] * WORKER_KILLS + ["redis", "mlflow"]
     rng.shuffle(faults)
     gaps = [rng.uniform(*FAULT_GAP_S) for _ in faults]
-    timeline: list[tuple[float, str]] = []  # (when, what), earliest first
+    # Jobs keep arriving until the last fault is due, so that a late kill still finds work.
+    submit_over = max(SUBMIT_OVER_S, FIRST_FAULT_AT_S + sum(gaps[:-1]))
+    submit_at = sorted([0.0] * 6 + [rng.uniform(0, submit_over) for _ in range(N_JOBS - 6)])
+    timeline: list[tuple[float, str, float]] = []  # (when, what, a busy kill's last chance), earliest first
 
     engine = create_engine(stack.settings.database_url)
     job_ids: list[str] = []
@@ -146,16 +155,23 @@ def run_chaos(stack: ChaosStack, rng: random.Random, log: ChaosLog) -> list[str]
                 submit_at.pop(0)
                 job_ids.append(stack.submit(specs[len(job_ids)])["id"])
             if faults and now >= next_fault_at:
-                heapq.heappush(timeline, (now, faults.pop(0)))
+                fault = faults.pop(0)
+                # Mostly a kill of a worker in the middle of a job (that is what must not
+                # be lost), waiting a little for one; sometimes of any worker.
+                if fault == "kill":
+                    fault = "kill-busy" if rng.random() < 0.8 else "kill-any"
+                heapq.heappush(timeline, (now, fault, now + BUSY_WAIT_S))
                 next_fault_at = now + gaps.pop(0)
             if timeline and timeline[0][0] <= now:
-                _, fault = heapq.heappop(timeline)
-                if fault == "kill":
-                    kill_a_worker(stack, engine, rng, log, t0)
+                _, fault, last_chance = heapq.heappop(timeline)
+                if fault.startswith("kill"):
+                    busy_only = fault == "kill-busy" and now < last_chance
+                    if not kill_a_worker(stack, engine, rng, log, t0, busy_only):
+                        heapq.heappush(timeline, (now + 0.2, fault, last_chance))  # no job running: soon again
                 elif fault == "redis":
                     stack.redis.kill()
                     log.say(t0, f"Redis killed ({len(job_ids)} jobs submitted so far)")
-                    heapq.heappush(timeline, (now + REDIS_DOWN_S, "redis-up"))
+                    heapq.heappush(timeline, (now + REDIS_DOWN_S, "redis-up", 0.0))
                 elif fault == "redis-up":
                     stack.redis.start()
                     stack.redis.restarts += 1
