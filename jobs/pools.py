@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from jobs.models import Job, Worker, utcnow
 from jobs.pool_names import DEFAULT_POOL
@@ -54,6 +54,26 @@ def record_stopped(*, session: Session, name: str) -> None:
     session.execute(
         update(Worker).where(Worker.name == name).values(stopped_at=utcnow()).execution_options(synchronize_session=False)
     )
+
+
+def prune_gone_workers(*, session: Session, now: datetime | None = None) -> int:
+    """Delete the rows of workers gone (stopped, or silent) for WORKER_ROW_RETENTION_S, except
+    each pool's most recently seen worker, so that the pool stays known. Worker names are
+    per host (`<name>@<host>`) and containers get new hosts: without this the table would
+    grow by a row a restart. Returns the rows deleted."""
+    seen = func.coalesce(Worker.stopped_at, Worker.last_seen)
+    cutoff = (now or utcnow()) - timedelta(seconds=settings.worker_row_retention_s)
+    newer = aliased(Worker)
+    newer_seen = func.coalesce(newer.stopped_at, newer.last_seen)
+    seen_later_in_its_pool = (
+        select(newer.name)
+        .where(newer.pool == Worker.pool, or_(newer_seen > seen, and_(newer_seen == seen, newer.name < Worker.name)))
+        .exists()
+    )  # fmt: skip
+    result = session.execute(
+        delete(Worker).where(seen < cutoff, seen_later_in_its_pool).execution_options(synchronize_session=False)
+    )
+    return result.rowcount or 0
 
 
 # --------------------------------------------------------------------------- reading

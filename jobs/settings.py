@@ -249,6 +249,10 @@ class Settings(BaseSettings):
     worker_heartbeat_interval_s: float = Field(
         5.0, gt=0, description="How often a worker says it is alive (GET /v1/pools); three missed: not live."
     )
+    worker_row_retention_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="Rows of workers gone this long are deleted by the reaper "
+        "(each pool keeps its latest, so that it stays known).",
+    )  # fmt: skip
     allow_unknown_pools: bool = Field(
         False, description="Accept jobs for a pool no worker has ever served (they wait for one); "
         "false: such a submission is a 422 naming the known pools.",

@@ -1,4 +1,4 @@
-"""A worker's heartbeats: `python -m worker.heartbeat <name> <pool> <concurrency> <parent pid>`.
+"""A worker's heartbeats: `python -m worker.heartbeat <name> <pool> <concurrency> <parent pid> [again]`.
 
 The Celery parent (worker/app.py) starts this process once it is ready. Every
 WORKER_HEARTBEAT_INTERVAL_S it writes the worker's row in `workers` (its pool, its
@@ -10,7 +10,9 @@ the child (the reaper is a process of its own for the same reason).
 It ends when its parent does: a SIGTERM from the parent's clean shutdown marks the
 worker stopped; a parent that died without a word (SIGKILL, OOM) leaves the row to go
 stale, three missed heartbeats later. Started in the parent's process group, a kill of
-the whole group (compose, the launcher, the fault tests) takes it too.
+the whole group (compose, the launcher, the fault tests) takes it too. If this process
+alone dies, the parent starts another (`again`: the worker did not start anew, so its
+start time stays).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jobs.settings import settings
 
 log = logging.getLogger("worker.heartbeat")
 REGISTERED = "registered"  # the line the parent waits for: the first heartbeat is in the database
+AGAIN = "again"  # the last argument of a heartbeat process that replaces one that died
 
 
 def visible_gpu_indices() -> set[str] | None:
@@ -79,6 +82,7 @@ def beat(name: str, pool: str, concurrency: int, devices: list[dict[str, Any]], 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name, pool, concurrency, parent = argv[0], argv[1], int(argv[2]), int(argv[3])
+    again = argv[4:] == [AGAIN]
     stop = threading.Event()
     stopped_cleanly = threading.Event()
 
@@ -93,7 +97,7 @@ def main(argv: list[str]) -> int:
     while not stop.is_set():
         if os.getppid() != parent:  # the parent died without stopping this: stop beating
             return 0
-        if beat(name, pool, concurrency, devices, starting=not registered) and not registered:
+        if beat(name, pool, concurrency, devices, starting=not (registered or again)) and not registered:
             registered = True
             log.info("worker %s serves pool '%s' with %s", name, pool, devices)
             try:

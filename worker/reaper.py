@@ -9,6 +9,7 @@ process (one or several: rows are taken with SKIP LOCKED):
   was cancelled while queued, or ended while MLflow was down);
 - moves running studies on (a worker that died between ending a trial and starting
   the next) and writes the MLflow report of ended studies that still lack one;
+- deletes the rows of workers long gone (jobs/pools.py: each pool keeps its latest);
 - enqueues again queued jobs nobody claimed for `unclaimed_requeue_s` (the
   broker lost the message, or was down when the job was submitted), as many as
   PostgreSQL has queued jobs beyond the messages the broker holds. A message is a
@@ -29,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from jobs import study_search
 from jobs.db import session_scope
+from jobs.pools import prune_gone_workers
 from jobs.queue import enqueue_job, queue_depths
 from jobs.repository import claim_unclaimed, mark_run_ended, queued_by_pool, reap_lost_jobs, runs_to_end
 from jobs.settings import settings
@@ -55,6 +57,8 @@ def recover_once() -> tuple[int, int]:
             except Exception as exc:  # noqa: BLE001 - still queued: the unclaimed sweep sends it later
                 log.warning("could not enqueue job %s: %s", job.job_id, exc)
     move_studies_on()
+    with session_scope() as session:  # (after the recovery: housekeeping never holds it up)
+        prune_gone_workers(session=session)
     return len(reaped), resend_lost_messages()
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -92,6 +93,27 @@ def test_a_pool_never_served_is_refused(pool_stack: PoolStack) -> None:
     assert response.status_code == 422
     message = response.json()["detail"][0]["msg"]
     assert "'gamma'" in message and "alpha, beta, default" in message
+
+
+def heartbeat_processes(worker: ChildProcess) -> list[psutil.Process]:
+    return [p for p in psutil.Process(worker.process.pid).children()
+            if "worker.heartbeat" in " ".join(p.cmdline())]  # fmt: skip
+
+
+def test_a_heartbeat_process_that_dies_is_replaced_and_the_worker_stays_live(pool_stack: PoolStack) -> None:
+    alpha = next(w for w in pool_stack.workers() if pool_stack.pool_of_group[w.process.pid] == "alpha")
+    (first,) = heartbeat_processes(alpha)
+    started_at = pool_stack.pools()["alpha"]["live_workers"][0]["started_at"]
+    first.kill()
+    first.wait(timeout=10)
+    deadline = time.monotonic() + 20 * HEARTBEAT_S
+    while not heartbeat_processes(alpha):
+        assert time.monotonic() < deadline, "no heartbeat process started again"
+        time.sleep(0.1)
+    time.sleep(4 * HEARTBEAT_S)  # longer than three heartbeats: without beats it would be gone by now
+    (worker,) = pool_stack.pools()["alpha"]["live_workers"]
+    assert worker["started_at"] == started_at  # the worker did not start again; its heartbeat did
+    assert pool_stack.wait(pool_stack.submit("alpha"))["status"] == "succeeded"
 
 
 def test_a_job_waits_while_its_pool_has_no_worker_then_runs_on_a_new_one(pool_stack: PoolStack) -> None:

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import Session
 
 from jobs import pools, repository
@@ -265,3 +265,23 @@ def test_a_worker_reports_the_gpus_nvidia_smi_lists_within_cuda_visible_devices(
     assert heartbeat_process.detect_devices() == [{"kind": "cuda", "name": "NVIDIA H200", "memory_mb": 143771}]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert len(heartbeat_process.detect_devices()) == 2
+
+
+def test_the_reaper_deletes_workers_long_gone_but_each_pool_keeps_its_latest(migrated_db: str) -> None:
+    busy, quiet = new_pool(), new_pool()
+    long_ago = utcnow() - timedelta(seconds=settings.worker_row_retention_s + 60)
+    old = [heartbeat(busy) for _ in range(3)]  # gone a week and more: replaced by newer ones
+    live = heartbeat(busy)
+    forgotten = [heartbeat(quiet) for _ in range(2)]  # a pool whose workers are all long gone
+    with session_scope() as session:
+        for i, name in enumerate(old + forgotten):
+            session.execute(update(Worker).where(Worker.name == name).values(last_seen=long_ago - timedelta(hours=i)))
+        pools.record_stopped(session=session, name=old[0])  # a clean stop counts as its last sign of life
+        session.execute(update(Worker).where(Worker.name == old[0]).values(stopped_at=long_ago))
+    reaper.recover_once()
+    with session_scope() as session:
+        left = set(session.scalars(select(Worker.name).where(Worker.pool.in_([busy, quiet]))))
+        states = pools.pool_states(session=session)
+    assert left == {live, forgotten[0]}  # the quiet pool keeps its most recently seen worker
+    assert quiet in pools.known_pools(states) and states[quiet].live_workers == 0
+    assert states[busy].live_workers == 1
