@@ -44,6 +44,7 @@ from worker.metrics_sink import MlflowMetricSink
 from worker.mlflow_run import RunFacts
 from worker.monitor import JobMonitor, JobReporter
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
+from worker.system_metrics import pack_system_metrics, run_destination
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +161,14 @@ def _train_pack(client: Any, trials: list[PackedTrial], started: float) -> None:
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="pack-trial-end") as pool:
 
         def conclude_ended(early: bool) -> None:
-            """Conclude every trial that left the pack and is not yet being concluded."""
+            """Conclude every trial that left the pack and is not yet being concluded; `early`:
+            only those that left before the end (pruned, cancelled, diverged): the pack's
+            last system sample still goes to the others' runs."""
             with lock:
                 for k, t in enumerate(ready):
                     result = trainer.results[k]
-                    if result is not None and t.ending is None:
+                    left_early = isinstance(result, TrainingDiverged) or getattr(result, "stopped_early", False)
+                    if result is not None and t.ending is None and (left_early or not early):
                         t.ending = pool.submit(_end_trial, client, t, result, started, early)
 
         done = threading.Event()
@@ -175,8 +179,20 @@ def _train_pack(client: Any, trials: list[PackedTrial], started: float) -> None:
 
         watcher = threading.Thread(target=watch, name="pack-watcher", daemon=True)
         watcher.start()
+        # One sampler for the pack: each sample to every trial still in it (a trial that left
+        # the pack, pruned or cancelled, is being concluded: its run takes no more).
+        system_metrics = pack_system_metrics(client, [
+            run_destination(t.sink, t.reporter, t.monitor, still_in=lambda t=t: t.ending is None)  # type: ignore[arg-type]
+            for t in ready
+        ])  # fmt: skip
+        if system_metrics is not None:
+            system_metrics.start()
         try:
-            trainer.train()
+            try:
+                trainer.train()
+            finally:
+                if system_metrics is not None:  # its last sample goes before the runs end
+                    system_metrics.finish()
         except Exception as exc:  # noqa: BLE001 - the pack's computation failed: every trial still in it fails
             log.exception("pack of %d trials failed", len(ready))
             done.set()

@@ -11,7 +11,8 @@ sample is sent with one request and no retry (the metric sink's writer); a sampl
 MLflow does not take is missed, the next one is tried as usual; stopping waits at
 most `STOP_WAIT_S`. Samples are logged at the job's training step, so they line up
 with the loss curve, and they are taken only while the run exists and the attempt
-holds the job's lease.
+holds the job's lease. A pack (worker/execute_pack.py) trains its trials in one
+process: one sampler sends each sample to every trial's run still in the pack.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import psutil
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -34,51 +36,55 @@ log = logging.getLogger(__name__)
 STOP_WAIT_S = 2.0  # the last sample's request may take this long at the end of a job
 
 
-class JobSystemMetrics(SystemMetricsMonitor):
-    def __init__(
-        self,
-        client: MlflowClient,
-        run_id: Callable[[], str | None],
-        current_step: Callable[[], int],
-        interval_s: float,
-        may_send: Callable[[], bool] = lambda: True,
-        open_run: Callable[[], bool] = lambda: True,
-    ) -> None:
+@dataclass(frozen=True)
+class SampleDestination:
+    """A run that takes the samples: its id (None until the sink opens it), the training step
+    to log them at, whether it may take one now, and how to wait for it to open."""
+
+    run_id: Callable[[], str | None]
+    step: Callable[[], int]
+    may_send: Callable[[], bool] = lambda: True
+    open_run: Callable[[], bool] = lambda: True
+
+
+class SystemMetricsSampler(SystemMetricsMonitor):
+    """Samples the machine every `interval_s` and sends each sample to every destination."""
+
+    def __init__(self, client: MlflowClient, destinations: list[SampleDestination], interval_s: float) -> None:
         super().__init__(run_id=None, sampling_interval=interval_s, tracking_uri=client.tracking_uri)
         uri = client.tracking_uri
         self._write = rest_batch_writer(uri) if uri.startswith(("http://", "https://")) else client_batch_writer(client)
-        self._current_run_id = run_id
-        self._current_step = current_step
-        self._may_send = may_send
-        self._open_run = open_run
-        self.sent = 0  # samples MLflow took
-        self.missed = 0  # samples taken while MLflow was unreachable or the run not yet open
+        self.destinations = destinations
+        self.sent = 0  # samples every destination took
+        self.missed = 0  # samples some destination missed (MLflow unreachable, its run not yet open)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="system-metrics", daemon=True)
 
     def sample_and_send(self) -> bool:
-        """One sample to the run; False when it was missed."""
+        """One sample to every destination; False when one of them missed it."""
         self.collect_metrics()
         aggregated = self.aggregate_metrics()
         for monitor in self.monitors:
             monitor.clear_metrics()
-        run_id = self._current_run_id()
-        if run_id is None or not self._may_send():
+        prefix = self._metrics_prefix + (f"{self.node_id}/" if self.node_id else "")
+        timestamp, missed = int(time.time() * 1000), False
+        for destination in self.destinations:
+            run_id = destination.run_id()
+            if run_id is None or not destination.may_send():
+                missed = True
+                continue
+            step = destination.step()
+            points: list[MetricPoint] = [(prefix + key, float(value), timestamp, step) for key, value in aggregated.items()]
+            try:
+                self._write(run_id, points)
+            except Exception as exc:  # noqa: BLE001 - a missed sample; the job goes on
+                missed = True
+                log.warning("system metrics: a sample was missed (%s)", exc)
+        if missed:
             self.missed += 1
-            return False
-        timestamp, step = int(time.time() * 1000), self._current_step()
-        points: list[MetricPoint] = [
-            (self._metrics_prefix + (f"{self.node_id}/" if self.node_id else "") + key, float(value), timestamp, step)
-            for key, value in aggregated.items()
-        ]
-        try:
-            self._write(run_id, points)
-        except Exception as exc:  # noqa: BLE001 - a missed sample; the job goes on
-            self.missed += 1
-            log.warning("system metrics: a sample was missed (%s)", exc)
-            return False
-        self.sent += 1
-        return True
+        else:
+            self.sent += 1
+        return not missed
 
     def _loop(self) -> None:
         psutil.cpu_percent()  # its first reading is meaningless: this starts its clock
@@ -86,8 +92,9 @@ class JobSystemMetrics(SystemMetricsMonitor):
             self._sample_safely()
         # The last stretch, so that a short job has a sample too: such a job may end before
         # the sink has opened its run (it does so from its own thread), so wait for that.
-        if self._current_run_id() is None and self._may_send():
-            self._open_run()
+        for destination in self.destinations:
+            if destination.run_id() is None and destination.may_send():
+                destination.open_run()
         self._sample_safely()
 
     def _sample_safely(self) -> None:
@@ -114,7 +121,7 @@ class JobSystemMetrics(SystemMetricsMonitor):
         if self._thread.is_alive():
             log.warning("system metrics: the last sample did not reach MLflow within %.0f s", STOP_WAIT_S)
 
-    def __enter__(self) -> JobSystemMetrics:
+    def __enter__(self) -> SystemMetricsSampler:
         self.start()
         return self
 
@@ -122,15 +129,47 @@ class JobSystemMetrics(SystemMetricsMonitor):
         self.finish()
 
 
+class JobSystemMetrics(SystemMetricsSampler):
+    """One job's samples, into its run."""
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: Callable[[], str | None],
+        current_step: Callable[[], int],
+        interval_s: float,
+        may_send: Callable[[], bool] = lambda: True,
+        open_run: Callable[[], bool] = lambda: True,
+    ) -> None:
+        super().__init__(client, [SampleDestination(run_id, current_step, may_send, open_run)], interval_s)
+
+
+def run_destination(
+    sink: MlflowMetricSink, reporter: JobReporter, monitor: JobMonitor, still_in: Callable[[], bool] = lambda: True
+) -> SampleDestination:
+    """A job's run (or a packed trial's), the one its sink opens, while this attempt holds the
+    job (and, for a trial, while it is still in its pack)."""
+    return SampleDestination(
+        lambda: sink.run_id, lambda: reporter.step,
+        may_send=lambda: still_in() and monitor.lease_is_fresh() and reporter.stop_reason != StopReason.lease_lost,
+        open_run=sink.connected,
+    )  # fmt: skip
+
+
 def job_system_metrics(
     client: MlflowClient, sink: MlflowMetricSink, reporter: JobReporter, monitor: JobMonitor
 ) -> JobSystemMetrics | None:
-    """A running job's samples (not started): into the run the sink opens, while this attempt
-    holds the job. None when the settings turn them off."""
+    """A running job's samples (not started). None when the settings turn them off."""
     if not settings.system_metrics_interval_s:
         return None
-    return JobSystemMetrics(
-        client, lambda: sink.run_id, lambda: reporter.step, settings.system_metrics_interval_s,
-        may_send=lambda: monitor.lease_is_fresh() and reporter.stop_reason != StopReason.lease_lost,
-        open_run=sink.connected,
-    )  # fmt: skip
+    destination = run_destination(sink, reporter, monitor)
+    return JobSystemMetrics(client, destination.run_id, destination.step, settings.system_metrics_interval_s,
+                            may_send=destination.may_send, open_run=destination.open_run)  # fmt: skip
+
+
+def pack_system_metrics(client: MlflowClient, destinations: list[SampleDestination]) -> SystemMetricsSampler | None:
+    """A pack's samples (not started): one process trains every trial, so one sample goes to
+    each trial's run. None when the settings turn them off."""
+    if not settings.system_metrics_interval_s:
+        return None
+    return SystemMetricsSampler(client, destinations, settings.system_metrics_interval_s)

@@ -83,6 +83,9 @@ def test_a_packed_study_trains_each_trial_as_its_own_job_and_equals_its_unpacked
         models = stack.mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
                                                    filter_string=f"source_run_id = '{run.info.run_id}'")  # fmt: skip
         assert len(models) == 1, "the trial's model was not logged"
+        # The pack's system samples, in every trial's run, at that trial's steps.
+        system = stack.mlflow.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+        assert system and all(0 <= m.step <= total and m.value > 0 for m in system)
 
     # The same leaderboard as the unpacked twin (a pack computes what each trial computes alone).
     def board(study: dict) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from worker.system_metrics import STOP_WAIT_S, JobSystemMetrics
+from worker.system_metrics import STOP_WAIT_S, JobSystemMetrics, SampleDestination, SystemMetricsSampler
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +63,32 @@ def test_mlflow_down_costs_samples_not_time(tmp_path: Path) -> None:
     stop_took = time.monotonic() - started - 0.5
     assert system.sent == 0 and system.missed >= 3  # every sample tried, none sent, the loop kept going
     assert stop_took < STOP_WAIT_S + 0.5
+
+
+def test_a_packs_sample_goes_to_every_trial_still_in_the_pack_at_its_own_step(mlflow_store: MlflowClient) -> None:
+    experiment = mlflow_store.create_experiment("pack")
+    runs = [mlflow_store.create_run(experiment).info.run_id for _ in range(3)]
+    still_in = [True, True, True]
+    destinations = [
+        SampleDestination(lambda k=k: runs[k], lambda k=k: 10 * (k + 1), may_send=lambda k=k: still_in[k])
+        for k in range(3)
+    ]
+    cpu = "system/cpu_utilization_percentage"
+
+    def samples(k: int, at_least: int) -> int:  # (a loaded machine samples late: wait for them)
+        deadline = time.monotonic() + 10
+        while len(history := mlflow_store.get_metric_history(runs[k], cpu)) < at_least and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return len(history)
+
+    with SystemMetricsSampler(mlflow_store, destinations, interval_s=0.1) as system:
+        assert samples(1, at_least=2) >= 2
+        still_in[1] = False  # this trial left the pack (pruned): its run takes no more samples
+        taken_by_the_pruned = samples(1, at_least=0)
+        assert samples(0, at_least=taken_by_the_pruned + 3) >= taken_by_the_pruned + 3
+    assert system.sent >= 1 and system.missed >= 1  # every destination took the first ones; later, one did not
+    for k in (0, 2):
+        history = mlflow_store.get_metric_history(runs[k], cpu)
+        assert len(history) >= taken_by_the_pruned + 3 and {p.step for p in history} == {10 * (k + 1)}
+    history = mlflow_store.get_metric_history(runs[1], cpu)
+    assert len(history) <= taken_by_the_pruned + 1 and {p.step for p in history} == {20}  # (+1: one in flight)
