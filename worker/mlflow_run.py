@@ -40,7 +40,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, ErrorCode  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_USER  # noqa: E402
 
 from jobs.db import session_scope  # noqa: E402
 from worker.metrics_rule import EVERY_STEP, RULE_TAG  # noqa: E402
@@ -76,11 +76,13 @@ class RunFacts(NamedTuple):
     run_id: str
     artifact_uri: str
     params: dict[str, str]
+    user: str | None = None  # its `mlflow.user`, which its logged model names too
 
 
 def read_run_facts(client: MlflowClient, run_id: str) -> RunFacts:
     run = client.get_run(run_id)
-    return RunFacts(run.info.experiment_id, run_id, run.info.artifact_uri, dict(run.data.params))
+    return RunFacts(run.info.experiment_id, run_id, run.info.artifact_uri, dict(run.data.params),
+                    run.data.tags.get(MLFLOW_USER))  # fmt: skip
 
 
 def open_run(
@@ -115,7 +117,7 @@ def open_run(
     }
     tags |= standard_run_tags(spec, project, user) | (extra_tags or {})
     run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
-    return RunFacts(experiment_id, run.info.run_id, run.info.artifact_uri, run_params(spec))
+    return RunFacts(experiment_id, run.info.run_id, run.info.artifact_uri, run_params(spec), user)
 
 
 def unrecorded_run(
@@ -264,7 +266,7 @@ def log_results(
         record = None
         if settings.log_model:  # the model's record is made while its files and the run's are written
             record = pool.submit(client.create_logged_model, run.experiment_id, name="model", source_run_id=run_id,
-                                 params=run.params)  # fmt: skip
+                                 params=run.params, tags={MLFLOW_USER: run.user} if run.user else None)  # fmt: skip
         run_repository = get_artifact_repository(run.artifact_uri, tracking_uri=tracking_uri)
         sent = [pool.submit(_put, upload) for upload in _run_files(local / "run", run_repository, spec, result)]
         model_id = None

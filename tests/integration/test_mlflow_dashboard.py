@@ -51,6 +51,7 @@ def test_a_jobs_run_names_its_key_and_links_the_final_metrics_to_its_model(stack
 
     [model] = stack.mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
                                                 filter_string=f"source_run_id = '{run.info.run_id}'")  # fmt: skip
+    assert model.tags["mlflow.user"] == f"alice's laptop ({project})"  # its UI's "Created by" too
     linked = {m.key: m for m in stack.mlflow.get_logged_model(model.model_id).metrics}
     assert set(linked) == {"val_loss", "val_accuracy"}
     for key, metric in linked.items():
