@@ -137,7 +137,7 @@ def test_probes_and_costs_have_sections_of_their_own(stack: Stack) -> None:
     # `update_ratio/…`, `diagnostics_seconds/…`); every other metric, loss and accuracy
     # among them, is in "Model metrics". MLflow 3.17 lists prefixed sections first
     # (alphabetically), then "Model metrics": none of the names the issues fix can put the
-    # curves above the probes (README, "The MLflow run"). Should MLflow change that rule,
+    # curves above the probes (README, "What you can train"). Should MLflow change that rule,
     # this says the README is out of date.
     spec = JOB | {"name": "ui-probes", "diagnostics": {"every_steps": 5, "layer_grad_norms": True, "update_ratio": True}}
     job = stack.wait(stack.submit(spec)["id"])
