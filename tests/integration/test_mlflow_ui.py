@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import pytest
 
+from jobs.tracking import MODEL_TRAINING_VIEW
 from tests.integration.conftest import Stack
 from tests.integration.test_mlflow_dashboard import ended, project_client, submitted
 
@@ -121,7 +122,7 @@ def test_a_finished_jobs_mlflow_page_shows_model_training_and_its_curves(stack: 
     experiment_id, run_id = job["mlflow"]["experiment_id"], job["mlflow"]["run_id"]
     [model] = stack.mlflow.search_logged_models(experiment_ids=[experiment_id],
                                                 filter_string=f"source_run_id = '{run_id}'")  # fmt: skip
-    model_url = url.split("#/")[0] + f"#/experiments/{experiment_id}/models/{model.model_id}?workflowType=machine_learning"
+    model_url = f"{url.split('#/')[0]}#/experiments/{experiment_id}/models/{model.model_id}?{MODEL_TRAINING_VIEW}"
     model_page = rendered_text(model_url)
     metrics = {m.key: m.value for m in stack.mlflow.get_logged_model(model.model_id).metrics}
     assert set(metrics) == {"val_loss", "val_accuracy"}
@@ -139,7 +140,8 @@ def test_probes_and_costs_have_sections_of_their_own(stack: Stack) -> None:
     # (alphabetically), then "Model metrics": none of the names the issues fix can put the
     # curves above the probes (README, "What you can train"). Should MLflow change that rule,
     # this says the README is out of date.
-    spec = JOB | {"name": "ui-probes", "diagnostics": {"every_steps": 5, "layer_grad_norms": True, "update_ratio": True}}
+    probes = {"every_steps": 5, "layer_grad_norms": True, "update_ratio": True}
+    spec = JOB | {"name": "ui-probes", "diagnostics": probes}
     job = stack.wait(stack.submit(spec)["id"])
     assert job["status"] == "succeeded", job["error"]
     sections = chart_sections(job["mlflow"]["run_url"])

@@ -54,4 +54,5 @@ def test_the_user_is_the_submitting_keys_name_and_project() -> None:
     assert run_user("vision", "dsk_Ab3dEfGh") == "dsk_Ab3dEfGh (vision)"  # a key without a label: its prefix
     assert run_user("vision", None) == "vision"  # no key recorded (the bootstrap key's, or before 0016)
     job = spec()
-    assert standard_run_tags(job, "vision", run_user("vision", "alice laptop"))["mlflow.user"] == "alice laptop (vision)"
+    tags = standard_run_tags(job, "vision", run_user("vision", "alice laptop"))
+    assert tags["mlflow.user"] == "alice laptop (vision)"
