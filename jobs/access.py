@@ -129,6 +129,18 @@ def revoke_key(*, session: Session, key_id: uuid.UUID) -> ApiKey | None:
     return row
 
 
+def key_name(*, session: Session, key_id: uuid.UUID | None) -> str | None:
+    """How a key is named to people (its MLflow runs' "Created by"): its label, or its prefix
+    when it has none; None without a key (the bootstrap key, or a job from before 0016).
+    A revoked key still names what it submitted."""
+    if key_id is None:
+        return None
+    row = session.get(ApiKey, key_id)
+    if row is None:
+        return None
+    return " ".join((row.label or "").split()) or row.prefix  # one line, whatever the label holds
+
+
 def list_keys(*, session: Session, project: str | None = None) -> list[ApiKey]:
     query = select(ApiKey).order_by(ApiKey.created_at)
     if project is not None:

@@ -52,10 +52,13 @@ class IdempotencyConflict(ValueError):
 
 
 def create_job(
-    *, session: Session, spec: JobSpec, idempotency_key: str | None = None, project: str = DEFAULT_PROJECT
+    *, session: Session, spec: JobSpec, idempotency_key: str | None = None, project: str = DEFAULT_PROJECT,
+    submitted_by_key_id: uuid.UUID | None = None,
 ) -> tuple[Job, bool]:
     """(job, created). With an idempotency key the project already used for the same
     spec, the earlier job and False; for another spec, IdempotencyConflict.
+    `submitted_by_key_id`: the API key that submitted it (or its study), which its MLflow
+    run names as its user; None for the bootstrap key.
 
     The one gate every job row passes, whoever creates it (a submission, a study's trial,
     a configuration a sampler proposed): LimitExceeded when the spec asks for more than
@@ -93,6 +96,7 @@ def create_job(
         idempotency_key=idempotency_key,
         spec_sha256=digest,
         pool=spec.resources.pool,
+        submitted_by_key_id=submitted_by_key_id,
     )
     event = JobEvent(job_id=job.id, from_status=None, to_status=JobStatus.queued, at=now)
     session.add_all([job, event])

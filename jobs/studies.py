@@ -67,7 +67,9 @@ def _stage_state(session: Session, study: Study, detail: str | None = None) -> N
     stage_to(session, study_stream_key(study.id), "state", data, final=study.status in STUDY_TERMINAL)
 
 
-def create_study(*, session: Session, spec: StudySpec, project: str) -> tuple[Study, list[uuid.UUID]]:
+def create_study(
+    *, session: Session, spec: StudySpec, project: str, submitted_by_key_id: uuid.UUID | None = None
+) -> tuple[Study, list[uuid.UUID]]:
     """The study and its first trial jobs (ids to enqueue once committed); QuotaExceeded
     when the project's running studies leave no room for this one's parallelism. At most
     STUDY_TRIALS_PER_ADVANCE trials are created now (an Optuna ask each), so that a study
@@ -77,7 +79,8 @@ def create_study(*, session: Session, spec: StudySpec, project: str) -> tuple[St
     check_room_for_study(session=session, project=project, parallelism=study_parallelism(spec), seeds=seeds,
                          limits=settings)  # fmt: skip
     study = Study(project=project, name=spec.name, status=StudyStatus.running,
-                  spec=spec.model_dump(mode="json", by_alias=True), configs_created=0, result={})  # fmt: skip
+                  spec=spec.model_dump(mode="json", by_alias=True), configs_created=0, result={},
+                  submitted_by_key_id=submitted_by_key_id)  # fmt: skip
     session.add(study)
     session.flush()
     study_search.load(study.id, spec, seed=spec.seeds[0], create=True)
@@ -242,7 +245,9 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
             specs = [trial_spec(spec, values, seed, study.configs_created) for seed in seeds]
             # The job gate (repository.create_job) holds every trial to the job limits; the
             # seeds of one configuration share them, so the first one refused is the first seed.
-            created = [create_job(session=session, spec=job_spec, project=study.project)[0] for job_spec in specs]
+            # A trial is submitted by its study's key: its run names the same person.
+            created = [create_job(session=session, spec=job_spec, project=study.project,
+                                  submitted_by_key_id=study.submitted_by_key_id)[0] for job_spec in specs]  # fmt: skip
         except (ValidationError, ValueError) as exc:  # a sampled point the checks at creation did not catch
             for n in numbers:
                 study_search.tell(optuna_study, n, None, pruned=False)

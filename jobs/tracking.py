@@ -85,15 +85,23 @@ SOURCE_NAME = "descent"  # the job's own name is the run's name; the source is w
 MAX_NOTE_CHARS = 5000  # MLflow keeps tag values up to 8000 characters
 
 
-def standard_run_tags(spec: JobSpec, project: str) -> dict[str, str]:
-    """MLflow's own run tags, for its UI's "Created by", "Source" and "Description". The job row
-    does not say which API key submitted it, so the user is the project."""
-    return {
-        MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB),
-        MLFLOW_SOURCE_NAME: SOURCE_NAME,
-        MLFLOW_USER: project,
-        MLFLOW_RUN_NOTE: run_note(spec, project),
-    }
+def run_user(project: str, key_name: str | None) -> str:
+    """MLflow's `mlflow.user` (its UI's "Created by"): who submitted the job, as
+    `<key label> (<project>)` (the key's prefix when it has no label, access.key_name);
+    the project alone when no key is recorded (the bootstrap key's jobs, jobs from before
+    migration 0016)."""
+    return f"{key_name} ({project})" if key_name else project
+
+
+def source_run_tags() -> dict[str, str]:
+    """What made the run (its UI's "Source"): a Descent job, for a job's run and a study's alike."""
+    return {MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB), MLFLOW_SOURCE_NAME: SOURCE_NAME}
+
+
+def standard_run_tags(spec: JobSpec, project: str, user: str | None = None) -> dict[str, str]:
+    """MLflow's own run tags, for its UI's "Created by" (`user`, run_user; the project when
+    not given), "Source" and "Description"."""
+    return source_run_tags() | {MLFLOW_USER: user or project, MLFLOW_RUN_NOTE: run_note(spec, project)}
 
 
 def run_note(spec: JobSpec, project: str) -> str:

@@ -39,7 +39,7 @@ from trainer.reporting import TrainingResult
 from trainer.speed import check_runnable, release_device_memory
 from worker import study_runs
 from worker.dataset_cache import ensure_image_set
-from worker.metrics_sink import MlflowMetricSink
+from worker.metrics_sink import MetricPoint, MlflowMetricSink
 from worker.mlflow_run import (
     RunFacts, describe_run, latest_steps, log_results, open_run, reopen_run, unrecorded_run,
 )
@@ -121,14 +121,14 @@ def mlflow_unreachable(exc: BaseException) -> bool:
 
 def _log_results_while_mlflow_returns(
     client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, job_id: uuid.UUID, until: float,
-    opened: list[RunFacts],
+    opened: list[RunFacts], evaluation: list[MetricPoint],
 ) -> None:
     """The end-of-job artifacts. MLflow going down now delays the job, it does not fail
     it: the training is done and its metrics are in. Past `until` the job succeeds
     without them (the reaper ends the run once MLflow is back)."""
     while True:
         try:
-            log_results(client, run_id, spec, result, opened[-1] if opened else None)
+            log_results(client, run_id, spec, result, opened[-1] if opened else None, evaluation)
             return
         except Exception as exc:
             if not mlflow_unreachable(exc):
@@ -232,7 +232,7 @@ def run_connector(
             return earlier_run, latest_steps(client, earlier_run)
         if not created:
             tags = study_runs.trial_tags(job, study_runs.ensure_parent_run(client, job.study_id)) if job.study_id else {}
-            run = open_run(client, spec, job.id, attempt, job.project, tags)
+            run = open_run(client, spec, job.id, attempt, job.project, tags, job.submitted_by_key_id)
             # On the job before anything else: killed from here on, the next attempt reopens
             # this run; failing from here on, this attempt's next try describes it again.
             with session_scope() as session:
@@ -339,11 +339,12 @@ def finish_attempt(
         # Every metric is in MLflow before the job says it is done (MLflow down: waits a while),
         # and so are its results; they go while the sink sends the last metrics.
         wait_until = time.monotonic() + settings.mlflow_wait_at_end_s
+        evaluation = sink.last_points_at(result.steps)  # the final model's metrics, linked to it
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-results") as pool:
             results = None
             if not result.stopped_early and sink.run_id is not None:
                 results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result, job_id,
-                                      wait_until, opened)  # fmt: skip
+                                      wait_until, opened, evaluation)  # fmt: skip
             sink.close(timeout_s=settings.mlflow_wait_at_end_s)
             if result.stopped_early:
                 outcome = Outcome.pruned if reporter.stop_reason == StopReason.pruned else Outcome.cancelled
@@ -353,7 +354,7 @@ def finish_attempt(
             else:
                 if results is None:  # the sink opened the run only while sending the last metrics
                     results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result,
-                                          job_id, wait_until, opened)  # fmt: skip
+                                          job_id, wait_until, opened, evaluation)  # fmt: skip
                 results.result()
                 outcome = Outcome.succeeded
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words

@@ -227,6 +227,7 @@ class MlflowMetricSink:
         self._write = rest_batch_writer(uri) if uri.startswith(("http://", "https://")) else client_batch_writer(client)
         self.flush_interval_s = flush_interval_s
         self._pending: deque[MetricPoint] = deque()
+        self._last: dict[str, MetricPoint] = {}  # each `add`ed metric's latest point (last_points_at)
         self._buffer_limit = buffer_limit
         self.added = 0
         self.sent = 0  # sent, or skipped as already in MLflow
@@ -255,13 +256,22 @@ class MlflowMetricSink:
         """Called from the training loop: append and return."""
         timestamp = int(time.time() * 1000)
         for key, value in metrics.items():
-            self._pending.append((key, float(value), timestamp, step))
+            point = (key, float(value), timestamp, step)
+            self._pending.append(point)
+            self._last[key] = point
         self.added += len(metrics)
         overflow = len(self._pending) - self._buffer_limit
         while overflow > 0:  # bounded memory through a long outage: the oldest points go first
             self._pending.popleft()
             self.dropped += 1
             overflow -= 1
+
+    def last_points_at(self, step: int) -> list[MetricPoint]:
+        """The points `add`ed last of each metric, where that was at `step`, exactly as they
+        are sent (the end of a job links them to its model, worker/mlflow_run.model_metrics);
+        not those of steps an earlier attempt had sent (skipped: MLflow's point is another)."""
+        skipped = self.skip_through
+        return [point for key, point in self._last.items() if point[3] == step and step > skipped.get(key, -1)]
 
     def add_rows(self, rows: list[tuple[int, Mapping[str, float]]]) -> None:
         """Many steps' per-step metrics at once, stamped with one time (they were read back

@@ -11,6 +11,7 @@ import posixpath
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +29,7 @@ from mlflow.entities import (  # noqa: E402
     LoggedModel,
     LoggedModelOutput,
     LoggedModelStatus,
+    Metric,
     Param,
     RunStatus,
 )
@@ -38,10 +40,11 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, ErrorCode  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT  # noqa: E402
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_USER  # noqa: E402
 
 from jobs.db import session_scope  # noqa: E402
 from worker.metrics_rule import EVERY_STEP, RULE_TAG  # noqa: E402
+from worker.metrics_sink import MAX_METRICS_PER_BATCH, MetricPoint  # noqa: E402
 from jobs.mlflow_tenancy import project_experiment_id  # noqa: E402
 from jobs.models import DEFAULT_PROJECT  # noqa: E402
 from jobs.settings import settings  # noqa: E402
@@ -52,7 +55,8 @@ from jobs.spec import (  # noqa: E402
     TokenSequenceDataset,
     UploadedDataset,
 )
-from jobs.tracking import standard_run_tags  # noqa: E402
+from jobs.access import key_name  # noqa: E402
+from jobs.tracking import run_user, standard_run_tags  # noqa: E402
 from trainer.reporting import TrainingResult  # noqa: E402
 from worker.confusion_plot import confusion_png  # noqa: E402
 from worker.dataset_cache import image_set_digest  # noqa: E402
@@ -72,11 +76,13 @@ class RunFacts(NamedTuple):
     run_id: str
     artifact_uri: str
     params: dict[str, str]
+    user: str | None = None  # its `mlflow.user`, which its logged model names too
 
 
 def read_run_facts(client: MlflowClient, run_id: str) -> RunFacts:
     run = client.get_run(run_id)
-    return RunFacts(run.info.experiment_id, run_id, run.info.artifact_uri, dict(run.data.params))
+    return RunFacts(run.info.experiment_id, run_id, run.info.artifact_uri, dict(run.data.params),
+                    run.data.tags.get(MLFLOW_USER))  # fmt: skip
 
 
 def open_run(
@@ -86,6 +92,7 @@ def open_run(
     attempt: int,
     project: str = DEFAULT_PROJECT,
     extra_tags: dict[str, str] | None = None,
+    submitted_by: uuid.UUID | None = None,
 ) -> RunFacts:
     """Create the job's run with searchable tags, and MLflow's own tags (source, user, the
     description its UI shows) in the same request; `describe_run` adds the params and the
@@ -96,6 +103,7 @@ def open_run(
     metrics) would cost one more request at every job's end, and the UI shows both anyway."""
     with session_scope() as session:  # `<project>/<experiment>`, made by Descent for this project only
         experiment_id = project_experiment_id(client, session, project, spec.experiment or settings.default_experiment)
+        user = run_user(project, key_name(session=session, key_id=submitted_by))  # who submitted it
     tags = {  # a study's trial adds its parent run, study, configuration and seed (extra_tags)
         "descent.job_id": str(job_id),
         "descent.project": project,
@@ -107,9 +115,9 @@ def open_run(
         "loss": str(spec.loss),
         RULE_TAG: EVERY_STEP,  # how its per-step metrics are logged; its sink retags a change
     }
-    tags |= standard_run_tags(spec, project) | (extra_tags or {})
+    tags |= standard_run_tags(spec, project, user) | (extra_tags or {})
     run = client.create_run(experiment_id, run_name=spec.name, tags=tags)
-    return RunFacts(experiment_id, run.info.run_id, run.info.artifact_uri, run_params(spec))
+    return RunFacts(experiment_id, run.info.run_id, run.info.artifact_uri, run_params(spec), user)
 
 
 def unrecorded_run(
@@ -234,7 +242,8 @@ class _Upload(NamedTuple):
 
 
 def log_results(
-    client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, run: RunFacts | None = None
+    client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, run: RunFacts | None = None,
+    evaluation: Sequence[MetricPoint] = (),
 ) -> None:
     """The spec, the confusion matrix (data and figure), the diagnostics and (optionally)
     the model, at the end of a job. The job says `succeeded` only once they are in, so
@@ -242,7 +251,9 @@ def log_results(
     made locally (while the model's record is made) and then sent at once: every file, the
     run's and the model's, PUT from a few threads, instead of MLflow's one file after
     another with a lookup before each group (12 requests one after another). `run`, when
-    this attempt opened the run, spares reading it back. The first failure is raised."""
+    this attempt opened the run, spares reading it back. `evaluation`: the run's last points
+    (metrics_sink.last_points_at the model's step), of which the model's own are linked to it
+    (model_metrics). The first failure is raised."""
     if run is None or run.run_id != run_id:
         run = read_run_facts(client, run_id)
     tracking_uri = client.tracking_uri
@@ -255,7 +266,7 @@ def log_results(
         record = None
         if settings.log_model:  # the model's record is made while its files and the run's are written
             record = pool.submit(client.create_logged_model, run.experiment_id, name="model", source_run_id=run_id,
-                                 params=run.params)  # fmt: skip
+                                 params=run.params, tags={MLFLOW_USER: run.user} if run.user else None)  # fmt: skip
         run_repository = get_artifact_repository(run.artifact_uri, tracking_uri=tracking_uri)
         sent = [pool.submit(_put, upload) for upload in _run_files(local / "run", run_repository, spec, result)]
         model_id = None
@@ -268,6 +279,8 @@ def log_results(
                                                                               logged, run_id)]  # fmt: skip
                 output = LoggedModelOutput(model_id, step=result.steps)
                 sent.append(pool.submit(client.log_outputs, run_id, models=[output]))  # the model as the run's output
+                if linked := model_metrics(spec, model_id, evaluation):
+                    sent.append(pool.submit(client.log_batch, run_id, metrics=linked))
             for future in sent:
                 future.result()
         except Exception:
@@ -276,6 +289,24 @@ def log_results(
             raise
     if model_id is not None:
         client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+
+
+MODEL_METRIC_PREFIX = "val_"  # the model's metrics: its evaluation on the validation split
+
+
+def model_metrics(spec: JobSpec, model_id: str, evaluation: Sequence[MetricPoint]) -> list[Metric]:
+    """The final model's metrics, linked to its LoggedModel and the run's dataset: the run's
+    points of its validation metrics (val_loss, val_accuracy; per class with
+    diagnostics.per_class) at the step the model was saved, sent again exactly as the run has
+    them (key, value, time, step) with the model's id. MLflow keeps the one point in the run
+    and links it to the model (what `log_model` does after reading back every metric's
+    history, here with the points in hand): one request, no extra point on the run's curves."""
+    dataset = dataset_input(spec, project="").dataset  # its name and digest (the project is only in its source)
+    return [
+        Metric(key, value, timestamp, step, model_id=model_id, dataset_name=dataset.name, dataset_digest=dataset.digest)
+        for key, value, timestamp, step in evaluation
+        if key.startswith(MODEL_METRIC_PREFIX)
+    ][:MAX_METRICS_PER_BATCH]
 
 
 def _finalize_quietly(client: MlflowClient, model_id: str, status: LoggedModelStatus) -> None:

@@ -22,10 +22,12 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_USER
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from jobs import studies
+from jobs.access import key_name
 from jobs.db import session_scope
 from jobs.lr_range import analyse
 from jobs.mlflow_tenancy import project_experiment_id, project_registered_model, registered_model_name
@@ -33,7 +35,7 @@ from jobs.models import Job, Study, utcnow
 from jobs.settings import settings
 from jobs.states import JobStatus, StudyStatus
 from jobs.study_spec import LRRangeTest, StudySpec, describe_values
-from jobs.tracking import metric_history, tracking_client
+from jobs.tracking import metric_history, run_user, source_run_tags, tracking_client
 from worker import study_plots
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,9 @@ def _parent_run(client: MlflowClient, session: Session, study: Study) -> str:
     spec = studies.parse_study(study)
     experiment = spec.base.get("experiment") or settings.default_experiment
     experiment_id = project_experiment_id(client, session, study.project, experiment)
-    tags = {"descent.study_id": str(study.id), "descent.kind": "study", "descent.project": study.project}
+    tags = {"descent.study_id": str(study.id), "descent.kind": "study", "descent.project": study.project,
+            MLFLOW_USER: run_user(study.project, key_name(session=session, key_id=study.submitted_by_key_id))}
+    tags |= source_run_tags()  # in the same request: who submitted the study and what made its run
     run = client.create_run(experiment_id, run_name=f"study {spec.name}", tags=tags)
     params = {
         "search.method": spec.search.method, "repeats": str(spec.repeats),

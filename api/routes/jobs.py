@@ -104,7 +104,8 @@ def _submit(
     # The limits are the job gate's (repository.create_job), the same for every job row.
     def create() -> tuple[Job, bool]:
         return repository.create_job(
-            session=session, spec=spec, idempotency_key=idempotency_key, project=caller.project
+            session=session, spec=spec, idempotency_key=idempotency_key, project=caller.project,
+            submitted_by_key_id=caller.key_id,
         )
 
     try:

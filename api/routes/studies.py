@@ -109,7 +109,8 @@ def submit_study(
         field = "resources.pool" if spec.resources is not None else "base.resources.pool"
         return unprocessable([problem("body", field, unknown, "pool_unknown")])
     try:
-        study, job_ids = studies.create_study(session=session, spec=spec, project=caller.project)
+        study, job_ids = studies.create_study(session=session, spec=spec, project=caller.project,
+                                              submitted_by_key_id=caller.key_id)
     except QuotaExceeded as exc:
         session.rollback()
         return too_many(exc)

@@ -178,3 +178,29 @@ def test_the_admin_cli_makes_the_first_key(client: TestClient, unit_env: dict[st
 
     unknown = admin_cli("create-key", "--project", "nobody-" + uuid.uuid4().hex[:6], unit_env=unit_env)
     assert unknown.returncode == 2 and "does not exist" in unknown.stderr
+
+
+def test_jobs_and_studies_record_the_key_that_submitted_them(client: TestClient) -> None:
+    # Their MLflow runs name it (`mlflow.user`): its label, else its prefix; a study's trials its study's.
+    from jobs.access import key_name
+    from jobs.models import Job, Study
+
+    project = new_project(client)
+    labelled = new_key(client, project, label="  alice's\nlaptop ")
+    unlabelled = new_key(client, project)
+    job = client.post("/v1/jobs", json=SMALL_JOB, headers=bearer(labelled["key"])).json()
+    other = client.post("/v1/jobs", json=SMALL_JOB, headers=bearer(unlabelled["key"])).json()
+    booted = client.post("/v1/jobs", json=SMALL_JOB).json()  # the bootstrap key: no key row
+    study_body = {"name": "who", "base": SMALL_JOB, "space": {"optimizer.lr": {"grid": [0.01, 0.1]}}}
+    study = client.post("/v1/studies", json=study_body, headers=bearer(unlabelled["key"])).json()
+    with session_scope() as session:
+        rows = {j: session.get(Job, uuid.UUID(j)) for j in (job["id"], other["id"], booted["id"])}
+        assert str(rows[job["id"]].submitted_by_key_id) == labelled["id"]
+        assert str(rows[other["id"]].submitted_by_key_id) == unlabelled["id"]
+        assert rows[booted["id"]].submitted_by_key_id is None
+        assert key_name(session=session, key_id=rows[job["id"]].submitted_by_key_id) == "alice's laptop"
+        assert key_name(session=session, key_id=rows[other["id"]].submitted_by_key_id) == unlabelled["prefix"]
+        assert key_name(session=session, key_id=None) is None
+        assert str(session.get(Study, uuid.UUID(study["id"])).submitted_by_key_id) == unlabelled["id"]
+        trials = session.scalars(select(Job).where(Job.study_id == uuid.UUID(study["id"]))).all()
+        assert trials and {str(t.submitted_by_key_id) for t in trials} == {unlabelled["id"]}

@@ -112,3 +112,38 @@ def test_the_kept_alive_post_reopens_a_connection_the_server_closed() -> None:
         assert len(connections) == 2  # one kept for the first two, one reopened for the rest
     finally:
         server.shutdown()
+
+
+def test_the_final_models_metrics_are_linked_to_it_without_a_second_point_on_the_run(store: MlflowClient) -> None:
+    # The end of a job sends the run's last val_* points again, as they are, with the model's
+    # id (worker/mlflow_run.model_metrics): the model lists them, the run keeps one point each.
+    from jobs.spec import JobSpec
+    from worker.mlflow_run import builtin_dataset_input, model_metrics
+
+    spec = JobSpec.model_validate({"dataset": {"name": "iris"}, "epochs": 2})
+    experiment_id = store.create_experiment(f"linked-{uuid.uuid4().hex[:6]}")
+    run_id = store.create_run(experiment_id).info.run_id
+    sink = MlflowMetricSink(store, lambda: (run_id, {}), flush_interval_s=3600, buffer_limit=10_000)
+    try:
+        for epoch, step in ((1, 8), (2, 16)):
+            sink.add(step, {"epoch": epoch, "train_accuracy": 0.5 * epoch, "val_loss": 1.0 / epoch,
+                            "val_accuracy": 0.4 * epoch})  # fmt: skip
+        sink.add(16, {"val_f1_macro": 0.75, "diagnostics_seconds/per_class": 0.01})
+        assert sink.flush_once() is True
+        evaluation = sink.last_points_at(16)
+        assert sorted(p[0] for p in evaluation) == ["diagnostics_seconds/per_class", "epoch", "train_accuracy",
+                                                    "val_accuracy", "val_f1_macro", "val_loss"]  # fmt: skip
+        assert sink.last_points_at(8) == []  # (every metric's last point is at step 16)
+    finally:
+        sink.discard()
+    model_id = store.create_logged_model(experiment_id, name="model", source_run_id=run_id).model_id
+    linked = model_metrics(spec, model_id, evaluation)
+    store.log_batch(run_id, metrics=linked)
+
+    model = store.get_logged_model(model_id)
+    dataset = builtin_dataset_input(spec).dataset
+    got = {m.key: (m.value, m.step, m.run_id, m.dataset_name, m.dataset_digest) for m in model.metrics}
+    assert got == {key: (value, 16, run_id, "iris", dataset.digest)
+                   for key, value in (("val_loss", 0.5), ("val_accuracy", 0.8), ("val_f1_macro", 0.75))}  # fmt: skip
+    for key in ("val_loss", "val_accuracy"):  # still one point an epoch on the run
+        assert [m.step for m in store.get_metric_history(run_id, key)] == [8, 16]

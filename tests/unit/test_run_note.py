@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.spec import JobSpec
-from jobs.tracking import MAX_NOTE_CHARS, run_note, standard_run_tags
+from jobs.tracking import MAX_NOTE_CHARS, run_note, run_user, standard_run_tags
 
 
 def spec(**fields: object) -> JobSpec:
@@ -47,3 +47,12 @@ def test_standard_tags_say_source_user_and_description() -> None:
         "mlflow.user": "gamma",
         "mlflow.note.content": run_note(job, "gamma"),
     }
+
+
+def test_the_user_is_the_submitting_keys_name_and_project() -> None:
+    assert run_user("vision", "alice laptop") == "alice laptop (vision)"
+    assert run_user("vision", "dsk_Ab3dEfGh") == "dsk_Ab3dEfGh (vision)"  # a key without a label: its prefix
+    assert run_user("vision", None) == "vision"  # no key recorded (the bootstrap key's, or before 0016)
+    job = spec()
+    tags = standard_run_tags(job, "vision", run_user("vision", "alice laptop"))
+    assert tags["mlflow.user"] == "alice laptop (vision)"
