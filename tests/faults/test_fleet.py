@@ -1,9 +1,11 @@
-"""The fleet test (issue 17's proof, without the object store): 4 workers in 2 device pools
-on this machine, 200 short jobs and 2 small studies spread over the pools, one busy worker
-of each pool SIGKILLed midway (and replaced by a worker of the same pool). Every job must
-end succeeded, in its own pool (each of its attempts ran on a worker of its pool), none
-lost, none run twice (test_chaos's checks: a clean history, no attempt requeued while its
-process lived, every step in MLflow exactly once, one FINISHED run).
+"""The fleet test (issue 17's proof): 4 workers in 2 device pools on this machine, 200 short
+jobs and 2 small studies spread over the pools, one busy worker of each pool SIGKILLed midway
+(and replaced by a worker of the same pool). Every job must end succeeded, in its own pool
+(each of its attempts ran on a worker of its pool), none lost, none run twice (test_chaos's
+checks: a clean history, no attempt requeued while its process lived, every step in MLflow
+exactly once, one FINISHED run). Every checkpoint goes to the object store (MLflow's artifact
+store, CHECKPOINT_INLINE_MAX_BYTES=0): each checkpoint row is a pointer, and every attempt
+that resumed from a checkpoint read it back from the store, its SHA-256 checked.
 
 FLEET_JOBS=<n> runs fewer jobs (default 200, as the issue says).
 """
@@ -11,6 +13,7 @@ FLEET_JOBS=<n> runs fewer jobs (default 200, as the issue says).
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -62,7 +65,8 @@ def study_spec(pool: str) -> dict:
 @pytest.fixture(scope="module")
 def fleet_stack(make_database, tmp_path_factory) -> ChaosStack:  # noqa: ANN001
     with open_chaos_stack(make_database, tmp_path_factory.mktemp("descent-fleet"), WORKER_POOLS,
-                          log_model=False, system_metrics_interval_s=0.0, worker_heartbeat_interval_s=1.0) as stack:  # fmt: skip
+                          log_model=False, system_metrics_interval_s=0.0, worker_heartbeat_interval_s=1.0,
+                          checkpoint_inline_max_bytes=0) as stack:  # fmt: skip
         yield stack
 
 
@@ -106,6 +110,29 @@ def workers_of(stack: ChaosStack, job_ids: list[str]) -> dict[str, str | None]:
     finally:
         engine.dispose()
     return {str(job_id): worker for job_id, worker in rows}
+
+
+def checkpoint_rows(stack: ChaosStack, job_ids: list[str]) -> dict[str, tuple[bool, str | None]]:
+    """{job id: (whether its row holds bytes, its object's URI)} of the jobs with a checkpoint."""
+    engine = create_engine(stack.settings.database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT job_id, data IS NOT NULL, object_uri FROM job_checkpoints "
+                                     "WHERE job_id = ANY(CAST(:ids AS uuid[]))"), {"ids": job_ids}).all()  # fmt: skip
+    finally:
+        engine.dispose()
+    return {str(job_id): (inline, uri) for job_id, inline, uri in rows}
+
+
+RESUMED = re.compile(r"job (\S+) attempt \d+ resumes from step \d+ \(checkpoint read from (\S+), \d+ bytes, SHA-256 checked\)")
+
+
+def resumes_not_from_the_store(logs: str, job_ids: set[str]) -> tuple[int, list[str]]:
+    """(resumes from a checkpoint, those of them not read from the job's objects in the store)."""
+    resumes = [(m.group(1), m.group(2), m.group(0)) for m in RESUMED.finditer(logs) if m.group(1) in job_ids]
+    wrong = [line for job_id, source, line in resumes
+             if not source.startswith(f"mlflow-artifacts:/descent/checkpoints/{job_id}/")]  # fmt: skip
+    return len(resumes), wrong
 
 
 def pool_of_worker(stack: ChaosStack, worker: str | None) -> str | None:
@@ -190,6 +217,13 @@ def test_a_fleet_of_two_pools_loses_nothing_runs_nothing_twice_and_keeps_each_jo
         if pools_seen != {pool}:
             elsewhere[job_id] = f"pool {pool}, attempts on workers {attempts} of pools {pools_seen}"
 
+    # The object store: no checkpoint bytes in PostgreSQL, every resume read from the store.
+    checkpoints = checkpoint_rows(stack, all_ids)
+    inline_rows = [job_id for job_id, (inline, uri) in checkpoints.items() if inline or uri is None]
+    resumed, not_from_store = resumes_not_from_the_store(logs, set(all_ids))
+    lines.append(f"checkpoint rows {len(checkpoints)} (holding bytes: {len(inline_rows)}); "
+                 f"attempts resumed from a checkpoint {resumed}, read from the object store {resumed - len(not_from_store)}")  # fmt: skip
+
     attempts = Counter(j["attempts"] for j in jobs.values())
     summary = (f"jobs {len(all_ids)} / succeeded {len(all_ids) - len(lost) - len(failed)} / failed {len(failed)} / "
                f"lost {len(lost)} / run twice {len(twice)} / outside their pool {len(elsewhere)}; "
@@ -201,6 +235,8 @@ def test_a_fleet_of_two_pools_loses_nothing_runs_nothing_twice_and_keeps_each_jo
         *(f"failed {i}: {jobs[i]['error']}" for i in failed),
         *(f"run twice {i}: {'; '.join(r)}" for i, r in twice.items()),
         *(f"outside its pool {i}: {why}" for i, why in elsewhere.items()),
+        *(f"checkpoint bytes in PostgreSQL: {i}" for i in inline_rows),
+        *(f"resumed not from the object store: {line}" for line in not_from_store),
         f"logs: {stack.log_dir}",
     ])  # fmt: skip
     print(details, flush=True)
@@ -210,5 +246,6 @@ def test_a_fleet_of_two_pools_loses_nothing_runs_nothing_twice_and_keeps_each_jo
     assert len(trial_ids) == 2 * 3, details
     assert not lost and not failed and not twice and not elsewhere, details
     assert max(attempts) > 1, f"no job needed a second attempt\n{details}"
+    assert not inline_rows and not not_from_store, details
     stack.group.check_alive()
     assert Path(stack.log_dir).is_dir()
