@@ -121,3 +121,39 @@ def test_a_checkpoint_row_holds_its_bytes_or_a_pointer_never_both_nor_neither() 
     for where in ({}, {"data": b"x", "object_uri": "mlflow-artifacts:/descent/checkpoints/x"}):
         with pytest.raises(IntegrityError), session_scope() as session:
             repository.save_checkpoint(session=session, job_id=job_id, attempt=attempt, step=4, epoch=0, **where)
+
+
+def test_a_checkpoint_on_its_way_to_the_store_does_not_hold_up_the_monitor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that takes the connection and never answers (a slow upload of hundreds of MB):
+    the monitor's tick returns at once, its next tick does not start a second upload, and
+    its lease renewals go on meanwhile."""
+    import socket
+    import time
+
+    from worker.monitor import JobMonitor, JobReporter, PendingCheckpoint
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # connections complete in the backlog; nothing ever reads them
+    monkeypatch.setattr(settings, "mlflow_tracking_uri", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    monkeypatch.setattr(settings, "checkpoint_inline_max_bytes", 10)
+    job_id = new_job()
+    attempt = claim(job_id)
+    reporter = JobReporter(None)
+    monitor = JobMonitor(job_id, reporter, interval_s=60, attempt=attempt, lease_s=30)
+    pending = reporter.pending_checkpoint = PendingCheckpoint(8, 1, b"x" * 11, 0)
+    try:
+        started = time.monotonic()
+        monitor.store_ready_checkpoint()
+        first = monitor._storing
+        monitor.store_ready_checkpoint()
+        assert time.monotonic() - started < 1.0
+        assert first is not None and first.is_alive() and monitor._storing is first  # one upload at a time
+        assert monitor.write_progress() == "running"  # the heartbeat is not behind the upload
+        assert reporter.pending_checkpoint is pending  # not stored yet: kept for the next try
+    finally:
+        silent.close()  # the upload fails now; the checkpoint stays pending
+    first.join(timeout=60)
+    assert not first.is_alive() and reporter.pending_checkpoint is pending
+    with session_scope() as session:
+        assert repository.load_checkpoint(session=session, job_id=job_id) is None
