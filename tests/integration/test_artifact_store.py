@@ -231,12 +231,20 @@ def test_an_upload_lives_in_the_store_and_a_worker_trains_on_it(store_stack: Sta
     assert again.status_code == 200 and again.json()["id"] == dataset["id"]
     assert [p.name for p in stored.parent.iterdir()] == [stored.name]  # the second copy was not kept
 
-    job = stack.submit({"name": "it-store-upload", "experiment": "integration", "epochs": 10, "batch_size": 32,
-                        "dataset": {"id": dataset["id"], "val_fraction": 0.25},
-                        "optimizer": {"name": "adam", "lr": 0.01}})  # fmt: skip
+    spec = {"name": "it-store-upload", "experiment": "integration", "epochs": 10, "batch_size": 32,
+            "dataset": {"id": dataset["id"], "val_fraction": 0.25}, "optimizer": {"name": "adam", "lr": 0.01}}
+    job = stack.submit(spec)
     done = stack.wait(job["id"])
     assert done["status"] == "succeeded", done["error"]
     assert done["metrics"]["val_accuracy"] > 0.9
+
+    # Arrays changed in the store: a job on them fails saying so, it does not train on them.
+    damaged = bytearray(stored.read_bytes())
+    damaged[-100] ^= 0xFF
+    stored.write_bytes(bytes(damaged))
+    failed = stack.wait(stack.submit(spec | {"name": "it-store-upload-damaged"})["id"])
+    assert failed["status"] == "failed" and failed["error"]["type"] == "dataset_corrupt", failed
+    assert "are not those stored at upload" in failed["error"]["message"], failed["error"]
 
     assert stack.api.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
     assert not stored.exists()

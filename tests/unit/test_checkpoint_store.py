@@ -157,3 +157,21 @@ def test_a_checkpoint_on_its_way_to_the_store_does_not_hold_up_the_monitor(monke
     assert not first.is_alive() and reporter.pending_checkpoint is pending
     with session_scope() as session:
         assert repository.load_checkpoint(session=session, job_id=job_id) is None
+
+
+def test_an_upload_the_artifact_store_does_not_take_is_a_503_and_leaves_no_row(
+    client, monkeypatch: pytest.MonkeyPatch, no_mlflow: None  # noqa: ANN001
+) -> None:
+    from sqlalchemy import func, select
+
+    from jobs.models import Dataset
+    from tests.unit.test_datasets import table_csv, upload
+
+    monkeypatch.setattr(settings, "dataset_inline_max_bytes", 0)  # every upload goes to the store
+    with session_scope() as session:
+        before = session.scalar(select(func.count()).select_from(Dataset))
+    refused = upload(client, table_csv(seed=1701), label="species")
+    assert refused.status_code == 503, refused.text
+    assert "artifact store" in refused.json()["detail"] and refused.headers["Retry-After"] == "10"
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).select_from(Dataset)) == before
