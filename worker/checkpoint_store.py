@@ -82,8 +82,10 @@ def read_checkpoint(checkpoint: JobCheckpoint) -> bytes:
     if checkpoint.object_uri is None:
         data = checkpoint.data or b""
         if checkpoint.sha256 is not None and artifact_store.sha256_of(data) != checkpoint.sha256:
-            raise CheckpointCorrupt(f"{what} in PostgreSQL does not match the SHA-256 recorded with it; "
-                                    "the job will not resume from it (submit it again to train from the start)")  # fmt: skip
+            raise CheckpointCorrupt(
+                f"{what} in PostgreSQL does not match the SHA-256 recorded with it; the job will not resume from it "
+                "(submit it again to train from the start)"
+            )
         return data
     stored = StoredObject(checkpoint.object_uri, checkpoint.size_bytes or 0, checkpoint.sha256 or "")
     try:

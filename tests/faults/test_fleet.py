@@ -145,7 +145,9 @@ def checkpoint_rows(stack: ChaosStack, job_ids: list[str]) -> dict[str, tuple[bo
     return {str(job_id): (inline, uri) for job_id, inline, uri in rows}
 
 
-RESUMED = re.compile(r"job (\S+) attempt \d+ resumes from step \d+ \(checkpoint read from (\S+), \d+ bytes, SHA-256 checked\)")
+RESUMED = re.compile(
+    r"job (\S+) attempt \d+ resumes from step \d+ \(checkpoint read from (\S+), \d+ bytes, SHA-256 checked\)"
+)
 
 
 def resumes_from_the_store(logs: str, job_ids: set[str]) -> tuple[set[str], list[str]]:

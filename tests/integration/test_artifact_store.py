@@ -138,7 +138,8 @@ def local_path(stack: Stack, uri: str) -> Path:
 
 
 def worker_log(stack: Stack) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in (Path(stack.settings.descent_home) / "logs").glob("worker-*.log"))
+    logs = Path(stack.settings.descent_home) / "logs"
+    return "\n".join(p.read_text(errors="replace") for p in logs.glob("worker-*.log"))
 
 
 def killed_and_resumed(stack: Stack, spec: dict, kill_after_step: int) -> tuple[dict, dict]:
@@ -186,7 +187,8 @@ def test_a_job_killed_midway_resumes_exactly_from_its_checkpoint_in_the_store(st
     # PostgreSQL holds the pointer and checksum; the store holds one object per job, the last one.
     last = checkpoint_row(stack, done["id"])
     assert last["no_bytes"] and last["step"] >= killed_at["step"]
-    assert last["object_uri"] == f"mlflow-artifacts:/descent/checkpoints/{done['id']}/{last['attempt']}-{last['step']}.pt"
+    name = f"{last['attempt']}-{last['step']}.pt"
+    assert last["object_uri"] == f"mlflow-artifacts:/descent/checkpoints/{done['id']}/{name}"
     stored = local_path(stack, last["object_uri"])
     assert hashlib.sha256(stored.read_bytes()).hexdigest() == last["sha256"]
     assert stored.stat().st_size == last["size_bytes"]
