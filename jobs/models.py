@@ -215,16 +215,22 @@ class JobEvent(Base):
 
 
 class JobCheckpoint(Base):
-    """The latest checkpoint of a job, in the database: any worker on any machine can read it."""
+    """The latest checkpoint of a job, where any worker on any machine can read it: in this row
+    (`data`, up to CHECKPOINT_INLINE_MAX_BYTES), or in MLflow's artifact store (`object_uri`,
+    with the size and SHA-256 it must read back with; jobs/artifact_store.py)."""
 
     __tablename__ = "job_checkpoints"
+    __table_args__ = (CheckConstraint("(data IS NULL) <> (object_uri IS NULL)", name="inline_or_stored"),)
 
     job_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     step: Mapped[int] = mapped_column(Integer)
     epoch: Mapped[int] = mapped_column(Integer)
     attempt: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    data: Mapped[bytes] = mapped_column(LargeBinary)
+    data: Mapped[bytes | None] = mapped_column(LargeBinary)
+    object_uri: Mapped[str | None] = mapped_column(String(500))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class Dataset(Base):
@@ -246,10 +252,16 @@ class Dataset(Base):
     classes: Mapped[list[str]] = mapped_column(JSONDocument)
     feature_names: Mapped[list[str] | None] = mapped_column(JSONDocument)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    # Deferred: listings never read the arrays.
-    data: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    # The stored NPZ: in this row up to DATASET_INLINE_MAX_BYTES (deferred: listings never read
+    # the arrays), else in MLflow's artifact store at `object_uri`, with the size and SHA-256
+    # of the stored NPZ (`sha256` above is the uploaded file's).
+    data: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    object_uri: Mapped[str | None] = mapped_column(String(500))
+    object_size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    object_sha256: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
+        CheckConstraint("(data IS NULL) <> (object_uri IS NULL)", name="inline_or_stored"),
         Index("uq_datasets_project_sha256_label_column", "project", "sha256", "label_column", unique=True),
         Index("ix_datasets_project_created_at", "project", "created_at"),
     )

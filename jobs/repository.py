@@ -416,19 +416,40 @@ def progress_of(epoch: int, step: int, total_steps: int, started_at: datetime | 
 # --------------------------------------------------------------------------- checkpoints
 
 
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    # The checkpoint this one replaced, where it was an object in the artifact store: delete it
+    # once this one is committed (never before: a crash in between leaves an unused object,
+    # not a row pointing to nothing).
+    replaced_object_uri: str | None
+
+
 def save_checkpoint(
-    *, session: Session, job_id: uuid.UUID, attempt: int, step: int, epoch: int, data: bytes
-) -> bool:
-    """Replace the job's checkpoint, if this attempt still owns the job."""
+    *,
+    session: Session,
+    job_id: uuid.UUID,
+    attempt: int,
+    step: int,
+    epoch: int,
+    data: bytes | None = None,
+    object_uri: str | None = None,
+    size_bytes: int | None = None,
+    sha256: str | None = None,
+) -> SavedCheckpoint | None:
+    """Replace the job's checkpoint, if this attempt still owns the job (else None): its bytes
+    (`data`), or the pointer to them in the artifact store (`object_uri`); with the size and
+    SHA-256 they must read back with."""
     owns = session.scalar(
         select(Job.id).where(Job.id == job_id, Job.attempts == attempt, Job.status.in_(list(ACTIVE)))
     )
     if owns is None:
-        return False
+        return None
+    replaced = session.scalar(select(JobCheckpoint.object_uri).where(JobCheckpoint.job_id == job_id))
     session.execute(delete(JobCheckpoint).where(JobCheckpoint.job_id == job_id))
-    session.add(JobCheckpoint(job_id=job_id, step=step, epoch=epoch, attempt=attempt, data=data))
+    session.add(JobCheckpoint(job_id=job_id, step=step, epoch=epoch, attempt=attempt, data=data,
+                              object_uri=object_uri, size_bytes=size_bytes, sha256=sha256))  # fmt: skip
     session.flush()
-    return True
+    return SavedCheckpoint(replaced if replaced != object_uri else None)
 
 
 def load_checkpoint(*, session: Session, job_id: uuid.UUID) -> JobCheckpoint | None:

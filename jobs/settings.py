@@ -266,6 +266,22 @@ class Settings(BaseSettings):
         5.0, ge=0, description="Take an offered checkpoint only if the last one is at least this old."
     )
 
+    # Large state in MLflow's artifact store (README, "The object store"): small objects stay
+    # in PostgreSQL rows (one round trip, no second system on a laptop); larger ones go to the
+    # store behind the MLflow server and the row keeps the pointer, size and SHA-256.
+    checkpoint_inline_max_bytes: int = Field(
+        4 * 2**20, ge=0, description="Checkpoints up to this size stay in PostgreSQL; larger ones go to MLflow's "
+        "artifact store (0: every checkpoint does).",
+    )  # fmt: skip
+    dataset_inline_max_bytes: int = Field(
+        4 * 2**20, ge=0, description="Uploaded datasets (their stored NPZ) up to this size stay in PostgreSQL; larger "
+        "ones go to MLflow's artifact store (0: every upload does).",
+    )  # fmt: skip
+    artifact_store_wait_s: float = Field(
+        120.0, ge=0, description="How long a worker waits for an unreachable artifact store to give back a "
+        "checkpoint or an upload before the job fails saying so.",
+    )  # fmt: skip
+
     @field_validator("bootstrap_key")
     @classmethod
     def _bootstrap_key_is_random(cls, value: SecretStr | None) -> SecretStr | None:

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from jobs import studies
-from jobs.dataset_store import read_dataset_arrays
+from jobs.dataset_store import locate_dataset, read_located
 from jobs.db import session_scope
 from jobs.models import Job, JobCheckpoint
 from jobs.repository import claim_next_job, get_job, load_checkpoint, parse_uuid, set_mlflow_run, transition
@@ -38,6 +38,7 @@ from trainer.recipe import Trainer, resolve_device
 from trainer.reporting import TrainingResult
 from trainer.speed import check_runnable, release_device_memory
 from worker import study_runs
+from worker.checkpoint_store import read_checkpoint, where_kept
 from worker.dataset_cache import ensure_image_set
 from worker.metrics_sink import MetricPoint, MlflowMetricSink
 from worker.mlflow_run import (
@@ -142,11 +143,12 @@ def _log_results_while_mlflow_returns(
 
 
 def _uploaded_arrays(spec: JobSpec, project: str) -> RawData | None:
-    """An uploaded dataset's arrays, from the database (workers share no filesystem)."""
+    """An uploaded dataset's arrays, from the database or the artifact store (workers share no filesystem)."""
     if not isinstance(spec.dataset, UploadedDataset):
         return None
     with session_scope() as session:
-        arrays = read_dataset_arrays(session=session, dataset=spec.dataset, project=project)
+        located = locate_dataset(session=session, dataset=spec.dataset, project=project)
+    arrays = read_located(located)  # large ones from the artifact store, outside the transaction
     return arrays.x, arrays.y, arrays.classes
 
 
@@ -294,8 +296,10 @@ def _run_attempt(
                               datasets_dir=datasets_dir)  # fmt: skip
             trainer.setup()
             if checkpoint is not None:
-                log.info("job %s attempt %d resumes from step %d", job_id, attempt, checkpoint.step)
-                trainer.load_state_dict(checkpoint_from_bytes(checkpoint.data, trainer.device))
+                data = read_checkpoint(checkpoint)  # checked against its SHA-256: corrupt fails the job
+                log.info("job %s attempt %d resumes from step %d (checkpoint read from %s, %d bytes, SHA-256 "
+                         "checked)", job_id, attempt, checkpoint.step, where_kept(checkpoint), len(data))  # fmt: skip
+                trainer.load_state_dict(checkpoint_from_bytes(data, trainer.device))
             result: TrainingResult = trainer.train()
         finally:
             if system_metrics is not None:

@@ -19,10 +19,11 @@ from enum import StrEnum
 from typing import Any
 
 from jobs.db import session_scope
-from jobs.repository import record_progress, save_checkpoint
+from jobs.repository import record_progress
 from jobs.states import TERMINAL, JobStatus
 from jobs.studies import curve_point
 from trainer.checkpoint import checkpoint_to_bytes
+from worker.checkpoint_store import goes_to_store, store_checkpoint
 from worker.metrics_rule import STEP_METRICS
 from worker.metrics_sink import MlflowMetricSink
 from worker.trial_pruning import TrialPruning
@@ -141,6 +142,7 @@ class JobMonitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"job-monitor-{str(job_id)[:8]}", daemon=True)
         self.pruning: TrialPruning | None = None  # set for a study's trial
+        self._storing: threading.Thread | None = None  # a checkpoint on its way to the artifact store
         self.last_renewed = time.monotonic()  # the claim has just taken the lease
 
     def __enter__(self) -> JobMonitor:
@@ -194,10 +196,22 @@ class JobMonitor:
             return
         if sink is not None and sink.sent + sink.dropped < pending.metrics_needed:
             return  # not yet: a resume from it would miss the metrics still buffered (dropped ones never come)
+        if self._storing is not None and self._storing.is_alive():
+            return  # the one before is still on its way to the artifact store: this one waits for it
+        if not goes_to_store(len(pending.data)):
+            self._store(pending)  # into its row: one round trip, on this tick
+            return
+        # To the artifact store, in a thread of its own: this one keeps renewing the lease and
+        # watching for a cancel however long the upload takes (hundreds of MB).
+        self._storing = threading.Thread(target=self._store, args=(pending,), daemon=True,
+                                         name=f"job-checkpoint-{str(self.job_id)[:8]}")  # fmt: skip
+        self._storing.start()
+
+    def _store(self, pending: PendingCheckpoint) -> None:
+        assert self.attempt is not None
         try:
-            with session_scope() as session:
-                save_checkpoint(session=session, job_id=self.job_id, attempt=self.attempt, step=pending.step,
-                                epoch=pending.epoch, data=pending.data)  # fmt: skip
+            store_checkpoint(job_id=self.job_id, attempt=self.attempt, step=pending.step, epoch=pending.epoch,
+                             data=pending.data)  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the next tick tries again
             log.warning("could not store the checkpoint of job %s: %s", self.job_id, exc)
             return

@@ -14,7 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from api.deps import CallerDep, SessionDep
 from api.errors import problem, unprocessable
 from api.schemas import AUTH_RESPONSES, DatasetPublic, DatasetsPublic, Problem
-from jobs import dataset_store, repository
+from jobs import artifact_store, dataset_store, repository
+from jobs.artifact_store import ArtifactStoreUnreachable
 from jobs.models import Dataset
 from jobs.settings import settings
 from jobs.spec import NulFreeStr
@@ -53,7 +54,11 @@ def _dataset_or_404(session: SessionDep, caller: CallerDep, dataset_id: str) -> 
             "UPLOAD_PARSE_MEMORY_BYTES or UPLOAD_PARSE_TIMEOUT_S.",
         },
         415: {"model": Problem, "description": f"Not a file type this server reads: {ACCEPTED}."},
-        503: {"model": Problem, "description": "UPLOAD_PARSE_CONCURRENCY uploads are being read: try again."},
+        503: {
+            "model": Problem,
+            "description": "UPLOAD_PARSE_CONCURRENCY uploads are being read, or the artifact store (MLflow) did "
+            "not take a large dataset's arrays: try again.",
+        },
     },
 )
 def upload_dataset(
@@ -80,11 +85,16 @@ def upload_dataset(
         raise HTTPException(exc.status, exc.message) from exc
     # A file name is the client's too: without its NULs (PostgreSQL cannot store them).
     display_name = name or (file.filename or "").replace("\x00", "").rsplit("/", 1)[-1][:200] or "dataset"
+    try:  # large arrays go to MLflow's artifact store first, the row that points to them after
+        dataset_id, stored = dataset_store.store_large_upload(project=caller.project, upload=upload)
+    except ArtifactStoreUnreachable as exc:
+        log.error("upload to project %s not stored: %s", caller.project, exc)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the artifact store (MLflow) did not take the "
+                            "dataset's arrays; try again shortly", {"Retry-After": "10"}) from exc  # fmt: skip
 
     def create() -> tuple[Dataset, bool]:
-        return dataset_store.create_dataset(
-            session=session, project=caller.project, name=display_name, label=label, upload=upload
-        )
+        return dataset_store.create_dataset(session=session, project=caller.project, name=display_name, label=label,
+                                            upload=upload, dataset_id=dataset_id, stored=stored)  # fmt: skip
 
     try:
         dataset, created = create()
@@ -94,6 +104,8 @@ def upload_dataset(
         dataset, created = create()
     if not created:
         response.status_code = status.HTTP_200_OK
+        if stored is not None:  # this file was stored before: the copy just put is nobody's
+            artifact_store.delete_object(stored.uri)
     else:
         log.info("dataset %s (%s, %d rows) uploaded to project %s", dataset.id, dataset.format, dataset.n_rows,
                  caller.project)  # fmt: skip
@@ -123,13 +135,14 @@ def get_dataset(dataset_id: str, session: SessionDep, caller: CallerDep) -> Data
 def delete_dataset(dataset_id: str, session: SessionDep, caller: CallerDep) -> Response:
     parsed = repository.parse_uuid(dataset_id)
     try:
-        deleted = parsed is not None and dataset_store.delete_dataset(
-            session=session, dataset_id=parsed, project=caller.project
-        )
+        deleted = parsed and dataset_store.delete_dataset(session=session, dataset_id=parsed, project=caller.project)
     except dataset_store.DatasetInUse as exc:
         session.rollback()
         raise HTTPException(status.HTTP_409_CONFLICT, f"dataset {dataset_id} cannot be deleted: {exc}") from exc
     if not deleted:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"dataset {dataset_id} not found")
+    object_uri = deleted.object_uri
     session.commit()
+    if object_uri is not None:  # after the commit: a failure leaves an unused object, not a row without its arrays
+        artifact_store.delete_object(object_uri)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
