@@ -18,6 +18,7 @@ from api.responses import ModelResponse
 from api.routes.operator import SUBMISSION_SECONDS
 from api.schemas import AUTH_RESPONSES, QUOTA_RESPONSES, JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
 from jobs import dataset_store, pools, repository
+from jobs.db import reads_only
 from jobs.limits import LimitExceeded, QuotaExceeded
 from jobs.models import Job
 from jobs.queue import enqueue_job
@@ -156,6 +157,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
 def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> Response:
+    reads_only(session)
     job = _job_or_404(session, caller, job_id)
     queued = job.status == JobStatus.queued
     waiting = pools.waiting_reason(job.pool, pools.pool_states(session=session)) if queued else None
