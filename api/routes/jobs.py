@@ -158,7 +158,10 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
 def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> Response:
     reads_only(session)
-    job = _job_or_404(session, caller, job_id)
+    parsed = repository.parse_uuid(job_id)
+    job = repository.read_job_view(session=session, job_id=parsed, project=caller.project) if parsed else None
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
     queued = job.status == JobStatus.queued
     waiting = pools.waiting_reason(job.pool, pools.pool_states(session=session)) if queued else None
     return ModelResponse(JobPublic.from_row(job, waiting))
