@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api import admission
 from jobs.access import Caller, authenticate, bootstrap_caller, recently_verified, remember_verified
-from jobs.db import closing_sends_nothing, session_factory
+from jobs.db import closing_sends_nothing, reads_only, session_factory
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ async def current_caller(
 
 def _look_up_key(presented: str, revocations: str | None) -> Caller | None:
     with session_factory()() as session:
-        caller = authenticate(session=session, presented=presented)
+        caller = authenticate(session=reads_only(session), presented=presented)
     if caller is not None:
         remember_verified(presented, caller, revocations)
     return caller
