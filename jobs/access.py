@@ -207,7 +207,9 @@ def remember_verified(presented: str, caller: Caller, revocations: str | None) -
 
 @lru_cache(maxsize=1)
 def _redis() -> redis.Redis | None:
-    return redis.Redis.from_url(settings.events_url, socket_connect_timeout=1, socket_timeout=1) if settings.events_url else None
+    if not settings.events_url:
+        return None
+    return redis.Redis.from_url(settings.events_url, socket_connect_timeout=1, socket_timeout=1)
 
 
 @event.listens_for(Session, "after_commit")

@@ -30,7 +30,8 @@ def fresh_connection_get(stack: ApiStack, path: str, key: str, source: str = "12
     """A request on a connection of its own: the kernel hands each new connection to one
     of the processes, so a run of these reaches all of them. `source`: the client's
     address (any of 127.0.0.0/8), which the invalid-key limit counts by."""
-    with httpx.Client(base_url=stack.base_url, timeout=60, transport=httpx.HTTPTransport(local_address=source)) as client:
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(base_url=stack.base_url, timeout=60, transport=transport) as client:
         return client.get(path, headers=bearer(key))
 
 
