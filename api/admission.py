@@ -10,16 +10,19 @@ Redis apart.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
+import redis.asyncio
 
-from jobs.access import Caller, key_digest
+from jobs.access import Caller, key_digest, revocations_key
 from jobs.settings import settings
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,23 @@ def _redis() -> redis.Redis | None:
         return None
     # Short timeouts: these calls sit in front of requests.
     return redis.Redis.from_url(settings.events_url, socket_connect_timeout=1, socket_timeout=1)
+
+
+# The check made at every request runs on the event loop: an asyncio client, one per loop
+# (uvicorn runs one per process; each test client runs its own).
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, redis.asyncio.Redis] = weakref.WeakKeyDictionary()
+
+
+def _async_redis() -> redis.asyncio.Redis | None:
+    if not settings.events_url:
+        return None
+    loop = asyncio.get_running_loop()
+    client = _async_clients.get(loop)
+    if client is None:
+        client = _async_clients[loop] = redis.asyncio.Redis.from_url(
+            settings.events_url, socket_connect_timeout=1, socket_timeout=1
+        )
+    return client
 
 
 def _redis_key(*parts: str) -> str:
@@ -159,11 +179,13 @@ REDIS_PAUSE_AFTER_FAILURE_S = 5.0
 _redis_paused_until = 0.0
 
 
-def check_not_blocked(address: str) -> None:
+async def check_not_blocked(address: str) -> str | None:
     """Refused while the address is over the invalid-key limit: in this process's memory, and
     (with Redis) in the counter every API process shares, so that a guess that reaches
     another process than the one that blocked the address is refused as well. That costs
-    each request one Redis round trip; the key lookup it guards costs a database one."""
+    each request one Redis round trip, made on the event loop (no trip to the thread
+    pool), which also reads the count of revoked keys: returned, for the keys this process
+    verified a moment ago (jobs.access.recently_verified); None without Redis."""
     global _redis_paused_until
     until = _blocked.get(address)
     if until is not None:
@@ -171,22 +193,24 @@ def check_not_blocked(address: str) -> None:
         if left > 0:
             raise Refused(_too_many(), left)
         _blocked.pop(address, None)
-    client = _redis()
+    client = _async_redis()
     if client is None or time.monotonic() < _redis_paused_until:
-        return
+        return None
     key = _redis_key("auth-failures", address)
     try:
-        failures = int(client.get(key) or 0)
-        left_ms = client.pttl(key) if failures > settings.auth_failure_limit else 0
-    except redis.RedisError as exc:
+        failures, revocations = await client.mget(key, revocations_key())
+        failures = int(failures or 0)
+        left_ms = await client.pttl(key) if failures > settings.auth_failure_limit else 0
+    except (redis.RedisError, OSError) as exc:
         _redis_paused_until = time.monotonic() + REDIS_PAUSE_AFTER_FAILURE_S
         log.warning("invalid-key limit: Redis unreachable (%s); checking in this process for %.0f s",
                     type(exc).__name__, REDIS_PAUSE_AFTER_FAILURE_S)  # fmt: skip
-        return
+        return None
     if failures > settings.auth_failure_limit and left_ms > 0:
         left_s = left_ms / 1000
         _blocked[address] = time.monotonic() + left_s
         raise Refused(_too_many(), left_s)
+    return (revocations or b"0").decode()
 
 
 def count_failure(address: str) -> None:

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from sqlalchemy import Row
 
 from jobs.access import PROJECT_NAME, PROJECT_NAME_RULE
 from jobs.models import ApiKey, Dataset, Job, Study
@@ -124,7 +125,8 @@ class JobPublic(BaseModel):
     )
 
     @classmethod
-    def from_row(cls, job: Job, waiting_reason: str | None = None) -> JobPublic:
+    def from_row(cls, job: Job | Row[Any], waiting_reason: str | None = None) -> JobPublic:
+        """From a job's ORM object, or from the plain row of its columns (repository.read_job_view)."""
         return cls(
             waiting_reason=waiting_reason if job.status == JobStatus.queued else None,
             id=job.id,

@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 
-from sqlalchemy import select, update
+import redis
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
 from jobs.models import DEFAULT_PROJECT, ApiKey, Project, utcnow
 from jobs.settings import settings
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "dsk_"
 PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -64,12 +69,19 @@ def _bootstrap_digest(bootstrap_key: str) -> str:
     return key_digest(bootstrap_key) if bootstrap_key else ""
 
 
+def bootstrap_caller(presented: str) -> Caller | None:
+    """The caller of the bootstrap key when that is the key presented (no database needed), else None."""
+    bootstrap = _bootstrap_digest(settings.bootstrap_key.get_secret_value() if settings.bootstrap_key else "")
+    if bootstrap and hmac.compare_digest(key_digest(presented), bootstrap):
+        return Caller(project=DEFAULT_PROJECT, admin=True, key_id=None, server_admin=True)
+    return None
+
+
 def authenticate(*, session: Session, presented: str) -> Caller | None:
     """The caller a presented key stands for; None for an unknown or revoked key."""
+    if (caller := bootstrap_caller(presented)) is not None:
+        return caller
     digest = key_digest(presented)
-    bootstrap = _bootstrap_digest(settings.bootstrap_key.get_secret_value() if settings.bootstrap_key else "")
-    if bootstrap and hmac.compare_digest(digest, bootstrap):
-        return Caller(project=DEFAULT_PROJECT, admin=True, key_id=None, server_admin=True)
     row = session.scalar(select(ApiKey).where(ApiKey.key_sha256 == digest))
     # The index found the row by its digest; compare again in constant time, so that
     # no timing difference depends on how much of a guessed key was right.
@@ -126,6 +138,7 @@ def revoke_key(*, session: Session, key_id: uuid.UUID) -> ApiKey | None:
     if row.revoked_at is None:
         session.execute(update(ApiKey).where(ApiKey.id == key_id).values(revoked_at=utcnow()))
         session.refresh(row)
+        session.info[_REVOKED] = True  # announced once committed (see below)
     return row
 
 
@@ -146,3 +159,86 @@ def list_keys(*, session: Session, project: str | None = None) -> list[ApiKey]:
     if project is not None:
         query = query.where(ApiKey.project == project)
     return list(session.scalars(query))
+
+
+# --------------------------------------------------------------------------- keys verified a moment ago
+#
+# A stored key's lookup is a pooled connection, a transaction and a query on every request;
+# an API process remembers the keys it verified for a few seconds instead. A revocation
+# still refuses the key at the next request, in every process: once it is committed, its
+# process forgets its verified keys and counts one more revocation in Redis, and every
+# process reads that count in the round trip it makes anyway for the invalid-key block
+# (api/admission.check_not_blocked), forgetting what it verified under an older count.
+# Without Redis, or while it does not answer, nothing is remembered (every request looks
+# its key up), so a revocation made in another process is never missed; a revocation
+# whose count could not be sent is honoured after VERIFIED_KEY_TTL_S at the latest.
+
+VERIFIED_KEY_TTL_S = 5.0
+_REVOKED = "descent.key_revoked"
+
+
+@dataclass(frozen=True)
+class _Verified:
+    caller: Caller
+    revocations: str  # the revocation count it was verified under
+    until: float  # monotonic
+
+
+_verified: dict[str, _Verified] = {}  # key digest -> a recent verification
+
+
+def revocations_key() -> str:
+    """The Redis counter of revocations, namespaced like the API's other keys by QUEUE_NAME."""
+    return ":".join(("descent", settings.queue_name, "keys-revoked"))
+
+
+def recently_verified(presented: str, revocations: str | None) -> Caller | None:
+    """The caller of a stored key this process verified within VERIFIED_KEY_TTL_S, with no
+    revocation counted since (`revocations`: the count read from Redis just now; None
+    when Redis did not answer, which uses nothing remembered)."""
+    if revocations is None:
+        return None
+    digest = key_digest(presented)
+    seen = _verified.get(digest)
+    if seen is None:
+        return None
+    if seen.revocations != revocations or time.monotonic() >= seen.until:
+        _verified.pop(digest, None)
+        return None
+    return seen.caller
+
+
+def remember_verified(presented: str, caller: Caller, revocations: str | None) -> None:
+    """Remember a stored key just verified under the revocation count read before its lookup."""
+    if revocations is None or caller.key_id is None:
+        return
+    if len(_verified) > 10_000:  # many keys at once: start again rather than grow
+        _verified.clear()
+    _verified[key_digest(presented)] = _Verified(caller, revocations, time.monotonic() + VERIFIED_KEY_TTL_S)
+
+
+@lru_cache(maxsize=1)
+def _redis() -> redis.Redis | None:
+    if not settings.events_url:
+        return None
+    return redis.Redis.from_url(settings.events_url, socket_connect_timeout=1, socket_timeout=1)
+
+
+@event.listens_for(Session, "after_commit")
+def _announce_revocation(session: Session) -> None:
+    if not session.info.pop(_REVOKED, False):
+        return
+    _verified.clear()
+    client = _redis()
+    if client is None:
+        return
+    try:
+        client.incr(revocations_key())
+    except redis.RedisError as exc:
+        log.warning("a revoked key could not be announced to the other API processes (%s); they refuse it within "
+                    "%.0f s", type(exc).__name__, VERIFIED_KEY_TTL_S)  # fmt: skip
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_revocation(session: Session) -> None:
+    session.info.pop(_REVOKED, None)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from jobs.models import Job, Worker, utcnow
@@ -85,12 +85,19 @@ class PoolState:
     last_seen: datetime | None  # of any of its workers, live or not (a stop counts as seen)
 
 
+# Built once: the statement is on every submission's and every queued job's read, and
+# building it (and its cache key) each time cost more than running it.
+_POOL_STATES = select(
+    Worker.pool,
+    func.sum(case((and_(Worker.stopped_at.is_(None), Worker.last_seen >= bindparam("live_since")), 1), else_=0)),
+    func.max(func.coalesce(Worker.stopped_at, Worker.last_seen)),
+).group_by(Worker.pool)
+
+
 def pool_states(*, session: Session, now: datetime | None = None) -> dict[str, PoolState]:
     """{pool: its state} of every pool a worker ever served: one query over a small table,
     all a submission or a queued job's answer needs."""
-    live = func.sum(case((and_(Worker.stopped_at.is_(None), Worker.last_seen >= live_since(now)), 1), else_=0))
-    seen = func.max(func.coalesce(Worker.stopped_at, Worker.last_seen))
-    rows = session.execute(select(Worker.pool, live, seen).group_by(Worker.pool)).all()
+    rows = session.connection().execute(_POOL_STATES, {"live_since": live_since(now)}).all()
     return {pool: PoolState(int(n or 0), last) for pool, n, last in rows}
 
 

@@ -18,6 +18,7 @@ from api.responses import ModelResponse
 from api.routes.operator import SUBMISSION_SECONDS
 from api.schemas import AUTH_RESPONSES, QUOTA_RESPONSES, JobPublic, JobsPublic, MetricPoint, Problem, finite_or_none
 from jobs import dataset_store, pools, repository
+from jobs.db import reads_only
 from jobs.limits import LimitExceeded, QuotaExceeded
 from jobs.models import Job
 from jobs.queue import enqueue_job
@@ -157,7 +158,11 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
 def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> Response:
-    job = _job_or_404(session, caller, job_id)
+    reads_only(session)
+    parsed = repository.parse_uuid(job_id)
+    job = repository.read_job_view(session=session, job_id=parsed, project=caller.project) if parsed else None
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
     queued = job.status == JobStatus.queued
     waiting = pools.waiting_reason(job.pool, pools.pool_states(session=session)) if queued else None
     return ModelResponse(JobPublic.from_row(job, waiting))

@@ -26,10 +26,12 @@ def processes(make_database, tmp_path_factory) -> Iterator[ApiStack]:  # noqa: A
         yield stack
 
 
-def fresh_connection_get(stack: ApiStack, path: str, key: str) -> httpx.Response:
+def fresh_connection_get(stack: ApiStack, path: str, key: str, source: str = "127.0.0.1") -> httpx.Response:
     """A request on a connection of its own: the kernel hands each new connection to one
-    of the processes, so a run of these reaches all of them."""
-    with httpx.Client(base_url=stack.base_url, timeout=60) as client:
+    of the processes, so a run of these reaches all of them. `source`: the client's
+    address (any of 127.0.0.0/8), which the invalid-key limit counts by."""
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(base_url=stack.base_url, timeout=60, transport=transport) as client:
         return client.get(path, headers=bearer(key))
 
 
@@ -60,6 +62,22 @@ def test_concurrent_submissions_of_one_project_admit_exactly_its_limit(processes
     assert usage["active_jobs"] == limit
     listed = tenant.api.get("/v1/jobs", params={"limit": 100}).json()["items"]
     assert len(listed) == limit  # a refused submission left no row behind
+
+
+def test_a_key_revoked_in_one_process_is_refused_at_once_by_every_process(processes: ApiStack) -> None:
+    """Each process remembers the keys it verified for a few seconds (no database lookup
+    per request); a revocation, committed by whichever process took it, still refuses the
+    key at the very next request in all of them."""
+    tenant = processes.tenant("revoked")
+    # Fresh connections spread over both processes: each verifies, and remembers, the key.
+    assert {fresh_connection_get(processes, "/v1/jobs", tenant.key).status_code for _ in range(12)} == {200}
+    key_id = next(k["id"] for k in processes.admin.get(f"/v1/projects/{tenant.project}/keys").json())
+    assert processes.admin.delete(f"/v1/keys/{key_id}").status_code == 204
+    # Each from an address of its own: a revoked key counts as an invalid one, and twelve
+    # from one address would be over this stack's limit of five.
+    answers = [fresh_connection_get(processes, "/v1/jobs", tenant.key, f"127.0.0.{10 + i}") for i in range(12)]
+    assert {a.status_code for a in answers} == {401}, [a.text for a in answers]
+    assert all("revoked" in a.json()["detail"] for a in answers)
 
 
 def test_a_blocked_address_is_refused_by_every_process(processes: ApiStack) -> None:
