@@ -51,10 +51,12 @@ class UploadStack:
 @pytest.fixture(scope="module")
 def uploads(make_database, tmp_path_factory) -> Iterator[UploadStack]:
     home = tmp_path_factory.mktemp("descent-uploads")
-    settings = stack_settings(make_database, home, "descent_sec_uploads", mlflow_store=False, bootstrap_key=ADMIN)
+    # With its MLflow server: a large upload's arrays go to the artifact store through it
+    # (DATASET_INLINE_MAX_BYTES), and that path is part of what the API's memory bound covers.
+    settings = stack_settings(make_database, home, "descent_sec_uploads", bootstrap_key=ADMIN)
     with pytest.MonkeyPatch.context() as env:  # the children read their settings from the environment
         env.setenv("UPLOAD_PARSE_MEMORY_BYTES", str(PARSE_MEMORY))
-        group = start_stack(settings, Path(home) / "logs", workers=0, start_mlflow=False)
+        group = start_stack(settings, Path(home) / "logs", workers=0)
     base = f"http://127.0.0.1:{settings.api_port}"
     try:
         with httpx.Client(base_url=base, timeout=120, headers={"Authorization": f"Bearer {ADMIN}"}) as admin:
