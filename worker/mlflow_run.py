@@ -267,7 +267,8 @@ def log_results(
             record = pool.submit(client.create_logged_model, run.experiment_id, name="model", source_run_id=run_id,
                                  params=run.params)  # fmt: skip
         run_repository = get_artifact_repository(run.artifact_uri, tracking_uri=tracking_uri)
-        sent = [pool.submit(_put, _Upload(run_repository, name, content)) for name, content in _run_files(spec, result).items()]
+        run_files = _run_files(spec, result)
+        sent = [pool.submit(_put, _Upload(run_repository, name, content)) for name, content in run_files.items()]
         model_id = None
         try:
             if record is not None:
@@ -301,11 +302,13 @@ def _put(upload: _Upload) -> None:
     than sending them); to any other store, or where MLflow would upload in parts, through
     a file and MLflow's own `log_artifact`."""
     repository = upload.repository
-    parts = MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD.get() and len(upload.content) >= MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE.get()
-    if type(repository) is HttpArtifactRepository and not parts:
-        name = posixpath.basename(upload.path)
-        response = http_request(get_default_host_creds(repository.artifact_uri), posixpath.join("/", upload.path), "PUT",
-                                data=upload.content, extra_headers={"Content-Type": _guess_mime_type(name)})  # fmt: skip
+    in_parts = MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD.get() and (
+        len(upload.content) >= MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE.get()
+    )
+    if type(repository) is HttpArtifactRepository and not in_parts:
+        headers = {"Content-Type": _guess_mime_type(posixpath.basename(upload.path))}
+        response = http_request(get_default_host_creds(repository.artifact_uri), posixpath.join("/", upload.path),
+                                "PUT", data=upload.content, extra_headers=headers)  # fmt: skip
         augmented_raise_for_status(response)
         return
     with tempfile.TemporaryDirectory(prefix="job-result-") as directory:
@@ -408,7 +411,7 @@ def model_template(model: torch.nn.Module) -> _ModelTemplate:
             }
         for own in (MLMODEL_FILE_NAME, MODEL_DATA_FILE):
             if files.pop(own, None) is None:  # an MLflow whose pickle format changed: say so, not save it wrong
-                raise RuntimeError(f"mlflow.pytorch.save_model no longer writes {own}; the model template needs updating")
+                raise RuntimeError(f"mlflow.pytorch.save_model no longer writes {own}: the model template must change")
         template = _model_templates[key] = _ModelTemplate(files, description)
     return template
 
