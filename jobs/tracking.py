@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 from pydantic import BaseModel
 
+from jobs.mlflow_headers import ask_databricks_once
 from jobs.settings import settings
 from jobs.spec import ImageDataset, JobSpec
 from jobs.states import JobStatus
@@ -30,6 +31,7 @@ for _name, _value in {
 
 @lru_cache(maxsize=1)
 def tracking_client() -> MlflowClient:
+    ask_databricks_once()  # not before each request (jobs/mlflow_headers.py)
     return MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -78,7 +76,7 @@ def warm_up_for_children() -> None:
     finally:
         root.removeHandler(placeholder)
     from worker.confusion_plot import confusion_png
-    from worker.mlflow_run import model_save_options
+    from worker.mlflow_run import model_template
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     torch.optim.Adam(model.parameters())  # the first optimizer imports torch._dynamo
@@ -88,8 +86,7 @@ def warm_up_for_children() -> None:
         figure.savefig(io.BytesIO(), format="png")
     finally:
         plt.close(figure)
-    with tempfile.TemporaryDirectory() as directory:
-        mlflow.pytorch.save_model(model, Path(directory) / "model", **model_save_options(model))
+    model_template(model)  # MLflow's save of a model of torch's layers, which every such job's model reuses
     # A study's trial loads its Optuna study before it trains (pruning) and moves the study
     # on when it ends; the storage's first build is paid here, its connection closed.
     from jobs import study_search

@@ -3,6 +3,7 @@ active-run stack, which outlives a crashed task in the same process)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -13,6 +14,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,14 +35,22 @@ from mlflow.entities import (  # noqa: E402
     Param,
     RunStatus,
 )
+from mlflow.environment_variables import (  # noqa: E402
+    MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD,
+    MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE,
+)
 from mlflow.models import Model  # noqa: E402
 from mlflow.models.model import MLMODEL_FILE_NAME  # noqa: E402
 from mlflow.store.artifact.artifact_repo import ArtifactRepository  # noqa: E402
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository  # noqa: E402
+from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, ErrorCode  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.utils.credentials import get_default_host_creds  # noqa: E402
+from mlflow.utils.mime_type_utils import _guess_mime_type  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_USER  # noqa: E402
+from mlflow.utils.rest_utils import augmented_raise_for_status, http_request  # noqa: E402
 
 from jobs.db import session_scope  # noqa: E402
 from worker.metrics_rule import EVERY_STEP, RULE_TAG  # noqa: E402
@@ -65,6 +75,8 @@ from worker.diagnostic_figures import line_figure, plane_figure  # noqa: E402
 log = logging.getLogger(__name__)
 
 MAX_PARAMS_PER_BATCH = 100
+# libyaml's emitter where PyYAML has it (the same YAML, ~10x less CPU than the pure-Python one)
+SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 DATASET_INPUT_TRIES = 3
 MLFLOW_DIGEST_CHARS = 36  # the longest dataset digest MLflow stores
 
@@ -237,8 +249,8 @@ RESULT_UPLOAD_THREADS = 8  # the end's files go at once: each PUT is mostly a wa
 
 class _Upload(NamedTuple):
     repository: ArtifactRepository
-    local_file: Path
-    artifact_dir: str | None
+    path: str  # under the repository's root: "spec.yaml", "data/model.pth"
+    content: bytes
 
 
 def log_results(
@@ -248,7 +260,7 @@ def log_results(
     """The spec, the confusion matrix (data and figure), the diagnostics and (optionally)
     the model, at the end of a job. The job says `succeeded` only once they are in, so
     this is every job's fixed cost, and a study's pays it once a round. So everything is
-    made locally (while the model's record is made) and then sent at once: every file, the
+    made in memory (while the model's record is made) and then sent at once: every file, the
     run's and the model's, PUT from a few threads, instead of MLflow's one file after
     another with a lookup before each group (12 requests one after another). `run`, when
     this attempt opened the run, spares reading it back. `evaluation`: the run's last points
@@ -260,23 +272,21 @@ def log_results(
     hessian = result.diagnostics.get("hessian")
     if hessian is not None:
         client.set_tag(run_id, "descent.hessian_verdict", hessian["verdict"])
-    with tempfile.TemporaryDirectory(prefix="job-results-") as directory, \
-            ThreadPoolExecutor(RESULT_UPLOAD_THREADS, thread_name_prefix="mlflow-results") as pool:  # fmt: skip
-        local = Path(directory)
+    with ThreadPoolExecutor(RESULT_UPLOAD_THREADS, thread_name_prefix="mlflow-results") as pool:
         record = None
-        if settings.log_model:  # the model's record is made while its files and the run's are written
+        if settings.log_model:  # the model's record is made while its files and the run's are made
             record = pool.submit(client.create_logged_model, run.experiment_id, name="model", source_run_id=run_id,
                                  params=run.params, tags={MLFLOW_USER: run.user} if run.user else None)  # fmt: skip
         run_repository = get_artifact_repository(run.artifact_uri, tracking_uri=tracking_uri)
-        sent = [pool.submit(_put, upload) for upload in _run_files(local / "run", run_repository, spec, result)]
+        run_files = _run_files(spec, result)
+        sent = [pool.submit(_put, _Upload(run_repository, name, content)) for name, content in run_files.items()]
         model_id = None
         try:
             if record is not None:
-                description = _save_model(local / "model", result)
+                saved = _save_model(result)
                 logged = record.result()
                 model_id = logged.model_id
-                sent += [pool.submit(_put, upload) for upload in _model_files(client, local / "model", description,
-                                                                              logged, run_id)]  # fmt: skip
+                sent += [pool.submit(_put, upload) for upload in _model_files(client, saved, logged, run_id)]
                 output = LoggedModelOutput(model_id, step=result.steps)
                 sent.append(pool.submit(client.log_outputs, run_id, models=[output]))  # the model as the run's output
                 if linked := model_metrics(spec, model_id, evaluation):
@@ -317,13 +327,31 @@ def _finalize_quietly(client: MlflowClient, model_id: str, status: LoggedModelSt
 
 
 def _put(upload: _Upload) -> None:
-    upload.repository.log_artifact(str(upload.local_file), upload.artifact_dir)
+    """One file into its run or model. To MLflow's artifact server (`--serve-artifacts`, as
+    Descent runs it) from memory, the request MLflow's HTTP repository makes from a file
+    (writing a job's dozen files to a scratch directory first, and removing them, cost more
+    than sending them); to any other store, or where MLflow would upload in parts, through
+    a file and MLflow's own `log_artifact`."""
+    repository = upload.repository
+    in_parts = MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD.get() and (
+        len(upload.content) >= MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE.get()
+    )
+    if type(repository) is HttpArtifactRepository and not in_parts:
+        headers = {"Content-Type": _guess_mime_type(posixpath.basename(upload.path))}
+        response = http_request(get_default_host_creds(repository.artifact_uri), posixpath.join("/", upload.path),
+                                "PUT", data=upload.content, extra_headers=headers)  # fmt: skip
+        augmented_raise_for_status(response)
+        return
+    with tempfile.TemporaryDirectory(prefix="job-result-") as directory:
+        local_file = Path(directory) / posixpath.basename(upload.path)
+        local_file.write_bytes(upload.content)
+        repository.log_artifact(str(local_file), posixpath.dirname(upload.path) or None)
 
 
-def _run_files(directory: Path, repository: ArtifactRepository, spec: JobSpec, result: TrainingResult) -> list[_Upload]:
-    """The run's own files, written under `directory` as they will be named in the run."""
+def _run_files(spec: JobSpec, result: TrainingResult) -> dict[str, bytes]:
+    """The run's own files, {path in the run: content}."""
     files: dict[str, bytes] = {
-        "spec.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False).encode(),
+        "spec.yaml": yaml.dump(spec.model_dump(mode="json"), Dumper=SAFE_DUMPER, sort_keys=False).encode(),
         "confusion_matrix.json": _json({"labels": result.class_names, "matrix": result.confusion_matrix}),
         "confusion_matrix.png": confusion_png(result.confusion_matrix, result.class_names),
     }
@@ -340,22 +368,42 @@ def _run_files(directory: Path, repository: ArtifactRepository, spec: JobSpec, r
                 finally:
                     plt.close(fig)
                 files[f"diagnostics/landscape_{'1d' if key == 'line' else '2d'}.png"] = buffer.getvalue()
-    uploads = []
-    for name, content in files.items():
-        path = directory / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content)
-        uploads.append(_Upload(repository, path, posixpath.dirname(name) or None))
-    return uploads
+    return files
 
 
 def _json(value: Any) -> bytes:
     return json.dumps(value, indent=2).encode()  # as MlflowClient.log_dict writes it
 
 
-def _save_model(directory: Path, result: TrainingResult) -> Model:
-    """The model saved under `directory` as `mlflow.pytorch.log_model` saves it, before its
-    LoggedModel exists (its ids go into MLmodel once it does: `_model_files`).
+MODEL_DATA_FILE = "data/model.pth"  # where mlflow.pytorch's pickle format keeps the model itself
+
+
+class _ModelTemplate(NamedTuple):
+    """What `mlflow.pytorch.save_model` writes alike for every model saved with the same options:
+    every file but the model's data and MLmodel (the environment files, the pickle module's
+    name, the trainer package where it goes along), and MLmodel's flavors."""
+
+    files: dict[str, bytes]  # {path in the model: content}
+    description: Model
+
+
+_model_templates: dict[tuple[Any, ...], _ModelTemplate] = {}
+
+
+class SavedModel(NamedTuple):
+    description: Model  # its MLmodel, completed with its LoggedModel's ids by `_model_files`
+    files: dict[str, bytes]  # {path in the model: content}, but MLmodel
+
+
+def _save_model(result: TrainingResult) -> SavedModel:
+    """The model as `mlflow.pytorch.save_model` saves it, in memory, before its LoggedModel
+    exists (its ids go into MLmodel once it does: `_model_files`).
+
+    MLflow's own save runs once per process and set of options (`model_template`; the
+    worker's parent makes the one for models of torch's layers before it forks): it spends
+    ~5-10 ms of CPU on what is the same for every such model (the pip requirements checked
+    against the installed packages, the Python environment read, the YAML files written);
+    a job only pickles its model the way MLflow does and fills in its MLmodel's own fields.
 
     Not `log_model` itself: given the run (or the fluent API's active run), MLflow reads
     every metric's whole history to tag the points of one step with the model (one
@@ -364,24 +412,49 @@ def _save_model(directory: Path, result: TrainingResult) -> Model:
     import mlflow.pytorch
 
     model = result.model.to("cpu").eval()
-    description = Model()
-    mlflow.pytorch.save_model(model, directory, mlflow_model=description, **model_save_options(model))
-    return description
+    template = model_template(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer, pickle_module=mlflow.pytorch.pickle_module)
+    files = template.files | {MODEL_DATA_FILE: buffer.getvalue()}
+    description = copy.deepcopy(template.description)
+    description.utc_time_created = str(datetime.now(timezone.utc).replace(tzinfo=None))  # as Model() stamps it
+    description.model_size_bytes = sum(len(content) for content in files.values())
+    return SavedModel(description, files)
 
 
-def _model_files(
-    client: MlflowClient, directory: Path, description: Model, logged: LoggedModel, run_id: str
-) -> list[_Upload]:
+def model_template(model: torch.nn.Module) -> _ModelTemplate:
+    """This process's template for models saved with `model`'s options (made by MLflow's own
+    `save_model` of the first such model, kept in memory)."""
+    import mlflow.pytorch
+
+    options = model_save_options(model)
+    key = (tuple(options["pip_requirements"]), tuple(options["code_paths"] or ()))
+    template = _model_templates.get(key)
+    if template is None:
+        with tempfile.TemporaryDirectory(prefix="model-template-") as scratch:
+            saved = Path(scratch) / "model"
+            description = Model()
+            mlflow.pytorch.save_model(model, saved, mlflow_model=description, **options)
+            files = {
+                path.relative_to(saved).as_posix(): path.read_bytes()
+                for path in sorted(saved.rglob("*"))
+                if path.is_file() and "__pycache__" not in path.parts
+            }
+        for own in (MLMODEL_FILE_NAME, MODEL_DATA_FILE):
+            if files.pop(own, None) is None:  # an MLflow whose pickle format changed: say so, not save it wrong
+                raise RuntimeError(f"mlflow.pytorch.save_model no longer writes {own}: the model template must change")
+        template = _model_templates[key] = _ModelTemplate(files, description)
+    return template
+
+
+def _model_files(client: MlflowClient, saved: SavedModel, logged: LoggedModel, run_id: str) -> list[_Upload]:
     """The saved model's files to send to its LoggedModel, its MLmodel now naming it."""
+    description = saved.description
     description.artifact_path, description.run_id = logged.artifact_location, run_id
     description.model_uuid = description.model_id = logged.model_id
-    description.save(str(directory / MLMODEL_FILE_NAME))
     repository = get_artifact_repository(logged.artifact_location, tracking_uri=client.tracking_uri)
-    return [
-        _Upload(repository, path, posixpath.dirname(path.relative_to(directory).as_posix()) or None)
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and "__pycache__" not in path.parts
-    ]
+    files = saved.files | {MLMODEL_FILE_NAME: description.to_yaml().encode()}
+    return [_Upload(repository, path, content) for path, content in sorted(files.items())]
 
 
 def model_save_options(model: torch.nn.Module) -> dict[str, Any]:

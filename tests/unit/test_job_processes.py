@@ -190,3 +190,70 @@ def test_a_jobs_results_are_all_in_its_run_and_its_model_is_the_runs_and_loads(
     assert description.artifact_path == logged.artifact_location
     model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
     assert model(torch.zeros(2, 4)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "lstm"])
+def test_a_model_saved_from_the_template_is_what_mlflows_own_save_writes(tmp_path: Path, arch: str) -> None:
+    """A job's model is pickled into the files `mlflow.pytorch.save_model` made once for its
+    options (worker/mlflow_run.model_template): the same files, the same environment and
+    flavors in MLmodel, and it loads as MLflow's own save does, with or without the trainer
+    package (an LSTM needs it)."""
+    import types
+
+    import mlflow.pytorch
+    import yaml
+
+    from worker import mlflow_run
+
+    if arch == "mlp":
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        example = "torch.zeros(2, 4)"
+    else:
+        from jobs.spec import JobSpec
+        from trainer.data import load_split
+        from trainer.models import MODEL_BUILDERS
+
+        spec = JobSpec.model_validate({"name": "x", "dataset": {"name": "sequence_memory"}, "model": {"arch": "lstm"}})
+        data = load_split(spec, torch.device("cpu"))
+        model = MODEL_BUILDERS["lstm"](spec.model, data.shape, data.n_classes)
+        example = "torch.zeros(2, 12, dtype=torch.long)"
+    mlflow.pytorch.save_model(model, tmp_path / "mlflow", **model_save_options(model))
+    mlflow_run.model_template(model)  # made once; this job's save below uses it
+    saved = mlflow_run._save_model(types.SimpleNamespace(model=model))
+    ours = tmp_path / "ours"
+    for name, content in (saved.files | {"MLmodel": saved.description.to_yaml().encode()}).items():
+        (ours / name).parent.mkdir(parents=True, exist_ok=True)
+        (ours / name).write_bytes(content)
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts}  # fmt: skip
+
+    theirs, mine = files(tmp_path / "mlflow"), files(ours)
+    assert theirs.keys() == mine.keys()
+    assert all(theirs[name] == mine[name] for name in theirs if name not in ("MLmodel", "data/model.pth"))
+    description, expected = yaml.safe_load(mine["MLmodel"]), yaml.safe_load(theirs["MLmodel"])
+    own = ("utc_time_created", "model_uuid", "model_size_bytes")
+    assert {k: v for k, v in description.items() if k not in own} == {k: v for k, v in expected.items() if k not in own}
+    assert description["model_size_bytes"] == sum(len(data) for name, data in mine.items() if name != "MLmodel")
+    outputs = run_python(f"""
+        import json, sys
+        import mlflow.pytorch, torch
+        torch.manual_seed(0)
+        x = {example}
+        a, b = (mlflow.pytorch.load_model(path).eval()(x) for path in ("{tmp_path / 'mlflow'}", "{ours}"))
+        print(json.dumps({{"equal": bool(torch.equal(a, b)), "shape": list(a.shape)}}))
+    """)  # fmt: skip
+    assert outputs["equal"] and outputs["shape"][0] == 2
+
+
+def test_mlflow_asks_whether_it_runs_on_databricks_once_and_sends_the_same_headers() -> None:
+    from mlflow.tracking.request_header import registry
+    from mlflow.tracking.request_header.databricks_request_header_provider import DatabricksRequestHeaderProvider
+
+    from jobs.mlflow_headers import ask_databricks_once
+
+    before = registry.resolve_request_headers()
+    ask_databricks_once()
+    assert not any(isinstance(p, DatabricksRequestHeaderProvider) for p in registry._request_header_provider_registry)
+    assert registry.resolve_request_headers() == before
