@@ -41,12 +41,18 @@ class StopReason(StrEnum):
     pruned = "pruned"  # a study's pruner stopped this trial
 
 
+# A checkpoint waiting for its metrics is kept, rather than replaced by a newer one, for this
+# many of the sink's flush intervals (past that, MLflow is slow or down: the newest one waits).
+KEEP_WAITING_FLUSHES = 3
+
+
 @dataclass(frozen=True)
 class PendingCheckpoint:
     step: int
     epoch: int
     data: bytes
     metrics_needed: int  # sink.sent must reach this before the checkpoint may be stored
+    taken_at: float = 0.0  # time.monotonic() when it was taken
 
 
 class JobReporter:
@@ -78,12 +84,19 @@ class JobReporter:
         now = time.monotonic()
         if now - self._last_checkpoint_at < self.checkpoint_min_interval_s:
             return
+        waiting = self.pending_checkpoint
+        keep_waiting_s = KEEP_WAITING_FLUSHES * self.sink.flush_interval_s if self.sink is not None else 0.0
+        if waiting is not None and now - waiting.taken_at < keep_waiting_s:
+            # The one before waits for its metrics to reach MLflow, a flush or two away:
+            # replaced at every offer (checkpoints more often than the sink flushes), no
+            # checkpoint would ever be stored while the job trains.
+            return
         self._last_checkpoint_at = now
         data = checkpoint_to_bytes(make_state())
         if self.sink is not None:
             self.sink.end_window()  # a resume from here must not lose the steps of a half-full window
         needed = self.sink.added if self.sink is not None else 0
-        self.pending_checkpoint = PendingCheckpoint(step, self.epoch, data, needed)
+        self.pending_checkpoint = PendingCheckpoint(step, self.epoch, data, needed, now)
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         if self.sink is not None:

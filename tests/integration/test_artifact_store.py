@@ -38,7 +38,10 @@ pytestmark = pytest.mark.integration
 # one replaces it meanwhile: points every 20 steps and checkpoints every 500 let the metrics
 # catch up between two checkpoints even on a loaded machine (the job takes seconds).
 LOG_EVERY = 20
-JOB = DIGITS_ADAM | {"epochs": 150, "checkpoint_every_steps": 500, "log_every_steps": LOG_EVERY, "seed": 7}
+# Long enough (11,500 steps, several seconds) that a kill after a stored checkpoint lands
+# while the job still trains: a checkpoint is stored once MLflow has every metric before it
+# (the sink flushes every second), so a short job stores its first one near its end.
+JOB = DIGITS_ADAM | {"epochs": 500, "checkpoint_every_steps": 500, "log_every_steps": LOG_EVERY, "seed": 7}
 BUCKET = "descent-artifacts"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 EVERYTHING_TO_THE_STORE = {

@@ -5,6 +5,7 @@ in tests/integration/test_artifact_store.py."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -20,6 +21,7 @@ from tests.unit.test_recovery import claim, new_job, only_these_jobs  # noqa: F4
 from worker import checkpoint_store
 from worker.checkpoint_store import CheckpointCorrupt, CheckpointUnavailable, read_checkpoint, store_checkpoint
 from worker.execute import describe_failure
+from worker.monitor import KEEP_WAITING_FLUSHES, JobReporter
 
 
 def stored_row(job_id: uuid.UUID) -> JobCheckpoint:
@@ -175,3 +177,32 @@ def test_an_upload_the_artifact_store_does_not_take_is_a_503_and_leaves_no_row(
     assert "artifact store" in refused.json()["detail"] and refused.headers["Retry-After"] == "10"
     with session_scope() as session:
         assert session.scalar(select(func.count()).select_from(Dataset)) == before
+
+
+class CountingSink:
+    """What JobReporter reads of a metric sink: how many points were added, how often it flushes."""
+
+    flush_interval_s = 1.0
+    added = 0
+
+    def end_window(self) -> None:
+        pass
+
+
+def test_a_checkpoint_waiting_for_its_metrics_is_not_replaced_until_it_has_waited_a_few_flushes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Checkpoints offered faster than the sink flushes: replacing the waiting one at every
+    # offer would leave none ever stored while the job trains.
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(time, "monotonic", lambda: clock["now"])
+    reporter = JobReporter(CountingSink(), checkpoint_min_interval_s=0.0)  # type: ignore[arg-type]
+    reporter.save_checkpoint(100, lambda: {"step": 100})
+    first = reporter.pending_checkpoint
+    assert first is not None and first.step == 100
+    clock["now"] += 0.3
+    reporter.save_checkpoint(200, lambda: {"step": 200})
+    assert reporter.pending_checkpoint is first  # kept: its metrics are a flush away
+    clock["now"] += KEEP_WAITING_FLUSHES * CountingSink.flush_interval_s
+    reporter.save_checkpoint(900, lambda: {"step": 900})
+    assert reporter.pending_checkpoint.step == 900  # it waited long enough (MLflow slow or down): the newest waits
