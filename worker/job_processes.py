@@ -72,7 +72,7 @@ def warm_up_for_children() -> None:
     root, placeholder = logging.getLogger(), logging.NullHandler()
     root.addHandler(placeholder)
     try:
-        import mlflow.pytorch
+        import mlflow.pytorch  # noqa: F401 - imported for its first-use cost, paid once here
     finally:
         root.removeHandler(placeholder)
     from worker.confusion_plot import confusion_png
