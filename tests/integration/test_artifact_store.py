@@ -103,26 +103,24 @@ def s3_stack(make_database, tmp_path_factory, s3_server: str) -> Iterator[Stack]
                               mlflow_artifacts_destination=f"s3://{BUCKET}/mlartifacts")  # fmt: skip
 
 
-def checkpoint_row(stack: Stack, job_id: str) -> dict | None:
+def one_row(stack: Stack, sql: str, row_id: str) -> dict | None:
     engine = create_engine(stack.settings.database_url)
     try:
         with engine.connect() as conn:
-            row = conn.execute(text("SELECT step, attempt, data IS NULL AS no_bytes, object_uri, size_bytes, sha256 "
-                                    "FROM job_checkpoints WHERE job_id = :id"), {"id": job_id}).mappings().first()  # fmt: skip
+            row = conn.execute(text(sql), {"id": row_id}).mappings().first()
     finally:
         engine.dispose()
     return dict(row) if row else None
+
+
+def checkpoint_row(stack: Stack, job_id: str) -> dict | None:
+    return one_row(stack, "SELECT step, attempt, data IS NULL AS no_bytes, object_uri, size_bytes, sha256 "
+                          "FROM job_checkpoints WHERE job_id = :id", job_id)  # fmt: skip
 
 
 def dataset_row(stack: Stack, dataset_id: str) -> dict | None:
-    engine = create_engine(stack.settings.database_url)
-    try:
-        with engine.connect() as conn:
-            row = conn.execute(text("SELECT data IS NULL AS no_bytes, object_uri, object_size_bytes, object_sha256 "
-                                    "FROM datasets WHERE id = :id"), {"id": dataset_id}).mappings().first()  # fmt: skip
-    finally:
-        engine.dispose()
-    return dict(row) if row else None
+    return one_row(stack, "SELECT data IS NULL AS no_bytes, object_uri, object_size_bytes, object_sha256 "
+                          "FROM datasets WHERE id = :id", dataset_id)  # fmt: skip
 
 
 def wait_for_stored_checkpoint(stack: Stack, job_id: str, past_step: int) -> dict:
