@@ -109,11 +109,11 @@ def test_a_packed_study_trains_each_trial_as_its_own_job_and_equals_its_unpacked
 
 
 def test_the_median_pruner_stops_one_trial_of_a_pack_and_the_others_go_on(stack: Stack) -> None:
-    # Long enough (40 epochs) for the monitor's pruning check (every PROGRESS_INTERVAL_S) to
-    # come before the end. Packs of two: the first two trials end unpruned (the pruner waits for repeats + 1 = 2 ended
+    # Long enough (200 epochs, seconds even on an idle machine) for the monitor's pruning
+    # check (every PROGRESS_INTERVAL_S) to come before the end. Packs of two: the first two trials end unpruned (the pruner waits for repeats + 1 = 2 ended
     # trials), then the second pack holds a learning rate as good as theirs and a useless one.
     body = {
-        "name": "it-packed-pruning", "base": DIGITS_MLP | {"epochs": 40}, "repeats": 1,
+        "name": "it-packed-pruning", "base": DIGITS_MLP | {"epochs": 200}, "repeats": 1,
         "space": {"optimizer.lr": {"grid": [0.003, 0.0030001, 0.0030002, 1e-7]}},
         "search": {"method": "grid", "parallelism": 2, "pack_size": 2},
         "pruning": {"method": "median", "min_epochs": 1},
@@ -129,7 +129,8 @@ def test_the_median_pruner_stops_one_trial_of_a_pack_and_the_others_go_on(stack:
 
 
 def test_cancelling_one_trial_of_a_pack_cancels_only_it(stack: Stack) -> None:
-    body = STUDY | {"name": "it-packed-cancel", "base": DIGITS_MLP | {"epochs": 40},
+    # 200 epochs: the cancel, heard at the trial's next progress tick, comes before the end.
+    body = STUDY | {"name": "it-packed-cancel", "base": DIGITS_MLP | {"epochs": 200},
                     "search": STUDY["search"] | {"pack_size": 16}}  # fmt: skip
     client = client_of(stack)
     study = client.submit_study(body)
