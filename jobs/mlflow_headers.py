@@ -9,20 +9,33 @@ asked once, and a process that is not there stops asking."""
 from __future__ import annotations
 
 import logging
+import threading
 
 log = logging.getLogger(__name__)
+
+_asked = False
+_lock = threading.Lock()  # tracking clients are made in many threads at once (the API's)
 
 
 def ask_databricks_once() -> None:
     """Drop MLflow's Databricks request-header provider when it says this process is not on
     Databricks. Its registry is MLflow's internal list; if that changes shape, nothing is done."""
-    from mlflow.tracking.request_header import registry
-    from mlflow.tracking.request_header.databricks_request_header_provider import DatabricksRequestHeaderProvider
-
-    providers = getattr(registry._request_header_provider_registry, "_registry", None)
-    if not isinstance(providers, list):
-        log.debug("MLflow's request-header registry changed shape; its Databricks check stays per request")
+    global _asked
+    if _asked:
         return
-    for provider in list(providers):
-        if type(provider) is DatabricksRequestHeaderProvider and not provider.in_context():
-            providers.remove(provider)
+    with _lock:
+        if _asked:
+            return
+        from mlflow.tracking.request_header import registry
+        from mlflow.tracking.request_header.databricks_request_header_provider import (
+            DatabricksRequestHeaderProvider,
+        )
+
+        providers = getattr(registry._request_header_provider_registry, "_registry", None)
+        if not isinstance(providers, list):
+            log.debug("MLflow's request-header registry changed shape; its Databricks check stays per request")
+        else:
+            for provider in list(providers):
+                if type(provider) is DatabricksRequestHeaderProvider and not provider.in_context():
+                    providers.remove(provider)
+        _asked = True

@@ -257,3 +257,37 @@ def test_mlflow_asks_whether_it_runs_on_databricks_once_and_sends_the_same_heade
     ask_databricks_once()
     assert not any(isinstance(p, DatabricksRequestHeaderProvider) for p in registry._request_header_provider_registry)
     assert registry.resolve_request_headers() == before
+
+
+def test_many_threads_asking_at_once_drop_the_databricks_check_once_without_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The API makes tracking clients in its thread pool, many at once: two threads removing
+    # the same provider from MLflow's list made a metrics read fail (a 503, seen in CI).
+    import threading
+
+    from mlflow.tracking.request_header import registry
+    from mlflow.tracking.request_header.databricks_request_header_provider import DatabricksRequestHeaderProvider
+
+    from jobs import mlflow_headers
+
+    providers = registry._request_header_provider_registry._registry
+    monkeypatch.setattr(registry._request_header_provider_registry, "_registry",
+                        [*providers, DatabricksRequestHeaderProvider()])  # fmt: skip
+    monkeypatch.setattr(mlflow_headers, "_asked", False)
+    start, errors = threading.Barrier(16), []
+
+    def ask() -> None:
+        start.wait()
+        try:
+            mlflow_headers.ask_databricks_once()
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert not any(isinstance(p, DatabricksRequestHeaderProvider) for p in registry._request_header_provider_registry)
