@@ -78,7 +78,7 @@ def ended_count(engine, job_ids: list[str]) -> int:  # noqa: ANN001
         ).scalar_one()
 
 
-PREFER_CHECKPOINTED_S = 20.0  # how long a kill waits for a worker whose job has stored a checkpoint
+PREFER_CHECKPOINTED_S = 3.0  # how long a kill waits for a worker whose job has stored a checkpoint (longer, and the jobs may all have ended: CI saw kills hit nothing)
 
 
 def checkpointed_running_jobs(engine) -> set[str]:  # noqa: ANN001
