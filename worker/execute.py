@@ -46,7 +46,7 @@ from worker.mlflow_run import (
 )
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
-from worker.system_metrics import JobSystemMetrics, job_system_metrics
+from worker.system_metrics import SystemMetricsSampler, job_system_metrics
 from worker.trial_pruning import TrialPruning
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ def _run_attempt(
     job_id = job.id
     client = tracking_client()
     sink: MlflowMetricSink | None = None
-    system_metrics: JobSystemMetrics | None = None
+    system_metrics: SystemMetricsSampler | None = None
     try:
         spec, datasets_dir = prepare_attempt(job, reporter, monitor)
         opened: list[RunFacts] = []
@@ -311,7 +311,7 @@ def _run_attempt(
 
 def fail_attempt(
     client: MlflowClient, job: Job, attempt: int, reporter: JobReporter, sink: MlflowMetricSink | None,
-    system_metrics: JobSystemMetrics | None, exc: BaseException,
+    system_metrics: SystemMetricsSampler | None, exc: BaseException,
 ) -> Outcome:
     """The job failed with `exc`: its last metrics sent (a while), its run and the job ended failed."""
     log.error("job %s failed", job.id, exc_info=exc)
@@ -327,7 +327,7 @@ def fail_attempt(
 
 def finish_attempt(
     client: MlflowClient, job: Job, spec: JobSpec, attempt: int, reporter: JobReporter, sink: MlflowMetricSink,
-    result: TrainingResult, opened: list[RunFacts], system_metrics: JobSystemMetrics | None = None,
+    result: TrainingResult, opened: list[RunFacts], system_metrics: SystemMetricsSampler | None = None,
 ) -> Outcome:
     """The one way an attempt that trained ends, alone or in a pack (worker/execute_pack.py):
     its outcome from why the training stopped, its results and last metrics in MLflow, then

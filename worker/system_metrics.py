@@ -158,13 +158,11 @@ def run_destination(
 
 def job_system_metrics(
     client: MlflowClient, sink: MlflowMetricSink, reporter: JobReporter, monitor: JobMonitor
-) -> JobSystemMetrics | None:
+) -> SystemMetricsSampler | None:
     """A running job's samples (not started). None when the settings turn them off."""
     if not settings.system_metrics_interval_s:
         return None
-    destination = run_destination(sink, reporter, monitor)
-    return JobSystemMetrics(client, destination.run_id, destination.step, settings.system_metrics_interval_s,
-                            may_send=destination.may_send, open_run=destination.open_run)  # fmt: skip
+    return SystemMetricsSampler(client, [run_destination(sink, reporter, monitor)], settings.system_metrics_interval_s)
 
 
 def pack_system_metrics(client: MlflowClient, destinations: list[SampleDestination]) -> SystemMetricsSampler | None:
