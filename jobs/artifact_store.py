@@ -73,12 +73,12 @@ def _endpoint(uri: str) -> str:
     return f"{PROXY_ENDPOINT}/{uri[len(SCHEME):]}"
 
 
-def _request(method: str, uri: str, **kwargs: object) -> requests.Response:
+def _request(method: str, uri: str, endpoint: str | None = None, **kwargs: object) -> requests.Response:
     """One request to the artifact proxy with MLflow's own client (its credentials, TLS
     settings and retries of a failed connection)."""
     creds = get_default_host_creds(settings.mlflow_tracking_uri)
     try:
-        response = http_request(creds, _endpoint(uri), method, **kwargs)
+        response = http_request(creds, endpoint or _endpoint(uri), method, **kwargs)
     except (requests.exceptions.RequestException, MlflowException) as exc:
         raise ArtifactStoreUnreachable(f"the artifact store (MLflow at {settings.mlflow_tracking_uri}) did not "
                                        f"answer {method} {uri}: {exc}") from exc  # fmt: skip
@@ -134,6 +134,26 @@ def get_object_waiting(stored: StoredObject, wait_s: float) -> bytes:
                 raise
             log.warning("%s; trying again", exc)
             time.sleep(RETRY_PAUSE_S)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One name in a folder of the store."""
+
+    uri: str
+    is_folder: bool
+
+
+def list_folder(*parts: str) -> list[Entry]:
+    """What `descent/<parts...>` holds, one level deep ([] for a folder that does not exist).
+    ArtifactStoreUnreachable when the store does not answer."""
+    folder = object_uri(*parts)
+    try:
+        response = _request("GET", folder, endpoint=PROXY_ENDPOINT, params={"path": folder[len(SCHEME):]})
+    except ArtifactMissing:
+        return []
+    files = response.json().get("files", [])
+    return [Entry(posixpath.join(folder, f["path"]), bool(f.get("is_dir"))) for f in files]
 
 
 def delete_object(uri: str) -> bool:

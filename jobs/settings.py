@@ -277,6 +277,16 @@ class Settings(BaseSettings):
         4 * 2**20, ge=0, description="Uploaded datasets (their stored NPZ) up to this size stay in PostgreSQL; larger "
         "ones go to MLflow's artifact store (0: every upload does).",
     )  # fmt: skip
+    # Objects nothing points to (a crash between an object and its row, a delete that failed)
+    # are reclaimed by the reaper (worker/artifact_sweeper.py).
+    artifact_sweep_interval_s: float = Field(
+        3600.0, ge=0, description="How often the reaper looks for objects in the artifact store that no row "
+        "points to (0: never).",
+    )  # fmt: skip
+    artifact_orphan_grace_s: float = Field(
+        3600.0, gt=0, description="An object no row has pointed to for this long is deleted (it must be longer "
+        "than any upload of a checkpoint or dataset takes).",
+    )  # fmt: skip
     artifact_store_wait_s: float = Field(
         120.0, ge=0, description="How long a worker waits for an unreachable artifact store to give back a "
         "checkpoint or an upload before the job fails saying so.",

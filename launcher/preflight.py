@@ -23,12 +23,14 @@ SECRETS = (
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_FLASK_SERVER_SECRET_KEY",
 )
+# Checked when set: deploy/compose.minio.yml passes them (MinIO as the artifact store).
+OPTIONAL_SECRETS = ("MINIO_ROOT_PASSWORD", "MLFLOW_S3_SECRET_KEY")
 
 
 def problems(env: Mapping[str, str]) -> list[str]:
     """What is wrong with these settings, one sentence each; empty when they may start."""
     found = []
-    for name in SECRETS:
+    for name in SECRETS + tuple(name for name in OPTIONAL_SECRETS if name in env):
         value = env.get(name, "")
         if not value:
             found.append(f"{name} is not set")

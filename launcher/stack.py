@@ -47,6 +47,8 @@ def stack_env(s: Settings) -> dict[str, str]:
         "CHECKPOINT_INLINE_MAX_BYTES": str(s.checkpoint_inline_max_bytes),
         "DATASET_INLINE_MAX_BYTES": str(s.dataset_inline_max_bytes),
         "ARTIFACT_STORE_WAIT_S": str(s.artifact_store_wait_s),
+        "ARTIFACT_SWEEP_INTERVAL_S": str(s.artifact_sweep_interval_s),
+        "ARTIFACT_ORPHAN_GRACE_S": str(s.artifact_orphan_grace_s),
         "PROGRESS_INTERVAL_S": str(s.progress_interval_s),
         "WORKER_HEARTBEAT_INTERVAL_S": str(s.worker_heartbeat_interval_s),
         "ALLOW_UNKNOWN_POOLS": str(s.allow_unknown_pools).lower(),

@@ -10,6 +10,8 @@ process (one or several: rows are taken with SKIP LOCKED):
 - moves running studies on (a worker that died between ending a trial and starting
   the next) and writes the MLflow report of ended studies that still lack one;
 - deletes the rows of workers long gone (jobs/pools.py: each pool keeps its latest);
+- in a thread of its own, deletes objects in the artifact store that no row points to
+  (worker/artifact_sweeper.py, every `artifact_sweep_interval_s`);
 - enqueues again queued jobs nobody claimed for `unclaimed_requeue_s` (the
   broker lost the message, or was down when the job was submitted), as many as
   PostgreSQL has queued jobs beyond the messages the broker holds. A message is a
@@ -37,6 +39,7 @@ from jobs.settings import settings
 from jobs.states import JobStatus
 from jobs.studies import running_study_ids, studies_to_report
 from worker import study_runs
+from worker.artifact_sweeper import start_sweeping
 from jobs.tracking import end_run, tracking_client
 
 log = logging.getLogger("worker.reaper")
@@ -132,6 +135,7 @@ def main() -> None:
     # Its first study move would otherwise build the Optuna storage (0.1-0.5 s measured here)
     # while it holds the study's row lock, and the worker ending that study's trial waits.
     study_search.warm_storage()
+    start_sweeping(stop)
     log.info("reaper ready: every %.1f s, lease %.1f s", settings.reaper_interval_s, settings.lease_s)
     while not stop.wait(settings.reaper_interval_s):
         try:

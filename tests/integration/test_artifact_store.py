@@ -9,6 +9,8 @@ upload goes there, and PostgreSQL keeps only the pointer, size and SHA-256.
 - The same checkpoint path against an S3-protocol server: moto's standalone server (no MinIO
   server installs on this machine; docker-compose runs MinIO), as MLflow's
   `--artifacts-destination s3://...` with MLFLOW_S3_ENDPOINT_URL.
+- Objects no row points to are noted by the reaper's sweep and deleted after the grace (local
+  store and S3); objects in use, and one just written, are kept.
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import redis
 from mlflow.tracking import MlflowClient
 from sqlalchemy import create_engine, text
 
+from jobs.artifact_store import object_uri
 from launcher.processes import wait_http
+from launcher.stack import stack_env
 from tests.integration.conftest import ADMIN_KEY, Stack, free_port, running_stack, stack_settings
 from tests.integration.test_crash_recovery import worker_pid
 from tests.integration.test_datasets import blobs_csv
@@ -55,7 +62,11 @@ EVERYTHING_TO_THE_STORE = {
     "bootstrap_key": ADMIN_KEY,
     "log_model": False,
     "system_metrics_interval_s": 0.0,
+    # The reaper's sweep of unused objects runs every 2 s; with the hour's grace it only notes them.
+    "artifact_sweep_interval_s": 2.0,
 }
+# What the sweep run by hand is given: objects noted unused this long ago are deleted.
+SWEEP_GRACE_S = 5.0
 
 
 def open_stack(make_database, home: Path, name: str, **overrides: object) -> Iterator[Stack]:  # noqa: ANN001
@@ -269,3 +280,74 @@ def test_the_same_checkpoint_path_against_an_s3_server(s3_stack: Stack, s3_serve
     assert keys == [prefix + last["object_uri"].rsplit("/", 1)[1]]
     body = s3.get_object(Bucket=BUCKET, Key=keys[0])["Body"].read()
     assert hashlib.sha256(body).hexdigest() == last["sha256"] and len(body) == last["size_bytes"]
+
+
+def put_raw(stack: Stack, uri: str, data: bytes) -> None:
+    """An object written through the MLflow server's artifact proxy, with no row for it."""
+    key = uri.removeprefix("mlflow-artifacts:/")
+    url = f"{stack.settings.mlflow_tracking_uri}/api/2.0/mlflow-artifacts/artifacts/{key}"
+    assert httpx.put(url, content=data, timeout=30).status_code == 200
+
+
+def noted_unused(stack: Stack) -> set[str]:
+    """The objects the sweeps have noted as unused (Redis, under the stack's queue name)."""
+    client = redis.Redis.from_url(stack.settings.events_url)
+    key = f"descent:{stack.settings.queue_name}:artifact-sweep:unused-since"
+    return {k.decode() for k in client.hkeys(key)}
+
+
+def sweep_now(stack: Stack) -> str:
+    """`python -m worker.artifact_sweeper` with the stack's settings and a short grace."""
+    env = stack_env(stack.settings) | {"ARTIFACT_ORPHAN_GRACE_S": str(SWEEP_GRACE_S)}
+    done = subprocess.run([sys.executable, "-m", "worker.artifact_sweeper"], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def assert_unused_objects_are_swept(stack: Stack, exists: Callable[[str], bool]) -> None:
+    # In use: a finished job's last checkpoint object.
+    job = stack.wait(stack.submit(JOB | {"name": "it-store-swept", "epochs": 60})["id"], timeout_s=300)
+    assert job["status"] == "succeeded", job["error"]
+    in_use = checkpoint_row(stack, job["id"])["object_uri"]
+    # Unused: a checkpoint of an attempt killed before its row (of that job, and of a job that
+    # is not there), and an upload whose row was never written.
+    unused = [object_uri("checkpoints", job["id"], "9-10.pt"), object_uri("checkpoints", str(uuid.uuid4()), "1-5.pt"),
+              object_uri("datasets", "default", f"{uuid.uuid4()}.npz")]  # fmt: skip
+    for uri in unused:
+        put_raw(stack, uri, b"left behind")
+
+    # The reaper's sweep notes them within its interval, and deletes nothing within the grace.
+    deadline = time.monotonic() + 60
+    while not set(unused) <= noted_unused(stack):
+        assert time.monotonic() < deadline, f"the reaper's sweep noted {noted_unused(stack)}, not {unused}"
+        time.sleep(0.2)
+    assert in_use not in noted_unused(stack)
+    assert all(exists(uri) for uri in [*unused, in_use])
+
+    time.sleep(SWEEP_GRACE_S)
+    just_written = object_uri("checkpoints", str(uuid.uuid4()), "1-1.pt")  # as if its row were on its way
+    put_raw(stack, just_written, b"being stored")
+    out = sweep_now(stack)
+    assert "unused ones deleted" in out, out
+    for uri in unused:
+        assert f"deleted {uri}" in out and not exists(uri), (uri, out)
+    assert exists(in_use) and exists(just_written), out
+    assert not set(unused) & noted_unused(stack)
+    assert stack.api.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
+
+
+def test_objects_no_row_points_to_are_deleted_after_the_grace(store_stack: Stack) -> None:
+    assert_unused_objects_are_swept(store_stack, lambda uri: local_path(store_stack, uri).exists())
+
+
+def test_objects_no_row_points_to_are_deleted_from_s3_too(s3_stack: Stack, s3_server: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, **s3_credentials())
+
+    def exists(uri: str) -> bool:
+        key = "mlartifacts/" + uri.removeprefix("mlflow-artifacts:/")
+        return bool(s3.list_objects_v2(Bucket=BUCKET, Prefix=key).get("KeyCount"))
+
+    assert_unused_objects_are_swept(s3_stack, exists)

@@ -31,10 +31,34 @@ PROJECT_COMMANDS = {"uvicorn", "celery", "alembic", "mlflow", "python"}
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)([^}]*)\}")
 
 
-@pytest.fixture(scope="module")
-def compose() -> dict:
+# An override an operator may add (`docker compose -f docker-compose.yml -f <it>`): every test
+# of the stack's shape runs on the base file and on the base with each override merged in.
+MINIO_OVERRIDE = REPO_ROOT / "deploy" / "compose.minio.yml"
+OVERRIDES = {"minio": MINIO_OVERRIDE}
+# Options compose replaces rather than merges (Compose spec, "Merge and override").
+REPLACED_WHOLE = {"command", "entrypoint", "test"}
+
+
+def merged(base: object, override: object, key: str = "") -> object:
+    """`override` laid over `base` as compose merges files: mappings key by key, the options
+    above replaced, other sequences (volumes, networks, ports) appended without repeats."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for name, value in override.items():
+            out[name] = merged(base[name], value, name) if name in base else value
+        return out
+    if isinstance(base, list) and isinstance(override, list) and key not in REPLACED_WHOLE:
+        return base + [item for item in override if item not in base]
+    return override
+
+
+@pytest.fixture(scope="module", params=["base", *OVERRIDES])
+def compose(request: pytest.FixtureRequest) -> dict:
     assert COMPOSE_FILE.is_file(), f"{COMPOSE_FILE} is missing"
-    return yaml.safe_load(COMPOSE_FILE.read_text())
+    base = yaml.safe_load(COMPOSE_FILE.read_text())
+    if request.param == "base":
+        return base
+    return merged(base, yaml.safe_load(OVERRIDES[request.param].read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +295,7 @@ def test_env_example_lists_every_variable_compose_reads() -> None:
     env_example = REPO_ROOT / ".env.example"
     assert env_example.is_file(), ".env.example is missing"
     listed = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", env_example.read_text(), re.MULTILINE))
-    used = {m.group(1) for m in INTERPOLATION.finditer(COMPOSE_FILE.read_text())}
+    used = {m.group(1) for path in (COMPOSE_FILE, *OVERRIDES.values()) for m in INTERPOLATION.finditer(path.read_text())}
     assert {"POSTGRES_PASSWORD", "MLFLOW_UI_URL"} <= used
     missing = used - listed
     assert not missing, f".env.example does not mention {sorted(missing)}"
@@ -302,7 +326,8 @@ def test_mlflow_store_database_is_created_by_the_postgres_init_script(services: 
     store = urlsplit(interpolated(option_value(argv, "--backend-store-uri")))
     assert (store.scheme, store.hostname, store.port) == ("postgresql+psycopg", "postgres", 5432)
     database = store.path.lstrip("/")
-    assert option_value(argv, "--artifacts-destination") == "/mlartifacts"
+    # The volume mounted there, or (deploy/compose.minio.yml) a bucket of the stack's MinIO.
+    assert option_value(argv, "--artifacts-destination") in ("/mlartifacts", "s3://descent-artifacts/mlartifacts")
 
     init_dir = REPO_ROOT / "deploy" / "postgres-init"
     scripts = " ".join(p.read_text() for p in sorted(init_dir.glob("*.s[qh]*")))  # .sql and .sh
@@ -423,3 +448,51 @@ def test_two_worker_services_serve_two_device_pools_one_with_the_gpu(services: d
     assert {pools[name] for name in gpu_reserved} == {"gpu"}, "only the gpu pool's worker reserves a GPU"
     for name, service in workers.items():
         assert "-Q" not in command_of(service), f"{name}: its pool's queue comes from WORKER_POOL, not -Q"
+
+
+# --------------------------------------------------------------------------- MinIO as the store
+
+
+def test_the_minio_override_validates_on_its_own() -> None:
+    schema = json.loads(COMPOSE_SCHEMA.read_text())
+    canonical = schema.get("$schema", "").replace("https://json-schema.org/", "http://json-schema.org/", 1)
+    validator_class = validator_for(schema, default=None) or validator_for({"$schema": canonical})
+    errors = list(validator_class(schema).iter_errors(yaml.safe_load(MINIO_OVERRIDE.read_text())))
+    assert not errors, [e.message for e in errors]
+
+
+def test_with_minio_mlflow_stores_in_the_bucket_minio_bucket_makes_and_changes_nothing_else() -> None:
+    base = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    stack = merged({"services": base}, yaml.safe_load(MINIO_OVERRIDE.read_text()))["services"]
+    before, after = command_of(base["mlflow"]), command_of(stack["mlflow"])
+    destination = option_value(after, "--artifacts-destination")
+    assert destination.startswith("s3://"), destination
+    # The override repeats the base command: the two must not drift apart but for the destination.
+    strip = [arg for arg in before if not arg.startswith("--artifacts-destination")]
+    assert [arg for arg in after if not arg.startswith("--artifacts-destination")] == strip
+    bucket = urlsplit(destination).netloc
+    assert f"store/{bucket}" in " ".join(command_of(stack["minio-bucket"])), "minio-bucket makes another bucket"
+
+    env = environment_of(stack["mlflow"])
+    assert urlsplit(env["MLFLOW_S3_ENDPOINT_URL"]).hostname == "minio"
+    # MLflow stores as its own MinIO user, not as MinIO's root; nobody else gets store credentials.
+    assert "MLFLOW_S3_ACCESS_KEY" in env["AWS_ACCESS_KEY_ID"] and "MINIO_ROOT" not in env["AWS_ACCESS_KEY_ID"]
+    for name, service in stack.items():
+        if name not in ("mlflow", "minio", "minio-bucket", "preflight"):  # preflight has no network
+            assert not {"AWS_SECRET_ACCESS_KEY", "MINIO_ROOT_PASSWORD"} & set(environment_of(service)), name
+    assert stack["mlflow"]["depends_on"]["minio-bucket"]["condition"] == "service_completed_successfully"
+    for name in ("minio", "minio-bucket"):
+        assert not stack[name].get("ports") and network_names(stack[name]) == {"internal"}, name
+
+
+def test_preflight_refuses_example_minio_secrets_only_where_the_override_passes_them() -> None:
+    from launcher.preflight import problems
+
+    good = {"POSTGRES_PASSWORD": "p" * 12 + "1", "DESCENT_DB_PASSWORD": "d" * 12 + "2",
+            "MLFLOW_TRACKING_PASSWORD": "m" * 13, "MLFLOW_FLASK_SERVER_SECRET_KEY": "f" * 13}  # fmt: skip
+    assert problems(good) == []
+    found = problems({**good, "MINIO_ROOT_PASSWORD": "change-me", "MLFLOW_S3_SECRET_KEY": ""})
+    assert any(p.startswith("MINIO_ROOT_PASSWORD is the example value") for p in found), found
+    assert "MLFLOW_S3_SECRET_KEY is not set" in found
+    passed = yaml.safe_load(MINIO_OVERRIDE.read_text())["services"]["preflight"]["environment"]
+    assert set(passed) == {"MINIO_ROOT_PASSWORD", "MLFLOW_S3_SECRET_KEY"}
