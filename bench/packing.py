@@ -17,8 +17,8 @@ alone on a CPU, where this bench measured them slower packed.
 
 --optimizer-variants also times one optimizer step of a K=16 digits-MLP Adam pack three
 ways: torch.optim (one Adam per trial over views of the stacked rows), the broadcast rule
-(trainer/packed_optim.py, hyperparameters as [K, 1] columns), torch's fused kernel called
-per group of trials (the default).
+(trainer/packed_optim.py, hyperparameters as [K, 1] columns; the default, since it is the
+solo step bit for bit), torch's fused kernel called per group of trials.
 
   PYTHONPATH=. .venv/bin/python bench/packing.py [--rounds 3] [--epochs N] [--threads N] [--ks 1,4,16]
       [--models "digits MLP,digits CNN,sequence_memory LSTM"] [--optimizer-variants]

@@ -91,7 +91,7 @@ class PackedTrainer:
         checkpoint_every_steps: int | None = None,
         raw_data: RawData | None = None,
         datasets_dir: Path | None = None,
-        fused_optimizer: bool = True,
+        fused_optimizer: bool = False,
     ) -> None:
         groups, reasons = packable(specs, max_size=len(specs), worthwhile=False)
         if reasons:

@@ -54,12 +54,10 @@ class StackedNetwork:
         self.names = [name for name, _ in template.named_parameters()]
         self.shapes = [p.shape for p in template.parameters()]  # the solo model's
         self.sizes = [p.numel() for p in template.parameters()]
-        # Linear weights are kept transposed, [in, out]: baddbmm reads them as they lie and the
-        # gradient it makes for them is contiguous, so none of them is copied on its way to the flat row.
-        linear_weights = {id(m.weight) for m in template.modules() if isinstance(m, nn.Linear)}
-        self.transposed = [
-            id(p) in linear_weights or name.startswith("rnn.weight_") for name, p in template.named_parameters()
-        ]
+        # Linear weights lie as the solo layer's, [out, in], and baddbmm reads them transposed, as
+        # F.linear reads its weight: MKL then runs the solo gemm's kernel and the logits are the
+        # solo logits bit for bit (stored [in, out], a 10-class head's came out otherwise).
+        self.transposed = [name.startswith("rnn.weight_") for name, _ in template.named_parameters()]
         self.stored_shapes = [s[::-1] if t else s for s, t in zip(self.shapes, self.transposed)]
         self.flat = torch.stack([self.flatten(list(m.parameters())) for m in models]).to(device).requires_grad_(True)
         # BatchNorm running statistics, [K * C] each (the layout batch_norm reads); counters [K].
@@ -111,7 +109,7 @@ class StackedNetwork:
         for layer in self.layers:
             if isinstance(layer, nn.Linear):
                 weight, bias = next(weights), next(weights)
-                x = torch.baddbmm(bias.unsqueeze(1), x, weight)  # (weight stored [K, in, out])
+                x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # (weight [K, out, in])
             elif isinstance(layer, nn.Conv2d):
                 if not grouped:
                     x = x.transpose(0, 1).reshape(x.shape[1], k * x.shape[2], *x.shape[3:])
@@ -166,7 +164,7 @@ class StackedNetwork:
         features = h_in.mean(dim=2) if model.pooling == "mean" else hidden
         if training and model.dropout.p > 0:
             features = features * self._dropout_masks(features, model.dropout.p, generators)
-        return torch.baddbmm(w["head.bias"].unsqueeze(1), features, w["head.weight"])
+        return torch.baddbmm(w["head.bias"].unsqueeze(1), features, w["head.weight"].transpose(1, 2))
 
     @staticmethod
     def _dropout_masks(x: torch.Tensor, p: float, generators: list[torch.Generator] | None) -> torch.Tensor:

@@ -5,8 +5,15 @@ solo job takes), written once over the whole pack: every hyperparameter is a [K,
 so trials with different lr, momentum, betas, eps, weight decay step together in the same
 few kernels, and a flag that differs between trials (nesterov, amsgrad, centered) selects
 per row. The per-step scalars torch computes in Python (bias corrections, Adagrad's decayed
-lr) are computed here the same way, in double precision on the host, a window of steps at
-a time: no host sync inside the step.
+lr) are computed here the same way, as Python floats on the host, a window of steps at a
+time: no host sync inside the step.
+
+Bit for bit: each rule makes torch's roundings in torch's order. A [K, 1] column cast to
+float32 rounds as torch's Python scalar does; `x.add(y, alpha=s)` (one fused multiply-add)
+is `torch.addcmul(x, y, s)`; `x.addcdiv(y, z, value=s)` is `x + (s * y) / z`, i.e.
+`x.addcdiv(s * y, z)`. From equal gradients a packed step makes the solo step's weights
+exactly, every family (torch's fused CPU kernels, `use_fused`, order their arithmetic
+otherwise: a trial drifted 1.9e-4 from its solo run over 69 digits-MLP Adam steps).
 
 A trial's state goes to and from a solo torch optimizer (`export_to`, `import_from`), so a
 pack's checkpoint is a solo checkpoint: a trial resumes alone or packed.
@@ -76,7 +83,7 @@ class StackedOptimizer:
     # torch's fused kernel for this rule (one pass over memory for all of a call's tensors), and
     # the scalars it takes besides lr; trials whose scalars and lr agree share one call.
     FUSED: Callable[..., None] | None = None
-    use_fused = True  # False: the broadcast rules below (bench/packing.py measures both)
+    use_fused = False  # True: torch's fused kernels, not bit for bit the solo step (bench/packing.py measures both)
 
     def fused_scalars(self, group: dict) -> dict[str, Any]:
         raise NotImplementedError
@@ -221,8 +228,8 @@ class StackedSGD(StackedOptimizer):
                 buf.copy_(g)  # torch's first step: the buffer is the gradient
             else:
                 buf.mul_(self.momentum).add_(g)  # (the spec has no dampening)
-            g = _select(self.nesterov, g + self.momentum * buf, buf)
-        flat.add_(g * c["neg_lr"])
+            g = _select(self.nesterov, g.addcmul(buf, self.momentum), buf)
+        flat.addcmul_(g, c["neg_lr"])  # param.add_(grad, alpha=-lr): one fused multiply-add, as addcmul
 
 
 class StackedAdam(StackedOptimizer):
@@ -256,14 +263,15 @@ class StackedAdam(StackedOptimizer):
         return name != "max_exp_avg_sq" or group["amsgrad"]
 
     def coefficients(self, lrs: np.ndarray) -> dict[str, torch.Tensor]:
-        step = self._step_numbers(len(lrs))
-        beta1 = np.array([g["betas"][0] for g in self.groups])
-        beta2 = np.array([g["betas"][1] for g in self.groups])
-        weight_decay = np.array([g["weight_decay"] for g in self.groups])
+        # Python floats, as torch's single-tensor Adam computes them (numpy's ** 0.5 is a sqrt,
+        # Python's a pow: they may differ in the last bit, which the float32 cast can keep).
+        steps = [float(s) for s in self._step_numbers(len(lrs))[:, 0]]
+        rows = [[g["betas"][0], g["betas"][1], g["weight_decay"]] for g in self.groups]
         return {
-            "neg_step_size": self._tensor(-(lrs / (1 - beta1**step))),
-            "bias_correction2_sqrt": self._tensor((1 - beta2**step) ** 0.5),
-            "decay": self._tensor(1 - lrs * weight_decay),
+            "neg_step_size": self._tensor(np.array([[-(lr / (1 - b1**t)) for lr, (b1, _, _) in zip(lrs_t, rows)]
+                                                    for t, lrs_t in zip(steps, lrs.tolist())])),
+            "bias_correction2_sqrt": self._tensor(np.array([[(1 - b2**t) ** 0.5 for _, b2, _ in rows] for t in steps])),
+            "decay": self._tensor(np.array([[1 - lr * wd for lr, (_, _, wd) in zip(lrs_t, rows)] for lrs_t in lrs.tolist()])),
         }
 
     def broadcast_update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
@@ -281,7 +289,8 @@ class StackedAdam(StackedOptimizer):
             torch.maximum(self.state["max_exp_avg_sq"], exp_avg_sq, out=self.state["max_exp_avg_sq"])
             second = _select(self.amsgrad, self.state["max_exp_avg_sq"], exp_avg_sq)
         denom = (second.sqrt() / c["bias_correction2_sqrt"]).add_(self.eps)
-        flat.add_((exp_avg / denom).mul_(c["neg_step_size"]))
+        # param.addcdiv_(exp_avg, denom, value=-step_size) computes param + (value * exp_avg) / denom
+        flat.addcdiv_(exp_avg * c["neg_step_size"], denom)
 
 
 class StackedRMSprop(StackedOptimizer):
@@ -293,6 +302,8 @@ class StackedRMSprop(StackedOptimizer):
         self.eps = self._value("eps")
         self.momentum = self._value("momentum")
         self.any_momentum = any(g["momentum"] > 0 for g in self.groups)
+        self.all_momentum = all(g["momentum"] > 0 for g in self.groups)
+        self.has_momentum = torch.tensor([g["momentum"] > 0 for g in self.groups], device=self.device).view(-1, 1)
         self.centered = _flag([g["centered"] for g in self.groups], self.device)
         self.weight_decay = self._value("weight_decay")
         self.any_weight_decay = any(g["weight_decay"] != 0 for g in self.groups)
@@ -311,12 +322,15 @@ class StackedRMSprop(StackedOptimizer):
         else:
             avg = square_avg.sqrt()
         avg = avg.add_(self.eps)
-        if self.any_momentum:  # a trial without momentum: its buffer is grad / avg each step, the same update
-            buf = self.state["momentum_buffer"]
-            buf.mul_(self.momentum).addcdiv_(g, avg)
-            flat.add_(buf * c["neg_lr"])
-        else:
-            flat.add_((g / avg).mul_(c["neg_lr"]))
+        if not self.any_momentum:
+            flat.addcdiv_(g * c["neg_lr"], avg)  # param.addcdiv_(grad, avg, value=-lr)
+            return
+        buf = self.state["momentum_buffer"]
+        buf.mul_(self.momentum).addcdiv_(g, avg)
+        if self.all_momentum:
+            flat.addcmul_(buf, c["neg_lr"])  # param.add_(buf, alpha=-lr)
+        else:  # each trial its own rule (the buffer of one without momentum is unused)
+            flat.copy_(torch.where(self.has_momentum, flat.addcmul(buf, c["neg_lr"]), flat.addcdiv(g * c["neg_lr"], avg)))
 
 
 class StackedAdagrad(StackedOptimizer):
@@ -335,16 +349,17 @@ class StackedAdagrad(StackedOptimizer):
         self.any_weight_decay = any(g["weight_decay"] != 0 for g in self.groups)
 
     def coefficients(self, lrs: np.ndarray) -> dict[str, torch.Tensor]:
-        step = self._step_numbers(len(lrs))
-        lr_decay = np.array([g["lr_decay"] for g in self.groups])
-        return {"neg_lr": self._tensor(-(lrs / (1 + (step - 1) * lr_decay)))}
+        steps = [float(s) for s in self._step_numbers(len(lrs))[:, 0]]
+        decays = [g["lr_decay"] for g in self.groups]
+        return {"neg_lr": self._tensor(np.array([[-(lr / (1 + (t - 1) * d)) for lr, d in zip(lrs_t, decays)]
+                                                 for t, lrs_t in zip(steps, lrs.tolist())]))}
 
     def broadcast_update(self, flat: torch.Tensor, grad: torch.Tensor, c: dict[str, torch.Tensor]) -> None:
         g = self._decayed(flat, grad)
         state_sum = self.state["sum"]
         state_sum.addcmul_(g, g)
         std = state_sum.sqrt().add_(self.eps)
-        flat.add_((g / std).mul_(c["neg_lr"]))
+        flat.addcdiv_(g * c["neg_lr"], std)  # param.addcdiv_(grad, std, value=-clr)
 
 
 STACKED_OPTIMIZERS: dict[str, type[StackedOptimizer]] = {

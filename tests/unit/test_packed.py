@@ -1,12 +1,16 @@
 """A packed trial computes what the same trial computes alone.
 
-Tolerance: each trial's per-step train_loss within 1e-5 relative of its solo run's, and
-each final weight tensor within 1e-5 of the solo tensor's largest magnitude. Not 0: the
-pack runs the same arithmetic through other kernels (baddbmm over trials instead of addmm,
-a grouped convolution, a loss reduced per row, torch's fused optimizer kernels instead of
-the single-tensor path), whose summation orders and fused multiply-adds round differently
-in the last bit; training then carries those differences along. Measured here: losses within
-4.2e-7, weights within 7.4e-7 (optimizer x schedule tests) and 9.8e-7 (recurrent).
+Tolerance: each trial's per-step train_loss within 2e-6 relative of its solo run's, and
+each final weight tensor within 2e-6 of the solo tensor's largest magnitude. The pack runs
+the solo arithmetic: Linear layers in the solo layout (a digits MLP's logits bit for bit),
+the optimizers' rules in torch's single-tensor order (one step from equal gradients: equal
+weights, bit for bit, every family). Not 0: MKL's batched gemm sums small layers (these
+wine MLPs' 13-16-8-3 at batch 16: logits ~3e-8 off) and a 10-class head's weight gradient
+in another order than the solo mm (~1e-8 absolute), the per-trial loss is reduced by mean() rather than nll_loss's own
+sum (~1 ulp of the reported loss), a grouped convolution and the stacked recurrent cells
+are other kernels; training carries those last-bit differences along. Measured here:
+losses within 3.1e-7, weights within 7.1e-7 (optimizer x schedule tests), 9.9e-7 (mlp
+with dropout, cnn with batch norm), 7.7e-7 (lstm).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from trainer.reporting import RecordingReporter, TrainingDiverged
 from tests.unit.test_resume import CheckpointingReporter
 
 CPU = torch.device("cpu")
-RTOL = 1e-5
+RTOL = 2e-6
 
 SCHEDULES = [
     {"name": "constant"},
@@ -106,7 +110,7 @@ def solo(job: JobSpec, reporter: RecordingReporter | None = None, resume: bytes 
     return trainer.train(), reporter
 
 
-def packed(jobs: list[JobSpec], reporters=None, every: int | None = None, fused: bool = True, resume=None):  # noqa: ANN001, ANN201
+def packed(jobs: list[JobSpec], reporters=None, every: int | None = None, fused: bool = False, resume=None):  # noqa: ANN001, ANN201
     reporters = reporters or [RecordingReporter() for _ in jobs]
     trainer = PackedTrainer(jobs, reporters, checkpoint_every_steps=every, fused_optimizer=fused)
     trainer.setup()
