@@ -162,9 +162,10 @@ def create_job(
             return earlier, False
     if breaches := limit_breaches(spec, settings):
         raise LimitExceeded(breaches)
-    # The rows are written first and the project's quota checked after, under the project's
-    # lock: the lock is then held for the count and the commit only, not for the inserts as
-    # well, since concurrent submissions of one project wait for it one after the other.
+    # The rows are written before the project's quota is counted under the project's lock
+    # (taken by the inserts' own statement on PostgreSQL, by the next one elsewhere): the
+    # lock is then held for the count and the commit only, not for a round trip of inserts
+    # as well, since concurrent submissions of one project wait for it one after the other.
     session.flush()  # anything the session holds goes first, as the ORM's own order would have it
     now = utcnow()
     values = _defaults() | {
