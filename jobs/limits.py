@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, bindparam, func, literal_column, select
 from sqlalchemy.orm import Session
 
 from jobs.access import UnknownProject
@@ -123,6 +123,21 @@ class ProjectLimits:
     study_parallelism_overridden: bool = False
 
 
+# Built once: the job gate runs these on every submission, and building a statement (and
+# its cache key) each time cost more than running it. Executed on the session's Connection
+# (the ORM's execution path adds nothing a plain row needs), after the session's pending
+# changes are flushed, as the ORM's autoflush would.
+PROJECT_LIMITS = select(Project.max_active_jobs, Project.max_study_parallelism).where(
+    Project.name == bindparam("project")
+)
+PROJECT_LIMITS_LOCKED = PROJECT_LIMITS.with_for_update(key_share=True)
+# The statuses as literals, as the partial index of unfinished jobs states them (migration
+# 0013): the planner sees the index fits whatever the plan, and no list is bound each time.
+_ACTIVE_JOBS = select(func.count()).select_from(Job).where(
+    Job.project == bindparam("project"), Job.status.not_in([literal_column(f"'{s.value}'") for s in sorted(TERMINAL)])
+)
+
+
 def project_limits(*, session: Session, project: str, limits: Settings, lock: bool = False) -> ProjectLimits:
     """The project's limits. With `lock`, its row stays locked until the transaction ends:
     concurrent submissions of one project are counted one after the other, so that two
@@ -132,8 +147,13 @@ def project_limits(*, session: Session, project: str, limits: Settings, lock: bo
     lock that inserting a job (its foreign key to the project) takes, so a transaction may
     insert its job first and lock the project after (as the job gate does, to hold the
     lock for less time) without deadlocking against another doing the same."""
-    query = select(Project.max_active_jobs, Project.max_study_parallelism).where(Project.name == project)
-    row = session.execute(query.with_for_update(key_share=True) if lock else query).first()
+    statement = PROJECT_LIMITS_LOCKED if lock else PROJECT_LIMITS
+    session.flush()
+    return limits_of_row(session.connection().execute(statement, {"project": project}).first(), limits)
+
+
+def limits_of_row(row: Row | None, limits: Settings) -> ProjectLimits:
+    """The ProjectLimits of a PROJECT_LIMITS row (None: the project has no row; the server's settings)."""
     active, parallelism = row if row is not None else (None, None)
     return ProjectLimits(
         max_active_jobs=active if active is not None else limits.max_active_jobs_per_project,
@@ -148,8 +168,8 @@ def _where_set(project: str, overridden: bool, setting: str) -> str:
 
 
 def active_jobs(*, session: Session, project: str) -> int:
-    query = select(func.count()).select_from(Job).where(Job.project == project, Job.status.not_in(list(TERMINAL)))
-    return session.scalar(query) or 0
+    session.flush()
+    return session.connection().execute(_ACTIVE_JOBS, {"project": project}).scalar() or 0
 
 
 def room_for_jobs(*, session: Session, project: str, limits: Settings) -> int:
@@ -159,12 +179,15 @@ def room_for_jobs(*, session: Session, project: str, limits: Settings) -> int:
     return max(0, own.max_active_jobs - active_jobs(session=session, project=project))
 
 
-def check_room_for_job(*, session: Session, project: str, limits: Settings, added: int = 0) -> None:
+def check_room_for_job(
+    *, session: Session, project: str, limits: Settings, added: int = 0, locked: ProjectLimits | None = None
+) -> None:
     """QuotaExceeded when the project already has as many jobs queued or running as it may
     (`added`: jobs this transaction has inserted already, which the count sees).
-    Locks the project's row until the transaction ends (see project_limits); the count is
-    read after the lock is held, so it sees every job committed by whoever held it before."""
-    own = project_limits(session=session, project=project, limits=limits, lock=True)
+    Locks the project's row until the transaction ends (see project_limits), unless the
+    caller locked it already and passes what it read (`locked`); the count is read after
+    the lock is held, so it sees every job committed by whoever held it before."""
+    own = locked or project_limits(session=session, project=project, limits=limits, lock=True)
     held = active_jobs(session=session, project=project) - added
     if held >= own.max_active_jobs:
         where = _where_set(project, own.active_jobs_overridden, "MAX_ACTIVE_JOBS_PER_PROJECT")

@@ -98,7 +98,8 @@ class Settings(BaseSettings):
 
     # Admission: what one caller may hold at once, and how often a client may present bad keys.
     database_pool_size: int = Field(
-        5, ge=1, description="PostgreSQL connections each API or worker process keeps (twice as many in a burst)."
+        5, ge=1, description="PostgreSQL connections each API or worker process keeps; it opens up to "
+        "twice as many as its load needs them, and keeps those too."
     )
     database_pool_timeout_s: float = Field(
         10.0, gt=0, description="How long a request waits for a pooled connection before a 503."

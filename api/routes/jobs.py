@@ -165,6 +165,8 @@ def get_job(job_id: str, session: SessionDep, caller: CallerDep) -> Response:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
     queued = job.status == JobStatus.queued
     waiting = pools.waiting_reason(job.pool, pools.pool_states(session=session)) if queued else None
+    # Read: its connection goes back to the pool now, not once the answer has been sent.
+    session.close()
     return ModelResponse(JobPublic.from_row(job, waiting))
 
 
