@@ -203,13 +203,19 @@ def cpu_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str
 
 
 def mlflow_requests(log: Path, offset: int) -> int:
-    """Requests in the MLflow server's access log after byte `offset` (uvicorn logs each one)."""
+    """Requests in the MLflow server's access log after byte `offset` (uvicorn logs each one),
+    once the log has been quiet for a second (the study's report is written after its end)."""
+    size, quiet_since, deadline = log.stat().st_size, time.monotonic(), time.monotonic() + 30
+    while time.monotonic() - quiet_since < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if (now := log.stat().st_size) != size:
+            size, quiet_since = now, time.monotonic()
     with log.open("rb") as lines:
         lines.seek(offset)
         return sum(1 for line in lines if b' HTTP/1.1" ' in line and b"/health" not in line)
 
 
-def study_wall(bench: Bench, repeats: int) -> tuple[float, int, dict[str, list[float]]]:
+def study_wall(bench: Bench, repeats: int) -> tuple[float, int, str]:
     study = {
         "name": f"job-cost-{uuid.uuid4().hex[:6]}",
         "base": {k: v for k, v in SHORT_JOB.items() if k not in ("name", "optimizer")}
@@ -234,7 +240,7 @@ def study_wall(bench: Bench, repeats: int) -> tuple[float, int, dict[str, list[f
     body = bench.api.get(f"/v1/studies/{study_id}").json()
     if body["status"] != "succeeded":
         raise RuntimeError(f"study ended {body['status']}: {body}")
-    return wall, sum(body["trials"].values()), study_rounds(bench, study_id)
+    return wall, sum(body["trials"].values()), study_id
 
 
 def study_rounds(bench: Bench, study_id: str) -> dict[str, list[float]]:
@@ -315,9 +321,10 @@ def main() -> None:
         mlflow_log = settings.descent_home / "logs" / "mlflow.log"
         log_offset = mlflow_log.stat().st_size
         cpu_before = stack_cpu(databases)
-        wall, trials, rounds = study_wall(bench, study_repeats)
+        wall, trials, study_id = study_wall(bench, study_repeats)
         cpu_after = stack_cpu(databases)
         requests = mlflow_requests(mlflow_log, log_offset)  # (before the bench's own reads of the runs)
+        rounds = study_rounds(bench, study_id)
 
     local = statistics.median(local_times)
     overhead = statistics.median(seq["e2e"]) - local
@@ -354,7 +361,7 @@ def main() -> None:
         print(row("    round's end -> next created", rounds["advance"]))
         print(row("    next created -> started", rounds["claim"]))
     print(f"  MLflow server: {requests} requests during the study, {requests / trials:.1f} a trial "
-          "(the study's parent run included)")
+          "(the study's parent run and its report included)")
     cpu = cpu_between(cpu_before, cpu_after)
     print("  CPU during the study (s; processes alive at its end, PostgreSQL: its backends): "
           + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()) + f"; {sum(cpu.values()) / trials:.3f} s a trial")
