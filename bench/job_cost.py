@@ -16,7 +16,10 @@ one worker with two job slots, the reaper), then measures side by side in one ru
 3. concurrent jobs: a longer digits job alone, then two at once, steps/s of each (from
    the MLflow metric timestamps), alternating;
 4. a study of 16 digits trials (8 learning rates x 2 seeds, parallelism 2): wall time
-   against the trials' pure training time (16 x the in-process figure).
+   against the trials' pure training time (16 x the in-process figure); each trial's
+   timeline (created -> started -> first metric -> last metric -> finished), the gap
+   between a round's end and the next round (the next trials created, then claimed), the
+   CPU each kind of process used, and the requests the MLflow server answered.
 
 The last two lines are `api overhead per job: <seconds> s` and
 `two concurrent jobs, each vs alone: <ratio>`.
@@ -199,7 +202,20 @@ def cpu_between(before: dict[int, tuple[str, float]], after: dict[int, tuple[str
     return dict(sorted(used.items()))
 
 
-def study_wall(bench: Bench, repeats: int) -> tuple[float, int]:
+def mlflow_requests(log: Path, offset: int) -> int:
+    """Requests in the MLflow server's access log after byte `offset` (uvicorn logs each one),
+    once the log has been quiet for a second (the study's report is written after its end)."""
+    size, quiet_since, deadline = log.stat().st_size, time.monotonic(), time.monotonic() + 30
+    while time.monotonic() - quiet_since < 1.0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if (now := log.stat().st_size) != size:
+            size, quiet_since = now, time.monotonic()
+    with log.open("rb") as lines:
+        lines.seek(offset)
+        return sum(1 for line in lines if b' HTTP/1.1" ' in line and b"/health" not in line)
+
+
+def study_wall(bench: Bench, repeats: int) -> tuple[float, int, str]:
     study = {
         "name": f"job-cost-{uuid.uuid4().hex[:6]}",
         "base": {k: v for k, v in SHORT_JOB.items() if k not in ("name", "optimizer")}
@@ -224,27 +240,43 @@ def study_wall(bench: Bench, repeats: int) -> tuple[float, int]:
     body = bench.api.get(f"/v1/studies/{study_id}").json()
     if body["status"] != "succeeded":
         raise RuntimeError(f"study ended {body['status']}: {body}")
-    return wall, sum(body["trials"].values()), study_rounds(bench, study_id)
+    return wall, sum(body["trials"].values()), study_id
 
 
 def study_rounds(bench: Bench, study_id: str) -> dict[str, list[float]]:
     """A round is a configuration's trials (its seeds start together). From the jobs' own
-    timestamps: `trial` started -> finished of each trial; `move_on` the last trial of a
-    round finished -> the first of the next round started (telling Optuna, creating and
-    enqueueing the next trials, claiming one), or, where configurations overlap, a slot
+    timestamps and their runs' metric histories (read after the study): each trial's
+    `queued` (created -> started), `to_metric` (started -> its first train_loss point),
+    `train` (first -> last point), `to_end` (last point -> finished: its last metrics,
+    results and run's end, the job's end) and `trial` (started -> finished); `move_on` the
+    last trial of a round finished -> the first of the next round started, split into
+    `advance` (-> the next round's first trial created: Optuna told and asked, the trials
+    created and enqueued) and `claim` (-> started); where configurations overlap, a slot
     freed -> the next trial started in it."""
     jobs = bench.api.get("/v1/jobs", params={"study_id": study_id, "limit": 100}).json()["items"]
-    rounds: dict[str, list[tuple[float, float]]] = {}
+    rounds: dict[str, list[tuple[float, float, float]]] = {}
+    parts: dict[str, list[float]] = {k: [] for k in ("queued", "to_metric", "train", "to_end")}
     for job in jobs:
-        span = tuple(datetime.fromisoformat(job[k]).timestamp() for k in ("started_at", "finished_at"))
-        rounds.setdefault(job["study"]["config_id"], []).append(span)  # type: ignore[arg-type]
-    ordered = sorted(rounds.values(), key=lambda spans: min(s for s, _ in spans))
-    move_on = [min(s for s, _ in after) - max(f for _, f in before) for before, after in zip(ordered, ordered[1:])]
+        created, started, finished = (datetime.fromisoformat(job[k]).timestamp()
+                                      for k in ("created_at", "started_at", "finished_at"))  # fmt: skip
+        rounds.setdefault(job["study"]["config_id"], []).append((created, started, finished))
+        first, last, _ = bench.metric_span(job["mlflow"]["run_id"])
+        parts["queued"].append(started - created)
+        parts["to_metric"].append(first - started)
+        parts["train"].append(last - first)
+        parts["to_end"].append(finished - last)
+    ordered = sorted(rounds.values(), key=lambda spans: min(s for _, s, _ in spans))
+    pairs = list(zip(ordered, ordered[1:]))
+    move_on = [min(s for _, s, _ in after) - max(f for _, _, f in before) for before, after in pairs]
+    advance = [min(c for c, _, _ in after) - max(f for _, _, f in before) for before, after in pairs]
+    claim = [min(s for _, s, _ in after) - min(c for c, _, _ in after) for _, after in pairs]
     if any(gap < 0 for gap in move_on):  # configurations overlap (one seed each): a slot is the unit, not a round
-        starts = sorted(s for spans in ordered for s, _ in spans)
-        ends = sorted(f for spans in ordered for _, f in spans)
+        starts = sorted(s for spans in ordered for _, s, _ in spans)
+        ends = sorted(f for spans in ordered for _, _, f in spans)
         move_on = [start - end for start, end in zip(starts[CONCURRENCY:], ends)]  # the k-th end frees a slot
-    return {"trial": [f - s for spans in ordered for s, f in spans], "move_on": move_on}
+        advance, claim = [], []
+    return {"trial": [f - s for spans in ordered for _, s, f in spans], "move_on": move_on, "advance": advance,
+            "claim": claim} | parts  # fmt: skip
 
 
 def row(label: str, values: list[float]) -> str:
@@ -286,9 +318,13 @@ def main() -> None:
         seq = sequential_jobs(bench, n_jobs)
         local_times += in_process(spec, repeats=5)
         alone, together = concurrent_ratio(bench, long_epochs, pairs)
+        mlflow_log = settings.descent_home / "logs" / "mlflow.log"
+        log_offset = mlflow_log.stat().st_size
         cpu_before = stack_cpu(databases)
-        wall, trials, rounds = study_wall(bench, study_repeats)
+        wall, trials, study_id = study_wall(bench, study_repeats)
         cpu_after = stack_cpu(databases)
+        requests = mlflow_requests(mlflow_log, log_offset)  # (before the bench's own reads of the runs)
+        rounds = study_rounds(bench, study_id)
 
     local = statistics.median(local_times)
     overhead = statistics.median(seq["e2e"]) - local
@@ -315,8 +351,17 @@ def main() -> None:
           + ", ".join(f"{p[0]:.0f} + {p[1]:.0f}" for p in together) + " steps/s")  # fmt: skip
     print(f"study: {trials} trials, parallelism {CONCURRENCY}: wall {wall:.1f} s, pure training "
           f"{pure:.1f} s ({trials} x in-process), wall / pure training {wall / pure:.1f}x")  # fmt: skip
+    print(row("  a trial: created -> started", rounds["queued"]))
+    print(row("    started -> first metric", rounds["to_metric"]))
+    print(row("    first -> last metric", rounds["train"]))
+    print(row("    last metric -> finished", rounds["to_end"]))
     print(row("  a trial: started -> finished", rounds["trial"]))
     print(row("  move-on: trial end -> next start", rounds["move_on"]))
+    if rounds["advance"]:
+        print(row("    round's end -> next created", rounds["advance"]))
+        print(row("    next created -> started", rounds["claim"]))
+    print(f"  MLflow server: {requests} requests during the study, {requests / trials:.1f} a trial "
+          "(the study's parent run and its report included)")
     cpu = cpu_between(cpu_before, cpu_after)
     print("  CPU during the study (s; processes alive at its end, PostgreSQL: its backends): "
           + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()) + f"; {sum(cpu.values()) / trials:.3f} s a trial")

@@ -42,7 +42,7 @@ from worker.checkpoint_store import read_checkpoint, where_kept
 from worker.dataset_cache import ensure_image_set
 from worker.metrics_sink import MetricPoint, MlflowMetricSink
 from worker.mlflow_run import (
-    RunFacts, describe_run, latest_steps, log_results, open_run, reopen_run, unrecorded_run,
+    RunFacts, latest_steps, log_results, log_run_input, open_run, reopen_run, run_params, unrecorded_run,
 )
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
@@ -230,7 +230,7 @@ def run_connector(
                 earlier_run = found[1]
         if earlier_run is not None:
             reopen_run(client, earlier_run, attempt)
-            describe_run(client, earlier_run, spec, job.project)  # the attempt before may have died describing it
+            log_run_input(client, earlier_run, spec, job.project)  # the attempt before may have died describing it
             return earlier_run, latest_steps(client, earlier_run)
         if not created:
             tags = study_runs.trial_tags(job, study_runs.ensure_parent_run(client, job.study_id)) if job.study_id else {}
@@ -240,7 +240,7 @@ def run_connector(
             with session_scope() as session:
                 set_mlflow_run(session=session, job_id=job.id, experiment_id=run.experiment_id, run_id=run.run_id)
             created.append(run)
-        describe_run(client, created[0].run_id, spec, job.project)
+        log_run_input(client, created[0].run_id, spec, job.project)
         opened.append(created[0])
         return created[0].run_id, {}
 
@@ -248,13 +248,14 @@ def run_connector(
 
 
 def open_metric_sink(client: MlflowClient, connect: Callable[[], tuple[str, dict[str, int]]],
-                     monitor: JobMonitor) -> MlflowMetricSink:
+                     monitor: JobMonitor, spec: JobSpec) -> MlflowMetricSink:
     """A job's metric sink: flushed on the settings' cadence, held while the job's lease is
-    stale, and held to the per-job metrics rule (METRICS_MAX_POINTS_PER_S)."""
+    stale, and held to the per-job metrics rule (METRICS_MAX_POINTS_PER_S). It sends the
+    run's params (the spec's) with its first points."""
     return MlflowMetricSink(
         client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
         may_send=monitor.lease_is_fresh, max_points_per_s=settings.metrics_max_points_per_s,
-        burst_points=settings.metrics_max_points_per_s * settings.metrics_burst_s,
+        burst_points=settings.metrics_max_points_per_s * settings.metrics_burst_s, params=run_params(spec),
     )  # fmt: skip
 
 
@@ -284,9 +285,9 @@ def _run_attempt(
         spec, datasets_dir = prepare_attempt(job, reporter, monitor)
         opened: list[RunFacts] = []
         # MLflow down now: the job trains anyway; the sink opens the run when MLflow is back.
-        sink = reporter.sink = open_metric_sink(client, run_connector(client, job, spec, attempt, opened), monitor)
-        # Stopped when the training ends, whatever happens to it; its last sample goes while
-        # the results do, and is waited for before the run is ended (below).
+        sink = reporter.sink = open_metric_sink(client, run_connector(client, job, spec, attempt, opened), monitor, spec)
+        # Stopped when the training ends, whatever happens to it: its last sample goes into
+        # the sink's buffer then, and to MLflow with the sink's last points.
         system_metrics = job_system_metrics(client, sink, reporter, monitor)
         if system_metrics is not None:
             system_metrics.start()
@@ -303,7 +304,7 @@ def _run_attempt(
             result: TrainingResult = trainer.train()
         finally:
             if system_metrics is not None:
-                system_metrics.stop()
+                system_metrics.finish()
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
         return fail_attempt(client, job, attempt, reporter, sink, system_metrics, exc)
     return finish_attempt(client, job, spec, attempt, reporter, sink, result, opened, system_metrics)

@@ -139,7 +139,7 @@ def _train_pack(client: Any, trials: list[PackedTrial], started: float) -> None:
             continue
         # MLflow down now: the trial trains anyway; its sink opens the run when MLflow is back.
         t.sink = t.reporter.sink = open_metric_sink(client, run_connector(client, t.job, t.spec, t.attempt, t.opened),
-                                                    t.monitor)
+                                                    t.monitor, t.spec)
         ready.append(t)
     if not ready:
         return
@@ -191,7 +191,7 @@ def _train_pack(client: Any, trials: list[PackedTrial], started: float) -> None:
             try:
                 trainer.train()
             finally:
-                if system_metrics is not None:  # its last sample goes before the runs end
+                if system_metrics is not None:  # its last sample into each trial's sink, before they close
                     system_metrics.finish()
         except Exception as exc:  # noqa: BLE001 - the pack's computation failed: every trial still in it fails
             log.exception("pack of %d trials failed", len(ready))

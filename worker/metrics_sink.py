@@ -15,10 +15,10 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import requests
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.request_header.registry import resolve_request_headers
 from mlflow.utils.credentials import get_default_host_creds
@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 MetricPoint = tuple[str, float, int, int]  # key, value, timestamp (ms), step
 
-# MlflowClient.log_batch accepts at most 1000 metrics per request (mlflow/utils/validation.py).
+# MlflowClient.log_batch accepts at most 1000 metrics, 100 params and 1000 entities in all
+# per request (mlflow/utils/validation.py).
 MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_PER_BATCH = 100
+MAX_ENTITIES_PER_BATCH = 1000
 RETRY_BACKOFF_MAX_S = 30.0
 # A job whose rule windows its metrics sends a few points a second: one request every few
 # seconds, not every second (a log-batch request costs the MLflow server ~6.5 ms besides its
@@ -47,10 +50,14 @@ def _json_number(value: float) -> str:
     return '"NaN"' if math.isnan(value) else ('"Infinity"' if value > 0 else '"-Infinity"')
 
 
-def log_batch_body(run_id: str, batch: list[MetricPoint], key_json: dict[str, str]) -> str:
+def log_batch_body(
+    run_id: str, batch: list[MetricPoint], key_json: dict[str, str],
+    params: Sequence[tuple[str, str]] = (), tags: Sequence[tuple[str, str]] = (),
+) -> str:
     """The log-batch request's JSON, written directly: one format per point instead of a
     dict per point walked by json.dumps (a third less CPU on the sink's thread, which
-    shares the training process). `key_json` caches each key's opening of a point."""
+    shares the training process). `key_json` caches each key's opening of a point.
+    `params` and `tags` ride in the same request (log-batch takes all three)."""
     for key, *_ in batch:
         if key not in key_json:
             key_json[key] = f'{{"key":{json.dumps(key)},"value":'
@@ -59,10 +66,17 @@ def log_batch_body(run_id: str, batch: list[MetricPoint], key_json: dict[str, st
         f'{key_json[k]}{repr(v) if finite(v) else _json_number(v)},"timestamp":{ts},"step":{step}}}'
         for k, v, ts, step in batch
     )
-    return f'{{"run_id":{json.dumps(run_id)},"metrics":[{points}]}}'
+    body = f'{{"run_id":{json.dumps(run_id)},"metrics":[{points}]'
+    for field, pairs in (("params", params), ("tags", tags)):
+        if pairs:
+            body += f',"{field}":' + json.dumps([{"key": key, "value": value} for key, value in pairs])
+    return body + "}"
 
 
-def rest_batch_writer(tracking_uri: str) -> Callable[[str, list[MetricPoint]], None]:
+BatchWriter = Callable[..., None]  # (run_id, points, params=(), tags=()): one log-batch request
+
+
+def rest_batch_writer(tracking_uri: str) -> BatchWriter:
     """POST /api/2.0/mlflow/runs/log-batch with plain JSON.
 
     MlflowClient.log_batch builds a protobuf message per point (~20 us each, measured
@@ -75,8 +89,9 @@ def rest_batch_writer(tracking_uri: str) -> Callable[[str, list[MetricPoint]], N
     endpoint = "/api/2.0/mlflow/runs/log-batch"
     post = _plain_post(host_creds, endpoint)
 
-    def write(run_id: str, batch: list[MetricPoint]) -> None:
-        body = log_batch_body(run_id, batch, key_json).encode()
+    def write(run_id: str, batch: list[MetricPoint], params: Sequence[tuple[str, str]] = (),
+              tags: Sequence[tuple[str, str]] = ()) -> None:
+        body = log_batch_body(run_id, batch, key_json, params, tags).encode()
         if post is not None:
             response = post(body)
         else:
@@ -168,11 +183,13 @@ class KeptAlivePost:
             self.connection = None
 
 
-def client_batch_writer(client: MlflowClient) -> Callable[[str, list[MetricPoint]], None]:
+def client_batch_writer(client: MlflowClient) -> BatchWriter:
     """For non-HTTP tracking URIs (a local sqlite:// store)."""
 
-    def write(run_id: str, batch: list[MetricPoint]) -> None:
-        client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in batch])
+    def write(run_id: str, batch: list[MetricPoint], params: Sequence[tuple[str, str]] = (),
+              tags: Sequence[tuple[str, str]] = ()) -> None:
+        client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in batch],
+                         params=[Param(k, v) for k, v in params], tags=[RunTag(k, v) for k, v in tags])  # fmt: skip
 
     return write
 
@@ -194,6 +211,11 @@ class MlflowMetricSink:
     Per-step rows (`add_rows`) pass through the job's StepMetricsRule: every step while the
     job sends under `max_points_per_s`, window aggregates above it (worker/metrics_rule.py);
     the run's tag `descent.metrics_rule` says which, set by this thread when it changes.
+
+    The run's `params` and that tag ride in the log-batch requests that carry the points (the
+    first ones after the run is opened or reopened; one when there are no points), instead of
+    requests of their own: each request costs the MLflow server ~7 ms of CPU besides what it
+    carries, and a short job's run takes only a handful.
     """
 
     def __init__(
@@ -206,8 +228,11 @@ class MlflowMetricSink:
         max_points_per_s: float = 0.0,
         burst_points: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        params: Mapping[str, str] | None = None,
     ) -> None:
         self.client = client
+        self._params = dict(params or {})
+        self._params_to_send: list[tuple[str, str]] = []  # all of them again whenever the run is (re)opened
         self.rule = StepMetricsRule(max_points_per_s, burst_points, clock=clock)
         self._clock = clock
         self._flushed_at = clock()
@@ -232,6 +257,9 @@ class MlflowMetricSink:
         self.added = 0
         self.sent = 0  # sent, or skipped as already in MLflow
         self.dropped = 0
+        # `added` is counted from the training thread and from the system-metrics sampler's
+        # (add_points): a lost increment would let a checkpoint be stored before its metrics.
+        self._counting = threading.Lock()
         self._stop = threading.Event()
         self._revoked = threading.Event()
         self._connecting = threading.Lock()
@@ -249,6 +277,7 @@ class MlflowMetricSink:
                     log.warning("MLflow unreachable, the run will be opened when it is back: %s", exc)
                     return False
                 self.skip_through = dict(skip_through)
+                self._params_to_send = list(self._params.items())
                 self.run_id = run_id
             return True
 
@@ -259,12 +288,22 @@ class MlflowMetricSink:
             point = (key, float(value), timestamp, step)
             self._pending.append(point)
             self._last[key] = point
-        self.added += len(metrics)
-        overflow = len(self._pending) - self._buffer_limit
-        while overflow > 0:  # bounded memory through a long outage: the oldest points go first
-            self._pending.popleft()
-            self.dropped += 1
-            overflow -= 1
+        self._count(len(metrics))
+
+    def add_points(self, points: list[MetricPoint]) -> None:
+        """Points made elsewhere, stamped already (a system-metrics sample): sent with the next
+        request, not in one of their own."""
+        self._pending.extend(points)
+        self._count(len(points))
+
+    def _count(self, added: int) -> None:
+        with self._counting:
+            self.added += added
+            overflow = len(self._pending) - self._buffer_limit
+            while overflow > 0:  # bounded memory through a long outage: the oldest points go first
+                self._pending.popleft()
+                self.dropped += 1
+                overflow -= 1
 
     def last_points_at(self, step: int) -> list[MetricPoint]:
         """The points `add`ed last of each metric, where that was at `step`, exactly as they
@@ -289,65 +328,54 @@ class MlflowMetricSink:
         timestamp = int(time.time() * 1000)
         points = [(key, float(value), timestamp, step) for step, metrics in rows for key, value in metrics.items()]
         self._pending.extend(points)
-        self.added += len(points)
-        overflow = len(self._pending) - self._buffer_limit
-        while overflow > 0:
-            self._pending.popleft()
-            self.dropped += 1
-            overflow -= 1
+        self._count(len(points))
 
-    def _take_batch(self) -> tuple[list[MetricPoint], int]:
-        """Up to a request's worth of points to send, and how many were taken in all."""
+    def _take_batch(self, room: int = MAX_METRICS_PER_BATCH) -> tuple[list[MetricPoint], int]:
+        """Up to `room` points to send, and how many were taken in all."""
         if not self.skip_through:  # (the usual case: nothing to skip, no test per point)
             pending = self._pending
-            batch = [pending.popleft() for _ in range(min(len(pending), MAX_METRICS_PER_BATCH))]
+            batch = [pending.popleft() for _ in range(min(len(pending), room))]
             return batch, len(batch)
         batch, taken = [], 0
-        while self._pending and len(batch) < MAX_METRICS_PER_BATCH:
+        while self._pending and len(batch) < room:
             point = self._pending.popleft()
             taken += 1
             if point[3] > self.skip_through.get(point[0], -1):
                 batch.append(point)
         return batch, taken
 
-    def _tag_rule(self) -> bool:
-        """The run's tag says the rule in force (once, then at each change); False when MLflow refused."""
-        description = self.rule.description
-        if description == self._rule_tagged:
-            return True
-        try:
-            self.client.set_tag(self.run_id, RULE_TAG, description)
-        except Exception as exc:  # noqa: BLE001 - tried again with the next flush
-            log.warning("could not tag the run's metrics rule: %s", exc)
-            return False
-        self._rule_tagged = description
-        return True
-
     def revoke(self) -> None:
         """This attempt lost the job: send nothing more, from now on (another attempt reports it)."""
         self._revoked.set()
 
     def flush_once(self) -> bool:
-        """Send what is buffered; False when MLflow refused (the points stay buffered)."""
+        """Send what is buffered (and the run's params and rule tag, when due); False when
+        MLflow refused (the points stay buffered)."""
         while not self._revoked.is_set():  # checked before every request
             if self._may_send is not None and not self._may_send():
                 return False
             if not self.connected():
                 return False
-            if not self._tag_rule():
-                return False
-            if not self._pending:
+            params = self._params_to_send[:MAX_PARAMS_PER_BATCH]
+            # The run's tag says the rule in force (once, then at each change), in the request
+            # that carries the points it describes.
+            description = self.rule.description
+            tags = [(RULE_TAG, description)] if description != self._rule_tagged else []
+            if not self._pending and not params and not tags:
                 return True
-            batch, taken = self._take_batch()
+            batch, taken = self._take_batch(min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(params) - len(tags)))
             try:
-                if batch:
-                    self._write(self.run_id, batch)
+                if batch or params or tags:
+                    self._write(self.run_id, batch, params, tags)
             except Exception as exc:  # noqa: BLE001 - any failure means: keep the points, try later
                 self._pending.extendleft(reversed(batch))
                 self.sent += taken - len(batch)
                 log.warning("MLflow unreachable, %d metric points buffered: %s", len(self._pending), exc)
                 return False
             self.sent += taken
+            del self._params_to_send[: len(params)]
+            if tags:
+                self._rule_tagged = description
         self._pending.clear()  # revoked: another attempt reports these
         return True
 

@@ -32,8 +32,8 @@ from mlflow.entities import (  # noqa: E402
     LoggedModelOutput,
     LoggedModelStatus,
     Metric,
-    Param,
     RunStatus,
+    RunTag,
 )
 from mlflow.environment_variables import (  # noqa: E402
     MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD,
@@ -74,7 +74,6 @@ from worker.diagnostic_figures import line_figure, plane_figure  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-MAX_PARAMS_PER_BATCH = 100
 # libyaml's emitter where PyYAML has it (the same YAML, ~10x less CPU than the pure-Python one)
 SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 DATASET_INPUT_TRIES = 3
@@ -107,9 +106,10 @@ def open_run(
     submitted_by: uuid.UUID | None = None,
 ) -> RunFacts:
     """Create the job's run with searchable tags, and MLflow's own tags (source, user, the
-    description its UI shows) in the same request; `describe_run` adds the params and the
-    dataset. The caller records the run on the job in between, so that an attempt killed
-    while describing it leaves a run the next attempt reopens, not an orphan.
+    description its UI shows) in the same request; `log_run_input` adds the dataset, and the
+    metric sink the params (with its first points). The caller records the run on the job in
+    between, so that an attempt killed while describing it leaves a run the next attempt
+    reopens, not an orphan.
 
     The description stays what the job was asked to do: its outcome (the run's status, its
     metrics) would cost one more request at every job's end, and the UI shows both anyway."""
@@ -148,16 +148,15 @@ def unrecorded_run(
 
 
 def run_params(spec: JobSpec) -> dict[str, str]:
+    """The spec as the run's dotted params. The job's metric sink sends them with its first
+    points (worker/metrics_sink.py: one request fewer a job), again after every (re)opening:
+    safe to repeat, the values are the same."""
     return {key: value[:6000] for key, value in spec.flat_params().items()}
 
 
-def describe_run(client: MlflowClient, run_id: str, spec: JobSpec, project: str = DEFAULT_PROJECT) -> None:
-    """The spec as dotted params and the dataset as the run's input. Safe to repeat (same
-    params, same input): an attempt that stopped half-way through is followed by one that
-    sends them again."""
-    params = [Param(key, value) for key, value in run_params(spec).items()]
-    for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
+def log_run_input(client: MlflowClient, run_id: str, spec: JobSpec, project: str = DEFAULT_PROJECT) -> None:
+    """The dataset as the run's input. Safe to repeat (the same input): an attempt that
+    stopped half-way through is followed by one that sends it again."""
     _log_dataset_input(client, run_id, dataset_input(spec, project))
 
 
@@ -267,11 +266,13 @@ def log_results(
     (metrics_sink.last_points_at the model's step), of which the model's own are linked to it
     (model_metrics). The first failure is raised."""
     if run is None or run.run_id != run_id:
-        run = read_run_facts(client, run_id)
+        # (the params from the spec: the run may not have them yet, its sink sends them with
+        # its points, and they are the spec's whichever attempt sends them)
+        run = read_run_facts(client, run_id)._replace(params=run_params(spec))
     tracking_uri = client.tracking_uri
     hessian = result.diagnostics.get("hessian")
-    if hessian is not None:
-        client.set_tag(run_id, "descent.hessian_verdict", hessian["verdict"])
+    # The diagnosis's tag goes with the model's metrics (one request), or alone without a model.
+    tags = [RunTag("descent.hessian_verdict", hessian["verdict"])] if hessian is not None else []
     with ThreadPoolExecutor(RESULT_UPLOAD_THREADS, thread_name_prefix="mlflow-results") as pool:
         record = None
         if settings.log_model:  # the model's record is made while its files and the run's are made
@@ -290,7 +291,10 @@ def log_results(
                 output = LoggedModelOutput(model_id, step=result.steps)
                 sent.append(pool.submit(client.log_outputs, run_id, models=[output]))  # the model as the run's output
                 if linked := model_metrics(spec, model_id, evaluation):
-                    sent.append(pool.submit(client.log_batch, run_id, metrics=linked))
+                    sent.append(pool.submit(client.log_batch, run_id, metrics=linked, tags=tags))
+                    tags = []
+            if tags:
+                sent.append(pool.submit(client.log_batch, run_id, tags=tags))
             for future in sent:
                 future.result()
         except Exception:

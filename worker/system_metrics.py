@@ -6,13 +6,17 @@ their names, so the runs look like any other MLflow run's system metrics); only 
 loop and its transport are replaced, because the stock ones would break the house rules:
 its thread asks MLflow for the run before every sample and stops for good at the first
 failure (an MLflow blip would end a job's system metrics), and `finish()` waits
-for MLflow's retries (minutes while MLflow is down, at the end of every job). Here a
-sample is sent with one request and no retry (the metric sink's writer); a sample
-MLflow does not take is missed, the next one is tried as usual; stopping waits at
-most `STOP_WAIT_S`. Samples are logged at the job's training step, so they line up
-with the loss curve, and they are taken only while the run exists and the attempt
-holds the job's lease. A pack (worker/execute_pack.py) trains its trials in one
-process: one sampler sends each sample to every trial's run still in the pack.
+for MLflow's retries (minutes while MLflow is down, at the end of every job). A job's
+samples go into its metric sink's buffer (`SampleDestination.buffer`) and to MLflow with
+its next batch of points: no request of their own (a short job's last sample was one more
+request, waited for before the job's end), held with the points while MLflow is down or
+the lease is stale. A destination without a sink (tools, tests) is sent each sample with
+one request and no retry (the metric sink's writer); a sample MLflow does not take is
+missed, the next one is tried as usual; stopping waits at most `STOP_WAIT_S`. Samples are
+logged at the job's training step, so they line up with the loss curve, and they are
+taken only while the attempt holds the job's lease. A pack (worker/execute_pack.py)
+trains its trials in one process: one sampler gives each sample to every trial still in
+the pack.
 """
 
 from __future__ import annotations
@@ -39,12 +43,14 @@ STOP_WAIT_S = 2.0  # the last sample's request may take this long at the end of 
 @dataclass(frozen=True)
 class SampleDestination:
     """A run that takes the samples: its id (None until the sink opens it), the training step
-    to log them at, whether it may take one now, and how to wait for it to open."""
+    to log them at, whether it may take one now, and how to wait for it to open; or, with
+    `buffer`, the job's metric sink that takes them and sends them with its points."""
 
     run_id: Callable[[], str | None]
     step: Callable[[], int]
     may_send: Callable[[], bool] = lambda: True
     open_run: Callable[[], bool] = lambda: True
+    buffer: Callable[[list[MetricPoint]], None] | None = None
 
 
 class SystemMetricsSampler(SystemMetricsMonitor):
@@ -70,11 +76,14 @@ class SystemMetricsSampler(SystemMetricsMonitor):
         timestamp, missed = int(time.time() * 1000), False
         for destination in self.destinations:
             run_id = destination.run_id()
-            if run_id is None or not destination.may_send():
+            if (run_id is None and destination.buffer is None) or not destination.may_send():
                 missed = True
                 continue
             step = destination.step()
             points: list[MetricPoint] = [(prefix + key, float(value), timestamp, step) for key, value in aggregated.items()]
+            if destination.buffer is not None:  # with the sink's next points (it opens the run)
+                destination.buffer(points)
+                continue
             try:
                 self._write(run_id, points)
             except Exception as exc:  # noqa: BLE001 - a missed sample; the job goes on
@@ -91,9 +100,10 @@ class SystemMetricsSampler(SystemMetricsMonitor):
         while not self._stop.wait(self.sampling_interval):
             self._sample_safely()
         # The last stretch, so that a short job has a sample too: such a job may end before
-        # the sink has opened its run (it does so from its own thread), so wait for that.
+        # the sink has opened its run (it does so from its own thread), so a destination sent
+        # to directly waits for that (a sink's buffer takes the sample whether or not it has).
         for destination in self.destinations:
-            if destination.run_id() is None and destination.may_send():
+            if destination.buffer is None and destination.run_id() is None and destination.may_send():
                 destination.open_run()
         self._sample_safely()
 
@@ -108,6 +118,7 @@ class SystemMetricsSampler(SystemMetricsMonitor):
         self._thread.start()
 
     def finish(self) -> None:
+        """Stop, and wait for the last sample (into the sinks' buffers: at once; sent: at most STOP_WAIT_S)."""
         self.stop()
         self.wait()
 
@@ -147,12 +158,12 @@ class JobSystemMetrics(SystemMetricsSampler):
 def run_destination(
     sink: MlflowMetricSink, reporter: JobReporter, monitor: JobMonitor, still_in: Callable[[], bool] = lambda: True
 ) -> SampleDestination:
-    """A job's run (or a packed trial's), the one its sink opens, while this attempt holds the
+    """A job's run (or a packed trial's), through its sink's buffer, while this attempt holds the
     job (and, for a trial, while it is still in its pack)."""
     return SampleDestination(
         lambda: sink.run_id, lambda: reporter.step,
         may_send=lambda: still_in() and monitor.lease_is_fresh() and reporter.stop_reason != StopReason.lease_lost,
-        open_run=sink.connected,
+        open_run=sink.connected, buffer=sink.add_points,
     )  # fmt: skip
 
 

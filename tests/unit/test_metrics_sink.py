@@ -147,3 +147,58 @@ def test_the_final_models_metrics_are_linked_to_it_without_a_second_point_on_the
                    for key, value in (("val_loss", 0.5), ("val_accuracy", 0.8), ("val_f1_macro", 0.75))}  # fmt: skip
     for key in ("val_loss", "val_accuracy"):  # still one point an epoch on the run
         assert [m.step for m in store.get_metric_history(run_id, key)] == [8, 16]
+
+
+def test_the_runs_params_ride_in_the_first_request_with_its_points(store: MlflowClient) -> None:
+    # A request of their own cost the MLflow server as much CPU as a small batch of points:
+    # the params go with the sink's first points, chunked as log-batch allows (100 a request,
+    # 1,000 entities in all), and alone when the job ends before any point.
+    experiment_id = store.create_experiment(f"params-{uuid.uuid4().hex[:6]}")
+    params = {f"p.{i:03d}": str(i) for i in range(150)}
+    for points in (950, 0):
+        run_id = store.create_run(experiment_id).info.run_id
+        sink = MlflowMetricSink(store, lambda run_id=run_id: (run_id, {}), flush_interval_s=3600,
+                                buffer_limit=10_000, params=params)  # fmt: skip
+        requests: list[tuple[int, int, int]] = []
+        write = sink._write
+        sink._write = lambda run, batch, p=(), t=(): (requests.append((len(batch), len(p), len(t))), write(run, batch, p, t))
+        try:
+            for step in range(points):
+                sink.add(step, {"train_loss": 1.0 / (step + 1)})
+            assert sink.flush_once() is True
+            assert sink.flush_once() is True  # nothing more: the params went once
+        finally:
+            sink.discard()
+        run = store.get_run(run_id)
+        assert run.data.params == params
+        assert len(store.get_metric_history(run_id, "train_loss")) == points
+        if points:
+            assert requests == [(900, 100, 0), (50, 50, 0)]  # 1,000 entities at most a request
+        else:
+            assert requests == [(0, 100, 0), (0, 50, 0)]
+
+
+def test_a_sample_buffered_into_the_sink_goes_with_its_points(store: MlflowClient) -> None:
+    # A job's system metrics go into its sink (worker/system_metrics.run_destination): the last
+    # sample of a short job was one more request, waited for before the job's end.
+    from worker.system_metrics import SampleDestination, SystemMetricsSampler
+
+    run_id = store.create_run(store.create_experiment(f"sample-{uuid.uuid4().hex[:6]}")).info.run_id
+    run = {"id": None}
+    sink = MlflowMetricSink(store, lambda: (run_id, {}), flush_interval_s=3600, buffer_limit=10_000)
+    requests: list[int] = []
+    write = sink._write
+    sink._write = lambda run, batch, p=(), t=(): (requests.append(len(batch)), write(run, batch, p, t))
+    destination = SampleDestination(lambda: run["id"], lambda: 12, buffer=sink.add_points)
+    sampler = SystemMetricsSampler(store, [destination], interval_s=3600)
+    sampler._write = lambda *args: pytest.fail("a sample for a sink must not be sent on its own")
+    try:
+        sink.add(12, {"train_loss": 0.5})
+        assert sampler.sample_and_send() is True  # (taken although the run is not open yet: the sink opens it)
+        assert sink.added > 1
+        assert sink.flush_once() is True
+    finally:
+        sink.discard()
+    assert requests == [sink.added]  # the loss and the sample: one request
+    history = store.get_metric_history(run_id, "system/system_memory_usage_megabytes")
+    assert [p.step for p in history] == [12]
