@@ -284,21 +284,23 @@ class MlflowMetricSink:
     def add(self, step: int, metrics: Mapping[str, float]) -> None:
         """Called from the training loop: append and return."""
         timestamp = int(time.time() * 1000)
-        for key, value in metrics.items():
-            point = (key, float(value), timestamp, step)
-            self._pending.append(point)
-            self._last[key] = point
-        self._count(len(metrics))
+        points = [(key, float(value), timestamp, step) for key, value in metrics.items()]
+        for point in points:
+            self._last[point[0]] = point
+        self._buffer(points)
 
     def add_points(self, points: list[MetricPoint]) -> None:
         """Points made elsewhere, stamped already (a system-metrics sample): sent with the next
         request, not in one of their own."""
-        self._pending.extend(points)
-        self._count(len(points))
+        self._buffer(points)
 
-    def _count(self, added: int) -> None:
+    def _buffer(self, points: list[MetricPoint]) -> None:
+        # Appended and counted under one lock: a point buffered but not yet counted (another
+        # thread's, e.g. a system sample) would let the checkpoint gate open (`sent >= added`)
+        # while points of the steps before the checkpoint still wait behind it.
         with self._counting:
-            self.added += added
+            self._pending.extend(points)
+            self.added += len(points)
             overflow = len(self._pending) - self._buffer_limit
             while overflow > 0:  # bounded memory through a long outage: the oldest points go first
                 self._pending.popleft()
@@ -327,8 +329,7 @@ class MlflowMetricSink:
             return
         timestamp = int(time.time() * 1000)
         points = [(key, float(value), timestamp, step) for step, metrics in rows for key, value in metrics.items()]
-        self._pending.extend(points)
-        self._count(len(points))
+        self._buffer(points)
 
     def _take_batch(self, room: int = MAX_METRICS_PER_BATCH) -> tuple[list[MetricPoint], int]:
         """Up to `room` points to send, and how many were taken in all."""
