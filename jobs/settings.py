@@ -281,8 +281,8 @@ class Settings(BaseSettings):
     # Objects nothing points to (a crash between an object and its row, a delete that failed)
     # are reclaimed by the reaper (worker/artifact_sweeper.py).
     artifact_sweep_interval_s: float = Field(
-        3600.0, ge=0, description="How often the reaper looks for objects in the artifact store that no row "
-        "points to (0: never).",
+        3600.0, ge=0, description="How often the reaper looks for checkpoint objects in the artifact store that "
+        "no row points to (0: never).",
     )  # fmt: skip
     artifact_orphan_grace_s: float = Field(
         3600.0, gt=0, description="An object no row has pointed to for this long is deleted (it must be longer "

@@ -1,5 +1,5 @@
-"""Which rows point to objects in the artifact store (for the sweep of unused objects,
-worker/artifact_sweeper.py)."""
+"""Which objects in the artifact store jobs' rows point to (for the sweep of unused
+checkpoints, worker/artifact_sweeper.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from jobs.models import Dataset, Job, JobCheckpoint
+from jobs.models import Job, JobCheckpoint
 from jobs.states import TERMINAL
 
 
@@ -31,9 +31,3 @@ def jobs_objects(*, session: Session, job_ids: list[uuid.UUID]) -> dict[uuid.UUI
     )
     return {job_id: JobObjects(status in TERMINAL, uri) for job_id, status, uri in rows}
 
-
-def dataset_uris_in_use(*, session: Session, uris: list[str]) -> set[str]:
-    """Those of `uris` a dataset row points to."""
-    if not uris:
-        return set()
-    return set(session.scalars(select(Dataset.object_uri).where(Dataset.object_uri.in_(uris))))

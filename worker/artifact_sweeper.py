@@ -1,10 +1,17 @@
-"""Objects in the artifact store that no row points to, found and deleted.
+"""Checkpoint objects in the artifact store that no row points to, found and deleted.
 
 Descent writes an object before the row that points to it, and deletes a replaced object
 only after the new row is committed (jobs/artifact_store.py). A crash or a store outage in
-between leaves an object that nothing reads: the checkpoint of an attempt killed before its
-row, a previous checkpoint whose delete failed, an upload whose API process died before its
-row, a deleted dataset's arrays. They cost storage, never correctness; this sweep reclaims it.
+between leaves a checkpoint that nothing reads: the one of an attempt killed before its row,
+a previous one whose delete failed. They cost storage, never correctness; this sweep
+reclaims it.
+
+Only the folders of jobs this database has are swept. An MLflow server may be shared by
+several Descents (a team's server, a staging copy), and their objects share `descent/`: a
+folder of a job this database does not know is another deployment's, never an orphan. For
+the same reason uploads are not swept: an upload without its row (an API process that died
+between the two, a delete that failed) cannot be told from another deployment's; those are
+rare, and logged when they happen.
 
 The rule: an object is deleted once no row has pointed to it at two sweeps at least
 ARTIFACT_ORPHAN_GRACE_S (an hour) apart. An object being written has no row yet and gets one
@@ -13,9 +20,9 @@ sweep first saw each unused object is kept in Redis (the events URL), so that an
 `python -m worker.artifact_sweeper`, carries on where another left off; without Redis, in
 this process's memory.
 
-What is listed: `descent/checkpoints/<job>/` of every job with objects, except jobs this
-process already found ended with nothing unused (an ended job writes no more), and
-`descent/datasets/<project>/`. The reaper sweeps every ARTIFACT_SWEEP_INTERVAL_S in a thread
+What is listed: `descent/checkpoints/<job>/` of every job of this database with objects,
+except jobs this process already found ended with nothing unused (an ended job writes no
+more). The reaper sweeps every ARTIFACT_SWEEP_INTERVAL_S in a thread
 of its own (listing a large store takes a while, and recovery must not wait for it); with
 several reapers, a Redis lease gives each interval's sweep to one.
 """
@@ -36,7 +43,7 @@ import redis
 from jobs import artifact_store
 from jobs.db import session_scope
 from jobs.settings import settings
-from jobs.stored_objects import dataset_uris_in_use, jobs_objects
+from jobs.stored_objects import jobs_objects
 
 log = logging.getLogger("worker.artifact_sweeper")
 
@@ -45,12 +52,12 @@ JOBS_PER_QUERY = 1000
 
 @dataclass
 class SweepResult:
-    listed: int = 0  # objects the store holds under descent/ (skipped jobs' not counted)
+    listed: int = 0  # checkpoint objects of this database's jobs (those of jobs found clean earlier not counted)
     deleted: list[str] = field(default_factory=list)
     waiting: int = 0  # unused, not yet for the grace
 
     def summary(self) -> str:
-        return (f"artifact store swept: {self.listed} objects listed, {len(self.deleted)} unused ones deleted, "
+        return (f"artifact store swept: {self.listed} checkpoint objects listed, {len(self.deleted)} unused ones deleted, "
                 f"{self.waiting} unused ones waiting out the grace ({settings.artifact_orphan_grace_s:g} s)")  # fmt: skip
 
 
@@ -88,7 +95,7 @@ class ArtifactSweeper:
         result = SweepResult()
         now = self.clock()
         by_job = self._unused_checkpoints(result)
-        unused = [uri for _, uris in by_job.values() for uri in uris] + self._unused_datasets(result)
+        unused = [uri for _, uris in by_job.values() for uri in uris]
         before = self._load()
         since: dict[str, float] = {}
         for uri in unused:
@@ -98,14 +105,14 @@ class ArtifactSweeper:
             else:
                 since[uri] = first
                 result.waiting += 1
-        self._save(since)
+        self._save(since, before)
         for job, (ended, uris) in by_job.items():
             if ended and all(uri in result.deleted for uri in uris):
                 self._clean_ended_jobs.add(job)
         return result
 
     def _unused_checkpoints(self, result: SweepResult) -> dict[str, tuple[bool, list[str]]]:
-        """Per job folder listed: whether the job has ended (or is gone), and the objects in
+        """Per folder of a job of this database: whether the job has ended, and the objects in
         the folder that its checkpoint row does not point to."""
         folders = [posixpath.basename(e.uri) for e in artifact_store.list_folder("checkpoints") if e.is_folder]
         job_ids = [uuid.UUID(name) for name in folders if _is_uuid(name) and name not in self._clean_ended_jobs]
@@ -116,38 +123,30 @@ class ArtifactSweeper:
             # in between looks unused this once, and is in use at the next sweep.
             with session_scope() as session:
                 known = jobs_objects(session=session, job_ids=chunk)
-            for job_id in chunk:
+            for job_id, job in known.items():  # (a job not there is another deployment's)
                 objects = [e.uri for e in artifact_store.list_folder("checkpoints", str(job_id)) if not e.is_folder]
                 result.listed += len(objects)
-                job = known.get(job_id)
-                unused = [uri for uri in objects if job is None or uri != job.checkpoint_uri]
-                found[str(job_id)] = (job is None or job.ended, unused)
+                found[str(job_id)] = (job.ended, [uri for uri in objects if uri != job.checkpoint_uri])
         return found
-
-    def _unused_datasets(self, result: SweepResult) -> list[str]:
-        objects = [
-            entry.uri
-            for project in artifact_store.list_folder("datasets") if project.is_folder
-            for entry in artifact_store.list_folder("datasets", posixpath.basename(project.uri)) if not entry.is_folder
-        ]  # fmt: skip
-        result.listed += len(objects)
-        with session_scope() as session:
-            in_use = dataset_uris_in_use(session=session, uris=objects)
-        return [uri for uri in objects if uri not in in_use]
 
     def _load(self) -> dict[str, float]:
         if self.client is None:
             return dict(self._unused_since)
         return {k.decode(): float(v) for k, v in self.client.hgetall(_key("unused-since")).items()}
 
-    def _save(self, since: dict[str, float]) -> None:
+    def _save(self, since: dict[str, float], before: dict[str, float]) -> None:
+        """Record `since`, dropping what is no longer unused. Field by field, not the whole
+        hash at once: a sweep running beside this one (the command line beside a reaper)
+        then at worst leaves a stale field, which the next sweep drops."""
         if self.client is None:
             self._unused_since = since
             return
+        gone = [uri for uri in before if uri not in since]
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(_key("unused-since"))
-            if since:
-                pipe.hset(_key("unused-since"), mapping=since)
+            if gone:
+                pipe.hdel(_key("unused-since"), *gone)
+            for uri, first in since.items():
+                pipe.hsetnx(_key("unused-since"), uri, first)
             pipe.execute()
 
 

@@ -9,8 +9,9 @@ upload goes there, and PostgreSQL keeps only the pointer, size and SHA-256.
 - The same checkpoint path against an S3-protocol server: moto's standalone server (no MinIO
   server installs on this machine; docker-compose runs MinIO), as MLflow's
   `--artifacts-destination s3://...` with MLFLOW_S3_ENDPOINT_URL.
-- Objects no row points to are noted by the reaper's sweep and deleted after the grace (local
-  store and S3); objects in use, and one just written, are kept.
+- Checkpoint objects no row points to are noted by the reaper's sweep and deleted after the
+  grace (local store and S3); objects in use, one just written, and objects of jobs this
+  database does not have (another deployment's) are kept.
 """
 
 from __future__ import annotations
@@ -65,8 +66,10 @@ EVERYTHING_TO_THE_STORE = {
     # The reaper's sweep of unused objects runs every 2 s; with the hour's grace it only notes them.
     "artifact_sweep_interval_s": 2.0,
 }
-# What the sweep run by hand is given: objects noted unused this long ago are deleted.
-SWEEP_GRACE_S = 5.0
+# What the sweep run by hand is given: objects noted unused this long ago are deleted. Longer
+# than the reaper's interval plus the command's start (its imports take 4 s under load), so
+# the object written just before it is never that old.
+SWEEP_GRACE_S = 15.0
 
 
 def open_stack(make_database, home: Path, name: str, **overrides: object) -> Iterator[Stack]:  # noqa: ANN001
@@ -306,34 +309,40 @@ def sweep_now(stack: Stack) -> str:
 
 
 def assert_unused_objects_are_swept(stack: Stack, exists: Callable[[str], bool]) -> None:
-    # In use: a finished job's last checkpoint object.
-    job = stack.wait(stack.submit(JOB | {"name": "it-store-swept", "epochs": 60})["id"], timeout_s=300)
-    assert job["status"] == "succeeded", job["error"]
-    in_use = checkpoint_row(stack, job["id"])["object_uri"]
-    # Unused: a checkpoint of an attempt killed before its row (of that job, and of a job that
-    # is not there), and an upload whose row was never written.
-    unused = [object_uri("checkpoints", job["id"], "9-10.pt"), object_uri("checkpoints", str(uuid.uuid4()), "1-5.pt"),
-              object_uri("datasets", "default", f"{uuid.uuid4()}.npz")]  # fmt: skip
-    for uri in unused:
+    job = stack.submit(JOB | {"name": "it-store-swept", "epochs": 60})
+    # Unused: checkpoints of attempts killed before their rows. Written while the job runs: a
+    # sweeping process lists an ended job's folder no more once it found nothing unused there.
+    unused = [object_uri("checkpoints", job["id"], "9-10.pt"), object_uri("checkpoints", job["id"], "9-20.pt")]
+    # Not this deployment's (a job this database does not have; an upload): never touched.
+    foreign = [object_uri("checkpoints", str(uuid.uuid4()), "1-5.pt"),
+               object_uri("datasets", "default", f"{uuid.uuid4()}.npz")]  # fmt: skip
+    for uri in unused + foreign:
         put_raw(stack, uri, b"left behind")
+    job = stack.wait(job["id"], timeout_s=300)
+    assert job["status"] == "succeeded", job["error"]
+    in_use = checkpoint_row(stack, job["id"])["object_uri"]  # a finished job's last checkpoint
 
-    # The reaper's sweep notes them within its interval, and deletes nothing within the grace.
+    # The reaper's sweep notes the unused ones within its interval, and deletes nothing within the grace.
     deadline = time.monotonic() + 60
-    while not set(unused) <= noted_unused(stack):
+    while not set(unused) <= noted_unused(stack) or in_use in noted_unused(stack):
         assert time.monotonic() < deadline, f"the reaper's sweep noted {noted_unused(stack)}, not {unused}"
         time.sleep(0.2)
-    assert in_use not in noted_unused(stack)
-    assert all(exists(uri) for uri in [*unused, in_use])
+    assert not set(foreign) & noted_unused(stack)
+    assert all(exists(uri) for uri in [*unused, *foreign, in_use])
 
     time.sleep(SWEEP_GRACE_S)
-    just_written = object_uri("checkpoints", str(uuid.uuid4()), "1-1.pt")  # as if its row were on its way
+    just_written = object_uri("checkpoints", job["id"], "9-30.pt")  # as if its row were on its way
     put_raw(stack, just_written, b"being stored")
     out = sweep_now(stack)
     assert "unused ones deleted" in out, out
     for uri in unused:
         assert f"deleted {uri}" in out and not exists(uri), (uri, out)
-    assert exists(in_use) and exists(just_written), out
-    assert not set(unused) & noted_unused(stack)
+    assert exists(in_use) and exists(just_written) and all(exists(uri) for uri in foreign), out
+    # The deleted ones leave the notes (at the latest at the reaper's next sweep).
+    deadline = time.monotonic() + 60
+    while set(unused) & noted_unused(stack):
+        assert time.monotonic() < deadline, noted_unused(stack)
+        time.sleep(0.2)
     assert stack.api.get(f"/v1/jobs/{job['id']}").json()["status"] == "succeeded"
 
 
