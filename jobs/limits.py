@@ -145,8 +145,8 @@ def project_limits(*, session: Session, project: str, limits: Settings, lock: bo
 
     The lock is FOR NO KEY UPDATE: it excludes the others like it, but not the KEY SHARE
     lock that inserting a job (its foreign key to the project) takes, so a transaction may
-    insert its job first and lock the project after (as the job gate does, to hold the
-    lock for less time) without deadlocking against another doing the same."""
+    insert its job and lock the project in either order, or in one statement (as the job gate
+    does on PostgreSQL, jobs/repository.create_job), without deadlocking against another."""
     statement = PROJECT_LIMITS_LOCKED if lock else PROJECT_LIMITS
     session.flush()
     return limits_of_row(session.connection().execute(statement, {"project": project}).first(), limits)

@@ -27,7 +27,9 @@ from trainer.reporting import RecordingReporter, TrainingDiverged
 from tests.unit.test_resume import CheckpointingReporter
 
 CPU = torch.device("cpu")
-RTOL = 2e-6
+# Measured at most 9.9e-7 here (batched gemm summation order; README, "Packed trials"); the
+# margin is for another CPU's math library, still 2x inside issue 13's 1e-5.
+RTOL = 5e-6
 
 SCHEDULES = [
     {"name": "constant"},
