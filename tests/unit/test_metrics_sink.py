@@ -270,3 +270,21 @@ def test_a_wait_for_points_ends_when_the_sink_gives_up_on_them(store: MlflowClie
     waiter.join(10)
     assert waited == [False] and time.monotonic() - started < 10
     assert sink.wait_delivered(0, 0) is True  # nothing to wait for
+
+
+def test_a_request_mlflow_refuses_keeps_its_points_until_mlflow_takes_them(store: MlflowClient) -> None:
+    # A 400 (here: the run is deleted; at a job's end, the duplicate-insert race) loses no
+    # point: the sink keeps them and sends them again, as it does while MLflow is down.
+    run_id = store.create_run(store.create_experiment(f"refused-{uuid.uuid4().hex[:6]}")).info.run_id
+    sink = MlflowMetricSink(store, lambda: (run_id, {}), flush_interval_s=3600, buffer_limit=10_000)
+    try:
+        for step in range(5):
+            sink.add(step, {"train_loss": 1.0 / (step + 1)})
+        store.delete_run(run_id)
+        assert sink.flush_once() is False
+        assert (sink.added, sink.sent, sink.dropped) == (5, 0, 0)
+        store.restore_run(run_id)
+        assert sink.flush_once() is True
+        assert [m.step for m in store.get_metric_history(run_id, "train_loss")] == list(range(5))
+    finally:
+        sink.discard()
