@@ -288,11 +288,13 @@ class MlflowMetricSink:
     def add(self, step: int, metrics: Mapping[str, float]) -> None:
         """Called from the training loop: append and return."""
         timestamp = int(time.time() * 1000)
-        for key, value in metrics.items():
-            point = (key, float(value), timestamp, step)
-            self._pending.append(point)
-            self._last[key] = point
-        self._count(len(metrics))
+        points = [(key, float(value), timestamp, step) for key, value in metrics.items()]
+        # One extend (one step under the GIL), not an append a point: the sink's thread taking
+        # a batch meanwhile takes all of them or none, so an epoch's points travel together.
+        self._pending.extend(points)
+        for point in points:
+            self._last[point[0]] = point
+        self._count(len(points))
 
     def add_points(self, points: list[MetricPoint]) -> None:
         """Points made elsewhere, stamped already (a system-metrics sample): sent with the next
