@@ -25,6 +25,11 @@ for _name, _value in {
     # Ending a run would otherwise read the whole run back only to print its link to
     # stdout: one request more at the end of every job, for a line in the worker's log.
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    # Connections kept per host by the client's one requests session (default 10): a pack
+    # ends two trials at once, each sending its results from 8 threads (worker/mlflow_run.py,
+    # RESULT_UPLOAD_THREADS), so 10 made urllib3 discard connections ("Connection pool is
+    # full") and open new ones for the next job. Room for both, and the requests beside them.
+    "MLFLOW_HTTP_POOL_MAXSIZE": "32",
 }.items():
     os.environ.setdefault(_name, _value)
 

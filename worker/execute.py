@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -122,14 +123,14 @@ def mlflow_unreachable(exc: BaseException) -> bool:
 
 def _log_results_while_mlflow_returns(
     client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, job_id: uuid.UUID, until: float,
-    opened: list[RunFacts], evaluation: list[MetricPoint],
+    opened: list[RunFacts], evaluation: list[MetricPoint], evaluation_delivered: Callable[[], object] | None = None,
 ) -> None:
     """The end-of-job artifacts. MLflow going down now delays the job, it does not fail
     it: the training is done and its metrics are in. Past `until` the job succeeds
     without them (the reaper ends the run once MLflow is back)."""
     while True:
         try:
-            log_results(client, run_id, spec, result, opened[-1] if opened else None, evaluation)
+            log_results(client, run_id, spec, result, opened[-1] if opened else None, evaluation, evaluation_delivered)
             return
         except Exception as exc:
             if not mlflow_unreachable(exc):
@@ -345,11 +346,13 @@ def finish_attempt(
         # and so are its results; they go while the sink sends the last metrics.
         wait_until = time.monotonic() + settings.mlflow_wait_at_end_s
         evaluation = sink.last_points_at(result.steps)  # the final model's metrics, linked to it
+        # ...in a request that must come after the sink's that carries them (wait_delivered says why)
+        delivered = partial(sink.wait_delivered, sink.added, settings.mlflow_wait_at_end_s)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-results") as pool:
             results = None
             if not result.stopped_early and sink.run_id is not None:
                 results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result, job_id,
-                                      wait_until, opened, evaluation)  # fmt: skip
+                                      wait_until, opened, evaluation, delivered)  # fmt: skip
             sink.close(timeout_s=settings.mlflow_wait_at_end_s)
             if result.stopped_early:
                 outcome = Outcome.pruned if reporter.stop_reason == StopReason.pruned else Outcome.cancelled
@@ -359,7 +362,7 @@ def finish_attempt(
             else:
                 if results is None:  # the sink opened the run only while sending the last metrics
                     results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result,
-                                          job_id, wait_until, opened, evaluation)  # fmt: skip
+                                          job_id, wait_until, opened, evaluation, delivered)  # fmt: skip
                 results.result()
                 outcome = Outcome.succeeded
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words

@@ -262,6 +262,10 @@ class MlflowMetricSink:
         self._counting = threading.Lock()
         self._stop = threading.Event()
         self._revoked = threading.Event()
+        # Notified when points leave the buffer for MLflow, and when the sink stops trying
+        # (wait_delivered: a request that carries some of the same points must come after them).
+        self._delivery = threading.Condition()
+        self._stopped_trying = False
         self._connecting = threading.Lock()
         # The run is opened by the thread, at once: training starts meanwhile (opening takes a
         # few requests, and many seconds while MLflow is unreachable).
@@ -287,6 +291,8 @@ class MlflowMetricSink:
         points = [(key, float(value), timestamp, step) for key, value in metrics.items()]
         for point in points:
             self._last[point[0]] = point
+        # One extend (under the lock, see _buffer), not an append a point: the sink's thread
+        # taking a batch meanwhile takes all of them or none, so an epoch's points travel together.
         self._buffer(points)
 
     def add_points(self, points: list[MetricPoint]) -> None:
@@ -348,6 +354,8 @@ class MlflowMetricSink:
     def revoke(self) -> None:
         """This attempt lost the job: send nothing more, from now on (another attempt reports it)."""
         self._revoked.set()
+        with self._delivery:
+            self._delivery.notify_all()
 
     def flush_once(self) -> bool:
         """Send what is buffered (and the run's params and rule tag, when due); False when
@@ -373,12 +381,39 @@ class MlflowMetricSink:
                 self.sent += taken - len(batch)
                 log.warning("MLflow unreachable, %d metric points buffered: %s", len(self._pending), exc)
                 return False
-            self.sent += taken
+            with self._delivery:
+                self.sent += taken
+                self._delivery.notify_all()
             del self._params_to_send[: len(params)]
             if tags:
                 self._rule_tagged = description
         self._pending.clear()  # revoked: another attempt reports these
         return True
+
+    def wait_delivered(self, through: int, timeout_s: float) -> bool:
+        """Wait until the first `through` points added have left the buffer (in MLflow, skipped
+        as already there, or dropped), at most `timeout_s`; False when they have not (MLflow
+        unreachable, or the sink gave up or was revoked).
+
+        For a request of another thread that carries some of the same points again (the final
+        model's metrics, linked to it: worker/mlflow_run.model_metrics): MLflow inserts such a
+        point, finds it there already and skips it, which is safe against points it has
+        committed; against the same point inserted by a request still in flight, its recovery
+        re-inserts what it did not see yet and answers 400 (an IntegrityError "raised as a
+        result of Query-invoked autoflush"), which failed jobs that had trained."""
+        deadline = time.monotonic() + timeout_s
+        with self._delivery:
+            while self.sent + self.dropped < through:
+                left = deadline - time.monotonic()
+                if self._stopped_trying or self._revoked.is_set() or left <= 0:
+                    return False
+                self._delivery.wait(left)
+            return True
+
+    def _give_up_waiters(self) -> None:
+        with self._delivery:
+            self._stopped_trying = True
+            self._delivery.notify_all()
 
     def discard(self) -> None:
         """Stop without sending: this attempt lost the job, and another one reports it now."""
@@ -386,6 +421,7 @@ class MlflowMetricSink:
         self._stop.set()
         self._thread.join()
         self.flush_once()  # clears the buffer, sends nothing
+        self._give_up_waiters()
 
     def _holds_back(self) -> bool:
         """A windowed job's few points wait for a fuller request (close() sends them at once)."""
@@ -407,9 +443,12 @@ class MlflowMetricSink:
         self._stop.set()
         self._thread.join()
         deadline = time.monotonic() + timeout_s
-        while not self.flush_once():
-            if time.monotonic() > deadline:
-                log.error("gave up sending %d metric points to MLflow", len(self._pending))
-                return False
-            time.sleep(1.0)
-        return True
+        try:
+            while not self.flush_once():
+                if time.monotonic() > deadline:
+                    log.error("gave up sending %d metric points to MLflow", len(self._pending))
+                    return False
+                time.sleep(1.0)
+            return True
+        finally:
+            self._give_up_waiters()  # whatever is still waited for will not come from this sink

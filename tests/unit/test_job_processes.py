@@ -293,3 +293,41 @@ def test_many_threads_asking_at_once_drop_the_databricks_check_once_without_an_e
         thread.join()
     assert errors == []
     assert not any(isinstance(p, DatabricksRequestHeaderProvider) for p in registry._request_header_provider_registry)
+
+
+POOL_CHECK = """
+    import http.server, json, logging, threading, time
+    from concurrent.futures import ThreadPoolExecutor
+    if {descent}:
+        import jobs.tracking  # its MLflow client settings, as every Descent process has them
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        def do_PUT(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(0.2)
+            self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"{{}}")
+        def log_message(self, *args): pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    discarded = []
+    class Catch(logging.Handler):
+        def emit(self, record):
+            if "Connection pool is full" in record.getMessage(): discarded.append(record)
+    logging.getLogger("urllib3.connectionpool").addHandler(Catch())
+    creds = get_default_host_creds(f"http://127.0.0.1:{{server.server_address[1]}}")
+    with ThreadPoolExecutor(16) as pool:  # a pack's two trials ending at once, 8 upload threads each
+        list(pool.map(lambda i: http_request(creds, f"/f{{i}}", "PUT", data=b"x"), range(32)))
+    print(json.dumps({{"discarded": len(discarded)}}))
+"""
+
+
+def test_a_packs_result_uploads_keep_their_connections_to_mlflow() -> None:
+    # MLflow's client keeps 10 connections per host: a pack's two trials ending at once send
+    # from 16 threads, and urllib3 discarded the connections beyond 10 ("Connection pool is
+    # full"), opening new ones for the next job. Descent's client settings keep them.
+    assert run_python(POOL_CHECK.format(descent=False), MLFLOW_HTTP_POOL_MAXSIZE=None)["discarded"] > 0
+    assert run_python(POOL_CHECK.format(descent=True), MLFLOW_HTTP_POOL_MAXSIZE=None)["discarded"] == 0

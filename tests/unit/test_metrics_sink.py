@@ -202,3 +202,89 @@ def test_a_sample_buffered_into_the_sink_goes_with_its_points(store: MlflowClien
     assert requests == [sink.added]  # the loss and the sample: one request
     history = store.get_metric_history(run_id, "system/system_memory_usage_megabytes")
     assert [p.step for p in history] == [12]
+
+
+def test_the_models_metrics_are_sent_only_after_the_sink_has_sent_those_points(
+    tmp_path, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    # A job's end sends its results while its sink sends the last points, and the model's
+    # metrics are some of those points again. In flight beside the sink's request that carries
+    # the same points, MLflow (PostgreSQL) lost the race for their insert and answered 400
+    # ("raised as a result of Query-invoked autoflush"), failing a job that had trained: the
+    # model's metrics wait until the sink has sent them.
+    import threading
+    from functools import partial
+
+    from jobs.spec import JobSpec
+    from trainer.recipe import Trainer
+    from worker import mlflow_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setattr(mlflow_run.settings, "mlflow_tracking_uri", uri)
+    client = MlflowClient(tracking_uri=uri)
+    spec = JobSpec.model_validate({"name": "linked", "dataset": {"name": "iris"}, "epochs": 1, "batch_size": 16})
+    experiment_id = client.create_experiment("linked", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment_id).info.run_id
+    trainer = Trainer(spec)
+    trainer.setup()
+    result = trainer.train()
+    may_send = threading.Event()  # the sink's last request still on its way (here: held)
+    sink = MlflowMetricSink(client, lambda: (run_id, {}), flush_interval_s=0.05, buffer_limit=10_000,
+                            may_send=may_send.is_set)  # fmt: skip
+    sink.add(result.steps, {"val_loss": 0.25, "val_accuracy": 0.75})
+    evaluation = sink.last_points_at(result.steps)
+    results = threading.Thread(target=mlflow_run.log_results, args=(client, run_id, spec, result),
+                               kwargs={"evaluation": evaluation,
+                                       "evaluation_delivered": partial(sink.wait_delivered, sink.added, 60)})  # fmt: skip
+    results.start()
+    try:
+        deadline = time.monotonic() + 60  # everything else of the results is sent meanwhile
+        while not client.get_run(run_id).outputs.model_outputs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        results.join(1.0)
+        assert results.is_alive()  # waiting for the sink
+        assert client.get_metric_history(run_id, "val_loss") == []
+    finally:
+        may_send.set()
+        assert sink.close(timeout_s=30)
+        results.join(60)
+    [model] = client.search_logged_models(experiment_ids=[experiment_id])
+    assert {m.key: m.value for m in model.metrics} == {"val_loss": 0.25, "val_accuracy": 0.75}
+    assert str(model.status) == "READY"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")] == [(result.steps, 0.25)]
+
+
+def test_a_wait_for_points_ends_when_the_sink_gives_up_on_them(store: MlflowClient) -> None:
+    import threading
+
+    def unreachable() -> tuple[str, dict[str, int]]:
+        raise ConnectionError("MLflow is down")
+
+    sink = MlflowMetricSink(store, unreachable, flush_interval_s=3600, buffer_limit=10_000)
+    sink.add(1, {"val_loss": 0.5})
+    waited: list[bool] = []
+    waiter = threading.Thread(target=lambda: waited.append(sink.wait_delivered(sink.added, 60)))
+    waiter.start()
+    started = time.monotonic()
+    assert sink.close(timeout_s=0) is False
+    waiter.join(10)
+    assert waited == [False] and time.monotonic() - started < 10
+    assert sink.wait_delivered(0, 0) is True  # nothing to wait for
+
+
+def test_a_request_mlflow_refuses_keeps_its_points_until_mlflow_takes_them(store: MlflowClient) -> None:
+    # A 400 (here: the run is deleted; at a job's end, the duplicate-insert race) loses no
+    # point: the sink keeps them and sends them again, as it does while MLflow is down.
+    run_id = store.create_run(store.create_experiment(f"refused-{uuid.uuid4().hex[:6]}")).info.run_id
+    sink = MlflowMetricSink(store, lambda: (run_id, {}), flush_interval_s=3600, buffer_limit=10_000)
+    try:
+        for step in range(5):
+            sink.add(step, {"train_loss": 1.0 / (step + 1)})
+        store.delete_run(run_id)
+        assert sink.flush_once() is False
+        assert (sink.added, sink.sent, sink.dropped) == (5, 0, 0)
+        store.restore_run(run_id)
+        assert sink.flush_once() is True
+        assert [m.step for m in store.get_metric_history(run_id, "train_loss")] == list(range(5))
+    finally:
+        sink.discard()
