@@ -10,8 +10,8 @@ Only the folders of jobs this database has are swept. An MLflow server may be sh
 several Descents (a team's server, a staging copy), and their objects share `descent/`: a
 folder of a job this database does not know is another deployment's, never an orphan. For
 the same reason uploads are not swept: an upload without its row (an API process that died
-between the two, a delete that failed) cannot be told from another deployment's; those are
-rare, and logged when they happen.
+between the two, a delete that failed and was logged) cannot be told from another
+deployment's; both are rare.
 
 The rule: an object is deleted once no row has pointed to it at two sweeps at least
 ARTIFACT_ORPHAN_GRACE_S (an hour) apart. An object being written has no row yet and gets one
@@ -22,9 +22,9 @@ this process's memory.
 
 What is listed: `descent/checkpoints/<job>/` of every job of this database with objects,
 except jobs this process already found ended with nothing unused (an ended job writes no
-more). The reaper sweeps every ARTIFACT_SWEEP_INTERVAL_S in a thread
-of its own (listing a large store takes a while, and recovery must not wait for it); with
-several reapers, a Redis lease gives each interval's sweep to one.
+more). The reaper sweeps every ARTIFACT_SWEEP_INTERVAL_S in a thread of its own (listing a
+large store takes a while, and recovery must not wait for it); with several reapers, a
+Redis lease gives each interval's sweep to one.
 """
 
 from __future__ import annotations
