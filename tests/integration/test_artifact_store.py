@@ -309,7 +309,9 @@ def sweep_now(stack: Stack) -> str:
 
 
 def assert_unused_objects_are_swept(stack: Stack, exists: Callable[[str], bool]) -> None:
-    job = stack.submit(JOB | {"name": "it-store-swept", "epochs": 60})
+    # Long enough to store checkpoints while it trains (on an idle machine a short job ends
+    # before the sink's first flush lets one be stored, and keeps none).
+    job = stack.submit(JOB | {"name": "it-store-swept"})
     # Unused: checkpoints of attempts killed before their rows. Written while the job runs: a
     # sweeping process lists an ended job's folder no more once it found nothing unused there.
     unused = [object_uri("checkpoints", job["id"], "9-10.pt"), object_uri("checkpoints", job["id"], "9-20.pt")]
@@ -318,6 +320,7 @@ def assert_unused_objects_are_swept(stack: Stack, exists: Callable[[str], bool])
                object_uri("datasets", "default", f"{uuid.uuid4()}.npz")]  # fmt: skip
     for uri in unused + foreign:
         put_raw(stack, uri, b"left behind")
+    wait_for_stored_checkpoint(stack, job["id"], 500)
     job = stack.wait(job["id"], timeout_s=300)
     assert job["status"] == "succeeded", job["error"]
     in_use = checkpoint_row(stack, job["id"])["object_uri"]  # a finished job's last checkpoint
