@@ -163,7 +163,7 @@ def run_destination(
     return SampleDestination(
         lambda: sink.run_id, lambda: reporter.step,
         may_send=lambda: still_in() and monitor.lease_is_fresh() and reporter.stop_reason != StopReason.lease_lost,
-        open_run=sink.connected, buffer=sink.add_points,
+        buffer=sink.add_points,  # (the sink opens the run itself: nothing to wait for)
     )  # fmt: skip
 
 

@@ -149,12 +149,9 @@ def test_a_resnet_is_saved_with_the_trainer_package_and_torchvision_and_loads(tm
     assert loaded["outputs"] == [2, 3]
 
 
-def test_a_jobs_results_are_all_in_its_run_and_its_model_is_the_runs_and_loads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """log_results sends its parts at once and the model by ids: the run still ends up with
-    the spec, the confusion matrix (data and figure) and a LoggedModel of its own."""
-    import mlflow.pytorch
+def trained_iris_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str):  # noqa: ANN201
+    """A local MLflow store (SQLite) that the worker's MLflow code uses, an empty run in it, and
+    a 1-epoch iris job trained in-process: (client, spec, experiment id, run id, result)."""
     from mlflow.tracking import MlflowClient
 
     from jobs.spec import JobSpec
@@ -164,15 +161,28 @@ def test_a_jobs_results_are_all_in_its_run_and_its_model_is_the_runs_and_loads(
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setattr(mlflow_run.settings, "mlflow_tracking_uri", uri)
     client = MlflowClient(tracking_uri=uri)
-    spec = JobSpec.model_validate({"name": "results", "dataset": {"name": "iris"}, "epochs": 1, "batch_size": 16})
-    experiment_id = client.create_experiment("results", artifact_location=str(tmp_path / "artifacts"))
+    spec = JobSpec.model_validate({"name": name, "dataset": {"name": "iris"}, "epochs": 1, "batch_size": 16})
+    experiment_id = client.create_experiment(name, artifact_location=str(tmp_path / "artifacts"))
     run_id = client.create_run(experiment_id).info.run_id
+    trainer = Trainer(spec)
+    trainer.setup()
+    return client, spec, experiment_id, run_id, trainer.train()
+
+
+def test_a_jobs_results_are_all_in_its_run_and_its_model_is_the_runs_and_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """log_results sends its parts at once and the model by ids: the run still ends up with
+    the spec, the confusion matrix (data and figure) and a LoggedModel of its own."""
+    import mlflow.pytorch
+
+    from worker import mlflow_run
+
+    client, spec, experiment_id, run_id, result = trained_iris_run(tmp_path, monkeypatch, "results")
+    uri = client.tracking_uri
     # (the run's params: the spec's, sent by the job's metric sink with its points, which may
     # come after the results of an attempt that reopened the run: the model takes the spec's)
     params = mlflow_run.run_params(spec)
-    trainer = Trainer(spec)
-    trainer.setup()
-    result = trainer.train()
 
     mlflow_run.log_results(client, run_id, spec, result)
 

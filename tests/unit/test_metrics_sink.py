@@ -215,19 +215,10 @@ def test_the_models_metrics_are_sent_only_after_the_sink_has_sent_those_points(
     import threading
     from functools import partial
 
-    from jobs.spec import JobSpec
-    from trainer.recipe import Trainer
+    from tests.unit.test_job_processes import trained_iris_run
     from worker import mlflow_run
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setattr(mlflow_run.settings, "mlflow_tracking_uri", uri)
-    client = MlflowClient(tracking_uri=uri)
-    spec = JobSpec.model_validate({"name": "linked", "dataset": {"name": "iris"}, "epochs": 1, "batch_size": 16})
-    experiment_id = client.create_experiment("linked", artifact_location=str(tmp_path / "artifacts"))
-    run_id = client.create_run(experiment_id).info.run_id
-    trainer = Trainer(spec)
-    trainer.setup()
-    result = trainer.train()
+    client, spec, experiment_id, run_id, result = trained_iris_run(tmp_path, monkeypatch, "linked")
     may_send = threading.Event()  # the sink's last request still on its way (here: held)
     sink = MlflowMetricSink(client, lambda: (run_id, {}), flush_interval_s=0.05, buffer_limit=10_000,
                             may_send=may_send.is_set)  # fmt: skip
