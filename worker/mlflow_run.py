@@ -35,10 +35,7 @@ from mlflow.entities import (  # noqa: E402
     RunStatus,
     RunTag,
 )
-from mlflow.environment_variables import (  # noqa: E402
-    MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD,
-    MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE,
-)
+from mlflow.environment_variables import MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE  # noqa: E402
 from mlflow.models import Model  # noqa: E402
 from mlflow.models.model import MLMODEL_FILE_NAME  # noqa: E402
 from mlflow.store.artifact.artifact_repo import ArtifactRepository  # noqa: E402
@@ -366,13 +363,15 @@ def _put(upload: _Upload) -> None:
     """One file into its run or model. To MLflow's artifact server (`--serve-artifacts`, as
     Descent runs it) from memory, the request MLflow's HTTP repository makes from a file
     (writing a job's dozen files to a scratch directory first, and removing them, cost more
-    than sending them); to any other store, or where MLflow would upload in parts, through
-    a file and MLflow's own `log_artifact`."""
+    than sending them); to any other store, or a file large enough that MLflow may upload it
+    in parts (it decides), through a file and MLflow's own `log_artifact`.
+
+    The artifact server's repository is `MlflowArtifactsRepository` (`mlflow-artifacts:/`
+    URIs, what a run of the stack's server has), a subclass of HttpArtifactRepository whose
+    uploads are the same PUT: an exact type test sent every file through a scratch directory."""
     repository = upload.repository
-    in_parts = MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD.get() and (
-        len(upload.content) >= MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE.get()
-    )
-    if type(repository) is HttpArtifactRepository and not in_parts:
+    may_go_in_parts = len(upload.content) >= MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE.get()
+    if isinstance(repository, HttpArtifactRepository) and not may_go_in_parts:
         headers = {"Content-Type": _guess_mime_type(posixpath.basename(upload.path))}
         response = http_request(get_default_host_creds(repository.artifact_uri), posixpath.join("/", upload.path),
                                 "PUT", data=upload.content, extra_headers=headers)  # fmt: skip
