@@ -281,13 +281,13 @@ def log_results(
         run_repository = get_artifact_repository(run.artifact_uri, tracking_uri=tracking_uri)
         run_files = _run_files(spec, result)
         sent = [pool.submit(_put, _Upload(run_repository, name, content)) for name, content in run_files.items()]
-        model_id = None
+        model_id, model_puts = None, []
         try:
             if record is not None:
                 saved = _save_model(result)
                 logged = record.result()
                 model_id = logged.model_id
-                sent += [pool.submit(_put, upload) for upload in _model_files(client, saved, logged, run_id)]
+                model_puts = [pool.submit(_put, upload) for upload in _model_files(client, saved, logged, run_id)]
                 output = LoggedModelOutput(model_id, step=result.steps)
                 sent.append(pool.submit(client.log_outputs, run_id, models=[output]))  # the model as the run's output
                 if linked := model_metrics(spec, model_id, evaluation):
@@ -295,14 +295,19 @@ def log_results(
                     tags = []
             if tags:
                 sent.append(pool.submit(client.log_batch, run_id, tags=tags))
+            # The model is READY once its own files are in, while the run's last requests are
+            # on their way (its linked metrics wait for the sink's last points): not one more
+            # request after them on the way to the job's end. Any failure still leaves it FAILED.
+            for future in model_puts:
+                future.result()
+            if model_id is not None:
+                client.finalize_logged_model(model_id, LoggedModelStatus.READY)
             for future in sent:
                 future.result()
         except Exception:
             if model_id is not None:  # as mlflow's log_model leaves a model whose files did not all arrive
                 _finalize_quietly(client, model_id, LoggedModelStatus.FAILED)
             raise
-    if model_id is not None:
-        client.finalize_logged_model(model_id, LoggedModelStatus.READY)
 
 
 def _log_linked_metrics(
