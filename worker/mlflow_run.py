@@ -35,10 +35,7 @@ from mlflow.entities import (  # noqa: E402
     RunStatus,
     RunTag,
 )
-from mlflow.environment_variables import (  # noqa: E402
-    MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD,
-    MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE,
-)
+from mlflow.environment_variables import MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE  # noqa: E402
 from mlflow.models import Model  # noqa: E402
 from mlflow.models.model import MLMODEL_FILE_NAME  # noqa: E402
 from mlflow.store.artifact.artifact_repo import ArtifactRepository  # noqa: E402
@@ -284,13 +281,13 @@ def log_results(
         run_repository = get_artifact_repository(run.artifact_uri, tracking_uri=tracking_uri)
         run_files = _run_files(spec, result)
         sent = [pool.submit(_put, _Upload(run_repository, name, content)) for name, content in run_files.items()]
-        model_id = None
+        model_id, model_puts = None, []
         try:
             if record is not None:
                 saved = _save_model(result)
                 logged = record.result()
                 model_id = logged.model_id
-                sent += [pool.submit(_put, upload) for upload in _model_files(client, saved, logged, run_id)]
+                model_puts = [pool.submit(_put, upload) for upload in _model_files(client, saved, logged, run_id)]
                 output = LoggedModelOutput(model_id, step=result.steps)
                 sent.append(pool.submit(client.log_outputs, run_id, models=[output]))  # the model as the run's output
                 if linked := model_metrics(spec, model_id, evaluation):
@@ -298,14 +295,19 @@ def log_results(
                     tags = []
             if tags:
                 sent.append(pool.submit(client.log_batch, run_id, tags=tags))
+            # The model is READY once its own files are in, while the run's last requests are
+            # on their way (its linked metrics wait for the sink's last points): not one more
+            # request after them on the way to the job's end. Any failure still leaves it FAILED.
+            for future in model_puts:
+                future.result()
+            if model_id is not None:
+                client.finalize_logged_model(model_id, LoggedModelStatus.READY)
             for future in sent:
                 future.result()
         except Exception:
             if model_id is not None:  # as mlflow's log_model leaves a model whose files did not all arrive
                 _finalize_quietly(client, model_id, LoggedModelStatus.FAILED)
             raise
-    if model_id is not None:
-        client.finalize_logged_model(model_id, LoggedModelStatus.READY)
 
 
 def _log_linked_metrics(
@@ -366,13 +368,15 @@ def _put(upload: _Upload) -> None:
     """One file into its run or model. To MLflow's artifact server (`--serve-artifacts`, as
     Descent runs it) from memory, the request MLflow's HTTP repository makes from a file
     (writing a job's dozen files to a scratch directory first, and removing them, cost more
-    than sending them); to any other store, or where MLflow would upload in parts, through
-    a file and MLflow's own `log_artifact`."""
+    than sending them); to any other store, or a file large enough that MLflow may upload it
+    in parts (it decides), through a file and MLflow's own `log_artifact`.
+
+    The artifact server's repository is `MlflowArtifactsRepository` (`mlflow-artifacts:/`
+    URIs, what a run of the stack's server has), a subclass of HttpArtifactRepository whose
+    uploads are the same PUT: an exact type test sent every file through a scratch directory."""
     repository = upload.repository
-    in_parts = MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD.get() and (
-        len(upload.content) >= MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE.get()
-    )
-    if type(repository) is HttpArtifactRepository and not in_parts:
+    may_go_in_parts = len(upload.content) >= MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE.get()
+    if isinstance(repository, HttpArtifactRepository) and not may_go_in_parts:
         headers = {"Content-Type": _guess_mime_type(posixpath.basename(upload.path))}
         response = http_request(get_default_host_creds(repository.artifact_uri), posixpath.join("/", upload.path),
                                 "PUT", data=upload.content, extra_headers=headers)  # fmt: skip

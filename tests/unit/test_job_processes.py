@@ -204,6 +204,31 @@ def test_a_jobs_results_are_all_in_its_run_and_its_model_is_the_runs_and_loads(
     assert model(torch.zeros(2, 4)).shape == (2, 3)
 
 
+def test_a_file_for_the_artifact_server_is_put_from_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of the stack's server keeps its files under `mlflow-artifacts:/` (MLflow's
+    MlflowArtifactsRepository, a subclass of its HTTP repository): each file is one PUT of
+    the bytes in hand, no scratch directory (an exact type test sent all of them through one)."""
+    import requests
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from worker import mlflow_run
+
+    sent = []
+
+    def http_request(host_creds, endpoint, method, data=None, extra_headers=None, **kwargs):  # noqa: ANN001, ANN003
+        sent.append((host_creds.host, endpoint, method, data, extra_headers["Content-Type"]))
+        response = requests.Response()
+        response.status_code = 200
+        return response
+
+    monkeypatch.setattr(mlflow_run, "http_request", http_request)
+    monkeypatch.setattr(mlflow_run.tempfile, "TemporaryDirectory", lambda **_: pytest.fail("went through a file"))
+    repository = get_artifact_repository("mlflow-artifacts:/1/abc/artifacts", tracking_uri="http://127.0.0.1:5000")
+    mlflow_run._put(mlflow_run._Upload(repository, "data/model.pth", b"weights"))
+    assert sent == [("http://127.0.0.1:5000/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts", "/data/model.pth",
+                     "PUT", b"weights", "application/octet-stream")]  # fmt: skip
+
+
 @pytest.mark.parametrize("arch", ["mlp", "lstm"])
 def test_a_model_saved_from_the_template_is_what_mlflows_own_save_writes(tmp_path: Path, arch: str) -> None:
     """A job's model is pickled into the files `mlflow.pytorch.save_model` made once for its

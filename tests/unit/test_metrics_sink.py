@@ -178,6 +178,39 @@ def test_the_runs_params_ride_in_the_first_request_with_its_points(store: Mlflow
             assert requests == [(0, 100, 0), (0, 50, 0)]
 
 
+def test_a_jobs_first_batch_leaves_once_it_is_full_not_at_the_first_tick(store: MlflowClient) -> None:
+    # A study's trial trains for less than the sink's cadence: without an early first batch,
+    # every point (and the params) went at its end, where the job waits for MLflow to take them.
+    run_id = store.create_run(store.create_experiment(f"first-{uuid.uuid4().hex[:6]}")).info.run_id
+    sink = MlflowMetricSink(store, lambda: (run_id, {}), flush_interval_s=3600, buffer_limit=10_000,
+                            params={"optimizer.name": "adam"}, first_batch_points=50)  # fmt: skip
+    requests: list[int] = []
+    write = sink._write
+    sink._write = lambda run, batch, p=(), t=(): (requests.append(len(batch)), write(run, batch, p, t))
+
+    def sent_within(seconds: float, count: int) -> bool:
+        deadline = time.monotonic() + seconds
+        while sink.sent < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return sink.sent >= count
+
+    try:
+        for step in range(49):
+            sink.add(step, {"train_loss": 1.0 / (step + 1)})
+        assert not sent_within(0.3, 1)  # not full yet: nothing sent before the first tick
+        sink.add(49, {"train_loss": 0.02})
+        assert sent_within(10, 50)
+        for step in range(50, 200):  # once only: then the cadence again (an hour here)
+            sink.add(step, {"train_loss": 1.0 / (step + 1)})
+        assert not sent_within(0.3, 51)
+        assert sink.close(timeout_s=10)
+    finally:
+        sink.discard()
+    assert requests == [50, 150]
+    assert store.get_run(run_id).data.params == {"optimizer.name": "adam"}
+    assert len(store.get_metric_history(run_id, "train_loss")) == 200
+
+
 def test_a_sample_buffered_into_the_sink_goes_with_its_points(store: MlflowClient) -> None:
     # A job's system metrics go into its sink (worker/system_metrics.run_destination): the last
     # sample of a short job was one more request, waited for before the job's end.
