@@ -8,7 +8,6 @@ optimizer), `train()` runs the loop.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -130,17 +129,23 @@ class Trainer:
         """(mean loss, accuracy, predictions) over a whole split as stored, in eval mode, not
         augmented, as tensors on the device: the caller reads them back in one sync."""
         self.model.eval()
-        total_loss = torch.zeros((), device=self.device)
-        predictions = []
         with self.speed.autocast():
-            for start in range(0, len(x), EVAL_CHUNK):
-                logits = self.model(self.data.inputs(x[start : start + EVAL_CHUNK]))
-                total_loss += self.loss_fn(logits, y[start : start + EVAL_CHUNK]).float() * len(logits)
-                predictions.append(logits.argmax(dim=1))
+            if len(x) <= EVAL_CHUNK:  # one chunk: the loss's own mean (the chunks' sum costs six tensor ops more)
+                logits = self.model(self.data.inputs(x))
+                mean_loss = self.loss_fn(logits, y).float()
+                predicted = logits.argmax(dim=1)
+            else:
+                total_loss = torch.zeros((), device=self.device)
+                predictions = []
+                for start in range(0, len(x), EVAL_CHUNK):
+                    logits = self.model(self.data.inputs(x[start : start + EVAL_CHUNK]))
+                    total_loss += self.loss_fn(logits, y[start : start + EVAL_CHUNK]).float() * len(logits)
+                    predictions.append(logits.argmax(dim=1))
+                mean_loss = total_loss / len(x)
+                predicted = torch.cat(predictions)
         self.model.train()
-        predicted = torch.cat(predictions)
         accuracy = (predicted == y).float().mean()
-        return total_loss / len(x), accuracy, predicted
+        return mean_loss, accuracy, predicted
 
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, torch.Tensor]:
         """(mean loss, accuracy, predictions) over a whole split as stored, in eval mode, not augmented."""
@@ -183,8 +188,10 @@ class Trainer:
         optimizer._opt_called = True
         scaler = self.speed.scaler
         autocast = self.speed.autocast if self.speed.autocast_dtype is not None else None
-        no_autocast = contextlib.nullcontext()  # (reusable: one object for every step)
-        window_steps = window.steps
+        # The window's lists, appended to by the step itself (a method call a step costs
+        # more than the appends); drain() empties them in place.
+        window_steps, window_lrs, window_losses = window.steps, window.lrs, window.losses
+        window_logged, window_norm_parts = window.logged, window.norm_parts
         reporter, checkpoint_every = self.reporter, self.checkpoint_every
         if self.speed.compile_seconds is not None:  # (spent in setup: no step's rate includes it)
             reporter.log_metrics(pos.step, {"compile_seconds": self.speed.compile_seconds})
@@ -199,10 +206,17 @@ class Trainer:
             order, batch_start, step, logits_seen = pos.order, pos.batch_start, pos.step, pos.logits
             while batch_start < n_train:
                 batch = order[batch_start : batch_start + batch_size]
-                with no_autocast if autocast is None else autocast():
+                # fp32 runs the forward pass outside any `with`: entering and leaving even a
+                # nullcontext are two Python calls a step (~2,000 instructions).
+                if autocast is None:
                     x = x_train[batch] if inputs is None else inputs(x_train[batch], augmentation)
                     logits = step_model(x)
                     loss = loss_fn(logits, y_train[batch])
+                else:
+                    with autocast():
+                        x = x_train[batch] if inputs is None else inputs(x_train[batch], augmentation)
+                        logits = step_model(x)
+                        loss = loss_fn(logits, y_train[batch])
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is None:
                     loss.backward()
@@ -218,7 +232,8 @@ class Trainer:
                 if clip is not None:  # clip_grad_norm_ returns the norm from before clipping
                     norm_parts = [torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)]
                 elif logged:  # per-parameter norms; one global norm per step is made once per window
-                    norm_parts = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+                    # (each `p.grad` is a torch getter of ~500 instructions: read once per parameter)
+                    norm_parts = torch._foreach_norm([g for p in params if (g := p.grad) is not None])
                 lr = optimizer.param_groups[0]["lr"]
                 if scaler is None:
                     optimizer_step()
@@ -229,7 +244,15 @@ class Trainer:
                     probes.after_step()  # the update just made, at the lr it was made with
                 if step_schedule is not None:
                     step_schedule()
-                window.add(step, lr, loss.detach(), norm_parts if logged else None, scaler)
+                if scaler is None:  # StepWindow.add, inlined
+                    if logged:
+                        window_logged.append(len(window_steps))
+                        window_norm_parts.extend(norm_parts)
+                    window_steps.append(step)
+                    window_lrs.append(lr)
+                    window_losses.append(loss.detach())
+                else:
+                    window.add(step, lr, loss.detach(), norm_parts if logged else None, scaler)
                 if explosion is not None:
                     explosion.update(step, loss)  # on the device: read back with the window
                 # The running train accuracy: the logits are kept (detached) and reduced to
@@ -485,7 +508,10 @@ class StepWindow:
             self.scale_before, self.scales = scales[-1], []
         explosion = self.explosion
         if explosion is None:
-            first_bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+            # A non-finite loss makes the sum non-finite: summed in C (a tenth of the cost of a
+            # generator's test per loss), searched only then.
+            finite = math.isfinite(sum(losses))
+            first_bad = None if finite else next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
             last_logged = None if first_bad is None else first_bad - 1  # up to a divergence: the charts show it coming
         else:  # the range test: a loss that blows up is its end, not a failure
             self._read_explosion()
@@ -497,11 +523,16 @@ class StepWindow:
             last_logged = None if exploded is None else exploded - self.steps[0]
             if last_logged is not None and 0 <= last_logged < len(losses) and not math.isfinite(losses[last_logged]):
                 last_logged -= 1
-        rows = [
-            (self.steps[i], {"train_loss": losses[i], "lr": self.lrs[i], "grad_norm": norm})
-            for i, norm in zip(self.logged, norms)
-            if last_logged is None or i <= last_logged
-        ]
+        steps, lrs = self.steps, self.lrs
+        if last_logged is None and len(self.logged) == len(steps):  # every step logged, none held back
+            rows = [(step, {"train_loss": loss, "lr": lr, "grad_norm": norm})
+                    for step, loss, lr, norm in zip(steps, losses, lrs, norms)]  # fmt: skip
+        else:
+            rows = [
+                (steps[i], {"train_loss": losses[i], "lr": lrs[i], "grad_norm": norm})
+                for i, norm in zip(self.logged, norms)
+                if last_logged is None or i <= last_logged
+            ]
         if self.log_rows is not None:
             self.log_rows(rows)  # the window's rows in one call (a reporter that offers it)
         else:
@@ -512,7 +543,9 @@ class StepWindow:
             self.reporter.log_metrics(step, {"exploded_at_step": step, "exploded_at_lr": lr})
         if first_bad is not None:
             raise TrainingDiverged(self.steps[first_bad], losses[first_bad], self.lrs[first_bad])
-        self.steps, self.lrs, self.losses, self.logged, self.norm_parts = [], [], [], [], []
+        # Emptied in place: the training loop holds these lists.
+        for kept in (self.steps, self.lrs, self.losses, self.logged, self.norm_parts):
+            kept.clear()
 
     def _read_explosion(self) -> None:
         """The range test's first exploding step, if it is in this window: noted with its lr."""

@@ -62,6 +62,8 @@ class JobReporter:
         self.step = 0
         self.latest: dict[str, float | None] = {}
         self.stop_requested = threading.Event()
+        # Asked after every step: the event's own is_set, one Python call a step instead of two.
+        self.should_stop = self.stop_requested.is_set
         self.stop_reason: StopReason | None = None
         self.checkpoint_min_interval_s = checkpoint_min_interval_s
         self.pending_checkpoint: PendingCheckpoint | None = None
@@ -128,9 +130,6 @@ class JobReporter:
 
     def progress(self, epoch: int, step: int) -> None:
         self.epoch, self.step = epoch, step
-
-    def should_stop(self) -> bool:
-        return self.stop_requested.is_set()
 
 
 class JobMonitor:
