@@ -108,8 +108,7 @@ class StackedNetwork:
         grouped = False  # False: [K, B, ...]; True: [B, K*C, H, W], the layout of grouped convolutions
         for layer in self.layers:
             if isinstance(layer, nn.Linear):
-                weight, bias = next(weights), next(weights)
-                x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))  # (weight [K, out, in])
+                x = StackedLinear.apply(x, next(weights), next(weights))
             elif isinstance(layer, nn.Conv2d):
                 if not grouped:
                     x = x.transpose(0, 1).reshape(x.shape[1], k * x.shape[2], *x.shape[3:])
@@ -164,7 +163,7 @@ class StackedNetwork:
         features = h_in.mean(dim=2) if model.pooling == "mean" else hidden
         if training and model.dropout.p > 0:
             features = features * self._dropout_masks(features, model.dropout.p, generators)
-        return torch.baddbmm(w["head.bias"].unsqueeze(1), features, w["head.weight"].transpose(1, 2))
+        return StackedLinear.apply(features, w["head.weight"], w["head.bias"])
 
     @staticmethod
     def _dropout_masks(x: torch.Tensor, p: float, generators: list[torch.Generator] | None) -> torch.Tensor:
@@ -174,6 +173,28 @@ class StackedNetwork:
         for row, generator in zip(mask, generators or [None] * len(mask)):
             row.bernoulli_(1 - p, generator=generator)
         return mask.div_(1 - p)
+
+
+
+class StackedLinear(torch.autograd.Function):
+    """K Linear layers: x [K, B, in], weight [K, out, in] (the solo layout), bias [K, out].
+
+    The backward is the solo layer's: autograd's own for baddbmm would make the weight's
+    gradient as x^T @ grad, [K, in, out] (then transposed and copied into the [out, in]
+    layout), where the solo mm_mat2_backward, seeing its weight read transposed, makes
+    grad^T @ x straight into [out, in]. That is the solo summation (bit for bit on one thread;
+    x^T @ grad was off by ~2e-7 for a 10-class head) and, for a narrow head, 4x faster."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, weight)
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        return grad_x, torch.bmm(grad.transpose(1, 2), x), grad.sum(1)
 
 
 # The cells as ATen computes them on the CPU (aten/src/ATen/native/RNN.cpp): `projected` is

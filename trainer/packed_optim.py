@@ -253,6 +253,10 @@ class StackedAdam(StackedOptimizer):
         self.one_minus_beta1 = _column([1 - g["betas"][0] for g in self.groups], self.device)
         self.beta2 = _column([g["betas"][1] for g in self.groups], self.device)
         self.one_minus_beta2 = _column([1 - g["betas"][1] for g in self.groups], self.device)
+        # One beta2 for the whole pack (an lr sweep, seed repeats): addcmul's own value, torch's
+        # call exactly, and one pass over the state fewer than the [K, 1] column's g * (1 - beta2).
+        beta2s = {g["betas"][1] for g in self.groups}
+        self.shared_one_minus_beta2 = 1 - beta2s.pop() if len(beta2s) == 1 else None
         self.eps = self._value("eps")
         self.amsgrad = _flag([g["amsgrad"] for g in self.groups], self.device)
         self.decoupled = self.groups[0].get("decoupled_weight_decay", False)  # AdamW (the family is the pack's)
@@ -283,12 +287,15 @@ class StackedAdam(StackedOptimizer):
             g = self._decayed(flat, grad)
         exp_avg, exp_avg_sq = self.state["exp_avg"], self.state["exp_avg_sq"]
         exp_avg.lerp_(g, self.one_minus_beta1)
-        exp_avg_sq.mul_(self.beta2).addcmul_(g * self.one_minus_beta2, g)
+        if self.shared_one_minus_beta2 is None:
+            exp_avg_sq.mul_(self.beta2).addcmul_(g * self.one_minus_beta2, g)
+        else:
+            exp_avg_sq.mul_(self.beta2).addcmul_(g, g, value=self.shared_one_minus_beta2)
         second = exp_avg_sq
         if self.amsgrad is not False:
             torch.maximum(self.state["max_exp_avg_sq"], exp_avg_sq, out=self.state["max_exp_avg_sq"])
             second = _select(self.amsgrad, self.state["max_exp_avg_sq"], exp_avg_sq)
-        denom = (second.sqrt() / c["bias_correction2_sqrt"]).add_(self.eps)
+        denom = second.sqrt().div_(c["bias_correction2_sqrt"]).add_(self.eps)  # (in place: one buffer, not two)
         # param.addcdiv_(exp_avg, denom, value=-step_size) computes param + (value * exp_avg) / denom
         flat.addcdiv_(exp_avg * c["neg_step_size"], denom)
 

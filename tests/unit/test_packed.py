@@ -5,8 +5,9 @@ each final weight tensor within 2e-6 of the solo tensor's largest magnitude. The
 the solo arithmetic: Linear layers in the solo layout (a digits MLP's logits bit for bit),
 the optimizers' rules in torch's single-tensor order (one step from equal gradients: equal
 weights, bit for bit, every family). Not 0: MKL's batched gemm sums small layers (these
-wine MLPs' 13-16-8-3 at batch 16: logits ~3e-8 off) and a 10-class head's weight gradient
-in another order than the solo mm (~1e-8 absolute), the per-trial loss is reduced by mean() rather than nll_loss's own
+wine MLPs' 13-16-8-3 at batch 16: logits ~3e-8 off) and, with more than one thread, a
+10-class head's weight gradient in another order than MKL's threaded solo mm (~1e-8
+absolute; on one thread the bench's digits MLP trains to the solo weights bit for bit), the per-trial loss is reduced by mean() rather than nll_loss's own
 sum (~1 ulp of the reported loss), a grouped convolution and the stacked recurrent cells
 are other kernels; training carries those last-bit differences along. Measured here:
 losses within 3.1e-7, weights within 7.1e-7 (optimizer x schedule tests), 9.9e-7 (mlp
