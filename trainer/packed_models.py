@@ -175,7 +175,6 @@ class StackedNetwork:
         return mask.div_(1 - p)
 
 
-
 class StackedLinear(torch.autograd.Function):
     """K Linear layers: x [K, B, in], weight [K, out, in] (the solo layout), bias [K, out].
 
