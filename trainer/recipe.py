@@ -244,15 +244,15 @@ class Trainer:
                     probes.after_step()  # the update just made, at the lr it was made with
                 if step_schedule is not None:
                     step_schedule()
-                if scaler is None:  # StepWindow.add, inlined
-                    if logged:
-                        window_logged.append(len(window_steps))
-                        window_norm_parts.extend(norm_parts)
-                    window_steps.append(step)
-                    window_lrs.append(lr)
-                    window_losses.append(loss.detach())
-                else:
-                    window.add(step, lr, loss.detach(), norm_parts if logged else None, scaler)
+                # StepWindow.add, inlined (a method call a step costs more than the appends)
+                if scaler is not None:
+                    window.scales.append(scaler._scale.clone())  # the live scale is updated in place
+                if logged:
+                    window_logged.append(len(window_steps))
+                    window_norm_parts.extend(norm_parts)
+                window_steps.append(step)
+                window_lrs.append(lr)
+                window_losses.append(loss.detach())
                 if explosion is not None:
                     explosion.update(step, loss)  # on the device: read back with the window
                 # The running train accuracy: the logits are kept (detached) and reduced to
@@ -524,15 +524,11 @@ class StepWindow:
             if last_logged is not None and 0 <= last_logged < len(losses) and not math.isfinite(losses[last_logged]):
                 last_logged -= 1
         steps, lrs = self.steps, self.lrs
-        if last_logged is None and len(self.logged) == len(steps):  # every step logged, none held back
-            rows = [(step, {"train_loss": loss, "lr": lr, "grad_norm": norm})
-                    for step, loss, lr, norm in zip(steps, losses, lrs, norms)]  # fmt: skip
-        else:
-            rows = [
-                (steps[i], {"train_loss": losses[i], "lr": lrs[i], "grad_norm": norm})
-                for i, norm in zip(self.logged, norms)
-                if last_logged is None or i <= last_logged
-            ]
+        rows = [
+            (steps[i], {"train_loss": losses[i], "lr": lrs[i], "grad_norm": norm})
+            for i, norm in zip(self.logged, norms)
+            if last_logged is None or i <= last_logged
+        ]
         if self.log_rows is not None:
             self.log_rows(rows)  # the window's rows in one call (a reporter that offers it)
         else:
