@@ -16,7 +16,8 @@ one worker with two job slots, the reaper), then measures side by side in one ru
 3. concurrent jobs: a longer digits job alone, then two at once, steps/s of each (from
    the MLflow metric timestamps), alternating;
 4. a study of 16 digits trials (8 learning rates x 2 seeds, parallelism 2): wall time
-   against the trials' pure training time (16 x the in-process figure); each trial's
+   against the trials' pure training time (16 x the in-process figure, timed again five
+   times right before the study and five times right after it); each trial's
    timeline (created -> started -> first metric -> last metric -> finished), the gap
    between a round's end and the next round (the next trials created, then claimed), the
    CPU each kind of process used, and the requests the MLflow server answered.
@@ -320,16 +321,20 @@ def main() -> None:
         alone, together = concurrent_ratio(bench, long_epochs, pairs)
         mlflow_log = settings.descent_home / "logs" / "mlflow.log"
         log_offset = mlflow_log.stat().st_size
+        # The study's pure training is timed right around it: the machine's speed drifts over
+        # the minutes the jobs above take (in-process moved 0.09-0.17 s in one hour here).
+        study_local = in_process(spec, repeats=5)
         cpu_before = stack_cpu(databases)
         wall, trials, study_id = study_wall(bench, study_repeats)
         cpu_after = stack_cpu(databases)
         requests = mlflow_requests(mlflow_log, log_offset)  # (before the bench's own reads of the runs)
+        study_local += in_process(spec, repeats=5)  # (once its report is written: the log is quiet)
         rounds = study_rounds(bench, study_id)
 
     local = statistics.median(local_times)
     overhead = statistics.median(seq["e2e"]) - local
     ratios = [statistics.mean(pair) / a for a, pair in zip(alone, together)]
-    pure = trials * local
+    pure = trials * statistics.median(study_local)
     processes = "a new process per job" if args.fresh_process_per_job else "processes as the worker chooses"
     print(f"machine: {cores} cores, torch {torch.__version__}, {threads} torch thread(s) per job "
           f"(worker concurrency {CONCURRENCY}), {processes}; logs in {settings.descent_home / 'logs'}")  # fmt: skip
@@ -350,7 +355,8 @@ def main() -> None:
           + ", ".join(f"{a:.0f}" for a in alone) + " steps/s; two at once "
           + ", ".join(f"{p[0]:.0f} + {p[1]:.0f}" for p in together) + " steps/s")  # fmt: skip
     print(f"study: {trials} trials, parallelism {CONCURRENCY}: wall {wall:.1f} s, pure training "
-          f"{pure:.1f} s ({trials} x in-process), wall / pure training {wall / pure:.1f}x")  # fmt: skip
+          f"{pure:.1f} s ({trials} x in-process {statistics.median(study_local):.3f} s, timed around the study), "
+          f"wall / pure training {wall / pure:.1f}x")  # fmt: skip
     print(row("  a trial: created -> started", rounds["queued"]))
     print(row("    started -> first metric", rounds["to_metric"]))
     print(row("    first -> last metric", rounds["train"]))

@@ -41,7 +41,7 @@ from trainer.speed import check_runnable, release_device_memory
 from worker import study_runs
 from worker.checkpoint_store import read_checkpoint, where_kept
 from worker.dataset_cache import ensure_image_set
-from worker.metrics_sink import FIRST_BATCH_POINTS, MetricPoint, MlflowMetricSink
+from worker.metrics_sink import STREAM_POINTS, MetricPoint, MlflowMetricSink
 from worker.mlflow_run import (
     RunFacts, latest_steps, log_results, log_run_input, open_run, reopen_run, run_params, unrecorded_run,
 )
@@ -252,12 +252,13 @@ def open_metric_sink(client: MlflowClient, connect: Callable[[], tuple[str, dict
                      monitor: JobMonitor, spec: JobSpec) -> MlflowMetricSink:
     """A job's metric sink: flushed on the settings' cadence, held while the job's lease is
     stale, and held to the per-job metrics rule (METRICS_MAX_POINTS_PER_S). It sends the
-    run's params (the spec's) with its first points, which leave as soon as FIRST_BATCH_POINTS wait."""
+    run's params (the spec's) with its first points; until its cadence's first tick, its points
+    leave whenever STREAM_POINTS wait (a short job's go while it trains)."""
     return MlflowMetricSink(
         client, connect, settings.metrics_flush_interval_s, settings.metrics_buffer_limit,
         may_send=monitor.lease_is_fresh, max_points_per_s=settings.metrics_max_points_per_s,
         burst_points=settings.metrics_max_points_per_s * settings.metrics_burst_s, params=run_params(spec),
-        first_batch_points=FIRST_BATCH_POINTS,
+        stream_points=STREAM_POINTS,
     )  # fmt: skip
 
 

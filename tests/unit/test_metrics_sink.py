@@ -178,12 +178,14 @@ def test_the_runs_params_ride_in_the_first_request_with_its_points(store: Mlflow
             assert requests == [(0, 100, 0), (0, 50, 0)]
 
 
-def test_a_jobs_first_batch_leaves_once_it_is_full_not_at_the_first_tick(store: MlflowClient) -> None:
-    # A study's trial trains for less than the sink's cadence: without an early first batch,
-    # every point (and the params) went at its end, where the job waits for MLflow to take them.
-    run_id = store.create_run(store.create_experiment(f"first-{uuid.uuid4().hex[:6]}")).info.run_id
+def test_a_jobs_points_leave_as_they_come_until_its_first_tick(store: MlflowClient) -> None:
+    # A study's trial trains for less than the sink's cadence: its points must go while it
+    # trains (a request whenever `stream_points` wait), not all at its end, where the job
+    # waits for MLflow to take them. After the cadence's first tick, the cadence alone.
+    run_id = store.create_run(store.create_experiment(f"stream-{uuid.uuid4().hex[:6]}")).info.run_id
+    now = [0.0]
     sink = MlflowMetricSink(store, lambda: (run_id, {}), flush_interval_s=3600, buffer_limit=10_000,
-                            params={"optimizer.name": "adam"}, first_batch_points=50)  # fmt: skip
+                            params={"optimizer.name": "adam"}, stream_points=50, clock=lambda: now[0])  # fmt: skip
     requests: list[int] = []
     write = sink._write
     sink._write = lambda run, batch, p=(), t=(): (requests.append(len(batch)), write(run, batch, p, t))
@@ -197,18 +199,21 @@ def test_a_jobs_first_batch_leaves_once_it_is_full_not_at_the_first_tick(store: 
     try:
         for step in range(49):
             sink.add(step, {"train_loss": 1.0 / (step + 1)})
-        assert not sent_within(0.3, 1)  # not full yet: nothing sent before the first tick
+        assert not sent_within(0.3, 1)  # fewer than 50 wait: nothing before the tick
         sink.add(49, {"train_loss": 0.02})
         assert sent_within(10, 50)
-        for step in range(50, 200):  # once only: then the cadence again (an hour here)
-            sink.add(step, {"train_loss": 1.0 / (step + 1)})
-        assert not sent_within(0.3, 51)
+        stamp = int(time.time() * 1000)
+        sink.add_points([("train_loss", 1.0 / (s + 1), stamp, s) for s in range(50, 120)])  # an epoch's, at once
+        assert sent_within(10, 120)  # they leave too: the tick is an hour away
+        now[0] = 3600.0  # past the first tick: the cadence alone from now on
+        sink.add_points([("train_loss", 1.0 / (s + 1), stamp, s) for s in range(120, 300)])
+        assert not sent_within(0.3, 121)
         assert sink.close(timeout_s=10)
     finally:
         sink.discard()
-    assert requests == [50, 150]
+    assert requests == [50, 70, 180]
     assert store.get_run(run_id).data.params == {"optimizer.name": "adam"}
-    assert len(store.get_metric_history(run_id, "train_loss")) == 200
+    assert len(store.get_metric_history(run_id, "train_loss")) == 300
 
 
 def test_a_sample_buffered_into_the_sink_goes_with_its_points(store: MlflowClient) -> None:
