@@ -26,9 +26,12 @@ The last two lines are `api overhead per job: <seconds> s` and
 `two concurrent jobs, each vs alone: <ratio>`.
 
   PYTHONPATH=$PWD .venv/bin/python bench/job_cost.py [--quick | --study-only] [--jobs 50] [--pairs 2] [--fresh-process-per-job]
+      [--mlflow-auth [--mlflow-auth-cache-s S]]
 
 --fresh-process-per-job runs the worker as it runs with a CUDA build of torch (a new
 process for every job, FRESH_PROCESS_PER_JOB=true), to measure what that costs on CPU.
+--mlflow-auth runs MLflow's basic-auth app as docker-compose does (deploy/mlflow-auth.ini,
+the stack logging in as its admin); --mlflow-auth-cache-s 0 turns its credential cache off.
 
 Needs PostgreSQL (TEST_PG_HOST/PORT/USER, default 127.0.0.1:5432 postgres) and Redis
 (TEST_REDIS_URL, default redis://127.0.0.1:6379/15), as the integration tests do.
@@ -298,6 +301,10 @@ def main() -> None:
     parser.add_argument("--study-only", action="store_true",
                         help="only the study (after 4 jobs in a row and one pair, to warm the worker)")  # fmt: skip
     parser.add_argument("--long-epochs", type=int, default=60, help="epochs of the concurrent test's job")
+    parser.add_argument("--mlflow-auth", action="store_true",
+                        help="MLflow runs its basic-auth app, as docker-compose runs it (deploy/mlflow-auth.ini)")  # fmt: skip
+    parser.add_argument("--mlflow-auth-cache-s", type=int,
+                        help="with --mlflow-auth: its credential cache in seconds instead of the file's (0: none)")  # fmt: skip
     parser.add_argument("--fresh-process-per-job", action="store_true",
                         help="the worker runs each job in a new process, as it does with a CUDA build")  # fmt: skip
     args = parser.parse_args()
@@ -313,7 +320,8 @@ def main() -> None:
     local_times = in_process(spec, repeats=5)  # and as many after the jobs: the machine's speed drifts
 
     overrides = {"fresh_process_per_job": True} if args.fresh_process_per_job else {}
-    with bench_stack("job-cost", CONCURRENCY, **overrides) as stack:
+    with bench_stack("job-cost", CONCURRENCY, mlflow_auth=args.mlflow_auth, mlflow_auth_cache_s=args.mlflow_auth_cache_s,
+                     **overrides) as stack:  # fmt: skip
         settings, databases = stack.settings, stack.databases
         bench = Bench(stack.api, settings)
         seq = sequential_jobs(bench, n_jobs)
@@ -336,8 +344,12 @@ def main() -> None:
     ratios = [statistics.mean(pair) / a for a, pair in zip(alone, together)]
     pure = trials * statistics.median(study_local)
     processes = "a new process per job" if args.fresh_process_per_job else "processes as the worker chooses"
+    auth = "no login (make up's default)"
+    if args.mlflow_auth:
+        cache = "the file's" if args.mlflow_auth_cache_s is None else f"{args.mlflow_auth_cache_s} s"
+        auth = f"basic-auth app as docker-compose runs it, credential cache {cache}"
     print(f"machine: {cores} cores, torch {torch.__version__}, {threads} torch thread(s) per job "
-          f"(worker concurrency {CONCURRENCY}), {processes}; logs in {settings.descent_home / 'logs'}")  # fmt: skip
+          f"(worker concurrency {CONCURRENCY}), {processes}; MLflow: {auth}; logs in {settings.descent_home / 'logs'}")  # fmt: skip
     print(f"short job: digits, MLP [128, 64], adam, {spec.epochs} epochs ({spec.total_steps} steps)")
     print(row("in-process (setup + train)", local_times))
     print(row(f"through the API ({n_jobs} jobs in a row)", seq["e2e"]))

@@ -4,7 +4,10 @@ SQL, free ports for the stack's servers, and the whole stack as `make up` starts
 
 from __future__ import annotations
 
+import configparser
+import contextlib
 import os
+import secrets
 import socket
 import tempfile
 import uuid
@@ -50,11 +53,56 @@ class BenchStack:
     databases: list[str]  # the job database, then MLflow's
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 @contextmanager
-def bench_stack(name: str, concurrency: int, api_timeout_s: float = 30, **overrides: object) -> Iterator[BenchStack]:
+def mlflow_auth_as_compose(home: Path, auth_cache_s: int | None = None) -> Iterator[None]:
+    """MLflow's basic-auth app as docker-compose runs it (deploy/mlflow-auth.ini, its user
+    store under `home`), the stack logging in as its admin: the environment its children
+    inherit, for as long as the stack runs. `auth_cache_s` overrides the file's credential
+    cache (0: MLflow's default, none)."""
+    config = configparser.ConfigParser()
+    config.read(REPO_ROOT / "deploy" / "mlflow-auth.ini")
+    config["mlflow"]["database_uri"] = f"sqlite:///{home}/basic_auth.db"
+    if auth_cache_s is not None:
+        config["mlflow"]["auth_cache_ttl_seconds"] = str(auth_cache_s)
+    with open(home / "mlflow-auth.ini", "w") as out:
+        config.write(out)
+    password = secrets.token_urlsafe(16)
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(home / "mlflow-auth.ini"), "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password,
+    }  # fmt: skip
+    before = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def bench_stack(name: str, concurrency: int, api_timeout_s: float = 30, mlflow_auth_cache_s: int | None = None,
+                mlflow_auth: bool = False, **overrides: object) -> Iterator[BenchStack]:  # fmt: skip
     """A stack of its own (fresh job and MLflow databases, a private queue, free ports, one
-    worker with `concurrency` job slots), stopped and its databases dropped at the end."""
+    worker with `concurrency` job slots), stopped and its databases dropped at the end.
+    `mlflow_auth`: MLflow runs its basic-auth app as docker-compose runs it
+    (`mlflow_auth_as_compose`, with `mlflow_auth_cache_s`)."""
     home = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    if mlflow_auth:
+        overrides["mlflow_auth_enabled"] = True
+    with mlflow_auth_as_compose(home, mlflow_auth_cache_s) if mlflow_auth else contextlib.nullcontext():
+        yield from _bench_stack(home, name, concurrency, api_timeout_s, **overrides)
+
+
+def _bench_stack(home: Path, name: str, concurrency: int, api_timeout_s: float,
+                 **overrides: object) -> Iterator[BenchStack]:  # fmt: skip
     databases = [f"{name.replace('-', '')}_{uuid.uuid4().hex[:8]}", f"{name.replace('-', '')}_mlflow_{uuid.uuid4().hex[:8]}"]
     for database in databases:
         admin_sql(f'CREATE DATABASE "{database}"')

@@ -496,3 +496,12 @@ def test_preflight_refuses_example_minio_secrets_only_where_the_override_passes_
     assert "MLFLOW_S3_SECRET_KEY is not set" in found
     passed = yaml.safe_load(MINIO_OVERRIDE.read_text())["services"]["preflight"]["environment"]
     assert set(passed) == {"MINIO_ROOT_PASSWORD", "MLFLOW_S3_SECRET_KEY"}
+
+
+def test_mlflow_checks_a_login_once_a_minute_not_at_every_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without MLflow's credential cache, every request of the worker, the API and a browser
+    # pays a scrypt hash check (~150 ms of the MLflow server's CPU): ~3 s a short job.
+    from mlflow.server.auth.config import read_auth_config
+
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(REPO_ROOT / "deploy" / "mlflow-auth.ini"))
+    assert 0 < read_auth_config().auth_cache_ttl_seconds <= 60
