@@ -4,7 +4,6 @@ SQL, free ports for the stack's servers, and the whole stack as `make up` starts
 
 from __future__ import annotations
 
-import configparser
 import contextlib
 import os
 import secrets
@@ -20,7 +19,7 @@ import httpx
 import psycopg
 
 from jobs.settings import Settings
-from launcher.stack import start_stack
+from launcher.stack import local_mlflow_auth_config, start_stack
 
 PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
@@ -53,25 +52,16 @@ class BenchStack:
     databases: list[str]  # the job database, then MLflow's
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
 @contextmanager
 def mlflow_auth_as_compose(home: Path, auth_cache_s: int | None = None) -> Iterator[None]:
-    """MLflow's basic-auth app as docker-compose runs it (deploy/mlflow-auth.ini, its user
-    store under `home`), the stack logging in as its admin: the environment its children
-    inherit, for as long as the stack runs. `auth_cache_s` overrides the file's credential
-    cache (0: MLflow's default, none)."""
-    config = configparser.ConfigParser()
-    config.read(REPO_ROOT / "deploy" / "mlflow-auth.ini")
-    config["mlflow"]["database_uri"] = f"sqlite:///{home}/basic_auth.db"
-    if auth_cache_s is not None:
-        config["mlflow"]["auth_cache_ttl_seconds"] = str(auth_cache_s)
-    with open(home / "mlflow-auth.ini", "w") as out:
-        config.write(out)
+    """MLflow's basic-auth app as docker-compose runs it (launcher.stack.local_mlflow_auth_config:
+    deploy/mlflow-auth.ini, its users under `home`), the stack logging in as its admin: the
+    environment its children inherit, for as long as the stack runs. `auth_cache_s`
+    overrides the file's login cache (0: MLflow's default, none)."""
     password = secrets.token_urlsafe(16)
+    config = local_mlflow_auth_config(Settings(descent_home=home), auth_cache_s)
     env = {
-        "MLFLOW_AUTH_CONFIG_PATH": str(home / "mlflow-auth.ini"), "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
         "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
         "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password,
     }  # fmt: skip

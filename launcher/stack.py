@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import os
 from pathlib import Path
 
@@ -81,7 +82,32 @@ def stack_env(s: Settings) -> dict[str, str]:
         env["DATASETS_CHECKSUMS"] = str(s.datasets_checksums)
     if s.bootstrap_key is not None:
         env["DESCENT_BOOTSTRAP_KEY"] = s.bootstrap_key.get_secret_value()
+    if s.mlflow_auth_enabled and not os.environ.get("MLFLOW_AUTH_CONFIG_PATH"):
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(local_mlflow_auth_config(s))
     return env
+
+
+MLFLOW_AUTH_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "mlflow-auth.ini"
+
+
+def local_mlflow_auth_config(s: Settings, auth_cache_s: int | None = None) -> Path:
+    """MLflow's basic-auth app as docker-compose configures it (deploy/mlflow-auth.ini: no
+    permission by default, a login checked once a minute), its users kept in DESCENT_HOME:
+    `make up` with MLFLOW_AUTH_ENABLED=true and no MLFLOW_AUTH_CONFIG_PATH of its own.
+    (MLflow's packaged file would let every login read every experiment, and hash-check
+    the password at every request.) `auth_cache_s`: the login cache instead of the file's
+    (bench/job_cost.py measures it)."""
+    config = configparser.ConfigParser()
+    config.read(MLFLOW_AUTH_CONFIG)
+    home = s.descent_home.resolve()
+    config["mlflow"]["database_uri"] = f"sqlite:///{home / 'mlflow-auth.db'}"
+    if auth_cache_s is not None:
+        config["mlflow"]["auth_cache_ttl_seconds"] = str(auth_cache_s)
+    path = home / "mlflow-auth.ini"
+    home.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as out:
+        config.write(out)
+    return path
 
 
 def start_stack(s: Settings, log_dir: Path, workers: int = 1, concurrency: int = 1,
