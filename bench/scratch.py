@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest.mock import patch
 
 import httpx
 import psycopg
@@ -65,16 +66,8 @@ def mlflow_auth_as_compose(home: Path, auth_cache_s: int | None = None) -> Itera
         "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
         "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password,
     }  # fmt: skip
-    before = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+    with patch.dict(os.environ, env):
         yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @contextmanager
@@ -88,28 +81,23 @@ def bench_stack(name: str, concurrency: int, api_timeout_s: float = 30, mlflow_a
     if mlflow_auth:
         overrides["mlflow_auth_enabled"] = True
     with mlflow_auth_as_compose(home, mlflow_auth_cache_s) if mlflow_auth else contextlib.nullcontext():
-        yield from _bench_stack(home, name, concurrency, api_timeout_s, **overrides)
-
-
-def _bench_stack(home: Path, name: str, concurrency: int, api_timeout_s: float,
-                 **overrides: object) -> Iterator[BenchStack]:  # fmt: skip
-    databases = [f"{name.replace('-', '')}_{uuid.uuid4().hex[:8]}", f"{name.replace('-', '')}_mlflow_{uuid.uuid4().hex[:8]}"]
-    for database in databases:
-        admin_sql(f'CREATE DATABASE "{database}"')
-    key = "bench-" + uuid.uuid4().hex
-    url = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/"
-    settings = Settings(
-        descent_home=home, database_url=url + databases[0], broker_url=REDIS_URL,
-        queue_name=f"{name}-{uuid.uuid4().hex[:8]}", mlflow_port=free_port(), api_port=free_port(),
-        mlflow_backend_store_uri=url + databases[1], mlflow_artifacts_destination=str(home / "mlartifacts"),
-        bootstrap_key=key, **overrides,
-    )  # fmt: skip
-    group = start_stack(settings, home / "logs", workers=1, concurrency=concurrency)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=api_timeout_s,
-                          headers={"Authorization": f"Bearer {key}"}) as api:  # fmt: skip
-            yield BenchStack(settings, api, databases)
-    finally:
-        group.stop_all()
+        databases = [f"{name.replace('-', '')}_{uuid.uuid4().hex[:8]}", f"{name.replace('-', '')}_mlflow_{uuid.uuid4().hex[:8]}"]
         for database in databases:
-            admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            admin_sql(f'CREATE DATABASE "{database}"')
+        key = "bench-" + uuid.uuid4().hex
+        url = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/"
+        settings = Settings(
+            descent_home=home, database_url=url + databases[0], broker_url=REDIS_URL,
+            queue_name=f"{name}-{uuid.uuid4().hex[:8]}", mlflow_port=free_port(), api_port=free_port(),
+            mlflow_backend_store_uri=url + databases[1], mlflow_artifacts_destination=str(home / "mlartifacts"),
+            bootstrap_key=key, **overrides,
+        )  # fmt: skip
+        group = start_stack(settings, home / "logs", workers=1, concurrency=concurrency)
+        try:
+            with httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=api_timeout_s,
+                              headers={"Authorization": f"Bearer {key}"}) as api:  # fmt: skip
+                yield BenchStack(settings, api, databases)
+        finally:
+            group.stop_all()
+            for database in databases:
+                admin_sql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

@@ -188,10 +188,7 @@ class Trainer:
         optimizer._opt_called = True
         scaler = self.speed.scaler
         autocast = self.speed.autocast if self.speed.autocast_dtype is not None else None
-        # The window's lists, appended to by the step itself (a method call a step costs
-        # more than the appends); drain() empties them in place.
-        window_steps, window_lrs, window_losses = window.steps, window.lrs, window.losses
-        window_logged, window_norm_parts = window.logged, window.norm_parts
+        add_to_window, window_steps = window.add, window.steps  # (drain() empties the lists in place)
         reporter, checkpoint_every = self.reporter, self.checkpoint_every
         if self.speed.compile_seconds is not None:  # (spent in setup: no step's rate includes it)
             reporter.log_metrics(pos.step, {"compile_seconds": self.speed.compile_seconds})
@@ -244,15 +241,7 @@ class Trainer:
                     probes.after_step()  # the update just made, at the lr it was made with
                 if step_schedule is not None:
                     step_schedule()
-                # StepWindow.add, inlined (a method call a step costs more than the appends)
-                if scaler is not None:
-                    window.scales.append(scaler._scale.clone())  # the live scale is updated in place
-                if logged:
-                    window_logged.append(len(window_steps))
-                    window_norm_parts.extend(norm_parts)
-                window_steps.append(step)
-                window_lrs.append(lr)
-                window_losses.append(loss.detach())
+                add_to_window(step, lr, loss.detach(), norm_parts if logged else None, scaler)
                 if explosion is not None:
                     explosion.update(step, loss)  # on the device: read back with the window
                 # The running train accuracy: the logits are kept (detached) and reduced to
@@ -539,7 +528,7 @@ class StepWindow:
             self.reporter.log_metrics(step, {"exploded_at_step": step, "exploded_at_lr": lr})
         if first_bad is not None:
             raise TrainingDiverged(self.steps[first_bad], losses[first_bad], self.lrs[first_bad])
-        # Emptied in place: the training loop holds these lists.
+        # Emptied in place: the training loop holds `steps`.
         for kept in (self.steps, self.lrs, self.losses, self.logged, self.norm_parts):
             kept.clear()
 
