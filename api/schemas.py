@@ -113,6 +113,10 @@ class JobPublic(BaseModel):
     study: JobTrial | None = None
     created_at: datetime
     started_at: datetime | None
+    trained_at: datetime | None = Field(
+        None, description="When its training ended; it stays running while its results (model, figures, last "
+        "metrics) are written to MLflow, and finishes once they are in.",
+    )
     finished_at: datetime | None
     attempts: int
     progress: JobProgress
@@ -136,6 +140,7 @@ class JobPublic(BaseModel):
             spec=JobSpec.model_validate(job.spec),
             created_at=job.created_at,
             started_at=job.started_at,
+            trained_at=job.trained_at,
             finished_at=job.finished_at,
             attempts=job.attempts,
             progress=JobProgress(

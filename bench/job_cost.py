@@ -19,7 +19,8 @@ one worker with two job slots, the reaper), then measures side by side in one ru
    against the trials' pure training time (16 x the in-process figure, timed again five
    times right before the study and five times right after it); each trial's
    timeline (created -> started -> first metric -> last metric -> finished), the gap
-   between a round's end and the next round (the next trials created, then claimed), the
+   between a round having trained and the next round (the next trials created, then
+   claimed) and how far the next round overlaps the last one's uploads, the
    CPU each kind of process used, and the requests the MLflow server answered.
 
 The last two lines are `api overhead per job: <seconds> s` and
@@ -253,34 +254,40 @@ def study_rounds(bench: Bench, study_id: str) -> dict[str, list[float]]:
     `queued` (created -> started), `to_metric` (started -> its first train_loss point),
     `train` (first -> last point), `to_end` (last point -> finished: its last metrics,
     results and run's end, the job's end) and `trial` (started -> finished); `move_on` the
-    last trial of a round finished -> the first of the next round started, split into
+    last trial of a round trained (`trained_at`: it gives its place back then, its results
+    still on their way to MLflow) -> the first of the next round started, split into
     `advance` (-> the next round's first trial created: Optuna told and asked, the trials
-    created and enqueued) and `claim` (-> started); where configurations overlap, a slot
-    freed -> the next trial started in it."""
+    created and enqueued) and `claim` (-> started); `overlap` a round's last trial finished
+    -> the next round's first started (negative: the next round trained while this one's
+    results went to MLflow). Where configurations overlap in training, a slot freed (a
+    trial trained) -> the next trial started in it."""
     jobs = bench.api.get("/v1/jobs", params={"study_id": study_id, "limit": 100}).json()["items"]
-    rounds: dict[str, list[tuple[float, float, float]]] = {}
+    rounds: dict[str, list[tuple[float, float, float, float]]] = {}
     parts: dict[str, list[float]] = {k: [] for k in ("queued", "to_metric", "train", "to_end")}
     for job in jobs:
-        created, started, finished = (datetime.fromisoformat(job[k]).timestamp()
-                                      for k in ("created_at", "started_at", "finished_at"))  # fmt: skip
-        rounds.setdefault(job["study"]["config_id"], []).append((created, started, finished))
+        created, started, trained, finished = (datetime.fromisoformat(job[k]).timestamp()
+                                               for k in ("created_at", "started_at", "trained_at", "finished_at"))  # fmt: skip
+        rounds.setdefault(job["study"]["config_id"], []).append((created, started, trained, finished))
         first, last, _ = bench.metric_span(job["mlflow"]["run_id"])
         parts["queued"].append(started - created)
         parts["to_metric"].append(first - started)
         parts["train"].append(last - first)
         parts["to_end"].append(finished - last)
-    ordered = sorted(rounds.values(), key=lambda spans: min(s for _, s, _ in spans))
+    ordered = sorted(rounds.values(), key=lambda spans: min(span[1] for span in spans))
     pairs = list(zip(ordered, ordered[1:]))
-    move_on = [min(s for _, s, _ in after) - max(f for _, _, f in before) for before, after in pairs]
-    advance = [min(c for c, _, _ in after) - max(f for _, _, f in before) for before, after in pairs]
-    claim = [min(s for _, s, _ in after) - min(c for c, _, _ in after) for _, after in pairs]
+    first_started = [min(span[1] for span in after) for _, after in pairs]
+    last_trained = [max(span[2] for span in before) for before, _ in pairs]
+    move_on = [start - trained for start, trained in zip(first_started, last_trained)]
+    advance = [min(span[0] for span in after) - trained for (_, after), trained in zip(pairs, last_trained)]
+    claim = [start - min(span[0] for span in after) for (_, after), start in zip(pairs, first_started)]
+    overlap = [start - max(span[3] for span in before) for (before, _), start in zip(pairs, first_started)]
     if any(gap < 0 for gap in move_on):  # configurations overlap (one seed each): a slot is the unit, not a round
-        starts = sorted(s for spans in ordered for _, s, _ in spans)
-        ends = sorted(f for spans in ordered for _, _, f in spans)
-        move_on = [start - end for start, end in zip(starts[CONCURRENCY:], ends)]  # the k-th end frees a slot
-        advance, claim = [], []
-    return {"trial": [f - s for spans in ordered for _, s, f in spans], "move_on": move_on, "advance": advance,
-            "claim": claim} | parts  # fmt: skip
+        starts = sorted(span[1] for spans in ordered for span in spans)
+        trained = sorted(span[2] for spans in ordered for span in spans)
+        move_on = [start - end for start, end in zip(starts[CONCURRENCY:], trained)]  # the k-th trained frees a slot
+        advance, claim, overlap = [], [], []
+    return {"trial": [span[3] - span[1] for spans in ordered for span in spans], "move_on": move_on,
+            "advance": advance, "claim": claim, "overlap": overlap} | parts  # fmt: skip
 
 
 def row(label: str, values: list[float]) -> str:
@@ -374,10 +381,11 @@ def main() -> None:
     print(row("    first -> last metric", rounds["train"]))
     print(row("    last metric -> finished", rounds["to_end"]))
     print(row("  a trial: started -> finished", rounds["trial"]))
-    print(row("  move-on: trial end -> next start", rounds["move_on"]))
+    print(row("  move-on: trained -> next start", rounds["move_on"]))
     if rounds["advance"]:
-        print(row("    round's end -> next created", rounds["advance"]))
+        print(row("    round trained -> next created", rounds["advance"]))
         print(row("    next created -> started", rounds["claim"]))
+        print(row("  round's end -> next start", rounds["overlap"]))
     print(f"  MLflow server: {requests} requests during the study, {requests / trials:.1f} a trial "
           "(the study's parent run and its report included)")
     cpu = cpu_between(cpu_before, cpu_after)

@@ -175,6 +175,10 @@ class Job(Base):
     # The pack the trial trained in (issue 13): trials with the same pack_id were claimed
     # together and trained as one computation; None: it trained alone.
     pack_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    # When the running attempt's training ended (None: it has not, or a later attempt
+    # started): a study's trial then no longer holds a place of its parallelism while it
+    # writes its results to MLflow (jobs/studies.py, holds_a_place).
+    trained_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The API key that submitted it, or its study; None: from before migration 0016. Its
     # label names the person in the MLflow run (`mlflow.user`).
     submitted_by_key_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, ForeignKey("api_keys.id"))

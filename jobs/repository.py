@@ -210,7 +210,7 @@ _JOB_VIEW = select(
     Job.id, Job.project, Job.name, Job.status, Job.spec, Job.created_at, Job.started_at, Job.finished_at,
     Job.attempts, Job.epoch, Job.step, Job.total_steps, Job.latest_metrics, Job.mlflow_experiment_id,
     Job.mlflow_run_id, Job.error_type, Job.error_message, Job.study_id, Job.config_id, Job.trial_number,
-    Job.pack_id, Job.diagnostics, Job.pool,
+    Job.pack_id, Job.diagnostics, Job.pool, Job.trained_at,
 ).where(Job.id == bindparam("job_id"), Job.project == bindparam("project"))
 
 
@@ -329,6 +329,7 @@ def claim_job(
             "started_at": func.coalesce(Job.started_at, now),  # the first attempt's start: timeouts count from it
             "lease_until": _lease_until(lease_s),
             "worker": worker,
+            "trained_at": None,  # an earlier attempt's: this one trains again
         },
     )
     if moved is None:
@@ -336,10 +337,25 @@ def claim_job(
     return session.scalar(select(Job.attempts).where(Job.id == job_id))
 
 
+
 @dataclass(frozen=True)
 class Claim:
     job_id: uuid.UUID
     attempt: int
+
+
+def mark_trained(*, session: Session, trained: list[tuple[Claim, dict[str, float | None]]]) -> None:
+    """These attempts finished training, with these final metrics (their results are on their
+    way to MLflow): each job's trained_at and latest metrics, written only while that attempt
+    still runs it."""
+    now = utcnow()
+    for claim, metrics in trained:
+        session.execute(
+            update(Job)
+            .where(Job.id == claim.job_id, Job.attempts == claim.attempt, Job.status.in_(list(ACTIVE)))
+            .values(trained_at=now, latest_metrics=metrics)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def fairest_queued_job(*, session: Session, pool: str | None = None) -> uuid.UUID | None:
@@ -579,7 +595,7 @@ def reap_lost_jobs(*, session: Session, now: datetime | None = None) -> list[Rea
         if job.status == JobStatus.cancelling:
             to, values = JobStatus.cancelled, {}
         elif job.attempts < max_attempts:
-            to, values = JobStatus.queued, {"enqueued_at": now}
+            to, values = JobStatus.queued, {"enqueued_at": now, "trained_at": None}  # its next attempt trains again
         else:
             to = JobStatus.failed
             values = {"error_type": "WorkerLost", "error_message": f"worker lost: {where}; no attempts left"}

@@ -178,6 +178,22 @@ def queue_width(spec: StudySpec) -> int:
     return getattr(spec.search, "parallelism", 1)  # the range test: its one job
 
 
+def has_trained(job: Job) -> bool:
+    """A trial still running whose training is over (trained_at): its result is known (its
+    latest metrics) and it is writing its results (model, figures, last metrics) to MLflow,
+    work of the MLflow server more than of its worker's device."""
+    return job.status not in TERMINAL and job.status != JobStatus.queued and job.trained_at is not None
+
+
+def holds_a_place(job: Job) -> bool:
+    """Whether a trial counts against its study's parallelism: queued, or running and not yet
+    trained. One that has trained gives its place back and Optuna hears its result then:
+    the next trials start (sampled knowing it) while it uploads, instead of each round of a
+    study waiting on the last one's uploads. It keeps its worker slot and its place in its
+    project's job quota until it ends."""
+    return job.status not in TERMINAL and not has_trained(job)
+
+
 @dataclass
 class Advance:
     new_jobs: list[uuid.UUID] = field(default_factory=list)  # to enqueue once committed
@@ -207,10 +223,10 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
     spec = parse_study(study)
     advance.pool = spec.pool
     jobs = trial_jobs(session=session, study_id=study.id)
-    untold = [j for j in jobs if j.status in TERMINAL and not j.trial_told and j.trial_number is not None]
+    untold = [j for j in jobs if (j.status in TERMINAL or has_trained(j)) and not j.trial_told and j.trial_number is not None]
     active = sum(job.status not in TERMINAL for job in jobs)
     seeds = spec.seeds[:1] if isinstance(spec.search, LRRangeTest) else spec.seeds
-    room = queue_width(spec) - active
+    room = queue_width(spec) - sum(holds_a_place(job) for job in jobs)
     if budget is None:
         budget = max(settings.study_trials_per_advance, len(seeds))
     # A configuration's seeds are created together, within what the project may still hold
@@ -231,7 +247,7 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
         optuna_study = study_search.load(study.id, spec, seed=spec.seeds[0] * 100_003 + study.configs_created)
     metric = spec.objective.metric
     for job in untold:
-        value = (job.latest_metrics or {}).get(metric) if job.status == JobStatus.succeeded else None
+        value = (job.latest_metrics or {}).get(metric) if job.status == JobStatus.succeeded or has_trained(job) else None
         study_search.tell(optuna_study, job.trial_number, value, pruned=job.status == JobStatus.pruned)
         job.trial_told = True
     result = dict(study.result or {})

@@ -28,7 +28,7 @@ from jobs import studies
 from jobs.dataset_store import locate_dataset, read_located
 from jobs.db import session_scope
 from jobs.models import Job, JobCheckpoint
-from jobs.repository import claim_next_job, get_job, load_checkpoint, parse_uuid, set_mlflow_run, transition
+from jobs.repository import Claim, claim_next_job, get_job, load_checkpoint, parse_uuid, set_mlflow_run, transition
 from jobs.settings import settings
 from jobs.spec import ImageDataset, JobSpec, UploadedDataset
 from jobs.states import ACTIVE, JobStatus
@@ -310,6 +310,9 @@ def _run_attempt(
                 system_metrics.finish()
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
         return fail_attempt(client, job, attempt, reporter, sink, system_metrics, exc)
+    if job.study_id is not None and not result.stopped_early:  # (stopped early: it ends at once)
+        reporter.keep_latest(result.final_metrics)
+        study_runs.trained(job.study_id, [(Claim(job_id, attempt), dict(reporter.latest))])
     return finish_attempt(client, job, spec, attempt, reporter, sink, result, opened, system_metrics)
 
 

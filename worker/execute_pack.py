@@ -205,6 +205,13 @@ def _train_pack(client: Any, trials: list[PackedTrial], started: float) -> None:
             done.set()
             watcher.join()
             log.info("pack of %d trials trained at %.2f s", len(ready), time.monotonic() - started)
+            trained = []
+            for t, result in zip(ready, trainer.results):
+                if isinstance(result, TrainingResult) and not result.stopped_early:
+                    t.reporter.keep_latest(result.final_metrics)
+                    trained.append((Claim(t.job.id, t.attempt), dict(t.reporter.latest)))
+            if trained:  # before their ends start (study_runs.trained says why)
+                study_runs.trained(ready[0].job.study_id, trained)
             conclude_ended(early=False)
         for t in ready:
             if t.ending is not None:

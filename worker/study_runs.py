@@ -1,5 +1,5 @@
 """A study's side of the worker: its MLflow parent run (the trials' runs nest under it),
-moving the study on when one of its trials ends, and its final report.
+moving the study on when trials have trained and when they end, and its final report.
 
 The report (written once the study ended, by the worker that ran its last trial or
 else by the reaper) puts on the parent run: the leaderboard as a table, the plots
@@ -32,6 +32,7 @@ from jobs.db import session_scope
 from jobs.lr_range import analyse
 from jobs.mlflow_tenancy import project_experiment_id, project_registered_model, registered_model_name
 from jobs.models import Job, Study, utcnow
+from jobs.repository import Claim, mark_trained
 from jobs.settings import settings
 from jobs.states import JobStatus, StudyStatus
 from jobs.study_spec import LRRangeTest, StudySpec, describe_values
@@ -111,6 +112,24 @@ def advance(study_id: uuid.UUID, report: bool = True) -> None:
     step = studies.move_on(study_id)
     if step.ended and report:
         write_report(study_id)
+
+
+def trained(study_id: uuid.UUID, trials: list[tuple[Claim, dict[str, float | None]]]) -> None:
+    """These trials of the study (their attempts, with their final metrics) finished training
+    and now write their results to MLflow: they give back their places of the study's
+    parallelism (jobs/studies.py: holds_a_place), Optuna is told their results, and the study
+    moves on at once. Its next trials train while these upload (about half of a short
+    trial's time, mostly the MLflow server's), instead of each round of the study waiting
+    for the last one's uploads.
+
+    Called before the trials' ends start, not beside them: beside them (threads of the same
+    process) it waited on their work for the interpreter, ~150 ms instead of ~40."""
+    try:
+        with session_scope() as session:
+            mark_trained(session=session, trained=trials)
+        advance(study_id, report=False)  # (these trials are running: the study cannot end here)
+    except Exception:  # noqa: BLE001 - the trials end all the same, and their ends move the study on
+        log.exception("study %s: its trials trained, but it could not be moved on before they ended", study_id)
 
 
 # --------------------------------------------------------------------------- the report

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from descent.client import Client
@@ -54,6 +55,15 @@ def test_a_grid_study_runs_to_its_leaderboard_with_nested_runs_and_plots(stack: 
 
     trials = client.trials(study["id"])
     assert len(trials) == 4 and all(t["study"]["study_id"] == study["id"] for t in trials)
+    # A trial that has trained gives its place to the next configuration while it writes its
+    # results to MLflow: the second configuration's trials were created before the first's ended.
+    when = [{k: datetime.fromisoformat(t[k]) for k in ("created_at", "started_at", "trained_at", "finished_at")}
+            | {"optimizer": t["spec"]["optimizer"]["name"]} for t in trials]  # fmt: skip
+    first_config = [t for t in when if t["optimizer"] == "sgd"]
+    second_config = [t for t in when if t["optimizer"] == "adam"]
+    assert all(t["started_at"] <= t["trained_at"] <= t["finished_at"] for t in when), when
+    assert min(t["trained_at"] for t in first_config) <= min(t["created_at"] for t in second_config)
+    assert min(t["created_at"] for t in second_config) < max(t["finished_at"] for t in first_config)
 
     parent = study["mlflow"]["run_id"]
     nested = stack.mlflow.search_runs([study["mlflow"]["experiment_id"]], f"tags.mlflow.parentRunId = '{parent}'")

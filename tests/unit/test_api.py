@@ -73,7 +73,7 @@ def test_submit_returns_the_job_with_every_default_filled(client: TestClient) ->
     body = response.json()
 
     assert set(body) == {
-        "id", "project", "name", "status", "spec", "created_at", "started_at", "finished_at",
+        "id", "project", "name", "status", "spec", "created_at", "started_at", "trained_at", "finished_at",
         "attempts", "progress", "metrics", "mlflow", "error", "study", "diagnostics", "waiting_reason",
     }  # fmt: skip
     uuid.UUID(body["id"])
@@ -85,7 +85,7 @@ def test_submit_returns_the_job_with_every_default_filled(client: TestClient) ->
     assert body["spec"]["optimizer"] == {"name": "sgd", "lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
     assert body["spec"]["schedule"] == {"name": "constant"}
     assert datetime.fromisoformat(body["created_at"]).tzinfo is not None
-    assert body["started_at"] is None and body["finished_at"] is None
+    assert body["started_at"] is None and body["trained_at"] is None and body["finished_at"] is None
     assert body["attempts"] == 0
     assert body["progress"] == {"epoch": 0, "step": 0, "total_steps": 16, "fraction": 0.0}  # 2 x ceil(120 / 16)
     assert body["metrics"] == {"train_loss": None, "train_accuracy": None, "val_loss": None, "val_accuracy": None}

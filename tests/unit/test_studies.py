@@ -6,6 +6,7 @@ with its trials; the statistics and the schedule-fair pruning points."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,68 @@ def test_a_study_whose_trials_all_fail_fails(client: TestClient) -> None:
     finish(job["id"], JobStatus.failed)
     assert advance(study["id"]).ended
     assert client.get(f"/v1/studies/{study['id']}").json()["status"] == "failed"
+
+
+def claim(job_id: str) -> repository.Claim:
+    with session_scope() as session:
+        attempt = repository.claim_job(session=session, job_id=uuid.UUID(job_id))
+    assert attempt is not None
+    return repository.Claim(uuid.UUID(job_id), attempt)
+
+
+def mark_trained(*trained: tuple[repository.Claim, float]) -> None:
+    with session_scope() as session:
+        repository.mark_trained(session=session, trained=[(c, {"val_accuracy": value}) for c, value in trained])
+
+
+def test_trials_that_have_trained_give_their_places_to_the_next_and_optuna_hears_them_then(client: TestClient) -> None:
+    study = submit(client, GRID | {"search": {"method": "grid", "parallelism": 2, "pack_size": 1}})
+    first = trials(client, study["id"])
+    claims = [claim(job["id"]) for job in first]
+    assert advance(study["id"]).new_jobs == []  # both training: no room
+
+    # Their training over, their results still on their way to MLflow: running, but no longer
+    # holding the parallelism. The next configuration starts, its sampler told their results.
+    mark_trained((claims[0], 0.5), (claims[1], 0.55))
+    assert len(advance(study["id"]).new_jobs) == 2
+    shown = client.get(f"/v1/jobs/{first[0]['id']}").json()
+    assert shown["status"] == "running" and shown["trained_at"] is not None
+    assert shown["metrics"]["val_accuracy"] == 0.5
+    optuna_study = study_search.load(study["id"], StudySpec.model_validate(study["spec"]))
+    assert sorted(t.value for t in optuna_study.trials if t.value is not None) == pytest.approx([0.5, 0.55])
+
+    second = [t for t in trials(client, study["id"]) if t["id"] not in {j["id"] for j in first}]
+    mark_trained(*((claim(job["id"]), value) for job, value in zip(second, (0.9, 0.92))))
+    assert not advance(study["id"]).ended  # every trial trained, none ended: the study runs on
+    for job in first + second:
+        with session_scope() as session:
+            assert repository.transition(session=session, job_id=uuid.UUID(job["id"]), expected=[JobStatus.running],
+                                         to=JobStatus.succeeded)  # fmt: skip
+    assert advance(study["id"]).ended
+    optuna_study = study_search.load(study["id"], StudySpec.model_validate(study["spec"]))
+    assert sorted(t.value for t in optuna_study.trials) == pytest.approx([0.5, 0.55, 0.9, 0.92])  # each told once
+    assert client.get(f"/v1/studies/{study['id']}").json()["trials"]["succeeded"] == 4
+
+
+def test_a_trained_trial_whose_worker_died_holds_its_place_again(client: TestClient) -> None:
+    study = submit(client, GRID | {"search": {"method": "grid", "parallelism": 2, "pack_size": 1}})
+    first = trials(client, study["id"])
+    claims = [claim(job["id"]) for job in first]
+    mark_trained(*((c, 0.5) for c in claims))
+    lost = uuid.UUID(first[0]["id"])
+    with session_scope() as session:  # its lease ran out: the reaper requeues it
+        session.get(Job, lost).lease_until = datetime(2000, 1, 1, tzinfo=timezone.utc)
+    with session_scope() as session:
+        assert [r.status for r in repository.reap_lost_jobs(session=session)] == [JobStatus.queued]
+    with session_scope() as session:
+        requeued = session.get(Job, lost)
+        assert requeued.trained_at is None and studies.holds_a_place(requeued)
+        assert not studies.holds_a_place(session.get(Job, claims[1].job_id))
+    again = claim(first[0]["id"])
+    assert again.attempt == 2
+    with session_scope() as session:  # an earlier attempt's mark does not count for this one
+        repository.mark_trained(session=session, trained=[(claims[0], {"val_accuracy": 0.1})])
+        assert studies.holds_a_place(session.get(Job, lost))
 
 
 def test_cancelling_a_study_cancels_its_trials_and_ends_it(client: TestClient) -> None:
