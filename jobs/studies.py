@@ -1,11 +1,12 @@
 """Every read and write of studies, and the step that moves a study on.
 
-`advance_study` is the one place a study changes: it tells Optuna how ended trials
-went, creates the next trial jobs while the study has room (`search.parallelism`)
-and budget (its configurations), and ends the study once every trial has ended. It
-runs when the study is created (API), whenever one of its trials ends (the worker
-that ran it), and on every reaper pass (a worker that died between the two), under
-a lock on the study's row, so that concurrent callers never create a trial twice.
+`advance_study` is the one place a study changes: it tells Optuna how trials went
+(once they have trained or ended), creates the next trial jobs while the study has room
+(`search.parallelism`, `holds_a_place`) and budget (its configurations), and ends the
+study once every trial has ended. It runs when the study is created (API), whenever
+trials of it have trained or ended (the worker that ran them), and on every reaper pass
+(a worker that died between the two), under a lock on the study's row, so that
+concurrent callers never create a trial twice.
 Torch-free.
 """
 

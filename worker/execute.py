@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from jobs import studies
 from jobs.dataset_store import locate_dataset, read_located
 from jobs.db import session_scope
-from jobs.models import Job, JobCheckpoint
+from jobs.models import Job, JobCheckpoint, utcnow
 from jobs.repository import Claim, claim_next_job, get_job, load_checkpoint, parse_uuid, set_mlflow_run, transition
 from jobs.settings import settings
 from jobs.spec import ImageDataset, JobSpec, UploadedDataset
@@ -123,14 +123,14 @@ def mlflow_unreachable(exc: BaseException) -> bool:
 
 def _log_results_while_mlflow_returns(
     client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, job_id: uuid.UUID, until: float,
-    opened: list[RunFacts], evaluation: list[MetricPoint], evaluation_delivered: Callable[[], object] | None = None,
+    opened: list[RunFacts], evaluation: Callable[[], list[MetricPoint]] | None = None,
 ) -> None:
     """The end-of-job artifacts. MLflow going down now delays the job, it does not fail
     it: the training is done and its metrics are in. Past `until` the job succeeds
     without them (the reaper ends the run once MLflow is back)."""
     while True:
         try:
-            log_results(client, run_id, spec, result, opened[-1] if opened else None, evaluation, evaluation_delivered)
+            log_results(client, run_id, spec, result, opened[-1] if opened else None, evaluation)
             return
         except Exception as exc:
             if not mlflow_unreachable(exc):
@@ -141,6 +141,16 @@ def _log_results_while_mlflow_returns(
                 return
             log.warning("job %s: MLflow unreachable while logging results, trying again: %s", job_id, exc)
             time.sleep(2.0)
+
+
+def _delivered_points_at(sink: MlflowMetricSink, through: int, step: int) -> list[MetricPoint]:
+    """The sink's last points at `step` (the final model's metrics), once the sink has sent
+    its first `through` points: a request that carries some of the same points must come
+    after the sink's (MlflowMetricSink.wait_delivered says why), and only then does the sink
+    know which steps an earlier attempt sent (its points, not this attempt's, are in the run:
+    read before, a resumed attempt linked its own as a second point of the same step)."""
+    sink.wait_delivered(through, settings.mlflow_wait_at_end_s)  # (gave up: MLflow unreachable)
+    return sink.last_points_at(step)
 
 
 def _uploaded_arrays(spec: JobSpec, project: str) -> RawData | None:
@@ -340,6 +350,7 @@ def finish_attempt(
     its outcome from why the training stopped, its results and last metrics in MLflow, then
     its run and the job concluded."""
     job_id = job.id
+    trained_at = utcnow()  # (a study's trial wrote it already, giving its place back: study_runs.trained)
     try:
         if reporter.stop_reason == StopReason.lease_lost:
             sink.discard()  # the attempt that owns the job now reports these steps
@@ -350,14 +361,12 @@ def finish_attempt(
         # Every metric is in MLflow before the job says it is done (MLflow down: waits a while),
         # and so are its results; they go while the sink sends the last metrics.
         wait_until = time.monotonic() + settings.mlflow_wait_at_end_s
-        evaluation = sink.last_points_at(result.steps)  # the final model's metrics, linked to it
-        # ...in a request that must come after the sink's that carries them (wait_delivered says why)
-        delivered = partial(sink.wait_delivered, sink.added, settings.mlflow_wait_at_end_s)
+        evaluation = partial(_delivered_points_at, sink, sink.added, result.steps)  # the model's metrics, linked to it
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-results") as pool:
             results = None
             if not result.stopped_early and sink.run_id is not None:
                 results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result, job_id,
-                                      wait_until, opened, evaluation, delivered)  # fmt: skip
+                                      wait_until, opened, evaluation)  # fmt: skip
             sink.close(timeout_s=settings.mlflow_wait_at_end_s)
             if result.stopped_early:
                 outcome = Outcome.pruned if reporter.stop_reason == StopReason.pruned else Outcome.cancelled
@@ -367,12 +376,14 @@ def finish_attempt(
             else:
                 if results is None:  # the sink opened the run only while sending the last metrics
                     results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result,
-                                          job_id, wait_until, opened, evaluation, delivered)  # fmt: skip
+                                          job_id, wait_until, opened, evaluation)  # fmt: skip
                 results.result()
                 outcome = Outcome.succeeded
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
         return fail_attempt(client, job, attempt, reporter, sink, system_metrics, exc)
-    extra = {"diagnostics": result.diagnostics} if result.diagnostics else {}
+    extra: dict[str, object] = {"diagnostics": result.diagnostics} if result.diagnostics else {}
+    if outcome == Outcome.succeeded and job.study_id is None:
+        extra["trained_at"] = trained_at
     if system_metrics is not None:
         system_metrics.wait()
     _conclude(client, sink.run_id, job_id, attempt, outcome, reporter, **extra)

@@ -251,8 +251,7 @@ class _Upload(NamedTuple):
 
 def log_results(
     client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, run: RunFacts | None = None,
-    evaluation: Sequence[MetricPoint] = (),
-    evaluation_delivered: Callable[[], object] | None = None,
+    evaluation: Callable[[], Sequence[MetricPoint]] | None = None,
 ) -> None:
     """The spec, the confusion matrix (data and figure), the diagnostics and (optionally)
     the model, at the end of a job. The job says `succeeded` only once they are in, so
@@ -261,10 +260,9 @@ def log_results(
     run's and the model's, PUT from a few threads, instead of MLflow's one file after
     another with a lookup before each group (12 requests one after another). `run`, when
     this attempt opened the run, spares reading it back. `evaluation`: the run's last points
-    (metrics_sink.last_points_at the model's step), of which the model's own are linked to it
-    (model_metrics), sent once `evaluation_delivered` has returned: the run's metric sink
-    has sent those points by then (MlflowMetricSink.wait_delivered says why it must).
-    The first failure is raised."""
+    (metrics_sink.last_points_at the model's step), returned once the run's metric sink has
+    sent them (MlflowMetricSink.wait_delivered says why it must); the model's own are linked
+    to it (model_metrics). The first failure is raised."""
     if run is None or run.run_id != run_id:
         # (the params from the spec: the run may not have them yet, its sink sends them with
         # its points, and they are the spec's whichever attempt sends them)
@@ -290,8 +288,8 @@ def log_results(
                 model_puts = [pool.submit(_put, upload) for upload in _model_files(client, saved, logged, run_id)]
                 output = LoggedModelOutput(model_id, step=result.steps)
                 sent.append(pool.submit(client.log_outputs, run_id, models=[output]))  # the model as the run's output
-                if linked := model_metrics(spec, model_id, evaluation):
-                    sent.append(pool.submit(_log_linked_metrics, client, run_id, linked, tags, evaluation_delivered))
+                if evaluation is not None:
+                    sent.append(pool.submit(_log_linked_metrics, client, run_id, spec, model_id, evaluation, tags))
                     tags = []
             if tags:
                 sent.append(pool.submit(client.log_batch, run_id, tags=tags))
@@ -311,20 +309,21 @@ def log_results(
 
 
 def _log_linked_metrics(
-    client: MlflowClient, run_id: str, linked: list[Metric], tags: list[RunTag],
-    evaluation_delivered: Callable[[], object] | None,
+    client: MlflowClient, run_id: str, spec: JobSpec, model_id: str,
+    evaluation: Callable[[], Sequence[MetricPoint]], tags: list[RunTag],
 ) -> None:
     """The model's metrics (points the run has, or is being sent by its sink) and the tags
-    that ride with them, once the sink is done with those points: never in flight beside
-    the sink's request that carries them.
+    that ride with them, once the sink is done with those points (`evaluation` returns
+    then): never in flight beside the sink's request that carries them.
 
     Refused (BAD_REQUEST), it is sent again, a few times: it is idempotent (the same points
     and tags: MLflow skips the points it has, links each once, sets a tag to the same value),
     and the refusal it can still meet is MLflow losing a race with another request inserting
     the same point (MLflow unreachable past the wait, the sink's points still on their way),
     which is over once that request is: a job that trained is not failed for it."""
-    if evaluation_delivered is not None:
-        evaluation_delivered()  # (gave up waiting: MLflow unreachable, this request inserts them itself)
+    linked = model_metrics(spec, model_id, evaluation())  # (MLflow unreachable: this request inserts them itself)
+    if not linked and not tags:
+        return
     for attempt in range(LINKED_METRICS_TRIES):
         try:
             client.log_batch(run_id, metrics=linked, tags=tags)

@@ -4,6 +4,7 @@ worker -> PyTorch -> MLflow server, and back out through the API."""
 from __future__ import annotations
 
 import time
+from datetime import datetime
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -47,7 +48,8 @@ def test_job_trains_to_success_and_metrics_reach_mlflow(stack: Stack) -> None:
     assert job["attempts"] == 1
     assert job["metrics"]["val_accuracy"] > 0.9
     assert job["progress"] == {"epoch": 15, "step": 345, "total_steps": 345, "fraction": 1.0}
-    assert job["started_at"] and job["finished_at"] and job["error"] is None
+    started, trained, finished = (datetime.fromisoformat(job[k]) for k in ("started_at", "trained_at", "finished_at"))
+    assert started < trained < finished and job["error"] is None  # trained: its results then went to MLflow
     assert events(stack, job["id"]) == [(None, "queued"), ("queued", "running"), ("running", "succeeded")]
 
     # Every step's metrics were flushed to MLflow before the job said it was done.

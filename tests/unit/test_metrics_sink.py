@@ -255,16 +255,16 @@ def test_the_models_metrics_are_sent_only_after_the_sink_has_sent_those_points(
 
     from tests.unit.test_job_processes import trained_iris_run
     from worker import mlflow_run
+    from worker.execute import _delivered_points_at
 
     client, spec, experiment_id, run_id, result = trained_iris_run(tmp_path, monkeypatch, "linked")
     may_send = threading.Event()  # the sink's last request still on its way (here: held)
     sink = MlflowMetricSink(client, lambda: (run_id, {}), flush_interval_s=0.05, buffer_limit=10_000,
                             may_send=may_send.is_set)  # fmt: skip
     sink.add(result.steps, {"val_loss": 0.25, "val_accuracy": 0.75})
-    evaluation = sink.last_points_at(result.steps)
+    evaluation = partial(_delivered_points_at, sink, sink.added, result.steps)  # as a job's end reads them
     results = threading.Thread(target=mlflow_run.log_results, args=(client, run_id, spec, result),
-                               kwargs={"evaluation": evaluation,
-                                       "evaluation_delivered": partial(sink.wait_delivered, sink.added, 60)})  # fmt: skip
+                               kwargs={"evaluation": evaluation})  # fmt: skip
     results.start()
     try:
         deadline = time.monotonic() + 60  # everything else of the results is sent meanwhile
@@ -317,3 +317,34 @@ def test_a_request_mlflow_refuses_keeps_its_points_until_mlflow_takes_them(store
         assert [m.step for m in store.get_metric_history(run_id, "train_loss")] == list(range(5))
     finally:
         sink.discard()
+
+
+def test_a_resumed_attempt_links_to_its_model_none_of_the_points_an_earlier_attempt_sent(store: MlflowClient) -> None:
+    # Killed after its last points reached MLflow but before its model did, a job resumes at
+    # its last step and evaluates it again. Its sink learns which steps the run has only once
+    # it has (re)opened the run, from its own thread, which a resume that trains no step can
+    # outrun: its end read the model's points before that, and linked them to the model, a
+    # second point at the same step (seen in the chaos suite).
+    import threading
+    from functools import partial
+
+    from mlflow.entities import Metric
+
+    from worker.execute import _delivered_points_at
+
+    run_id = store.create_run(store.create_experiment(f"resumed-{uuid.uuid4().hex[:6]}")).info.run_id
+    earlier = int(time.time() * 1000)
+    store.log_batch(run_id, metrics=[Metric("val_loss", 0.3, earlier, 16), Metric("val_accuracy", 0.7, earlier, 16)])
+    reopened = threading.Event()
+
+    def reopen() -> tuple[str, dict[str, int]]:  # slower than this attempt's training
+        reopened.wait(30)
+        return run_id, {"val_loss": 16, "val_accuracy": 16}
+
+    sink = MlflowMetricSink(store, reopen, flush_interval_s=0.05, buffer_limit=10_000)
+    sink.add(16, {"val_loss": 0.31, "val_accuracy": 0.69})  # this attempt's evaluation of the same step
+    evaluation = partial(_delivered_points_at, sink, sink.added, 16)  # as a job's end reads them
+    threading.Timer(0.3, reopened.set).start()
+    assert evaluation() == []  # the run's points at step 16 are the earlier attempt's: nothing of this one to link
+    assert sink.close(timeout_s=30)
+    assert [(m.step, m.value) for m in store.get_metric_history(run_id, "val_loss")] == [(16, 0.3)]
