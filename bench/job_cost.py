@@ -136,7 +136,8 @@ class Bench:
 
 
 def sequential_jobs(bench: Bench, n: int) -> dict[str, list[float]]:
-    parts: dict[str, list[float]] = {k: [] for k in ("e2e", "server", "claim", "to_metric", "train", "to_end")}
+    parts: dict[str, list[float]] = {k: [] for k in ("e2e", "server", "claim", "to_metric", "train", "to_end",
+                                                     "to_trained", "results")}  # fmt: skip
     incomplete = []
     for _ in range(n):
         job_id, sent = bench.submit(SHORT_JOB)
@@ -146,13 +147,15 @@ def sequential_jobs(bench: Bench, n: int) -> dict[str, list[float]]:
         if missing:
             incomplete.append((job_id, missing))
         first, last, _ = bench.metric_span(job["mlflow"]["run_id"])
-        created, started, finished = (datetime.fromisoformat(job[k]).timestamp()
-                                      for k in ("created_at", "started_at", "finished_at"))  # fmt: skip
+        created, started, trained, finished = (datetime.fromisoformat(job[k]).timestamp()
+                                               for k in ("created_at", "started_at", "trained_at", "finished_at"))  # fmt: skip
         parts["server"].append(finished - created)
         parts["claim"].append(started - created)
         parts["to_metric"].append(first - started)
         parts["train"].append(last - first)
         parts["to_end"].append(finished - last)
+        parts["to_trained"].append(trained - last)  # the last step to the training's end: the final evaluation
+        parts["results"].append(finished - trained)  # the results and last points into MLflow, the run's and job's end
     parts["incomplete"] = incomplete  # type: ignore[assignment]
     return parts
 
@@ -365,6 +368,8 @@ def main() -> None:
     print(row("  running -> first metric", seq["to_metric"]))
     print(row("  first -> last metric", seq["train"]))
     print(row("  last metric -> succeeded", seq["to_end"]))
+    print(row("    last metric -> trained", seq["to_trained"]))
+    print(row("    trained -> succeeded", seq["results"]))
     complete = n_jobs - len(seq["incomplete"])
     print(f"  runs complete when the job said succeeded: {complete}/{n_jobs}"
           + "".join(f"\n    {job}: missing {', '.join(m)}" for job, m in seq["incomplete"]))  # fmt: skip
