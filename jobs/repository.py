@@ -337,7 +337,6 @@ def claim_job(
     return session.scalar(select(Job.attempts).where(Job.id == job_id))
 
 
-
 @dataclass(frozen=True)
 class Claim:
     job_id: uuid.UUID

@@ -224,7 +224,8 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
     spec = parse_study(study)
     advance.pool = spec.pool
     jobs = trial_jobs(session=session, study_id=study.id)
-    untold = [j for j in jobs if (j.status in TERMINAL or has_trained(j)) and not j.trial_told and j.trial_number is not None]
+    untold = [j for j in jobs
+              if (j.status in TERMINAL or has_trained(j)) and not j.trial_told and j.trial_number is not None]
     active = sum(job.status not in TERMINAL for job in jobs)
     seeds = spec.seeds[:1] if isinstance(spec.search, LRRangeTest) else spec.seeds
     room = queue_width(spec) - sum(holds_a_place(job) for job in jobs)
@@ -248,7 +249,8 @@ def advance_study(*, session: Session, study_id: uuid.UUID, budget: int | None =
         optuna_study = study_search.load(study.id, spec, seed=spec.seeds[0] * 100_003 + study.configs_created)
     metric = spec.objective.metric
     for job in untold:
-        value = (job.latest_metrics or {}).get(metric) if job.status == JobStatus.succeeded or has_trained(job) else None
+        has_result = job.status == JobStatus.succeeded or has_trained(job)
+        value = (job.latest_metrics or {}).get(metric) if has_result else None
         study_search.tell(optuna_study, job.trial_number, value, pruned=job.status == JobStatus.pruned)
         job.trial_told = True
     result = dict(study.result or {})
