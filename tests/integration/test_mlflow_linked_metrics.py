@@ -17,8 +17,9 @@ from functools import partial
 
 from jobs.spec import JobSpec
 from tests.integration.conftest import Stack
+from worker.execute import _delivered_points_at
 from worker.metrics_sink import MAX_METRICS_PER_BATCH, MlflowMetricSink
-from worker.mlflow_run import _log_linked_metrics, model_metrics
+from worker.mlflow_run import _log_linked_metrics
 
 ROUNDS = 10
 FINAL_STEP = 345
@@ -39,12 +40,12 @@ def test_the_models_metrics_never_race_the_sinks_request_that_carries_them(stack
         sink.add(FINAL_STEP, {"val_loss": 0.25, "val_accuracy": 0.75})
         sink.add_points([(f"system/sample_{k}", float(k), 2_000, FINAL_STEP) for k in range(300)])
         assert sink.flush_once() is False  # the first request sent (val_loss in it), the second held
-        linked = model_metrics(spec, model_id, sink.last_points_at(FINAL_STEP))
         failures: list[BaseException] = []
 
-        def send_linked(delivered=partial(sink.wait_delivered, sink.added, 60)) -> None:  # noqa: ANN001
+        # As a job's end reads them: once the sink has sent its points (worker/execute.py).
+        def send_linked(evaluation=partial(_delivered_points_at, sink, sink.added, FINAL_STEP)) -> None:  # noqa: ANN001
             try:
-                _log_linked_metrics(client, run_id, linked, [], delivered)
+                _log_linked_metrics(client, run_id, spec, model_id, evaluation, [])
             except BaseException as exc:  # noqa: BLE001 - reported below
                 failures.append(exc)
 
