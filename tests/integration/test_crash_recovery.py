@@ -113,7 +113,11 @@ def test_a_frozen_worker_that_wakes_after_losing_its_lease_adds_nothing(stack: S
     frozen = worker_pid(stack, job["id"])
     os.kill(frozen, signal.SIGSTOP)
     try:
-        deadline = time.monotonic() + 60
+        # Frozen inside a transaction (between a write to its job's row and the commit), the
+        # process holds its job's row, which the reaper skips (skip_locked), until PostgreSQL
+        # ends its session (DATABASE_IDLE_IN_TRANSACTION_TIMEOUT_S): the bound on the requeue.
+        s = stack.settings
+        deadline = time.monotonic() + s.database_idle_in_transaction_timeout_s + 10 * s.lease_s + 30
         while (current := stack.get(job["id"]))["attempts"] < 2:  # the reaper gave it to a second attempt
             assert time.monotonic() < deadline, current
             time.sleep(0.2)
