@@ -357,6 +357,12 @@ def mark_trained(*, session: Session, trained: list[tuple[Claim, dict[str, float
         )
 
 
+def trained_at_or_marked(at: datetime) -> Any:
+    """A job's trained_at for its final transition: when mark_trained marked it (a study's
+    trial gives its place back then), else `at`, when its training ended."""
+    return func.coalesce(Job.trained_at, at)
+
+
 def fairest_queued_job(*, session: Session, pool: str | None = None) -> uuid.UUID | None:
     """The queued job to run next: the oldest of the project with the fewest jobs running
     (fair share between projects, first come first served within one). With `pool`, only

@@ -28,7 +28,9 @@ from jobs import studies
 from jobs.dataset_store import locate_dataset, read_located
 from jobs.db import session_scope
 from jobs.models import Job, JobCheckpoint, utcnow
-from jobs.repository import Claim, claim_next_job, get_job, load_checkpoint, parse_uuid, set_mlflow_run, transition
+from jobs.repository import (
+    Claim, claim_next_job, get_job, load_checkpoint, parse_uuid, set_mlflow_run, trained_at_or_marked, transition,
+)
 from jobs.settings import settings
 from jobs.spec import ImageDataset, JobSpec, UploadedDataset
 from jobs.states import ACTIVE, JobStatus
@@ -350,7 +352,7 @@ def finish_attempt(
     its outcome from why the training stopped, its results and last metrics in MLflow, then
     its run and the job concluded."""
     job_id = job.id
-    trained_at = utcnow()  # (a study's trial wrote it already, giving its place back: study_runs.trained)
+    trained_at = utcnow()
     try:
         if reporter.stop_reason == StopReason.lease_lost:
             sink.discard()  # the attempt that owns the job now reports these steps
@@ -382,8 +384,8 @@ def finish_attempt(
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
         return fail_attempt(client, job, attempt, reporter, sink, system_metrics, exc)
     extra: dict[str, object] = {"diagnostics": result.diagnostics} if result.diagnostics else {}
-    if outcome == Outcome.succeeded and job.study_id is None:
-        extra["trained_at"] = trained_at
+    if outcome == Outcome.succeeded:
+        extra["trained_at"] = trained_at_or_marked(trained_at)
     if system_metrics is not None:
         system_metrics.wait()
     _conclude(client, sink.run_id, job_id, attempt, outcome, reporter, **extra)
