@@ -611,16 +611,16 @@ def reap_lost_jobs(*, session: Session, now: datetime | None = None) -> list[Rea
     return reaped
 
 
-def runs_to_end(*, session: Session, limit: int = 100) -> list[tuple[uuid.UUID, str, JobStatus]]:
-    """(job id, run id, job status) of finished jobs whose MLflow run may still be RUNNING,
-    locked until the session ends (other reapers skip them)."""
+def runs_to_end(*, session: Session, limit: int = 100) -> list[tuple[uuid.UUID, str, str | None, JobStatus]]:
+    """(job id, run id, experiment id, job status) of finished jobs whose MLflow run may
+    still be RUNNING, locked until the session ends (other reapers skip them)."""
     rows = session.execute(
-        select(Job.id, Job.mlflow_run_id, Job.status)
+        select(Job.id, Job.mlflow_run_id, Job.mlflow_experiment_id, Job.status)
         .where(Job.mlflow_run_to_end.is_(True), Job.status.in_(list(TERMINAL)), Job.mlflow_run_id.is_not(None))
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
-    return [(job_id, run_id, JobStatus(status)) for job_id, run_id, status in rows]
+    return [(job_id, run_id, experiment_id, JobStatus(status)) for job_id, run_id, experiment_id, status in rows]
 
 
 def mark_run_ended(*, session: Session, job_id: uuid.UUID) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 
-from mlflow.entities import RunStatus, SourceType
+from mlflow.entities import LoggedModelStatus, RunStatus, SourceType
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
 from pydantic import BaseModel
@@ -14,6 +15,8 @@ from jobs.mlflow_headers import ask_databricks_once
 from jobs.settings import settings
 from jobs.spec import ImageDataset, JobSpec
 from jobs.states import JobStatus
+
+log = logging.getLogger(__name__)
 
 # MLflow's client retries a failed request 7 times with exponential backoff (minutes).
 # Descent retries on its own terms (the sink keeps points and backs off; the API answers
@@ -80,6 +83,27 @@ RUN_STATUS_OF_JOB = {
 def end_run(client: MlflowClient, run_id: str, job_status: JobStatus) -> None:
     """FINISHED, FAILED or KILLED with the job; never left RUNNING."""
     client.set_terminated(run_id, status=RunStatus.to_string(RUN_STATUS_OF_JOB[job_status]))
+
+
+def drop_model_quietly(client: MlflowClient, model_id: str) -> None:
+    """A model record that never got its model (its job stopped, or failed, before its end):
+    deleted, as a record of nothing. MLflow unreachable: logged, the record stays PENDING."""
+    try:
+        client.delete_logged_model(model_id)
+    except Exception as exc:  # noqa: BLE001 - the job's outcome does not depend on it
+        log.warning("could not delete model record %s, which holds no model: %s", model_id, exc)
+
+
+def drop_unfinished_models(client: MlflowClient, experiment_id: str, run_id: str) -> int:
+    """Delete the run's model records still PENDING: made while an earlier attempt trained,
+    that attempt died (or MLflow went away) before its model was in. Called where no attempt
+    will finish them: a resumed attempt's end, the reaper ending a finished job's run."""
+    # (by status here: MLflow's filter compares `status` with the number its store keeps)
+    models = client.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    drafts = [model for model in models if model.status == LoggedModelStatus.PENDING]
+    for model in drafts:
+        client.delete_logged_model(model.model_id)
+    return len(drafts)
 
 
 # -- what MLflow's UI shows of a run and an experiment (its standard tags)

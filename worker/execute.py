@@ -34,7 +34,7 @@ from jobs.repository import (
 from jobs.settings import settings
 from jobs.spec import ImageDataset, JobSpec, UploadedDataset
 from jobs.states import ACTIVE, JobStatus
-from jobs.tracking import end_run, tracking_client
+from jobs.tracking import drop_unfinished_models, end_run, tracking_client
 from trainer.checkpoint import checkpoint_from_bytes
 from trainer.data import RawData
 from trainer.recipe import Trainer, resolve_device
@@ -43,9 +43,11 @@ from trainer.speed import check_runnable, release_device_memory
 from worker import study_runs
 from worker.checkpoint_store import read_checkpoint, where_kept
 from worker.dataset_cache import ensure_image_set
+from worker.early_results import EarlyResults
 from worker.metrics_sink import STREAM_POINTS, MetricPoint, MlflowMetricSink
 from worker.mlflow_run import (
-    RunFacts, latest_steps, log_results, log_run_input, open_run, reopen_run, run_params, unrecorded_run,
+    NOTHING_SENT_EARLY, RunFacts, latest_steps, log_results, log_run_input, open_run, reopen_run, run_params,
+    unrecorded_run,
 )
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
@@ -90,6 +92,8 @@ def _conclude(
 ) -> None:
     """End the MLflow run, then the job: when the job says it is done, so is its run."""
     status = JobStatus(outcome)
+    if run_id is not None and attempt > 1:
+        _drop_earlier_drafts(client, run_id, job_id)
     if run_id is not None:
         try:
             if outcome == Outcome.pruned:
@@ -113,6 +117,16 @@ def _conclude(
         reporter.concluded = True  # the monitor need not write the job's progress again
 
 
+def _drop_earlier_drafts(client: MlflowClient, run_id: str, job_id: uuid.UUID) -> None:
+    """A resumed attempt's end: the model records an earlier attempt of the job made while it
+    trained and never finished (it died) are deleted; this attempt's own is READY by now, or
+    it has none."""
+    try:
+        drop_unfinished_models(client, client.get_run(run_id).info.experiment_id, run_id)
+    except Exception as exc:  # noqa: BLE001 - the job's outcome stands; the records stay PENDING
+        log.warning("job %s: could not delete the model records earlier attempts left in run %s: %s", job_id, run_id, exc)
+
+
 def mlflow_unreachable(exc: BaseException) -> bool:
     """A failure of the connection to MLflow (down, restarting, overloaded), as opposed
     to a request MLflow refused or a bug: only the first is worth waiting out."""
@@ -126,13 +140,15 @@ def mlflow_unreachable(exc: BaseException) -> bool:
 def _log_results_while_mlflow_returns(
     client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, job_id: uuid.UUID, until: float,
     opened: list[RunFacts], evaluation: Callable[[], list[MetricPoint]] | None = None,
+    early: EarlyResults | None = None,
 ) -> None:
-    """The end-of-job artifacts. MLflow going down now delays the job, it does not fail
-    it: the training is done and its metrics are in. Past `until` the job succeeds
-    without them (the reaper ends the run once MLflow is back)."""
+    """The end-of-job artifacts (but what `early` sent while the job trained). MLflow going
+    down now delays the job, it does not fail it: the training is done and its metrics are
+    in. Past `until` the job succeeds without them (the reaper ends the run once MLflow is back)."""
+    sent_early = early.take() if early is not None else NOTHING_SENT_EARLY
     while True:
         try:
-            log_results(client, run_id, spec, result, opened[-1] if opened else None, evaluation)
+            log_results(client, run_id, spec, result, opened[-1] if opened else None, evaluation, sent_early)
             return
         except Exception as exc:
             if not mlflow_unreachable(exc):
@@ -296,6 +312,7 @@ def _run_attempt(
     client = tracking_client()
     sink: MlflowMetricSink | None = None
     system_metrics: SystemMetricsSampler | None = None
+    early: EarlyResults | None = None
     try:
         spec, datasets_dir = prepare_attempt(job, reporter, monitor)
         opened: list[RunFacts] = []
@@ -316,24 +333,28 @@ def _run_attempt(
                 log.info("job %s attempt %d resumes from step %d (checkpoint read from %s, %d bytes, SHA-256 "
                          "checked)", job_id, attempt, checkpoint.step, where_kept(checkpoint), len(data))  # fmt: skip
                 trainer.load_state_dict(checkpoint_from_bytes(data, trainer.device))
+            early = EarlyResults(client, spec, sink, opened, trainer.model)  # sent while it trains
             result: TrainingResult = trainer.train()
         finally:
             if system_metrics is not None:
                 system_metrics.finish()
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
-        return fail_attempt(client, job, attempt, reporter, sink, system_metrics, exc)
+        return fail_attempt(client, job, attempt, reporter, sink, system_metrics, exc, early)
     if job.study_id is not None and not result.stopped_early:  # (stopped early: it ends at once)
         reporter.keep_latest(result.final_metrics)
         study_runs.trained(job.study_id, [(Claim(job_id, attempt), dict(reporter.latest))])
-    return finish_attempt(client, job, spec, attempt, reporter, sink, result, opened, system_metrics)
+    return finish_attempt(client, job, spec, attempt, reporter, sink, result, opened, system_metrics, early)
 
 
 def fail_attempt(
     client: MlflowClient, job: Job, attempt: int, reporter: JobReporter, sink: MlflowMetricSink | None,
-    system_metrics: SystemMetricsSampler | None, exc: BaseException,
+    system_metrics: SystemMetricsSampler | None, exc: BaseException, early: EarlyResults | None = None,
 ) -> Outcome:
-    """The job failed with `exc`: its last metrics sent (a while), its run and the job ended failed."""
+    """The job failed with `exc`: its last metrics sent (a while), its run and the job ended
+    failed, a model record made for it while it trained deleted."""
     log.error("job %s failed", job.id, exc_info=exc)
+    if early is not None:
+        early.drop()
     if sink is not None:
         sink.close(timeout_s=10)
     if system_metrics is not None:
@@ -347,17 +368,22 @@ def fail_attempt(
 def finish_attempt(
     client: MlflowClient, job: Job, spec: JobSpec, attempt: int, reporter: JobReporter, sink: MlflowMetricSink,
     result: TrainingResult, opened: list[RunFacts], system_metrics: SystemMetricsSampler | None = None,
+    early: EarlyResults | None = None,
 ) -> Outcome:
     """The one way an attempt that trained ends, alone or in a pack (worker/execute_pack.py):
-    its outcome from why the training stopped, its results and last metrics in MLflow, then
-    its run and the job concluded."""
+    its outcome from why the training stopped, its results (but what `early` sent while it
+    trained) and last metrics in MLflow, then its run and the job concluded."""
     job_id = job.id
     trained_at = utcnow()
     try:
         if reporter.stop_reason == StopReason.lease_lost:
             sink.discard()  # the attempt that owns the job now reports these steps
+            if early is not None:
+                early.drop()  # (its own model record: the attempt that owns the job makes its own)
             return Outcome.lost  # and ends the MLflow run: this attempt touches nothing more
         reporter.keep_latest(result.final_metrics)
+        if result.stopped_early and early is not None:
+            early.drop()  # cancelled, pruned or timed out: no model
         if result.stopped_early and reporter.stop_reason == StopReason.timeout:
             raise TimeoutError(f"timed out after {spec.timeout_s:g} s (timeout_s), at step {result.steps}")
         # Every metric is in MLflow before the job says it is done (MLflow down: waits a while),
@@ -368,7 +394,7 @@ def finish_attempt(
             results = None
             if not result.stopped_early and sink.run_id is not None:
                 results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result, job_id,
-                                      wait_until, opened, evaluation)  # fmt: skip
+                                      wait_until, opened, evaluation, early)  # fmt: skip
             sink.close(timeout_s=settings.mlflow_wait_at_end_s)
             if result.stopped_early:
                 outcome = Outcome.pruned if reporter.stop_reason == StopReason.pruned else Outcome.cancelled
@@ -378,11 +404,11 @@ def finish_attempt(
             else:
                 if results is None:  # the sink opened the run only while sending the last metrics
                     results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result,
-                                          job_id, wait_until, opened, evaluation)  # fmt: skip
+                                          job_id, wait_until, opened, evaluation, early)  # fmt: skip
                 results.result()
                 outcome = Outcome.succeeded
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words
-        return fail_attempt(client, job, attempt, reporter, sink, system_metrics, exc)
+        return fail_attempt(client, job, attempt, reporter, sink, system_metrics, exc, early)
     extra: dict[str, object] = {"diagnostics": result.diagnostics} if result.diagnostics else {}
     if outcome == Outcome.succeeded:
         extra["trained_at"] = trained_at_or_marked(trained_at)

@@ -283,6 +283,7 @@ class MlflowMetricSink:
         self._delivery = threading.Condition()
         self._stopped_trying = False
         self._connecting = threading.Lock()
+        self._open = threading.Event()  # set once the run is opened (wait_open)
         # The run is opened by the thread, at once: training starts meanwhile (opening takes a
         # few requests, and many seconds while MLflow is unreachable).
         self._thread = threading.Thread(target=self._run, name="mlflow-sink", daemon=True)
@@ -299,7 +300,12 @@ class MlflowMetricSink:
                 self.skip_through = dict(skip_through)
                 self._params_to_send = list(self._params.items())
                 self.run_id = run_id
+                self._open.set()
             return True
+
+    def wait_open(self, timeout_s: float) -> bool:
+        """Whether the sink has opened its run, waiting at most `timeout_s` for it."""
+        return self._open.wait(timeout_s)
 
     def add(self, step: int, metrics: Mapping[str, float]) -> None:
         """Called from the training loop: append and return."""

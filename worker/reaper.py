@@ -40,7 +40,7 @@ from jobs.states import JobStatus
 from jobs.studies import running_study_ids, studies_to_report
 from worker import study_runs
 from worker.artifact_sweeper import start_sweeping
-from jobs.tracking import end_run, tracking_client
+from jobs.tracking import drop_unfinished_models, end_run, tracking_client
 
 log = logging.getLogger("worker.reaper")
 
@@ -114,11 +114,16 @@ def end_open_runs(session: Session) -> int:
     """End the MLflow runs of finished jobs that are still RUNNING: jobs this pass
     failed, jobs cancelled while queued, jobs that ended while MLflow was down.
     Rows stay locked while their run is ended, so that a second reaper does not
-    end it twice; a run MLflow cannot end now keeps its flag for the next pass."""
+    end it twice; a run MLflow cannot end now keeps its flag for the next pass. The model
+    records its job's attempts made while they trained and never finished (PENDING: the
+    worker died, or MLflow went away at the job's end) are deleted with it."""
     ended = 0
-    for job_id, run_id, status in runs_to_end(session=session):
+    for job_id, run_id, experiment_id, status in runs_to_end(session=session):
         try:
-            end_run(tracking_client(), run_id, status)
+            client = tracking_client()
+            if experiment_id is not None:
+                drop_unfinished_models(client, experiment_id, run_id)
+            end_run(client, run_id, status)
         except Exception as exc:  # noqa: BLE001 - MLflow down: the next pass tries again
             log.info("could not end MLflow run %s of job %s yet: %s", run_id, job_id, exc)
             break  # the others would fail the same way

@@ -88,8 +88,17 @@ def test_job_trains_to_success_and_metrics_reach_mlflow(stack: Stack) -> None:
     assert job["mlflow"]["run_url"].endswith(
         f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/model-metrics?workflowType=machine_learning"
     )
-    logged_models = stack.mlflow.search_logged_models(experiment_ids=[run.info.experiment_id])
-    assert any(m.source_run_id == run.info.run_id for m in logged_models)
+    # One model, READY: its record was made while the job trained (the end sends only its own files)
+    [model] = stack.mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                                filter_string=f"source_run_id = '{run.info.run_id}'")  # fmt: skip
+    assert str(model.status) == "READY"
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+
+
+def models_of(stack: Stack, run_id: str) -> list:
+    """The run's model records MLflow lists (deleted ones are not)."""
+    experiment_id = stack.mlflow.get_run(run_id).info.experiment_id
+    return stack.mlflow.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'")
 
 
 def test_running_job_stops_within_seconds_of_cancel(stack: Stack) -> None:
@@ -112,6 +121,7 @@ def test_running_job_stops_within_seconds_of_cancel(stack: Stack) -> None:
     assert stopped_after < 5, f"took {stopped_after:.1f} s to stop"
     assert 0 < done["progress"]["step"] < done["progress"]["total_steps"]
     assert stack.mlflow.get_run(done["mlflow"]["run_id"]).info.status == "KILLED"
+    assert models_of(stack, done["mlflow"]["run_id"]) == []  # the record made while it trained is deleted
     assert events(stack, job["id"])[-2:] == [("running", "cancelling"), ("cancelling", "cancelled")]
     # A finished job cannot be cancelled.
     again = stack.api.post(f"/v1/jobs/{job['id']}/cancel")
@@ -126,6 +136,7 @@ def test_diverging_job_fails_with_the_reason(stack: Stack) -> None:
     assert done["error"]["type"] == "TrainingDiverged"
     assert "diverged at step" in done["error"]["message"]
     assert stack.mlflow.get_run(done["mlflow"]["run_id"]).info.status == "FAILED"
+    assert models_of(stack, done["mlflow"]["run_id"]) == []
 
 
 def test_duplicate_delivery_runs_the_job_once(stack: Stack) -> None:

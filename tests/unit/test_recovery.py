@@ -153,6 +153,9 @@ def test_the_reaper_ends_the_run_of_a_job_it_fails_before_the_job_reads_failed(
     from worker import reaper
 
     job_id, run_id = job_with_run(mlflow_store, max_attempts=1)
+    experiment_id = mlflow_store.get_run(run_id).info.experiment_id
+    # the model record the worker made while the job trained, before it died
+    draft = mlflow_store.create_logged_model(experiment_id, name="model", source_run_id=run_id)
     expire_lease(job_id)
     seen_when_run_ended = []
     real_end_run = reaper.end_run
@@ -168,6 +171,8 @@ def test_the_reaper_ends_the_run_of_a_job_it_fails_before_the_job_reads_failed(
     assert row(job_id).status == "failed" and not row(job_id).mlflow_run_to_end
     assert mlflow_store.get_run(run_id).info.status == "FAILED"
     assert seen_when_run_ended == ["running"]  # nobody saw the job failed with its run still RUNNING
+    listed = mlflow_store.search_logged_models(experiment_ids=[experiment_id])
+    assert draft.model_id not in {m.model_id for m in listed}  # a record of no model: deleted
 
 
 def test_a_run_mlflow_could_not_end_is_ended_by_a_later_pass(
