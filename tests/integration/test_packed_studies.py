@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from descent.client import Client
 from tests.integration.conftest import ADMIN_KEY, Stack
 from tests.integration.test_crash_recovery import worker_pid
-from tests.integration.test_job_lifecycle import events
+from tests.integration.test_job_lifecycle import events, models_of
 
 DIGITS_MLP = {
     "dataset": {"name": "digits", "val_fraction": 0.2},
@@ -145,6 +145,10 @@ def test_cancelling_one_trial_of_a_pack_cancels_only_it(stack: Stack) -> None:
     cancelled = stack.get(victim["id"])
     assert cancelled["progress"]["step"] < others[0]["progress"]["step"]
     assert stack.mlflow.get_run(cancelled["mlflow"]["run_id"]).info.status == "KILLED"
+    assert models_of(stack, cancelled["mlflow"]["run_id"]) == []  # its record, made as it trained, deleted
+    for other in others:
+        [model] = models_of(stack, other["mlflow"]["run_id"])
+        assert str(model.status) == "READY"
 
 
 def test_a_worker_killed_mid_pack_resumes_every_trial_exactly_once_per_step(stack: Stack) -> None:
@@ -169,6 +173,9 @@ def test_a_worker_killed_mid_pack_resumes_every_trial_exactly_once_per_step(stac
         assert len(steps_of(stack, trial["id"], "val_accuracy")) == 60
         run = stack.mlflow.get_run(trial["mlflow"]["run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["descent.attempt"] == "2"
+        # the first attempt's model record (made as it trained) deleted; the second's READY
+        [model] = models_of(stack, trial["mlflow"]["run_id"])
+        assert str(model.status) == "READY"
     engine = create_engine(stack.settings.database_url)
     try:  # one run per trial: the second attempt reopened the first's
         with engine.connect() as conn:
