@@ -46,8 +46,8 @@ from worker.dataset_cache import ensure_image_set
 from worker.early_results import EarlyResults
 from worker.metrics_sink import STREAM_POINTS, MetricPoint, MlflowMetricSink
 from worker.mlflow_run import (
-    NOTHING_SENT_EARLY, RunFacts, latest_steps, log_results, log_run_input, open_run, reopen_run, run_params,
-    unrecorded_run,
+    NOTHING_SENT_EARLY, RunFacts, SentEarly, latest_steps, log_results, log_run_input, model_link, model_points,
+    open_run, reopen_run, run_params, unrecorded_run,
 )
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
@@ -140,15 +140,14 @@ def mlflow_unreachable(exc: BaseException) -> bool:
 def _log_results_while_mlflow_returns(
     client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, job_id: uuid.UUID, until: float,
     opened: list[RunFacts], evaluation: Callable[[], list[MetricPoint]] | None = None,
-    early: EarlyResults | None = None,
+    early: SentEarly = NOTHING_SENT_EARLY,
 ) -> None:
-    """The end-of-job artifacts (but what `early` sent while the job trained). MLflow going
-    down now delays the job, it does not fail it: the training is done and its metrics are
-    in. Past `until` the job succeeds without them (the reaper ends the run once MLflow is back)."""
-    sent_early = early.take() if early is not None else NOTHING_SENT_EARLY
+    """The end-of-job artifacts (but what was sent `early`, while the job trained). MLflow
+    going down now delays the job, it does not fail it: the training is done and its metrics
+    are in. Past `until` the job succeeds without them (the reaper ends the run once MLflow is back)."""
     while True:
         try:
-            log_results(client, run_id, spec, result, opened[-1] if opened else None, evaluation, sent_early)
+            log_results(client, run_id, spec, result, opened[-1] if opened else None, evaluation, early)
             return
         except Exception as exc:
             if not mlflow_unreachable(exc):
@@ -159,6 +158,15 @@ def _log_results_while_mlflow_returns(
                 return
             log.warning("job %s: MLflow unreachable while logging results, trying again: %s", job_id, exc)
             time.sleep(2.0)
+
+
+def _linked_by_sink(sink: MlflowMetricSink, spec: JobSpec, sent_early: SentEarly, step: int) -> bool:
+    """Whether the sink sends the final model's metrics linked to its record (made while the
+    job trained), in the request that carries them anyway: then no request after the sink's
+    last one links them (mlflow_run.model_metrics)."""
+    if sent_early.model is None:
+        return False
+    return sink.link_waiting(model_points(sink.last_points_at(step)), model_link(spec, sent_early.model.model_id))
 
 
 def _delivered_points_at(sink: MlflowMetricSink, through: int, step: int) -> list[MetricPoint]:
@@ -389,12 +397,15 @@ def finish_attempt(
         # Every metric is in MLflow before the job says it is done (MLflow down: waits a while),
         # and so are its results; they go while the sink sends the last metrics.
         wait_until = time.monotonic() + settings.mlflow_wait_at_end_s
-        evaluation = partial(_delivered_points_at, sink, sink.added, result.steps)  # the model's metrics, linked to it
+        sent_early = early.take() if early is not None and not result.stopped_early else NOTHING_SENT_EARLY
+        evaluation = None  # the model's metrics, linked to it: by the sink, or after the sink has sent them
+        if not _linked_by_sink(sink, spec, sent_early, result.steps):
+            evaluation = partial(_delivered_points_at, sink, sink.added, result.steps)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-results") as pool:
             results = None
             if not result.stopped_early and sink.run_id is not None:
                 results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result, job_id,
-                                      wait_until, opened, evaluation, early)  # fmt: skip
+                                      wait_until, opened, evaluation, sent_early)  # fmt: skip
             sink.close(timeout_s=settings.mlflow_wait_at_end_s)
             if result.stopped_early:
                 outcome = Outcome.pruned if reporter.stop_reason == StopReason.pruned else Outcome.cancelled
@@ -404,7 +415,7 @@ def finish_attempt(
             else:
                 if results is None:  # the sink opened the run only while sending the last metrics
                     results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result,
-                                          job_id, wait_until, opened, evaluation, early)  # fmt: skip
+                                          job_id, wait_until, opened, evaluation, sent_early)  # fmt: skip
                 results.result()
                 outcome = Outcome.succeeded
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words

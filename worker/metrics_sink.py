@@ -29,6 +29,9 @@ from worker.metrics_rule import EVERY_STEP, RULE_TAG, StepMetricsRule
 log = logging.getLogger(__name__)
 
 MetricPoint = tuple[str, float, int, int]  # key, value, timestamp (ms), step
+# A point of the final model's metrics sent linked to its LoggedModel: (model id, dataset name,
+# dataset digest), the fields MLflow's log-batch takes beside a point's own (MlflowMetricSink.link_waiting).
+ModelLink = tuple[str, str, str]
 
 # MlflowClient.log_batch accepts at most 1000 metrics, 100 params and 1000 entities in all
 # per request (mlflow/utils/validation.py).
@@ -62,11 +65,13 @@ def _json_number(value: float) -> str:
 def log_batch_body(
     run_id: str, batch: list[MetricPoint], key_json: dict[str, str],
     params: Sequence[tuple[str, str]] = (), tags: Sequence[tuple[str, str]] = (),
+    links: Mapping[tuple[str, int], ModelLink] | None = None,
 ) -> str:
     """The log-batch request's JSON, written directly: one format per point instead of a
     dict per point walked by json.dumps (a third less CPU on the sink's thread, which
     shares the training process). `key_json` caches each key's opening of a point.
-    `params` and `tags` ride in the same request (log-batch takes all three)."""
+    `params` and `tags` ride in the same request (log-batch takes all three); `links`, the
+    model a point of {(key, step)} is linked to."""
     for key, *_ in batch:
         if key not in key_json:
             key_json[key] = f'{{"key":{json.dumps(key)},"value":'
@@ -75,6 +80,12 @@ def log_batch_body(
         f'{key_json[k]}{repr(v) if finite(v) else _json_number(v)},"timestamp":{ts},"step":{step}}}'
         for k, v, ts, step in batch
     )
+    if links:  # (rare: the last request of a job's run)
+        points = ",".join(
+            f'{key_json[k]}{repr(v) if finite(v) else _json_number(v)},"timestamp":{ts},"step":{step}'
+            + (_link_json(links[(k, step)]) if (k, step) in links else "") + "}"
+            for k, v, ts, step in batch
+        )
     body = f'{{"run_id":{json.dumps(run_id)},"metrics":[{points}]'
     for field, pairs in (("params", params), ("tags", tags)):
         if pairs:
@@ -82,7 +93,13 @@ def log_batch_body(
     return body + "}"
 
 
-BatchWriter = Callable[..., None]  # (run_id, points, params=(), tags=()): one log-batch request
+def _link_json(link: ModelLink) -> str:
+    model_id, dataset_name, dataset_digest = link
+    return (f',"model_id":{json.dumps(model_id)},"dataset_name":{json.dumps(dataset_name)},'
+            f'"dataset_digest":{json.dumps(dataset_digest)}')  # fmt: skip
+
+
+BatchWriter = Callable[..., None]  # (run_id, points, params=(), tags=(), links=None): one log-batch request
 
 
 def rest_batch_writer(tracking_uri: str) -> BatchWriter:
@@ -99,8 +116,8 @@ def rest_batch_writer(tracking_uri: str) -> BatchWriter:
     post = _plain_post(host_creds, endpoint)
 
     def write(run_id: str, batch: list[MetricPoint], params: Sequence[tuple[str, str]] = (),
-              tags: Sequence[tuple[str, str]] = ()) -> None:
-        body = log_batch_body(run_id, batch, key_json, params, tags).encode()
+              tags: Sequence[tuple[str, str]] = (), links: Mapping[tuple[str, int], ModelLink] | None = None) -> None:
+        body = log_batch_body(run_id, batch, key_json, params, tags, links).encode()
         if post is not None:
             response = post(body)
         else:
@@ -196,9 +213,11 @@ def client_batch_writer(client: MlflowClient) -> BatchWriter:
     """For non-HTTP tracking URIs (a local sqlite:// store)."""
 
     def write(run_id: str, batch: list[MetricPoint], params: Sequence[tuple[str, str]] = (),
-              tags: Sequence[tuple[str, str]] = ()) -> None:
-        client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in batch],
-                         params=[Param(k, v) for k, v in params], tags=[RunTag(k, v) for k, v in tags])  # fmt: skip
+              tags: Sequence[tuple[str, str]] = (), links: Mapping[tuple[str, int], ModelLink] | None = None) -> None:
+        links = links or {}
+        metrics = [Metric(k, v, ts, step, *links.get((k, step), (None, None, None))) for k, v, ts, step in batch]
+        client.log_batch(run_id, metrics=metrics, params=[Param(k, v) for k, v in params],
+                         tags=[RunTag(k, v) for k, v in tags])  # fmt: skip
 
     return write
 
@@ -261,7 +280,8 @@ class MlflowMetricSink:
         uri = client.tracking_uri
         self._write = rest_batch_writer(uri) if uri.startswith(("http://", "https://")) else client_batch_writer(client)
         self.flush_interval_s = flush_interval_s
-        self._pending: deque[MetricPoint] = deque()
+        self._pending: deque[MetricPoint] = deque()  # changed under `_counting` (link_waiting looks into it)
+        self._links: dict[tuple[str, int], ModelLink] = {}  # link_waiting's points, sent linked to their model
         self._last: dict[str, MetricPoint] = {}  # each `add`ed metric's latest point (last_points_at)
         self._buffer_limit = buffer_limit
         self.added = 0
@@ -364,8 +384,25 @@ class MlflowMetricSink:
         points = [(key, float(value), timestamp, step) for step, metrics in rows for key, value in metrics.items()]
         self._buffer(points)
 
+    def link_waiting(self, points: Sequence[MetricPoint], link: ModelLink) -> bool:
+        """Send `points` (the final model's metrics: worker/mlflow_run.model_metrics) linked to
+        the model, in the request that carries them anyway, instead of a request of the job's
+        end sending them again once the sink has (mlflow_run.log_results: one request after the
+        sink's last, on the way to every job's end). Only when every one of them still waits
+        here; False when some have left already (the end links them itself)."""
+        with self._counting:  # (no batch is taken meanwhile)
+            if not points or not all(point in self._pending for point in points):
+                return False
+            for key, _, _, step in points:
+                self._links[(key, step)] = link
+            return True
+
     def _take_batch(self, room: int = MAX_METRICS_PER_BATCH) -> tuple[list[MetricPoint], int]:
         """Up to `room` points to send, and how many were taken in all."""
+        with self._counting:
+            return self._take_batch_locked(room)
+
+    def _take_batch_locked(self, room: int) -> tuple[list[MetricPoint], int]:
         if not self.skip_through:  # (the usual case: nothing to skip, no test per point)
             pending = self._pending
             batch = [pending.popleft() for _ in range(min(len(pending), room))]
@@ -402,9 +439,10 @@ class MlflowMetricSink:
             batch, taken = self._take_batch(min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(params) - len(tags)))
             try:
                 if batch or params or tags:
-                    self._write(self.run_id, batch, params, tags)
+                    self._write(self.run_id, batch, params, tags, self._links)
             except Exception as exc:  # noqa: BLE001 - any failure means: keep the points, try later
-                self._pending.extendleft(reversed(batch))
+                with self._counting:
+                    self._pending.extendleft(reversed(batch))
                 self.sent += taken - len(batch)
                 log.warning("MLflow unreachable, %d metric points buffered: %s", len(self._pending), exc)
                 return False
@@ -414,7 +452,8 @@ class MlflowMetricSink:
             del self._params_to_send[: len(params)]
             if tags:
                 self._rule_tagged = description
-        self._pending.clear()  # revoked: another attempt reports these
+        with self._counting:
+            self._pending.clear()  # revoked: another attempt reports these
         return True
 
     def wait_delivered(self, through: int, timeout_s: float) -> bool:

@@ -51,7 +51,7 @@ from mlflow.utils.rest_utils import augmented_raise_for_status, http_request  # 
 
 from jobs.db import session_scope  # noqa: E402
 from worker.metrics_rule import EVERY_STEP, RULE_TAG  # noqa: E402
-from worker.metrics_sink import MAX_METRICS_PER_BATCH, MetricPoint  # noqa: E402
+from worker.metrics_sink import MAX_METRICS_PER_BATCH, MetricPoint, ModelLink  # noqa: E402
 from jobs.mlflow_tenancy import project_experiment_id  # noqa: E402
 from jobs.models import DEFAULT_PROJECT  # noqa: E402
 from jobs.settings import settings  # noqa: E402
@@ -401,13 +401,23 @@ def model_metrics(spec: JobSpec, model_id: str, evaluation: Sequence[MetricPoint
     diagnostics.per_class) at the step the model was saved, sent again exactly as the run has
     them (key, value, time, step) with the model's id. MLflow keeps the one point in the run
     and links it to the model (what `log_model` does after reading back every metric's
-    history, here with the points in hand): one request, no extra point on the run's curves."""
-    dataset = dataset_input(spec, project="").dataset  # its name and digest (the project is only in its source)
-    return [
-        Metric(key, value, timestamp, step, model_id=model_id, dataset_name=dataset.name, dataset_digest=dataset.digest)
-        for key, value, timestamp, step in evaluation
-        if key.startswith(MODEL_METRIC_PREFIX)
-    ][:MAX_METRICS_PER_BATCH]
+    history, here with the points in hand): one request, no extra point on the run's curves.
+    (When the model's record was made while the job trained, its metric sink usually sends
+    them linked in the first place: `model_points`, MlflowMetricSink.link_waiting.)"""
+    link = model_link(spec, model_id)
+    return [Metric(key, value, timestamp, step, *link) for key, value, timestamp, step in model_points(evaluation)]
+
+
+def model_points(points: Sequence[MetricPoint]) -> list[MetricPoint]:
+    """The final model's metrics among the run's points at its last step."""
+    return [point for point in points if point[0].startswith(MODEL_METRIC_PREFIX)][:MAX_METRICS_PER_BATCH]
+
+
+def model_link(spec: JobSpec, model_id: str) -> ModelLink:
+    """What links a point to the model: its id, and the run's dataset's name and digest (the
+    project is only in the dataset's source)."""
+    dataset = dataset_input(spec, project="").dataset
+    return model_id, dataset.name, dataset.digest
 
 
 def _finalize_quietly(client: MlflowClient, model_id: str, status: LoggedModelStatus) -> None:

@@ -173,3 +173,41 @@ def test_the_model_records_an_earlier_attempt_left_pending_are_deleted(tmp_path:
     remaining = {m.model_id for m in client.search_logged_models(experiment_ids=[experiment_id])}
     assert remaining == {done.model_id, elsewhere.model_id}
     assert killed.model_id not in remaining
+
+
+def test_the_final_models_metrics_go_linked_in_the_sinks_own_request_while_they_wait_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the model's record made while the job trained, its metrics need no request after
+    the sink's last: the sink sends them linked. Once they have left, the end links them."""
+    from worker.mlflow_run import model_link, model_points
+
+    client, spec, experiment_id, run_id, result = trained_iris_run(tmp_path, monkeypatch, "early-linked")
+    model_id = client.create_logged_model(experiment_id, name="model", source_run_id=run_id).model_id
+    sink = MlflowMetricSink(client, lambda: (run_id, {}), flush_interval_s=3600, buffer_limit=10_000)
+    sink.add(4, {"train_loss": 0.5, "val_loss": 0.3, "val_accuracy": 0.7})
+    assert sink.flush_once()
+    assert not sink.link_waiting(model_points(sink.last_points_at(4)), model_link(spec, model_id))  # left already
+    sink.add(5, {"train_loss": 0.4, "val_loss": 0.25, "val_accuracy": 0.75})
+    final = model_points(sink.last_points_at(5))
+    assert [key for key, *_ in final] == ["val_loss", "val_accuracy"]
+
+    assert sink.link_waiting(final, model_link(spec, model_id))
+    assert sink.close(timeout_s=30)
+
+    model = client.get_logged_model(model_id)
+    assert {(m.key, m.value, m.step) for m in model.metrics} == {("val_loss", 0.25, 5), ("val_accuracy", 0.75, 5)}
+    assert {m.dataset_name for m in model.metrics} == {"iris"}
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_loss")] == [(4, 0.3), (5, 0.25)]
+
+
+def test_a_linked_point_in_the_rest_request_names_its_model_and_dataset() -> None:
+    import json
+
+    from worker.metrics_sink import log_batch_body
+
+    points = [("train_loss", 0.5, 1000, 7), ("val_loss", 0.25, 1000, 7)]
+    body = json.loads(log_batch_body("run-1", points, {}, links={("val_loss", 7): ("m-1", "digits", "abc")}))
+    assert body["metrics"][0] == {"key": "train_loss", "value": 0.5, "timestamp": 1000, "step": 7}
+    assert body["metrics"][1] == {"key": "val_loss", "value": 0.25, "timestamp": 1000, "step": 7, "model_id": "m-1",
+                                  "dataset_name": "digits", "dataset_digest": "abc"}  # fmt: skip

@@ -161,7 +161,7 @@ def test_the_runs_params_ride_in_the_first_request_with_its_points(store: Mlflow
                                 buffer_limit=10_000, params=params)  # fmt: skip
         requests: list[tuple[int, int, int]] = []
         write = sink._write
-        sink._write = lambda run, batch, p=(), t=(): (requests.append((len(batch), len(p), len(t))), write(run, batch, p, t))
+        sink._write = lambda run, batch, p=(), t=(), links=None: (requests.append((len(batch), len(p), len(t))), write(run, batch, p, t, links))
         try:
             for step in range(points):
                 sink.add(step, {"train_loss": 1.0 / (step + 1)})
@@ -188,7 +188,7 @@ def test_a_jobs_points_leave_as_they_come_until_its_first_tick(store: MlflowClie
                             params={"optimizer.name": "adam"}, stream_points=50, clock=lambda: now[0])  # fmt: skip
     requests: list[int] = []
     write = sink._write
-    sink._write = lambda run, batch, p=(), t=(): (requests.append(len(batch)), write(run, batch, p, t))
+    sink._write = lambda run, batch, p=(), t=(), links=None: (requests.append(len(batch)), write(run, batch, p, t, links))
 
     def sent_within(seconds: float, count: int) -> bool:
         deadline = time.monotonic() + seconds
@@ -226,7 +226,7 @@ def test_a_sample_buffered_into_the_sink_goes_with_its_points(store: MlflowClien
     sink = MlflowMetricSink(store, lambda: (run_id, {}), flush_interval_s=3600, buffer_limit=10_000)
     requests: list[int] = []
     write = sink._write
-    sink._write = lambda run, batch, p=(), t=(): (requests.append(len(batch)), write(run, batch, p, t))
+    sink._write = lambda run, batch, p=(), t=(), links=None: (requests.append(len(batch)), write(run, batch, p, t, links))
     destination = SampleDestination(lambda: run["id"], lambda: 12, buffer=sink.add_points)
     sampler = SystemMetricsSampler(store, [destination], interval_s=3600)
     sampler._write = lambda *args: pytest.fail("a sample for a sink must not be sent on its own")
