@@ -5,7 +5,9 @@ they sent (`take`) and sends only the rest: a short job's end is a chain of requ
 MLflow server, and these were a third of it.
 
 Only for a run this attempt opened: a resumed attempt's end sends everything, as before, and
-deletes what an earlier attempt left PENDING (worker/execute.py).
+deletes what an earlier attempt left PENDING (worker/execute.py). Only for a job of its own,
+not a study's trial: a study moves on once its trials have trained, so their ends overlap its
+next trials already, and the requests made while they trained slowed them (worker/execute_pack.py).
 """
 
 from __future__ import annotations

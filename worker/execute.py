@@ -341,7 +341,8 @@ def _run_attempt(
                 log.info("job %s attempt %d resumes from step %d (checkpoint read from %s, %d bytes, SHA-256 "
                          "checked)", job_id, attempt, checkpoint.step, where_kept(checkpoint), len(data))  # fmt: skip
                 trainer.load_state_dict(checkpoint_from_bytes(data, trainer.device))
-            early = EarlyResults(client, spec, sink, opened, trainer.model)  # sent while it trains
+            if job.study_id is None:  # (a trial's end overlaps its study's next trials: worker/execute_pack.py)
+                early = EarlyResults(client, spec, sink, opened, trainer.model)  # sent while it trains
             result: TrainingResult = trainer.train()
         finally:
             if system_metrics is not None:

@@ -40,7 +40,6 @@ from worker import study_runs
 from worker.execute import (
     Outcome, _uploaded_arrays, fail_attempt, finish_attempt, open_metric_sink, prepare_attempt, run_connector,
 )
-from worker.early_results import EarlyResults
 from worker.metrics_sink import MlflowMetricSink
 from worker.mlflow_run import RunFacts
 from worker.monitor import JobMonitor, JobReporter
@@ -96,7 +95,6 @@ class PackedTrial:
     spec: JobSpec | None = None
     sink: MlflowMetricSink | None = None
     opened: list[RunFacts] = field(default_factory=list)
-    early: EarlyResults | None = None  # its results sent while the pack trains
     ending: Future | None = None  # its conclusion, once it left the pack
     outcome: Outcome | None = None
 
@@ -153,12 +151,10 @@ def _train_pack(client: Any, trials: list[PackedTrial], started: float) -> None:
             checkpoint_every_steps=first.spec.checkpoint_every_steps, raw_data=_uploaded_arrays(first.spec, first.job.project),
         )  # fmt: skip
         trainer.setup()
-        for t, shadow in zip(ready, trainer.shadows):  # (each trial's own model, for its options)
-            t.early = EarlyResults(client, t.spec, t.sink, t.opened, shadow.model)  # type: ignore[arg-type]
         log.info("pack of %d trials set up in %.2f s", len(ready), time.monotonic() - started)
     except Exception as exc:  # noqa: BLE001 - the pack cannot be built: each of its trials fails with why
         for t in ready:
-            t.outcome = fail_attempt(client, t.job, t.attempt, t.reporter, t.sink, None, exc, t.early)
+            t.outcome = fail_attempt(client, t.job, t.attempt, t.reporter, t.sink, None, exc)
             record_outcome(t.outcome, time.monotonic() - started)
         return
     lock = threading.Lock()
@@ -230,10 +226,13 @@ def _end_trial(
     assert t.sink is not None and t.spec is not None
     try:
         if isinstance(result, TrainingDiverged):  # fails alone, as its solo run would
-            t.outcome = fail_attempt(client, t.job, t.attempt, t.reporter, t.sink, None, result, t.early)
+            t.outcome = fail_attempt(client, t.job, t.attempt, t.reporter, t.sink, None, result)
         else:
-            t.outcome = finish_attempt(client, t.job, t.spec, t.attempt, t.reporter, t.sink, result, t.opened,
-                                       early=t.early)  # fmt: skip
+            # No early results (worker/early_results.py) for packed trials: a study's next round
+            # starts once its trials have trained, so their ends already overlap it, and sending
+            # them while the pack trained slowed its training (bench/job_cost.py, the study:
+            # 2.6-2.8x its pure training with them against 2.3-2.4x without).
+            t.outcome = finish_attempt(client, t.job, t.spec, t.attempt, t.reporter, t.sink, result, t.opened)
     except Exception:  # noqa: BLE001 - the reaper settles a job whose end could not be written
         log.exception("job %s: its end in the pack could not be recorded", t.job.id)
         t.outcome = Outcome.failed
@@ -246,7 +245,7 @@ def _end_trial(
 
 
 def _fail_trial(client: Any, t: PackedTrial, exc: BaseException, started: float) -> None:
-    t.outcome = fail_attempt(client, t.job, t.attempt, t.reporter, t.sink, None, exc, t.early)
+    t.outcome = fail_attempt(client, t.job, t.attempt, t.reporter, t.sink, None, exc)
     record_outcome(t.outcome, time.monotonic() - started)
 
 

@@ -145,7 +145,7 @@ def test_cancelling_one_trial_of_a_pack_cancels_only_it(stack: Stack) -> None:
     cancelled = stack.get(victim["id"])
     assert cancelled["progress"]["step"] < others[0]["progress"]["step"]
     assert stack.mlflow.get_run(cancelled["mlflow"]["run_id"]).info.status == "KILLED"
-    assert models_of(stack, cancelled["mlflow"]["run_id"]) == []  # its record, made as it trained, deleted
+    assert models_of(stack, cancelled["mlflow"]["run_id"]) == []  # no model record for a trial that did not finish
     for other in others:
         [model] = models_of(stack, other["mlflow"]["run_id"])
         assert str(model.status) == "READY"
@@ -173,7 +173,7 @@ def test_a_worker_killed_mid_pack_resumes_every_trial_exactly_once_per_step(stac
         assert len(steps_of(stack, trial["id"], "val_accuracy")) == 60
         run = stack.mlflow.get_run(trial["mlflow"]["run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["descent.attempt"] == "2"
-        # the first attempt's model record (made as it trained) deleted; the second's READY
+        # one model, READY: the second attempt's
         [model] = models_of(stack, trial["mlflow"]["run_id"])
         assert str(model.status) == "READY"
     engine = create_engine(stack.settings.database_url)
