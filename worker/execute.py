@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import requests
+from mlflow.entities import LoggedModel
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -43,11 +44,11 @@ from trainer.speed import check_runnable, release_device_memory
 from worker import study_runs
 from worker.checkpoint_store import read_checkpoint, where_kept
 from worker.dataset_cache import ensure_image_set
-from worker.early_results import EarlyResults
+from worker.early_model import EarlyModelRecord
 from worker.metrics_sink import STREAM_POINTS, MetricPoint, MlflowMetricSink
 from worker.mlflow_run import (
-    NOTHING_SENT_EARLY, RunFacts, SentEarly, latest_steps, log_results, log_run_input, model_link, model_points,
-    open_run, reopen_run, run_params, unrecorded_run,
+    RunFacts, latest_steps, log_results, log_run_input, model_link, model_points, open_run, reopen_run, run_params,
+    unrecorded_run,
 )
 from worker.monitor import JobMonitor, JobReporter, StopReason
 from worker.prometheus_metrics import RunningJobGauges, record_outcome
@@ -140,14 +141,14 @@ def mlflow_unreachable(exc: BaseException) -> bool:
 def _log_results_while_mlflow_returns(
     client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, job_id: uuid.UUID, until: float,
     opened: list[RunFacts], evaluation: Callable[[], list[MetricPoint]] | None = None,
-    early: SentEarly = NOTHING_SENT_EARLY,
+    record: LoggedModel | None = None,
 ) -> None:
-    """The end-of-job artifacts (but what was sent `early`, while the job trained). MLflow
-    going down now delays the job, it does not fail it: the training is done and its metrics
-    are in. Past `until` the job succeeds without them (the reaper ends the run once MLflow is back)."""
+    """The end-of-job artifacts (into the model `record` made while the job trained, if it was).
+    MLflow going down now delays the job, it does not fail it: the training is done and its
+    metrics are in. Past `until` the job succeeds without them (the reaper ends the run once MLflow is back)."""
     while True:
         try:
-            log_results(client, run_id, spec, result, opened[-1] if opened else None, evaluation, early)
+            log_results(client, run_id, spec, result, opened[-1] if opened else None, evaluation, record)
             return
         except Exception as exc:
             if not mlflow_unreachable(exc):
@@ -160,13 +161,13 @@ def _log_results_while_mlflow_returns(
             time.sleep(2.0)
 
 
-def _linked_by_sink(sink: MlflowMetricSink, spec: JobSpec, sent_early: SentEarly, step: int) -> bool:
+def _linked_by_sink(sink: MlflowMetricSink, spec: JobSpec, record: LoggedModel | None, step: int) -> bool:
     """Whether the sink sends the final model's metrics linked to its record (made while the
     job trained), in the request that carries them anyway: then no request after the sink's
     last one links them (mlflow_run.model_metrics)."""
-    if sent_early.model is None:
+    if record is None:
         return False
-    return sink.link_waiting(model_points(sink.last_points_at(step)), model_link(spec, sent_early.model.model_id))
+    return sink.link_waiting(model_points(sink.last_points_at(step)), model_link(spec, record.model_id))
 
 
 def _delivered_points_at(sink: MlflowMetricSink, through: int, step: int) -> list[MetricPoint]:
@@ -320,12 +321,14 @@ def _run_attempt(
     client = tracking_client()
     sink: MlflowMetricSink | None = None
     system_metrics: SystemMetricsSampler | None = None
-    early: EarlyResults | None = None
+    early: EarlyModelRecord | None = None
     try:
         spec, datasets_dir = prepare_attempt(job, reporter, monitor)
         opened: list[RunFacts] = []
         # MLflow down now: the job trains anyway; the sink opens the run when MLflow is back.
         sink = reporter.sink = open_metric_sink(client, run_connector(client, job, spec, attempt, opened), monitor, spec)
+        if job.study_id is None and settings.log_model:  # (a trial's end overlaps its study's next trials)
+            early = EarlyModelRecord(client, sink, opened)  # made while it trains
         # Stopped when the training ends, whatever happens to it: its last sample goes into
         # the sink's buffer then, and to MLflow with the sink's last points.
         system_metrics = job_system_metrics(client, sink, reporter, monitor)
@@ -341,8 +344,6 @@ def _run_attempt(
                 log.info("job %s attempt %d resumes from step %d (checkpoint read from %s, %d bytes, SHA-256 "
                          "checked)", job_id, attempt, checkpoint.step, where_kept(checkpoint), len(data))  # fmt: skip
                 trainer.load_state_dict(checkpoint_from_bytes(data, trainer.device))
-            if job.study_id is None:  # (a trial's end overlaps its study's next trials: worker/execute_pack.py)
-                early = EarlyResults(client, spec, sink, opened, trainer.model)  # sent while it trains
             result: TrainingResult = trainer.train()
         finally:
             if system_metrics is not None:
@@ -357,7 +358,7 @@ def _run_attempt(
 
 def fail_attempt(
     client: MlflowClient, job: Job, attempt: int, reporter: JobReporter, sink: MlflowMetricSink | None,
-    system_metrics: SystemMetricsSampler | None, exc: BaseException, early: EarlyResults | None = None,
+    system_metrics: SystemMetricsSampler | None, exc: BaseException, early: EarlyModelRecord | None = None,
 ) -> Outcome:
     """The job failed with `exc`: its last metrics sent (a while), its run and the job ended
     failed, a model record made for it while it trained deleted."""
@@ -377,11 +378,12 @@ def fail_attempt(
 def finish_attempt(
     client: MlflowClient, job: Job, spec: JobSpec, attempt: int, reporter: JobReporter, sink: MlflowMetricSink,
     result: TrainingResult, opened: list[RunFacts], system_metrics: SystemMetricsSampler | None = None,
-    early: EarlyResults | None = None,
+    early: EarlyModelRecord | None = None,
 ) -> Outcome:
     """The one way an attempt that trained ends, alone or in a pack (worker/execute_pack.py):
-    its outcome from why the training stopped, its results (but what `early` sent while it
-    trained) and last metrics in MLflow, then its run and the job concluded."""
+    its outcome from why the training stopped, its results (into the model record made
+    `early`, while it trained, if it was) and last metrics in MLflow, then its run and the
+    job concluded."""
     job_id = job.id
     trained_at = utcnow()
     try:
@@ -398,15 +400,15 @@ def finish_attempt(
         # Every metric is in MLflow before the job says it is done (MLflow down: waits a while),
         # and so are its results; they go while the sink sends the last metrics.
         wait_until = time.monotonic() + settings.mlflow_wait_at_end_s
-        sent_early = early.take() if early is not None and not result.stopped_early else NOTHING_SENT_EARLY
+        record = early.take() if early is not None and not result.stopped_early else None
         evaluation = None  # the model's metrics, linked to it: by the sink, or after the sink has sent them
-        if not _linked_by_sink(sink, spec, sent_early, result.steps):
+        if not _linked_by_sink(sink, spec, record, result.steps):
             evaluation = partial(_delivered_points_at, sink, sink.added, result.steps)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="job-results") as pool:
             results = None
             if not result.stopped_early and sink.run_id is not None:
                 results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result, job_id,
-                                      wait_until, opened, evaluation, sent_early)  # fmt: skip
+                                      wait_until, opened, evaluation, record)  # fmt: skip
             sink.close(timeout_s=settings.mlflow_wait_at_end_s)
             if result.stopped_early:
                 outcome = Outcome.pruned if reporter.stop_reason == StopReason.pruned else Outcome.cancelled
@@ -416,7 +418,7 @@ def finish_attempt(
             else:
                 if results is None:  # the sink opened the run only while sending the last metrics
                     results = pool.submit(_log_results_while_mlflow_returns, client, sink.run_id, spec, result,
-                                          job_id, wait_until, opened, evaluation, sent_early)  # fmt: skip
+                                          job_id, wait_until, opened, evaluation, record)  # fmt: skip
                 results.result()
                 outcome = Outcome.succeeded
     except Exception as exc:  # noqa: BLE001 - every failure becomes the job's error, in words

@@ -228,10 +228,11 @@ def _end_trial(
         if isinstance(result, TrainingDiverged):  # fails alone, as its solo run would
             t.outcome = fail_attempt(client, t.job, t.attempt, t.reporter, t.sink, None, result)
         else:
-            # No early results (worker/early_results.py) for packed trials: a study's next round
-            # starts once its trials have trained, so their ends already overlap it, and sending
-            # them while the pack trained slowed its training (bench/job_cost.py, the study:
-            # 2.6-2.8x its pure training with them against 2.3-2.4x without).
+            # No early model record (worker/early_model.py) for packed trials: a study's next
+            # round starts once its trials have trained, so their ends overlap it already, and
+            # requests sent while the pack trained slowed it (bench/job_cost.py, the study:
+            # 2.6-2.8x its pure training with a record, the spec and shared files sent early,
+            # against 2.3-2.4x without).
             t.outcome = finish_attempt(client, t.job, t.spec, t.attempt, t.reporter, t.sink, result, t.opened)
     except Exception:  # noqa: BLE001 - the reaper settles a job whose end could not be written
         log.exception("job %s: its end in the pack could not be recorded", t.job.id)

@@ -12,7 +12,7 @@ import posixpath
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,7 +63,7 @@ from jobs.spec import (  # noqa: E402
     UploadedDataset,
 )
 from jobs.access import key_name  # noqa: E402
-from jobs.tracking import drop_model_quietly, run_user, standard_run_tags  # noqa: E402
+from jobs.tracking import run_user, standard_run_tags  # noqa: E402
 from trainer.reporting import TrainingResult  # noqa: E402
 from worker.confusion_plot import confusion_png  # noqa: E402
 from worker.dataset_cache import image_set_digest  # noqa: E402
@@ -249,61 +249,16 @@ class _Upload(NamedTuple):
     content: bytes
 
 
-class SentEarly(NamedTuple):
-    """What a job's end need not send again: sent while the job trained (`send_early`)."""
-
-    model: LoggedModel | None  # the model's record, PENDING until the end sends its own files
-    model_files: Mapping[str, bytes]  # {path in the model: content}: the files every such model shares
-    run_files: Mapping[str, bytes]  # {path in the run: content}
-
-    # Whether this very file was sent early: the end's model may be saved with other options
-    # than the one its template was read from (a compiled model's wrapper), so names are not enough.
-    def sent_to_run(self, path: str, content: bytes) -> bool:
-        return self.run_files.get(path) == content
-
-    def sent_to_model(self, path: str, content: bytes) -> bool:
-        return self.model_files.get(path) == content
-
-
-NOTHING_SENT_EARLY = SentEarly(None, {}, {})
-
-
-def send_early(client: MlflowClient, run: RunFacts, spec: JobSpec, template: _ModelTemplate | None) -> SentEarly:
-    """The part of a job's results that does not depend on its training, sent while it trains
-    (worker/early_results.py): the run's spec.yaml and, with LOG_MODEL, the model's record
-    (PENDING) and the files every model saved with the same options has (`template`, None
-    when this process has none yet). They used to be a third of a short job's end: the
-    model's record alone took 40-80 ms there, queued behind the last metrics on the MLflow
-    server. A failure leaves no record behind (it is deleted) and is raised: the end then
-    sends everything itself."""
-    run_files = {"spec.yaml": _spec_yaml(spec)}
-    model_files = template.files if template is not None and settings.log_model else {}
-    run_repository = get_artifact_repository(run.artifact_uri, tracking_uri=client.tracking_uri)
-    with ThreadPoolExecutor(RESULT_UPLOAD_THREADS, thread_name_prefix="mlflow-early") as pool:
-        sent = [pool.submit(_put, _Upload(run_repository, name, content)) for name, content in run_files.items()]
-        model = _create_model_record(client, run) if settings.log_model else None
-        try:
-            if model is not None:
-                repository = get_artifact_repository(model.artifact_location, tracking_uri=client.tracking_uri)
-                sent += [pool.submit(_put, _Upload(repository, path, content)) for path, content in model_files.items()]
-            for future in sent:
-                future.result()
-        except Exception:
-            if model is not None:
-                drop_model_quietly(client, model.model_id)
-            raise
-    return SentEarly(model, model_files if model is not None else {}, run_files)
-
-
-def _create_model_record(client: MlflowClient, run: RunFacts) -> LoggedModel:
-    """The job's LoggedModel, PENDING: with the run's params and who submitted the job."""
+def create_model_record(client: MlflowClient, run: RunFacts) -> LoggedModel:
+    """The job's LoggedModel, PENDING until its files are in: with the run's params and who
+    submitted the job. Made while the job trains (worker/early_model.py), or by its end."""
     return client.create_logged_model(run.experiment_id, name="model", source_run_id=run.run_id, params=run.params,
                                       tags={MLFLOW_USER: run.user} if run.user else None)  # fmt: skip
 
 
 def log_results(
     client: MlflowClient, run_id: str, spec: JobSpec, result: TrainingResult, run: RunFacts | None = None,
-    evaluation: Callable[[], Sequence[MetricPoint]] | None = None, early: SentEarly = NOTHING_SENT_EARLY,
+    evaluation: Callable[[], Sequence[MetricPoint]] | None = None, record: LoggedModel | None = None,
 ) -> None:
     """The spec, the confusion matrix (data and figure), the diagnostics and (optionally)
     the model, at the end of a job. The job says `succeeded` only once they are in, so
@@ -314,8 +269,8 @@ def log_results(
     this attempt opened the run, spares reading it back. `evaluation`: the run's last points
     (metrics_sink.last_points_at the model's step), returned once the run's metric sink has
     sent them (MlflowMetricSink.wait_delivered says why it must); the model's own are linked
-    to it (model_metrics). `early`: what was sent while the job trained (`send_early`), not
-    sent again; its model's record is this model's. The first failure is raised."""
+    to it (model_metrics). `record`: the model's LoggedModel when it was made while the job
+    trained (worker/early_model.py); else it is made here. The first failure is raised."""
     if run is None or run.run_id != run_id:
         # (the params from the spec: the run may not have them yet, its sink sends them with
         # its points, and they are the spec's whichever attempt sends them)
@@ -325,21 +280,19 @@ def log_results(
     # The diagnosis's tag goes with the model's metrics (one request), or alone without a model.
     tags = [RunTag("descent.hessian_verdict", hessian["verdict"])] if hessian is not None else []
     with ThreadPoolExecutor(RESULT_UPLOAD_THREADS, thread_name_prefix="mlflow-results") as pool:
-        record = None
-        if settings.log_model and early.model is None:  # the record is made while its files and the run's are made
-            record = pool.submit(_create_model_record, client, run)
+        made = None
+        if settings.log_model and record is None:  # the record is made while its files and the run's are made
+            made = pool.submit(create_model_record, client, run)
         run_repository = get_artifact_repository(run.artifact_uri, tracking_uri=tracking_uri)
-        run_files = {name: content for name, content in _run_files(spec, result).items()
-                     if not early.sent_to_run(name, content)}  # fmt: skip
+        run_files = _run_files(spec, result)
         sent = [pool.submit(_put, _Upload(run_repository, name, content)) for name, content in run_files.items()]
         model_id, model_puts = None, []
         try:
             if settings.log_model:
                 saved = _save_model(result)
-                logged = early.model or record.result()
+                logged = record or made.result()
                 model_id = logged.model_id
-                model_puts = [pool.submit(_put, upload) for upload in _model_files(client, saved, logged, run_id)
-                              if not early.sent_to_model(upload.path, upload.content)]  # fmt: skip
+                model_puts = [pool.submit(_put, upload) for upload in _model_files(client, saved, logged, run_id)]
                 output = LoggedModelOutput(model_id, step=result.steps)
                 sent.append(pool.submit(client.log_outputs, run_id, models=[output]))  # the model as the run's output
                 if evaluation is not None:
@@ -454,7 +407,7 @@ def _put(upload: _Upload) -> None:
 def _run_files(spec: JobSpec, result: TrainingResult) -> dict[str, bytes]:
     """The run's own files, {path in the run: content}."""
     files: dict[str, bytes] = {
-        "spec.yaml": _spec_yaml(spec),
+        "spec.yaml": yaml.dump(spec.model_dump(mode="json"), Dumper=SAFE_DUMPER, sort_keys=False).encode(),
         "confusion_matrix.json": _json({"labels": result.class_names, "matrix": result.confusion_matrix}),
         "confusion_matrix.png": confusion_png(result.confusion_matrix, result.class_names),
     }
@@ -472,10 +425,6 @@ def _run_files(spec: JobSpec, result: TrainingResult) -> dict[str, bytes]:
                     plt.close(fig)
                 files[f"diagnostics/landscape_{'1d' if key == 'line' else '2d'}.png"] = buffer.getvalue()
     return files
-
-
-def _spec_yaml(spec: JobSpec) -> bytes:
-    return yaml.dump(spec.model_dump(mode="json"), Dumper=SAFE_DUMPER, sort_keys=False).encode()
 
 
 def _json(value: Any) -> bytes:
@@ -535,7 +484,7 @@ def model_template(model: torch.nn.Module) -> _ModelTemplate:
     import mlflow.pytorch
 
     options = model_save_options(model)
-    key = _template_key(options)
+    key = (tuple(options["pip_requirements"]), tuple(options["code_paths"] or ()))
     template = _model_templates.get(key)
     if template is None:
         with tempfile.TemporaryDirectory(prefix="model-template-") as scratch:
@@ -552,16 +501,6 @@ def model_template(model: torch.nn.Module) -> _ModelTemplate:
                 raise RuntimeError(f"mlflow.pytorch.save_model no longer writes {own}: the model template must change")
         template = _model_templates[key] = _ModelTemplate(files, description)
     return template
-
-
-def made_model_template(model: torch.nn.Module) -> _ModelTemplate | None:
-    """This process's template for models saved with `model`'s options, if it has made one
-    (`model_template` makes it, from the model as it is: not while it trains)."""
-    return _model_templates.get(_template_key(model_save_options(model)))
-
-
-def _template_key(options: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(options["pip_requirements"]), tuple(options["code_paths"] or ())
 
 
 def _model_files(client: MlflowClient, saved: SavedModel, logged: LoggedModel, run_id: str) -> list[_Upload]:

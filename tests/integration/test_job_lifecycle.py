@@ -88,7 +88,7 @@ def test_job_trains_to_success_and_metrics_reach_mlflow(stack: Stack) -> None:
     assert job["mlflow"]["run_url"].endswith(
         f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/model-metrics?workflowType=machine_learning"
     )
-    # One model, READY: its record was made while the job trained (the end sends only its own files)
+    # One model, READY: its record was made while the job trained, its files sent at the end
     [model] = stack.mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
                                                 filter_string=f"source_run_id = '{run.info.run_id}'")  # fmt: skip
     assert str(model.status) == "READY"

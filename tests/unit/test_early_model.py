@@ -1,7 +1,6 @@
-"""What a job's end sends while the job trains (worker/early_results.py), against a real
-(SQLite-backed) MLflow store: the run's spec and the model's record with the files every
-such model shares go first; the end sends only the rest and the model is whole; a job that
-stops without a model leaves no record behind."""
+"""A job's model record made while it trains (worker/early_model.py), against a real
+(SQLite-backed) MLflow store: the end fills it and the model is whole, the sink sends the
+model's metrics linked to it, and a job that stops without a model leaves no record behind."""
 
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ def record_puts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return paths
 
 
-def test_what_was_sent_early_is_not_sent_again_and_the_model_is_whole(
+def test_a_record_made_while_the_job_trained_is_its_models_and_the_end_makes_no_other(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import mlflow.pytorch
@@ -45,50 +44,20 @@ def test_what_was_sent_early_is_not_sent_again_and_the_model_is_whole(
     from worker import mlflow_run
 
     client, spec, experiment_id, run_id, result = trained_iris_run(tmp_path, monkeypatch, "early")
-    template = mlflow_run.model_template(result.model)
+    record = mlflow_run.create_model_record(client, run_facts(client, experiment_id, run_id, spec))
+    assert str(client.get_logged_model(record.model_id).status) == "PENDING"  # until its files are in
     puts = record_puts(monkeypatch)
 
-    sent = mlflow_run.send_early(client, run_facts(client, experiment_id, run_id, spec), spec, template)
+    mlflow_run.log_results(client, run_id, spec, result, record=record)
 
-    assert str(client.get_logged_model(sent.model.model_id).status) == "PENDING"  # until its own files are in
-    assert sorted(puts) == sorted(["spec.yaml", *template.files])
-    assert "spec.yaml" in {a.path for a in client.list_artifacts(run_id)}
-    puts.clear()
-
-    mlflow_run.log_results(client, run_id, spec, result, early=sent)
-
-    assert sorted(puts) == sorted(["confusion_matrix.json", "confusion_matrix.png", "MLmodel", "data/model.pth"])
+    assert {"spec.yaml", "confusion_matrix.json", "MLmodel", "data/model.pth", "requirements.txt"} <= set(puts)
     [logged] = client.search_logged_models(experiment_ids=[experiment_id])
-    assert logged.model_id == sent.model.model_id and str(logged.status) == "READY"
+    assert logged.model_id == record.model_id and str(logged.status) == "READY"
     assert logged.params == mlflow_run.run_params(spec)
     assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [logged.model_id]
     mlflow.set_tracking_uri(client.tracking_uri)
     model = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
     assert model(torch.zeros(2, 4)).shape == (2, 3)
-
-
-def test_a_shared_file_sent_early_that_differs_from_the_models_own_is_sent_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The template read before the training may not be the one the end saves the model with
-    (a compiled model's wrapper): a file is skipped only when the very same bytes went early."""
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    from worker import mlflow_run
-
-    client, spec, experiment_id, run_id, result = trained_iris_run(tmp_path, monkeypatch, "early-other")
-    template = mlflow_run.model_template(result.model)
-    other = template._replace(files=template.files | {"requirements.txt": b"torch==0.0.1\n"})
-    sent = mlflow_run.send_early(client, run_facts(client, experiment_id, run_id, spec), spec, other)
-    puts = record_puts(monkeypatch)
-
-    mlflow_run.log_results(client, run_id, spec, result, early=sent)
-
-    assert "requirements.txt" in puts and "conda.yaml" not in puts
-    repository = get_artifact_repository(sent.model.artifact_location)
-    (tmp_path / "model").mkdir()
-    requirements = Path(repository.download_artifacts("requirements.txt", str(tmp_path / "model")))
-    assert requirements.read_bytes() == template.files["requirements.txt"]
 
 
 def opened_sink(client, run_id: str):  # noqa: ANN001, ANN201
@@ -102,16 +71,16 @@ def wait_for(condition, timeout_s: float = 30.0) -> None:  # noqa: ANN001
         time.sleep(0.02)
 
 
-def test_early_results_go_once_the_run_is_open_and_a_job_without_a_model_keeps_no_record(
+def test_the_record_is_made_once_the_run_is_open_and_a_job_without_a_model_keeps_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from worker.early_results import EarlyResults
+    from worker.early_model import EarlyModelRecord
 
     client, spec, experiment_id, run_id, result = trained_iris_run(tmp_path, monkeypatch, "early-drop")
     opened = [run_facts(client, experiment_id, run_id, spec)]
     sink = opened_sink(client, run_id)
     try:
-        early = EarlyResults(client, spec, sink, opened, result.model)
+        early = EarlyModelRecord(client, sink, opened)
         wait_for(lambda: client.search_logged_models(experiment_ids=[experiment_id]))  # made while it "trains"
         [draft] = client.search_logged_models(experiment_ids=[experiment_id])
         assert str(draft.status) == "PENDING" and draft.source_run_id == run_id
@@ -124,13 +93,12 @@ def test_early_results_go_once_the_run_is_open_and_a_job_without_a_model_keeps_n
         sink.discard()
 
 
-def test_the_end_sends_everything_itself_when_the_run_opened_too_late_or_was_not_this_attempts(
+def test_the_end_makes_the_record_itself_when_the_run_opened_too_late_or_was_not_this_attempts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import threading
 
-    from worker.early_results import EarlyResults
-    from worker.mlflow_run import NOTHING_SENT_EARLY
+    from worker.early_model import EarlyModelRecord
 
     client, spec, experiment_id, run_id, result = trained_iris_run(tmp_path, monkeypatch, "early-late")
     mlflow_up = threading.Event()
@@ -142,12 +110,12 @@ def test_the_end_sends_everything_itself_when_the_run_opened_too_late_or_was_not
 
     sink = MlflowMetricSink(client, connect, flush_interval_s=0.05, buffer_limit=10_000)
     try:
-        late = EarlyResults(client, spec, sink, [run_facts(client, experiment_id, run_id, spec)], result.model)
-        assert late.take() == NOTHING_SENT_EARLY  # the end came first: it sends everything
+        late = EarlyModelRecord(client, sink, [run_facts(client, experiment_id, run_id, spec)])
+        assert late.take() is None  # the end came first: it makes the record
         mlflow_up.set()
         assert sink.wait_open(30)
-        reopened = EarlyResults(client, spec, sink, [], result.model)  # a resumed attempt: not its run
-        assert reopened.take() == NOTHING_SENT_EARLY
+        reopened = EarlyModelRecord(client, sink, [])  # a resumed attempt: not its run
+        assert reopened.take() is None
         time.sleep(0.3)  # (neither thread sends anything after the end)
         assert client.search_logged_models(experiment_ids=[experiment_id]) == []
     finally:
