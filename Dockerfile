@@ -3,10 +3,13 @@
 # picks the command). Build: `docker compose build`.
 FROM python:3.11-slim
 
+# MLFLOW_DISABLE_TELEMETRY: MLflow 3 reports usage to its makers from every process that
+# imports it (client, server, UI); a self-hosted Descent does not (an operator may set it false).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MLFLOW_DISABLE_TELEMETRY=true
 
 # torch first, in a layer of its own: gigabytes that change far less often than
 # our code. The wheel index picks the CUDA build (bundled CUDA runtime; the host

@@ -76,6 +76,9 @@ def stack_env(s: Settings) -> dict[str, str]:
         # by Descent and would start eight more processes beside the server.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
+    # MLflow 3 reports usage to its makers from every process that imports it (its client, its
+    # server, its UI): a self-hosted Descent keeps that to itself unless its operator says so.
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if s.fresh_process_per_job is not None:
         env["FRESH_PROCESS_PER_JOB"] = str(s.fresh_process_per_job).lower()
     if s.datasets_checksums is not None:
