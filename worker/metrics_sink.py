@@ -76,14 +76,15 @@ def log_batch_body(
         if key not in key_json:
             key_json[key] = f'{{"key":{json.dumps(key)},"value":'
     finite = math.isfinite
-    points = ",".join(
-        f'{key_json[k]}{repr(v) if finite(v) else _json_number(v)},"timestamp":{ts},"step":{step}}}'
-        for k, v, ts, step in batch
-    )
     if links:  # (rare: the last request of a job's run)
         points = ",".join(
             f'{key_json[k]}{repr(v) if finite(v) else _json_number(v)},"timestamp":{ts},"step":{step}'
             + (_link_json(links[(k, step)]) if (k, step) in links else "") + "}"
+            for k, v, ts, step in batch
+        )
+    else:
+        points = ",".join(
+            f'{key_json[k]}{repr(v) if finite(v) else _json_number(v)},"timestamp":{ts},"step":{step}}}'
             for k, v, ts, step in batch
         )
     body = f'{{"run_id":{json.dumps(run_id)},"metrics":[{points}]'
@@ -400,20 +401,17 @@ class MlflowMetricSink:
     def _take_batch(self, room: int = MAX_METRICS_PER_BATCH) -> tuple[list[MetricPoint], int]:
         """Up to `room` points to send, and how many were taken in all."""
         with self._counting:
-            return self._take_batch_locked(room)
-
-    def _take_batch_locked(self, room: int) -> tuple[list[MetricPoint], int]:
-        if not self.skip_through:  # (the usual case: nothing to skip, no test per point)
-            pending = self._pending
-            batch = [pending.popleft() for _ in range(min(len(pending), room))]
-            return batch, len(batch)
-        batch, taken = [], 0
-        while self._pending and len(batch) < room:
-            point = self._pending.popleft()
-            taken += 1
-            if point[3] > self.skip_through.get(point[0], -1):
-                batch.append(point)
-        return batch, taken
+            if not self.skip_through:  # (the usual case: nothing to skip, no test per point)
+                pending = self._pending
+                batch = [pending.popleft() for _ in range(min(len(pending), room))]
+                return batch, len(batch)
+            batch, taken = [], 0
+            while self._pending and len(batch) < room:
+                point = self._pending.popleft()
+                taken += 1
+                if point[3] > self.skip_through.get(point[0], -1):
+                    batch.append(point)
+            return batch, taken
 
     def revoke(self) -> None:
         """This attempt lost the job: send nothing more, from now on (another attempt reports it)."""
